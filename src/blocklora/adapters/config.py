@@ -1,0 +1,147 @@
+"""AdapterConfig: which method, which hyper-parameters, and where adapters go. Validates itself, serialises to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from .core import A_INITS, FOLDS, SCALINGS
+
+METHODS = ("block_lora", "lora")
+TOWERS = ("vision", "text")
+PROJECTIONS = ("q", "k", "v", "o")
+DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
+# CLIP-LoRA's named block ranges, defined for any depth (its tables are the 12- and 24-block cases).
+BLOCK_NAMES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
+
+
+def resolve_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
+    """Block indices of a tower with `depth` blocks for a name (see BLOCK_NAMES) or explicit indices."""
+    if isinstance(spec, str):
+        third, half = depth // 3, depth // 2
+        named = {
+            "all": range(depth),
+            "bottom": range(0, third),
+            "mid": range(third, 2 * third),
+            "up": range(2 * third, depth),
+            "half-up": range(half, depth),
+            "half-bottom": range(0, half),
+            "top": range(depth - 1, depth),
+            "top3": range(max(0, depth - 3), depth),
+        }
+        if spec not in named:
+            raise ConfigError(f"unknown block range {spec!r}: use one of {', '.join(BLOCK_NAMES)} or indices")
+        return list(named[spec])
+    out = sorted({int(i) + depth if int(i) < 0 else int(i) for i in spec})
+    bad = [i for i in out if not 0 <= i < depth]
+    if bad:
+        raise ConfigError(f"block index {bad[0]} out of range for a tower with {depth} blocks (0..{depth - 1})")
+    return out
+
+
+def _parse_blocks(value: Any) -> str | tuple[int, ...]:
+    """'all' | 'up' | '0,1,5' | '8-11' | [0, 1] -> a name or a sorted tuple of indices (negative = from the top)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text in BLOCK_NAMES:
+            return text
+        if not text or text[0].isalpha():
+            raise ConfigError(f"unknown block range {value!r}: use one of {', '.join(BLOCK_NAMES)} or indices")
+        indices: list[int] = []
+        try:
+            for part in text.split(","):
+                lo, sep, hi = part.strip().partition("-") if not part.strip().startswith("-") else (part, "", "")
+                indices.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise ConfigError(f"cannot read blocks {value!r}: write a name, '0,1,2' or '8-11'") from None
+        value = indices
+    try:
+        out = tuple(sorted({int(i) for i in value}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"cannot read blocks {value!r}: write a name, '0,1,2' or '8-11'") from None
+    if not out:
+        raise ConfigError("blocks is empty: name at least one block")
+    return out
+
+
+def _parse_letters(value: Any, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    if len(items) == 1 and what == "projection" and len(items[0]) > 1 and set(items[0]) <= set(allowed):
+        items = list(items[0])  # "qkv" -> q, k, v
+    items = [str(i).strip() for i in items if str(i).strip()]
+    for item in items:
+        if item not in allowed:
+            raise ConfigError(f"unknown {what} {item!r}: use any of {', '.join(allowed)}")
+    if not items:
+        raise ConfigError(f"no {what} selected: name at least one of {', '.join(allowed)}")
+    return tuple(i for i in allowed if i in items)  # canonical order, no duplicates
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Block-LoRA (n_blocks > 1 shares one down-projection block) or LoRA (n_blocks = 1) on CLIP attention.
+
+    Defaults are the CLIP-LoRA reference recipe (r=2, alpha=1, s=alpha/sqrt(r), dropout 0.25 on the adapter input,
+    q/k/v of every block of both towers) with Block-LoRA, n_blocks=8.
+    """
+
+    method: str = "block_lora"
+    r: int = 2
+    n_blocks: int | None = None  # None: 8 for block_lora, 1 for lora
+    alpha: float = 1.0
+    dropout: float = 0.25
+    scaling: str = "rslora"  # alpha / sqrt(r); "standard" is alpha / r
+    fold: str = "sum"  # how the n input chunks are combined: "sum" (the paper's formulation) or "mean"
+    a_init: str = "kaiming"  # fan-in of A's init: its own width d_in/n ("kaiming") or d_in ("kaiming_full")
+    towers: tuple[str, ...] = TOWERS
+    blocks: str | tuple[int, ...] = "all"
+    projections: tuple[str, ...] = ("q", "k", "v")
+    extra: Mapping[str, Any] = field(default_factory=dict)  # backbone-specific placement (see backbones/)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        n = self.n_blocks
+        if n is None:
+            n = DEFAULT_N_BLOCKS if self.method == "block_lora" else 1
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n_blocks must be a positive integer, got {self.n_blocks!r}")
+        if self.method == "lora" and n != 1:
+            raise ConfigError(f"method 'lora' means n_blocks=1, got n_blocks={n}: use method 'block_lora'")
+        set_(self, "n_blocks", n)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        set_(self, "alpha", float(self.alpha))
+        set_(self, "dropout", float(self.dropout))
+        for name, allowed in (("scaling", SCALINGS), ("fold", FOLDS), ("a_init", A_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        set_(self, "towers", _parse_letters(self.towers, TOWERS, "tower"))
+        set_(self, "projections", _parse_letters(self.projections, PROJECTIONS, "projection"))
+        set_(self, "blocks", _parse_blocks(self.blocks))
+        set_(self, "extra", dict(self.extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["towers"], d["projections"] = list(self.towers), list(self.projections)
+        d["blocks"] = self.blocks if isinstance(self.blocks, str) else list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown adapter option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        if "method" in changes and "n_blocks" not in changes:
+            changes["n_blocks"] = None  # re-derive the method's default
+        return AdapterConfig.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,180 @@
+"""Adapter files: a directory with blocklora_adapter.json (config, backbone, fingerprint) and
+blocklora_adapter.safetensors (tensors keyed by their real module names).
+
+Our own file names on purpose: PEFT would read an adapter_config.json, drop the keys it does not know and load a
+Block-LoRA adapter as plain LoRA without a word. Only safetensors and JSON are ever read: no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import AdapterMismatchError, BlockLoRAError
+from .config import AdapterConfig
+from .inject import adapter_config, adapter_state_dict, inject, is_adapter_param, is_merged, plan
+
+CONFIG_FILE = "blocklora_adapter.json"
+WEIGHTS_FILE = "blocklora_adapter.safetensors"
+FORMAT = "blocklora-adapter"
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the frozen weights (names, shapes, and a strided sample of values rounded to fp16).
+
+    Cheap (a few thousand values per tensor), independent of fp32/fp16 storage, and different for different
+    checkpoints of one architecture. Computed on unmerged weights only.
+    """
+    if is_merged(model):
+        raise BlockLoRAError("the adapters are merged into the weights: unmerge before fingerprinting the model")
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if is_adapter_param(name):
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 2048)
+        sample = flat[::step][:2048].to("cpu", torch.float16)
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str | None = None,
+                 extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the adapter of an injected model. Atomic: a complete directory or nothing."""
+    cfg = adapter_config(model)
+    if cfg is None:
+        raise BlockLoRAError("this model carries no blocklora adapter: inject() or load_adapter() first")
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise BlockLoRAError(f"{directory} already exists: choose another path or pass overwrite")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "blocklora_version": _version(),
+        "config": cfg.to_dict(),
+        "backbone": {"name": backbone, "fingerprint": fingerprint(model), "class": type(model).__name__},
+        "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
+        "trainable_params": sum(v.numel() for v in tensors.values()),
+        **(extra or {}),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON half of an adapter directory, checked for format."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        hint = " (a PEFT adapter? blocklora reads only its own format)" if (Path(directory) /
+                                                                          "adapter_config.json").exists() else ""
+        raise AdapterMismatchError(f"no adapter at {directory}: {path.name} is missing{hint}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterMismatchError(f"cannot read {path}: {e}; the adapter directory is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterMismatchError(f"{path} is not a blocklora adapter file")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterMismatchError(f"{path} was written by a newer blocklora ({meta.get('blocklora_version')}): "
+                                   "upgrade blocklora to read it")
+    return meta
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> AdapterConfig:
+    """Inject the saved adapter into a fresh `model` (or fill an already-injected one with the same layout).
+
+    Refuses, naming the mismatch and changing nothing, an adapter whose modules, shapes or config do not fit,
+    or (unless force=True) one trained on other frozen weights than `model`'s.
+    """
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    cfg = AdapterConfig.from_dict(meta["config"])
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {e}") from None
+    existing = adapter_config(model)
+    if existing is not None and existing != cfg:
+        raise AdapterMismatchError(f"the model already carries an adapter with another config ({existing}); "
+                                   "load into a fresh model")
+    if not force:
+        saved, ours = meta.get("backbone", {}).get("fingerprint"), fingerprint(model)
+        if saved and saved != ours:
+            raise AdapterMismatchError(
+                f"{directory} was trained on other frozen weights (fingerprint {saved}, this model {ours}; backbone "
+                f"{meta['backbone'].get('name')!r}): load the same checkpoint, or force to load anyway")
+    if existing is None:
+        try:
+            plan(model, cfg)
+        except BlockLoRAError as e:
+            raise AdapterMismatchError(f"adapter {directory} does not fit this model: {e}") from None
+        _check_tensors(_expected_shapes(model, cfg), tensors, directory)
+        inject(model, cfg)
+    else:
+        _check_tensors({k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}, tensors, directory)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            model.get_parameter(name).copy_(value)
+    return cfg
+
+
+def _expected_shapes(model: nn.Module, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The adapter tensor names and shapes inject(model, cfg) would create, computed without changing `model`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan(model, cfg):
+        module = model.get_submodule(t.path)
+        if t.kind == "fused":
+            e = module.in_proj_weight.shape[1]
+            for letter in t.letters:
+                shapes[f"{t.path}.lora_A.{letter}"] = (cfg.r, e // cfg.n_blocks)
+                shapes[f"{t.path}.lora_B.{letter}"] = (e, cfg.r)
+        else:
+            shapes[f"{t.path}.lora_A"] = (cfg.r, module.in_features // cfg.n_blocks)
+            shapes[f"{t.path}.lora_B"] = (module.out_features, cfg.r)
+    return shapes
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise AdapterMismatchError(
+            f"adapter {where} does not fit this model: {first} ({len(missing)} missing, {len(unexpected)} "
+            "unexpected tensors); was it trained on another architecture?")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise AdapterMismatchError(f"adapter {where} does not fit this model: {name} has shape "
+                                       f"{tuple(tensors[name].shape)}, the model needs {tuple(shape)}")

@@ -1,0 +1,299 @@
+"""Adapter layers: a wrapped Linear, and a drop-in replacement for nn.MultiheadAttention's fused q/k/v.
+
+Both keep the wrapped module's own Parameters under their own names (weight, bias; in_proj_weight, out_proj.*), so
+a model's state dict keys stay the stock ones plus `lora_A` / `lora_B` entries, and a merged export is a plain
+stock state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .config import AdapterConfig
+from .core import delta_weight, fold, fold_factor, init_factors, scaling_factor
+
+
+class AdapterLayer(nn.Module):
+    """Shared state and merge logic. Subclasses list their updates in `_deltas()`."""
+
+    def _setup(self, cfg: AdapterConfig) -> None:
+        self.r, self.n_blocks, self.dropout_p = cfg.r, cfg.n_blocks, cfg.dropout
+        # The fold's 1/n (mean) is folded into the scalar, so the hot path is a plain sum.
+        self.scaling = scaling_factor(cfg.alpha, cfg.r, cfg.scaling)
+        self._scale = self.scaling * fold_factor(cfg.n_blocks, cfg.fold)
+        self.merged = False
+        self.adapter_enabled = True
+
+    def _adapter_on(self) -> bool:
+        return self.adapter_enabled and not self.merged
+
+    def _folded_input(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """fold(drop(x)) in the adapter's dtype: (..., d_in) -> (..., d_in / n). Dropout touches this branch only."""
+        x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        return fold(x, self.n_blocks).to(like.dtype)
+
+    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        """(parameter name, output rows, dense update) for each adapted matrix."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += dW for every adapted matrix; the forward then costs what the stock module costs."""
+        if not self.merged:
+            for name, rows, delta in self._deltas():
+                param = self.get_parameter(name)
+                param[rows] += delta.to(param.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W -= dW: back to the frozen weights (up to float rounding)."""
+        if self.merged:
+            for name, rows, delta in self._deltas():
+                param = self.get_parameter(name)
+                param[rows] -= delta.to(param.dtype)
+            self.merged = False
+
+    @torch.no_grad()
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """Merged copies of the adapted parameters (name relative to this module); the module is not changed."""
+        if self.merged:
+            return {name: self.get_parameter(name).detach().clone() for name, _, _ in self._deltas()}
+        out: dict[str, torch.Tensor] = {}
+        for name, rows, delta in self._deltas():
+            if name not in out:
+                out[name] = self.get_parameter(name).detach().clone()
+            out[name][rows] += delta.to(out[name].dtype)
+        return out
+
+
+class BlockLoRALinear(AdapterLayer):
+    """y = W x + b + s * B @ A @ fold_n(drop(x)). n_blocks = 1 is plain LoRA.
+
+    Adopts `base`'s weight and bias Parameters (state dict keys `weight`, `bias` as in nn.Linear) and adds
+    trainable `lora_A` (r, in_features / n_blocks) and `lora_B` (out_features, r).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 2,
+        n_blocks: int = 8,
+        alpha: float = 1.0,
+        dropout: float = 0.25,
+        scaling: str = "rslora",
+        fold: str = "sum",
+        a_init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        cfg = AdapterConfig(r=r, n_blocks=n_blocks, alpha=alpha, dropout=dropout, scaling=scaling, fold=fold,
+                            a_init=a_init)
+        check_width(base.in_features, n_blocks, "in_features of this Linear")
+        self._setup(cfg)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
+        init_factors(self.lora_A, self.lora_B, n_blocks, a_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self._adapter_on():
+            return out
+        z = F.linear(self._folded_input(x, self.lora_A), self.lora_A)  # (..., r)
+        return out + (F.linear(z, self.lora_B) * self._scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out_features, in_features) update s * B @ [A, ..., A]."""
+        return delta_weight(self.lora_A, self.lora_B, self.n_blocks, self._scale)
+
+    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        yield "weight", slice(None), self.delta_weight()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+
+
+def check_width(width: int, n_blocks: int, what: str) -> None:
+    if width % n_blocks:
+        divisors = [d for d in range(1, min(width, 64) + 1) if width % d == 0]
+        raise ConfigError(f"n_blocks={n_blocks} does not divide {what} ({width}): choose one of "
+                          f"{', '.join(map(str, divisors))}")
+
+
+def fused_attention_problem(module: nn.Module) -> str | None:
+    """Why `module` is not a self-attention with CLIP's fused q/k/v layout that we can replace exactly, or None."""
+    weight = getattr(module, "in_proj_weight", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(getattr(module, "out_proj", None), nn.Linear):
+        return "it has no fused in_proj_weight and out_proj Linear"
+    if weight.shape[0] != 3 * weight.shape[1] or not isinstance(getattr(module, "num_heads", None), int):
+        return "in_proj_weight is not (3E, E) (separate k/v widths are not supported)"
+    if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
+        return "bias_k / add_zero_attn are not supported"
+    for name in ("logit_scale", "head_scale"):  # open_clip Attention options that change the math
+        if getattr(module, name, None) is not None:
+            return f"its {name} option (scaled cosine / head scaling) is not supported"
+    for name in ("ln_q", "ln_k", "ln_inner"):
+        if not isinstance(getattr(module, name, nn.Identity()), nn.Identity):
+            return f"its {name} normalisation is not supported"
+    out_drop = getattr(module, "out_drop", None)
+    if isinstance(out_drop, nn.Dropout) and out_drop.p > 0:
+        return "output dropout is not supported"
+    return None
+
+
+class BlockLoRAMultiheadAttention(AdapterLayer):
+    """Drop-in for nn.MultiheadAttention (self-attention as in OpenAI CLIP / open_clip) with adapters on q, k, v, o.
+
+    Keyed on the parameter layout (in_proj_weight (3E, E), in_proj_bias, out_proj), not on the class, so it also
+    replaces modules with the same layout. Computes what the stock module computes with need_weights=False:
+    batch_first either way, additive or boolean attn_mask (the text tower's causal mask), key_padding_mask,
+    is_causal. Attention weights are never returned (the second output is None).
+
+    In self-attention q, k and v read the same input: it is dropped out and folded once (one shared dropout mask)
+    and the down-projections of all adapted letters are one (d/n -> m*r) product.
+    """
+
+    def __init__(self, mha: nn.Module, letters: Sequence[str], cfg: AdapterConfig) -> None:
+        super().__init__()
+        weight = getattr(mha, "in_proj_weight", None)
+        problem = fused_attention_problem(mha)
+        if problem:
+            raise ConfigError(f"cannot adapt {type(mha).__name__}: {problem}")
+        self.embed_dim = weight.shape[1]
+        self.num_heads = mha.num_heads
+        # nn.MultiheadAttention returns (output, weights) and may be sequence-first; open_clip's own Attention
+        # class (same parameter layout) is batch-first, is called as attn(x, attn_mask=...) and returns a tensor.
+        self.returns_tuple = isinstance(mha, nn.MultiheadAttention)
+        self.batch_first = bool(getattr(mha, "batch_first", True)) if self.returns_tuple else True
+        drop = getattr(mha, "dropout", None) if self.returns_tuple else getattr(mha, "attn_drop", None)
+        self.attn_dropout = float(drop.p if isinstance(drop, nn.Dropout) else (drop or 0.0))
+        check_width(self.embed_dim, cfg.n_blocks, "the attention width")
+        self._setup(cfg)
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj  # a Linear that, as in the stock module, is read but never called
+        self.letters = tuple(letter for letter in "qkvo" if letter in letters)
+        if not self.letters:
+            raise ConfigError("no projection selected for this attention module")
+        e, dev, dt = self.embed_dim, weight.device, weight.dtype
+        self.lora_A = nn.ParameterDict(
+            {p: nn.Parameter(torch.empty(cfg.r, e // cfg.n_blocks, device=dev, dtype=dt)) for p in self.letters})
+        self.lora_B = nn.ParameterDict(
+            {p: nn.Parameter(torch.empty(e, cfg.r, device=dev, dtype=dt)) for p in self.letters})
+        for p in self.letters:
+            init_factors(self.lora_A[p], self.lora_B[p], cfg.n_blocks, cfg.a_init)
+        self.qkv_letters = tuple(p for p in self.letters if p != "o")
+
+    # -- updates --------------------------------------------------------------------------------------------------
+    def delta_weight(self, letter: str) -> torch.Tensor:
+        """Dense (E, E) update of one projection."""
+        return delta_weight(self.lora_A[letter], self.lora_B[letter], self.n_blocks, self._scale)
+
+    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        e = self.embed_dim
+        for p in self.letters:
+            if p == "o":
+                yield "out_proj.weight", slice(None), self.delta_weight(p)
+            else:
+                i = "qkv".index(p)
+                yield "in_proj_weight", slice(i * e, (i + 1) * e), self.delta_weight(p)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention input projection with the q/k/v adapters: (N, L, E) -> (N, L, 3E)."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if not self.qkv_letters or not self._adapter_on():
+            return qkv
+        a = torch.cat([self.lora_A[p] for p in self.qkv_letters])  # (m*r, E/n): all letters in one product
+        z = F.linear(self._folded_input(x, a), a)  # (N, L, m*r)
+        e, r = self.embed_dim, self.r
+        if len(self.qkv_letters) == 3:
+            b = torch.block_diag(*(self.lora_B[p] for p in "qkv"))  # (3E, 3r)
+        else:  # zero rows for the projections without an adapter
+            b = z.new_zeros(3 * e, len(self.qkv_letters) * r)
+            for j, p in enumerate(self.qkv_letters):
+                i = "qkv".index(p)
+                b[i * e:(i + 1) * e, j * r:(j + 1) * r] = self.lora_B[p]
+        return qkv + (F.linear(z, b) * self._scale).to(qkv.dtype)
+
+    def _project(self, x: torch.Tensor, letter: str) -> torch.Tensor:
+        """One of q, k, v separately (cross-attention inputs): (N, L, E) -> (N, L, E)."""
+        i, e = "qkv".index(letter), self.embed_dim
+        bias = self.in_proj_bias[i * e:(i + 1) * e] if self.in_proj_bias is not None else None
+        out = F.linear(x, self.in_proj_weight[i * e:(i + 1) * e], bias)
+        return self._with_adapter(out, x, letter)
+
+    def _with_adapter(self, out: torch.Tensor, x: torch.Tensor, letter: str) -> torch.Tensor:
+        if letter not in self.letters or not self._adapter_on():
+            return out
+        a, b = self.lora_A[letter], self.lora_B[letter]
+        z = F.linear(self._folded_input(x, a), a)
+        return out + (F.linear(z, b) * self._scale).to(out.dtype)
+
+    def _attn_bias(self, attn_mask, key_padding_mask, n, l, s, dtype):
+        """Canonical additive mask (broadcastable to (N, H, L, S)) from MHA's mask conventions, or None."""
+        bias = None
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # MHA: True = may NOT attend
+                attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(attn_mask, float("-inf"))
+            bias = attn_mask.to(dtype)
+            if bias.dim() == 3:  # (N*H, L, S)
+                bias = bias.view(n, self.num_heads, l, s)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask
+            if kpm.dtype == torch.bool:
+                kpm = torch.zeros_like(kpm, dtype=dtype).masked_fill_(kpm, float("-inf"))
+            kpm = kpm.to(dtype).view(n, 1, 1, s)
+            bias = kpm if bias is None else bias + kpm
+        return bias
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None] | torch.Tensor:
+        key = query if key is None else key
+        value = key if value is None else value
+        self_attn = query is key and key is value
+        if not self.batch_first:  # (L, N, E) -> (N, L, E); views, no copies
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, l, e = query.shape
+        s, h = key.shape[1], self.num_heads
+        if self_attn:
+            qkv = self._qkv(query)
+            q, k, v = qkv.view(n, l, 3, h, e // h).permute(2, 0, 3, 1, 4)  # each (N, H, L, E/H)
+        else:
+            q = self._project(query, "q").view(n, l, h, e // h).transpose(1, 2)
+            k = self._project(key, "k").view(n, s, h, e // h).transpose(1, 2)
+            v = self._project(value, "v").view(n, s, h, e // h).transpose(1, 2)
+        bias = self._attn_bias(attn_mask, key_padding_mask, n, l, s, q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=bool(is_causal and bias is None))
+        out = out.transpose(1, 2).reshape(n, l, e)  # (N, L, E)
+        attn = out
+        out = F.linear(attn, self.out_proj.weight, self.out_proj.bias)
+        out = self._with_adapter(out, attn, "o")
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, None) if self.returns_tuple else out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"letters={''.join(self.letters)}, r={self.r}, n_blocks={self.n_blocks}, "
+                f"scaling={self.scaling:.4g}, dropout={self.dropout_p}")

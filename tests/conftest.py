@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random CLIP models of both families (no download), seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_openclip(seed: int = 0, batch_first: bool = True, quick_gelu: bool = False):
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16),
+        text_cfg=dict(context_length=16, vocab_size=512, width=48, heads=4, layers=3),
+        quick_gelu=quick_gelu,
+    )
+    if not batch_first:  # the OpenAI `clip` package's sequence-first layout
+        for tower in (model.visual.transformer, model.transformer):
+            tower.batch_first = False
+            for block in tower.resblocks:
+                block.attn.batch_first = False
+    return model.eval()
+
+
+def make_hf(seed: int = 0):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
+                         vocab_size=512, max_position_embeddings=16),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    return CLIPModel(cfg).eval()
+
+
+@pytest.fixture
+def openclip_model():
+    return make_openclip()
+
+
+@pytest.fixture
+def hf_model():
+    return make_hf()
+
+
+def randomize_adapters(model, seed: int = 1, std: float = 0.05) -> None:
+    """Give B (zero at init) random values so adapters change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name or name.startswith("lora_"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def example_inputs(seed: int = 0, n_img: int = 3, n_txt: int = 4, ctx: int = 16, vocab: int = 512):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_img, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, vocab - 1, (n_txt, ctx), generator=g)
+    # end-of-text = the largest id (open_clip pools at argmax), at varied positions, zeros after it
+    for i in range(n_txt):
+        eot = 3 + i
+        tokens[i, eot] = vocab - 1
+        tokens[i, eot + 1:] = 0
+    return images, tokens

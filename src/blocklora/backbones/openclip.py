@@ -7,8 +7,17 @@ Each `attn` is an nn.MultiheadAttention (fused in_proj_weight; out_proj never ca
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 from torch import nn
 
+from ..errors import BackboneError
+from .base import Backbone, is_torchscript_archive
+from .network import hub_reachable
 from .sites import AttentionSite
 
 TOWER_PREFIXES = {"vision": ("visual.transformer.resblocks",), "text": ("transformer.resblocks",
@@ -36,3 +45,157 @@ def attention_sites(model: nn.Module) -> dict[str, list[AttentionSite]] | None:
                 out[tower] = [AttentionSite(tower, i, f"{prefix}.{i}.attn", "fused") for i in range(len(blocks))]
                 break
     return out or None
+
+
+log = logging.getLogger(__name__)
+
+# A tiny, randomly initialised CLIP (about 3.3M parameters: 32 px images, 8 px patches, 2+2 blocks of width 64,
+# the real 49,408-token BPE tokenizer) so that every command can be smoke-tested on a CPU in seconds.
+TINY_CLIP = dict(
+    embed_dim=64,
+    vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2),
+)
+
+
+class OpenClipBackbone(Backbone):
+    family = "open_clip"
+
+    def __init__(self, name: str, model: torch.nn.Module, pretrained: str | None, tokenizer_name: str) -> None:
+        import open_clip
+
+        cfg = getattr(model.visual, "preprocess_cfg", {})
+        size = getattr(model.visual, "image_size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        super().__init__(name, model, pretrained, size, cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+                         cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+        self.model.eval()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP.encode_text on prompts cut after the batch's last end-of-text token.
+
+        The text tower is causal and reads its output at the end-of-text position, so the padding after it never
+        reaches the output: cutting there is exact and saves up to 77/L of the text tower's work.
+        """
+        m = self.model
+        pool = getattr(m, "text_pool_type", None)
+        if pool not in ("argmax", "eos") or not hasattr(m, "token_embedding") or getattr(m, "attn_mask", None) is None:
+            return m.encode_text(tokens)  # not a causal CLIP text tower: no safe cut
+        if pool == "argmax":
+            last = tokens.argmax(dim=-1)
+        else:
+            last = (tokens == m.text_eos_id).int().argmax(dim=-1)
+        length = int(last.max()) + 1
+        tokens = tokens[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)  # (C, L, width)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), last]  # (C, width) at end-of-text
+        if isinstance(m.text_projection, torch.nn.Linear):
+            return m.text_projection(x)
+        return x @ m.text_projection if m.text_projection is not None else x
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
+        """A plain open_clip state dict: `open_clip.create_model(name, pretrained=path)` loads it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        if path.suffix == ".safetensors":
+            save_file(tensors, str(path))
+        else:
+            torch.save(tensors, path)
+        return [str(path)]
+
+
+def _read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
+    """Load a user's checkpoint file: safetensors, a torch file (weights_only=True), or an OpenAI TorchScript."""
+    from open_clip.factory import load_checkpoint, load_state_dict
+
+    try:
+        if is_torchscript_archive(path):
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(key, None)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        else:
+            load_state_dict(path)  # fails fast with a clear reason on files that are not weights
+            incompatible = load_checkpoint(model, path, strict=False, weights_only=True)
+            missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+    except Exception as e:  # noqa: BLE001 - a user file: report the reason on one line
+        raise BackboneError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}; pass a .safetensors "
+                            "or torch state-dict file of this architecture") from None
+    missing = [k for k in missing if k != "attn_mask"]
+    if missing or unexpected:
+        first = missing[0] if missing else unexpected[0]
+        raise BackboneError(f"checkpoint {path} does not match architecture {name}: "
+                            f"{len(missing)} missing and {len(unexpected)} unexpected keys (first: {first}); "
+                            "check the --model name")
+
+
+def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenClipBackbone:
+    """open_clip model `name` with weights from a tag, a local file, or none (random init)."""
+    import open_clip
+
+    if name == "tiny-clip":
+        if pretrained not in (None, "none"):
+            _read_needs_file(pretrained)
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the same random weights every time: adapters trained on it can be reloaded
+        model = open_clip.CLIP(**TINY_CLIP, quick_gelu=quick_gelu == "yes")
+        torch.random.set_rng_state(torch_state)
+        if pretrained not in (None, "none"):
+            _read_checkpoint_into(model, pretrained, name)
+        return OpenClipBackbone(name, model, pretrained if pretrained not in (None, "none") else None, "ViT-B-32")
+    if name not in open_clip.list_models():
+        raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
+                            "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
+    if pretrained in (None, "none"):
+        model = open_clip.create_model(name, pretrained=None)
+        return OpenClipBackbone(name, model, None, name)
+    if os.path.sep in pretrained or os.path.exists(pretrained) or Path(pretrained).suffix:
+        _read_needs_file(pretrained)
+        force = quick_gelu == "yes" or (quick_gelu == "auto" and not name.endswith("-quickgelu") and (
+            "openai" in Path(pretrained).name.lower() or is_torchscript_archive(pretrained)))
+        if force:
+            log.info("using QuickGELU for %s (OpenAI weights); override with quick_gelu=no", pretrained)
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=force)
+        _read_checkpoint_into(model, pretrained, name)
+        return OpenClipBackbone(name, model, str(Path(pretrained).resolve()), name)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise BackboneError(f"unknown pretrained tag {pretrained!r} for {name}: known tags are "
+                            f"{', '.join(tags) or 'none'}, or pass a local checkpoint file")
+    offline = not hub_reachable()
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # use a cached copy if there is one, without minutes of retries
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu == "yes")
+    except Exception as e:  # noqa: BLE001
+        why = "no network" if offline else str(e).splitlines()[0][:160]
+        raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({why}): download the checkpoint "
+                            f"elsewhere and pass the local file, e.g. --pretrained /path/{name}.safetensors") from None
+    finally:
+        if offline:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
+    return OpenClipBackbone(name, model, pretrained, name)
+
+
+def _read_needs_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise BackboneError(f"checkpoint file {path} does not exist: pass an existing file, a pretrained tag, "
+                            "or none for random weights")
+
+

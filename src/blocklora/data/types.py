@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 
 @dataclass(frozen=True)
 class Item:
-    """One labelled image. `path` is absolute (readers resolve it against their root)."""
+    """One labelled image. `path` is absolute for file-based datasets (readers resolve it against their root);
+    datasets that hold images in arrays use their own keys (e.g. "train/123") and set DatasetSplits.image_reader."""
 
     path: str
     label: int
+
+
+def open_image_file(path: str) -> Image.Image:
+    """Open an image file fully (so corrupt files fail here, not later in a worker), as RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
 
 
 @dataclass
@@ -25,3 +36,4 @@ class DatasetSplits:
     val: list[Item] = field(default_factory=list)
     test: list[Item] = field(default_factory=list)
     template: str = "a photo of a {}."  # the per-dataset hand-made zero-shot template (CoOp)
+    image_reader: Callable[[str], Image.Image] = open_image_file  # Item.path -> RGB PIL image

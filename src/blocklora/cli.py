@@ -1,0 +1,341 @@
+"""Command line: thin argparse subcommands over api.py. User errors print one line, "error: ...", exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import BlockLoRAError
+
+log = logging.getLogger("blocklora")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other user error
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# -- shared option groups ------------------------------------------------------------------------------------------
+def _model_options(p: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_pretrained: str = "openai"):
+    g = p.add_argument_group("backbone")
+    g.add_argument("--model", default=default_model,
+                   help="open_clip name (ViT-B-16, ViT-B-32, ViT-L-14, ...), tiny-clip, effnet-minilm, or hf:DIR_OR_ID")
+    g.add_argument("--pretrained", default=default_pretrained,
+                   help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or none")
+    g.add_argument("--quick-gelu", default="auto", choices=("auto", "yes", "no"),
+                   help="QuickGELU activation (auto: on for OpenAI weights loaded from a file)")
+
+
+def _adapter_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", choices=("block_lora", "lora"), default=None)
+    g.add_argument("--r", type=int, default=None, help="rank (default 2)")
+    g.add_argument("--n-blocks", type=int, default=None, help="blocks sharing A (default 8; 1 = LoRA)")
+    g.add_argument("--alpha", type=float, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--towers", default=None, help="vision,text (default both)")
+    g.add_argument("--projections", default=None, help="any of q,k,v,o (default q,k,v)")
+    g.add_argument("--blocks", default=None,
+                   help="all, bottom, mid, up, half-up, half-bottom, top, top3, or indices like 0,1 or 8-11")
+
+
+def _adapter_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (("method", "method"), ("r", "r"), ("n_blocks", "n_blocks"), ("alpha", "alpha"),
+                      ("dropout", "dropout"), ("towers", "towers"), ("projections", "projections"),
+                      ("blocks", "blocks")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"adapter.{key}={value}")
+    if args.method == "lora" and args.n_blocks is None:
+        out.append("adapter.n_blocks=1")
+    return out
+
+
+def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=required,
+                   help="imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, "
+                        "sun397, dtd, eurosat, ucf101, folder, csv, fashion-mnist, ...")
+    g.add_argument("--root", default="", help="datasets root (a folder; the CSV file for --dataset csv)")
+
+
+def _run_config(args: argparse.Namespace):
+    from .config import RunConfig
+
+    overrides = [f"model={args.model}", f"pretrained={args.pretrained}", f"quick_gelu={args.quick_gelu}"]
+    overrides += _adapter_overrides(args)
+    for flag, key in (("dataset", "data.dataset"), ("root", "data.root"), ("shots", "data.shots"),
+                      ("seed", "data.seed"), ("sampler", "data.sampler"), ("split_file", "data.split_file"),
+                      ("classes", "data.classes"), ("workers", "data.workers"), ("iters", "train.iters"),
+                      ("batch_size", "train.batch_size"), ("lr", "train.lr"), ("precision", "train.precision"),
+                      ("device", "device"), ("checkpoint_every", "train.checkpoint_every")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "deterministic", False):
+        overrides.append("train.deterministic=true")
+    if getattr(args, "skip_bad_images", False):
+        overrides.append("data.skip_bad_images=true")
+    if getattr(args, "dataset_templates", False):
+        overrides.append("eval.dataset_templates=true")
+    if getattr(args, "no_zero_shot", False):
+        overrides.append("eval.zero_shot=false")
+    return RunConfig().with_overrides(overrides + list(args.overrides or []))
+
+
+# -- commands --------------------------------------------------------------------------------------------------------
+def cmd_params(args: argparse.Namespace) -> int:
+    from .adapters.config import AdapterConfig
+    from .adapters.inject import inject
+    from .adapters.report import adapter_cost
+    from .backbones import load_backbone
+    from .config import RunConfig
+
+    cfg = RunConfig().with_overrides(_adapter_overrides(args)).adapter
+    assert isinstance(cfg, AdapterConfig)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
+    modules = inject(backbone.model, cfg)
+    cost = adapter_cost(backbone.model)
+    report = {"model": args.model, "config": cfg.to_dict(), "trainable_params": cost["total"]["params"],
+              "adapted_modules": modules, "macs_per_token": cost["total"]["macs_per_token"],
+              "adds_per_token": cost["total"]["adds_per_token"],
+              "towers": {t: {k: v for k, v in c.items() if k != "modules"} | {"modules": len(c["modules"])}
+                         for t, c in cost["towers"].items()}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: {cfg.method} r={cfg.r} n_blocks={cfg.n_blocks} projections={','.join(cfg.projections)} "
+          f"blocks={cfg.blocks} towers={','.join(cfg.towers)}")
+    print(f"{'tower':<8} {'modules':>8} {'params':>12} {'MACs/token':>12} {'adds/token':>12}")
+    for tower, c in report["towers"].items():
+        print(f"{tower:<8} {c['modules']:>8} {c['params']:>12,} {c['macs_per_token']:>12,} {c['adds_per_token']:>12,}")
+    print(f"{'total':<8} {len(modules):>8} {report['trainable_params']:>12,} {report['macs_per_token']:>12,} "
+          f"{report['adds_per_token']:>12,}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import run
+
+    cfg = _run_config(args)
+    results = run(cfg, args.output, overwrite=args.overwrite, resume=args.resume)
+    _print_results(results, args.output)
+    return 0
+
+
+def _print_results(r: dict[str, Any], output: str) -> None:
+    zs = r.get("zero_shot_top1")
+    line = f"top-1 {r['top1']:.2f}%"
+    if zs is not None:
+        line = f"zero-shot {zs:.2f}% -> adapted {r['top1']:.2f}% ({r['top1'] - zs:+.2f})"
+    if "harmonic_mean" in r:
+        line += f" | base {r['base_top1']:.2f} new {r['new_top1']:.2f} HM {r['harmonic_mean']:.2f}"
+    print(f"{line} | {r['trainable_params']:,} trainable params | {r['wall_time_s']['total']:.1f}s | "
+          f"results: {Path(output) / 'results.json'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_adapter
+
+    result = evaluate_adapter(args.adapter, args.dataset, args.root, args.split, args.pretrained,
+                              args.batch_size, args.workers, args.classes, force=args.force, device=args.device)
+    _emit(result, args.json, f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
+                             f"(mean per class {result['mean_per_class']:.2f}%, n={result['n']})")
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .api import zero_shot
+    from .backbones import load_backbone
+    from .data import load_dataset
+    from .engine.runtime import default_workers, make_runtime
+
+    data = load_dataset(args.dataset, args.root)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
+    rt = make_runtime(args.device)
+    backbone.to(rt.device)
+    items = getattr(data, args.split)
+    templates = [data.template] if args.dataset_template else [args.template]
+    workers = args.workers if args.workers >= 0 else default_workers()
+    result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache)
+    result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result}
+    _emit(result, args.json, f"{data.name} {args.split}: zero-shot top-1 {result['top1']:.2f}% (n={result['n']}"
+                             f"{', cached' if result.get('cached') else ''})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import load_trained, predict
+
+    backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device)
+    images = _collect_images(args.images)
+    run = meta["run"]
+    out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for row in out:
+        best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
+        print(f"{row['image']}: {best}")
+    return 0
+
+
+def _collect_images(paths: Sequence[str]) -> list[str]:
+    from .data.datasets import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
+    if not out:
+        raise BlockLoRAError(f"no images found in {', '.join(paths)}")
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import export
+
+    files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite)
+    print(f"merged checkpoint written: {', '.join(files)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+
+    print(json.dumps(RunConfig().with_overrides(args.overrides or []).to_dict(), indent=2))
+    return 0
+
+
+def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else line)
+
+
+# -- parser ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"blocklora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("params", help="trainable parameters and adapter cost of a configuration (no weights needed)")
+    _model_options(p, default_pretrained="none")
+    _adapter_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("train", help="train an adapter on K shots per class and report accuracy")
+    _model_options(p)
+    _adapter_options(p)
+    _data_options(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--shots", type=int, default=None, help="images per class (default 16)")
+    g.add_argument("--seed", type=int, default=None, help="sampling and training seed (default 1)")
+    g.add_argument("--sampler", choices=("clip-lora", "coop"), default=None, help="which peer's draw order")
+    g.add_argument("--split-file", default=None, help="reuse a drawn split (a split.json of an earlier run)")
+    g.add_argument("--classes", choices=("all", "base", "new"), default=None,
+                   help="base: base-to-new protocol (train on the base half, test base and new)")
+    g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
+    g.add_argument("--iters", type=int, default=None, help="total steps (default 500 x shots)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=None)
+    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes")
+    g.add_argument("--checkpoint-every", type=int, default=None, help="save the resumable state every N steps")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    g.add_argument("--deterministic", action="store_true", help="bit-identical reruns (slower kernels on GPU)")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in results)")
+    g.add_argument("--dataset-templates", action="store_true", help="also report zero-shot with CoOp's templates")
+    g.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation")
+    g.add_argument("overrides", nargs="*", metavar="key=value", help="any config value, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a trained adapter on a dataset (any dataset: cross-dataset)")
+    p.add_argument("--adapter", required=True)
+    _data_options(p)
+    _eval_options(p)
+    p.add_argument("--classes", choices=("all", "base", "new"), default="all")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset")
+    _model_options(p)
+    _data_options(p)
+    _eval_options(p, pretrained=False, force=False)
+    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--dataset-template", action="store_true", help="use the dataset's hand-made template (CoOp)")
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("predict", help="top-k class names for images with a trained adapter")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
+    p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True, help="open_clip: a .safetensors or .pt file; transformers: a folder")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("config", help="print the resolved run configuration (defaults + key=value overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bool = True) -> None:
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    if pretrained:
+        p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
+    if force:
+        p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG, format="%(message)s",
+                        stream=sys.stderr)
+    for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except BlockLoRAError as e:
+        if args.debug:
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""The training loop: one optimizer step per iteration on the K-shot images, the CLIP-LoRA recipe by default.
+
+    for step in range(start, total):
+        images, labels = batch(step)                       # a pure function of (seed, step): see stream.py
+        img = normalize(encode_images(images))             # (B, D)
+        txt = normalize(encode_classes(classnames))        # (C, D); cached once when the text tower is frozen
+        loss = cross_entropy(logit_scale * img @ txt.T, labels)
+        backward; (all-reduce grads under torchrun); AdamW step; cosine schedule step
+
+The frozen model stays in eval mode (BatchNorm statistics and the backbone's own dropout untouched); only the
+adapter layers are in train mode, so adapter dropout is the only randomness besides augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..adapters.inject import adapter_layers, adapter_state_dict
+from ..backbones.base import Backbone
+from ..config import TrainConfig
+from ..data.types import Item
+from ..errors import BlockLoRAError
+from .evaluate import encode_classes
+from .runtime import Runtime, rng_state, set_rng_state
+from .stream import train_stream
+
+
+class TrainingDiverged(BlockLoRAError):
+    """A non-finite loss with nan_policy=stop."""
+
+
+def lr_lambda(step: int, total: int, warmup: int, base_lr: float, min_lr: float, schedule: str) -> float:
+    """Multiplier of base_lr at `step`: linear warm-up, then cosine from base_lr to min_lr over the rest.
+
+    With warmup=0 this is torch's CosineAnnealingLR(T_max=total, eta_min=min_lr) in closed form (CLIP-LoRA).
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup) / max(1, total - warmup)
+    return (min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))) / base_lr
+
+
+@dataclass
+class FitState:
+    step: int = 0
+    skipped: int = 0
+    last_loss: float = float("nan")
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
+                 cfg: TrainConfig, runtime: Runtime, seed: int, total_iters: int, workers: int = 0) -> None:
+        self.backbone, self.items, self.reader = backbone, list(items), reader
+        self.classnames, self.cfg, self.runtime = list(classnames), cfg, runtime
+        self.seed, self.total, self.workers = seed, total_iters, workers
+        model = backbone.model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise BlockLoRAError("nothing to train: inject an adapter first")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
+            s, total_iters, cfg.warmup_iters, cfg.lr, cfg.min_lr, cfg.schedule))
+        self.scaler = runtime.grad_scaler()
+        self.state = FitState()
+        # The text side only needs recomputing when it carries trainable adapters.
+        text = text_params(model)
+        self.text_trainable = any(p.requires_grad for n, p in model.named_parameters() if n in text)
+        self._text_cache: torch.Tensor | None = None
+
+    # -- state for checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.state.step, "skipped": self.state.skipped,
+                "adapter": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(self.backbone.model).items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        model = self.backbone.model
+        with torch.no_grad():
+            for name, value in state["adapter"].items():
+                model.get_parameter(name).copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.state.step, self.state.skipped = int(state["step"]), int(state.get("skipped", 0))
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def _text_features(self) -> torch.Tensor:
+        if self.text_trainable:
+            return encode_classes(self.backbone, self.classnames, [self.cfg.template], self.runtime)
+        if self._text_cache is None:
+            with torch.no_grad():
+                self._text_cache = encode_classes(self.backbone, self.classnames, [self.cfg.template], self.runtime)
+        return self._text_cache
+
+    def fit(self, on_step: Callable[[dict[str, Any]], None] | None = None,
+            checkpoint: Callable[[Trainer], None] | None = None) -> FitState:
+        """Train from the current step to the end. `on_step` gets each step's metrics; `checkpoint` is called
+        every cfg.checkpoint_every steps (and by the caller at the end)."""
+        rt, cfg, model = self.runtime, self.cfg, self.backbone.model
+        transform = self.backbone.train_transform(cfg.aug_scale_min, cfg.flip)
+        loader = train_stream(self.items, transform, self.reader, cfg.batch_size, self.seed, self.state.step,
+                              self.total, self.workers, rt.rank, rt.world_size, rt.device.type == "cuda")
+        global_batch = self._global_batch = loader.batch_sampler.batch  # type: ignore[union-attr]
+        model.eval()
+        for _, layer in adapter_layers(model):
+            layer.train()
+        bar = tqdm(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
+                   dynamic_ncols=True)
+        tick = time.perf_counter()
+        try:
+            for images, labels in loader:
+                images = images.to(rt.device, non_blocking=True)
+                labels = labels.to(rt.device, non_blocking=True)
+                with rt.autocast():
+                    img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
+                    txt = self._text_features()
+                    logits = cfg.logit_scale * img @ txt.T
+                    # Sum over this rank's samples / global batch: summed over ranks it is the global mean.
+                    loss = F.cross_entropy(logits, labels, reduction="sum") / global_batch
+                metrics = self._step(loss, logits, labels)
+                now = time.perf_counter()
+                metrics["step_s"], tick = round(now - tick, 4), now
+                if on_step is not None:
+                    on_step(metrics)
+                bar.update(1)
+                if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.1f}")
+                if checkpoint is not None and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                    checkpoint(self)
+        finally:
+            bar.close()
+            model.eval()
+        return self.state
+
+    def _step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        rt, cfg = self.runtime, self.cfg
+        step = self.state.step
+        finite = torch.isfinite(loss.detach())
+        if rt.world_size > 1:  # every rank must take the same decision
+            import torch.distributed as dist
+
+            flag = finite.float().to(rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        if not bool(finite):
+            if cfg.nan_policy == "stop":
+                raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1}: lower the learning rate "
+                                       "or check the data (the last checkpoint is kept; nan_policy=skip skips such "
+                                       "steps)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped += 1
+            self.state.step += 1
+            self.scheduler.step()
+            return {"step": self.state.step, "loss": float("nan"), "acc": 0.0, "skipped": True,
+                    "lr": self.scheduler.get_last_lr()[0]}
+        self.scaler.scale(loss).backward()
+        if rt.world_size > 1:
+            _all_reduce_grads(self.params)
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.state.step += 1
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == labels).float().mean().item() * 100 if labels.numel() else 0.0
+        # this rank's mean loss (the exact global mean on one process)
+        self.state.last_loss = loss.item() * self._global_batch / max(1, labels.numel())
+        return {"step": self.state.step, "loss": self.state.last_loss, "acc": round(acc, 2), "lr": lr}
+
+
+def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks in one flat buffer (adapters are small: one collective per step)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def text_params(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters inside the text tower's attention sites (by the family's site map)."""
+    from ..backbones.sites import find_sites
+
+    prefixes = tuple(site.path + "." for site in find_sites(model).get("text", []))
+    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}

@@ -1,0 +1,48 @@
+"""The data layer: dataset readers, few-shot sampling and split files, class protocols, image loading."""
+
+from .datasets import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    TEMPLATES,
+    ImageNetVariantSplits,
+    imagenet_indices,
+    load_dataset,
+    prompt_name,
+)
+from .fewshot import (
+    ORDERS,
+    FewShotSplit,
+    file_sha256,
+    group_by_label,
+    read_split_file,
+    sample_few_shot,
+    write_split_file,
+)
+from .images import ImageDataset, verify_images
+from .protocols import class_subset, subsample_classes, subsample_fewshot
+from .types import DatasetSplits, Item, open_image_file
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ORDERS",
+    "TEMPLATES",
+    "DatasetSplits",
+    "FewShotSplit",
+    "ImageDataset",
+    "ImageNetVariantSplits",
+    "Item",
+    "class_subset",
+    "file_sha256",
+    "group_by_label",
+    "imagenet_indices",
+    "load_dataset",
+    "open_image_file",
+    "prompt_name",
+    "read_split_file",
+    "sample_few_shot",
+    "subsample_classes",
+    "subsample_fewshot",
+    "verify_images",
+    "write_split_file",
+]

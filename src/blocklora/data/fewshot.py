@@ -1,0 +1,281 @@
+"""K-shot sampling in either peer's order, and split files that pin the drawn images down by hash.
+
+    sample_few_shot(splits, shots, seed, order="clip-lora", replace=True) -> FewShotSplit
+    write_split_file(path, splits, fewshot) -> sha256        read_split_file(path, splits) -> (FewShotSplit, sha256)
+
+The shared draw (Dassl's DatasetBase.generate_fewshot_dataset + split_dataset_by_label, which CLIP-LoRA copies into
+its datasets/utils.py unchanged): group the items by label in first-appearance order (a defaultdict filled in file
+order, so file order within a group), then for each group take random.sample(group, K), or random.choices(group, k=K)
+when the group has fewer than K items (Dassl's repeat=True, what both peers run). The two orders:
+
+- "clip-lora" (MaxZanella/CLIP-LoRA, main.py seeds Python's random via set_random_seed(args.seed) before building the
+  dataset; datasets/<name>.py): val first, min(K, 4) shots per class from the val split, then K train shots. ImageNet
+  (datasets/imagenet.py) has no val split: per class (torchvision ImageFolder order: sorted wnids, sorted files) it
+  takes random.sample(items, K + min(K, 4)), the first K for train and the rest for val. We apply that rule to every
+  dataset without a val split; where such a class has fewer than K + min(K, 4) images (CLIP-LoRA would crash) the
+  draw falls back to random.choices like the other branch.
+- "coop" (KaiyangZhou/CoOp datasets/<name>.py, seeded by Dassl's set_random_seed(cfg.SEED) in train.py before the
+  trainer builds the dataset): train first (K shots), then val (min(K, 4) shots), cached to
+  split_fewshot/shot_K-seed_S.pkl. CoOp's ImageNet draws train only and uses the test set as val; we leave val empty.
+
+Both peers use the global `random` module; we use a private random.Random(seed), which yields the same sequence as
+random.seed(seed) followed by the module functions (those are methods of one hidden Random instance) and leaves the
+caller's random state alone.
+
+Verified by reading the sources (code search over the public repositories): Dassl.pytorch
+dassl/data/datasets/base_dataset.py (generate_fewshot_dataset, split_dataset_by_label); CLIP-LoRA main.py,
+run_utils.py (set_random_seed = random.seed + numpy + torch), datasets/utils.py (the same two functions),
+datasets/imagenet.py, datasets/{oxford_pets,caltech101,fgvc,...}.py (val drawn before train); CoOp train.py
+(set_random_seed(cfg.SEED) before build_trainer), datasets/{oxford_pets,imagenet,...}.py (train before val; ImageNet
+train only). tests/test_data_fewshot.py re-implements each order with `random` directly and compares.
+
+With replace=False a class with too few images raises a DataError naming it (Dassl's repeat=False would silently keep
+fewer shots).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from .datasets import load_json
+from .types import DatasetSplits, Item, open_image_file
+
+ORDERS = ("clip-lora", "coop")
+SPLIT_FORMAT = "blocklora-fewshot-split/1"
+
+
+@dataclass
+class FewShotSplit:
+    """The K-shot training (and validation) items drawn from a dataset, and how they were drawn."""
+
+    dataset: str
+    shots: int
+    seed: int
+    order: str
+    train: list[Item]
+    val: list[Item] = field(default_factory=list)
+    replace: bool = True
+
+
+def val_shots(shots: int) -> int:
+    """Both peers draw min(K, 4) validation shots per class."""
+    return min(shots, 4)
+
+
+def group_by_label(items: Sequence[Item]) -> dict[int, list[Item]]:
+    """Dassl's split_dataset_by_label: label -> items, labels in first-appearance order, file order inside."""
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.label, []).append(item)
+    return groups
+
+
+def _draw(rng: random.Random, group: list[Item], k: int, replace: bool, what: str) -> list[Item]:
+    """Dassl's per-class draw: sample without replacement, or choices with replacement when the class is short."""
+    if len(group) >= k:
+        return rng.sample(group, k)
+    if not replace:
+        raise DataError(f"{what} has {len(group)} images, fewer than the {k} to draw: use fewer shots, add images, "
+                        "or allow drawing with replacement (data.replace=true)")
+    return rng.choices(group, k=k)
+
+
+def _class(splits: DatasetSplits, label: int, part: str) -> str:
+    name = splits.classnames[label] if 0 <= label < len(splits.classnames) else "?"
+    return f"{splits.name}: class {label} ({name!r}) in {part}"
+
+
+def _few_shot(rng: random.Random, splits: DatasetSplits, items: Sequence[Item], k: int, replace: bool,
+              part: str) -> list[Item]:
+    out: list[Item] = []
+    for label, group in group_by_label(items).items():
+        out += _draw(rng, group, k, replace, _class(splits, label, part))
+    return out
+
+
+def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, order: str = "clip-lora",
+                    replace: bool = True) -> FewShotSplit:
+    """Draw `shots` training images per class (and min(shots, 4) validation images) as the chosen peer does."""
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ConfigError(f"shots must be an integer >= 1, got {shots!r}")
+    if order not in ORDERS:
+        raise ConfigError(f"unknown sampling order {order!r}: use one of {', '.join(ORDERS)}")
+    if not splits.train:
+        raise DataError(f"dataset {splits.name} at {splits.root} has no training images to draw shots from "
+                        "(a test-only set?): train on another dataset and evaluate on this one")
+    present = set(group_by_label(splits.train))
+    absent = [y for y in range(len(splits.classnames)) if y not in present]
+    if absent:
+        raise DataError(f"{_class(splits, absent[0], 'train')} has no training images ({len(absent)} classes "
+                        "without any): every class needs at least one")
+    rng = random.Random(seed)
+    k, v = shots, val_shots(shots)
+    if order == "coop":
+        train = _few_shot(rng, splits, splits.train, k, replace, "train")
+        val = _few_shot(rng, splits, splits.val, v, replace, "val") if splits.val else []
+    elif splits.val:  # clip-lora, a dataset with a val split: val first, then train
+        val = _few_shot(rng, splits, splits.val, v, replace, "val")
+        train = _few_shot(rng, splits, splits.train, k, replace, "train")
+    else:  # clip-lora, no val split (its ImageNet): K + min(K, 4) per class from train, split in that order
+        train, val = [], []
+        for label, group in group_by_label(splits.train).items():
+            drawn = _draw(rng, group, k + v, replace, _class(splits, label, "train (train + val shots)"))
+            train += drawn[:k]
+            val += drawn[k:]
+    return FewShotSplit(splits.name, shots, seed, order, train, val, replace)
+
+
+# -- split files -----------------------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _relative(path: str, root: Path) -> str:
+    """`path` relative to root (posix separators) when it lies under it; other paths and keys unchanged."""
+    if not os.path.isabs(path):
+        return path
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def split_file_bytes(splits: DatasetSplits, fewshot: FewShotSplit) -> bytes:
+    """The canonical text of a split file: fixed key order, one [path, label] entry a line, UTF-8, final newline."""
+    dump = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731
+    root = Path(splits.root)
+
+    def entries(items: Sequence[Item]) -> str:
+        if not items:
+            return "[]"
+        return "[\n" + ",\n".join(f"    {dump([_relative(i.path, root), i.label])}" for i in items) + "\n  ]"
+
+    header = {"format": SPLIT_FORMAT, "dataset": splits.name, "classnames": list(splits.classnames),
+              "shots": fewshot.shots, "seed": fewshot.seed, "order": fewshot.order, "replace": fewshot.replace}
+    lines = [f"  {dump(k)}: {dump(v)}," for k, v in header.items()]
+    text = "{\n" + "\n".join(lines) + f'\n  "train": {entries(fewshot.train)},\n  "val": {entries(fewshot.val)}\n}}\n'
+    return text.encode("utf-8")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder + fsync + os.replace: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with suppress(OSError):  # make the rename itself durable
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+
+def write_split_file(path: str | os.PathLike, splits: DatasetSplits, fewshot: FewShotSplit) -> str:
+    """Write the drawn split as canonical JSON, atomically; returns the sha256 of the bytes written.
+
+    Paths are stored relative to splits.root when they lie under it, so the file moves with the dataset. The same
+    dataset, shots, seed and order give a byte-identical file and hash."""
+    data = split_file_bytes(splits, fewshot)
+    _atomic_write(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bad_file(path: Path, why: str) -> DataError:
+    return DataError(f"split file {path} {why}")
+
+
+def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:
+    """Read and validate a split file written by write_split_file against the dataset; returns it and its sha256."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise _bad_file(path, "does not exist: give the split.json of an earlier run, or leave data.split_file unset "
+                              "to draw a new split")
+    raw = path.read_bytes()
+    data = load_json(path, "split file")
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
+        raise _bad_file(path, f'is not a blocklora split file (no "format": "{SPLIT_FORMAT}")')
+    if data.get("dataset") != splits.name:
+        raise _bad_file(path, f"was drawn from dataset {data.get('dataset')!r}, not {splits.name!r}: use the split "
+                              "file of this dataset")
+    names = data.get("classnames")
+    if names != list(splits.classnames):
+        if not isinstance(names, list):
+            raise _bad_file(path, 'has no "classnames" list')
+        diff = next((i for i, (a, b) in enumerate(zip(names, splits.classnames)) if a != b), None)
+        detail = (f"class {diff} is {names[diff]!r} there but {splits.classnames[diff]!r} here" if diff is not None
+                  else f"it has {len(names)} classes, the dataset {len(splits.classnames)}")
+        raise _bad_file(path, f"does not match the classes of {splits.name} ({detail}): was it drawn for another "
+                              "class subset (data.classes) or another copy of the dataset?")
+    params = {}
+    for key, kind in (("shots", int), ("seed", int), ("order", str), ("replace", bool)):
+        value = data.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _bad_file(path, f'has no valid "{key}" ({kind.__name__})')
+        params[key] = value
+    parts = {}
+    for part in ("train", "val"):
+        if not isinstance(data.get(part), list):
+            raise _bad_file(path, f'has no "{part}" list')
+    known = {os.path.normpath(i.path): i for items in (splits.train, splits.val, splits.test) for i in items}
+    root = Path(splits.root)
+    file_based = splits.image_reader is open_image_file
+    bad: list[str] = []
+    for part in ("train", "val"):
+        items = []
+        for i, entry in enumerate(data[part]):
+            item, why = _resolve(entry, known, root, len(splits.classnames), file_based)
+            if item is None:
+                bad.append(f"{part}[{i}] = {json.dumps(entry, ensure_ascii=False)[:100]}: {why}")
+            else:
+                items.append(item)
+        parts[part] = items
+    if bad:
+        raise _bad_file(path, f"has {len(bad)} bad entries, the first {bad[0]}: the file was edited or the dataset "
+                              "changed; draw a new split")
+    if not parts["train"]:
+        raise _bad_file(path, "has no training entries")
+    return FewShotSplit(splits.name, params["shots"], params["seed"], params["order"], parts["train"], parts["val"],
+                        params["replace"]), hashlib.sha256(raw).hexdigest()
+
+
+def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int,
+             file_based: bool) -> tuple[Item | None, str]:
+    if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
+            or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
+        return None, "not a [path, label] pair"
+    rel, label = entry
+    if not 0 <= label < n_classes:
+        return None, f"label {label} outside 0..{n_classes - 1}"
+    full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(str(root), rel))
+    item = known.get(full) or known.get(os.path.normpath(rel))
+    if item is not None:
+        if item.label != label:
+            return None, f"labelled {label}, but the dataset labels it {item.label}"
+        return item, ""
+    if file_based and os.path.isfile(full):  # an image outside the dataset's lists (a hand-made split): trust it
+        return Item(full, label), ""
+    return None, f"no such image ({full})" if file_based else "not an image of the dataset"

@@ -1,0 +1,55 @@
+"""Evaluation protocols on top of a dataset: base-to-new class splits (CoCoOp).
+
+CoCoOp's rule (KaiyangZhou/CoOp datasets/oxford_pets.py, OxfordPets.subsample_classes): sort the labels, base = the
+first ceil(C / 2), new = the rest; the kept classes are relabelled 0..m-1 in label order and every split is filtered.
+CoCoOp subsamples after drawing the shots from all classes; to reproduce its base-class draws exactly, draw on the
+full dataset and pass the result through subsample_fewshot (drawing on the base half alone consumes the random
+stream differently whenever groups of both halves interleave, and in clip-lora order always).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from ..errors import ConfigError
+from .fewshot import FewShotSplit
+from .types import DatasetSplits, Item
+
+SUBSETS = ("all", "base", "new")
+
+
+def class_subset(n_classes: int, which: str) -> list[int]:
+    """The original labels kept by `which`: "all", "base" (first ceil(C/2) sorted labels) or "new" (the rest)."""
+    if which not in SUBSETS:
+        raise ConfigError(f"unknown class subset {which!r}: use one of {', '.join(SUBSETS)}")
+    labels = list(range(n_classes))
+    m = math.ceil(n_classes / 2)
+    return labels if which == "all" else labels[:m] if which == "base" else labels[m:]
+
+
+def _relabel(items: list[Item], mapping: dict[int, int]) -> list[Item]:
+    return [Item(i.path, mapping[i.label]) for i in items if i.label in mapping]
+
+
+def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
+    """The dataset restricted to the base or new half of its classes, relabelled 0..m-1 ("all": unchanged)."""
+    kept = class_subset(len(splits.classnames), which)
+    if which == "all":
+        return splits
+    mapping = {old: new for new, old in enumerate(kept)}
+    changes = dict(classnames=[splits.classnames[y] for y in kept], train=_relabel(splits.train, mapping),
+                   val=_relabel(splits.val, mapping), test=_relabel(splits.test, mapping))
+    indices = getattr(splits, "imagenet_indices", None)  # ImageNet variants: keep the map to the 1000 classes
+    if indices:
+        changes["imagenet_indices"] = [indices[y] for y in kept]
+    return replace(splits, **changes)
+
+
+def subsample_fewshot(fewshot: FewShotSplit, n_classes: int, which: str) -> FewShotSplit:
+    """A split drawn on all `n_classes` classes, restricted and relabelled as subsample_classes does (CoCoOp order)."""
+    kept = class_subset(n_classes, which)
+    if which == "all":
+        return fewshot
+    mapping = {old: new for new, old in enumerate(kept)}
+    return replace(fewshot, train=_relabel(fewshot.train, mapping), val=_relabel(fewshot.val, mapping))

@@ -67,3 +67,32 @@ def example_inputs(seed: int = 0, n_img: int = 3, n_txt: int = 4, ctx: int = 16,
         tokens[i, eot] = vocab - 1
         tokens[i, eot + 1:] = 0
     return images, tokens
+
+
+def make_hf_dir(path, seed: int = 0):
+    """A tiny transformers CLIP saved as a local directory with a real CLIP BPE tokenizer (from open_clip's vocab)."""
+    import json
+    from pathlib import Path
+
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = SimpleTokenizer()
+    renames = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (path / "vocab.json").write_text(json.dumps({renames.get(k, k): v for k, v in tok.encoder.items()}))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

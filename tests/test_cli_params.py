@@ -23,7 +23,8 @@ def test_params_vit_b16_figures(capsys):
     assert report["trainable_params"] == 184_320 and report["adds_per_token"] == 0
 
 
-@pytest.mark.parametrize(("n", "proj", "towers"), [(4, "q,v", "vision,text"), (2, "q,k,v,o", "text"), (16, "k", "vision")])
+@pytest.mark.parametrize(("n", "proj", "towers"),
+                         [(4, "q,v", "vision,text"), (2, "q,k,v,o", "text"), (16, "k", "vision")])
 def test_params_formula_other_configs(capsys, n, proj, towers):
     assert main(["params", "--model", "ViT-B-16", "--n-blocks", str(n), "--projections", proj, "--towers", towers,
                  "--r", "4", "--blocks", "up", "--json"]) == 0

@@ -33,6 +33,7 @@ from .data import (
     read_split_file,
     sample_few_shot,
     subsample_classes,
+    subsample_fewshot,
     verify_images,
     write_split_file,
 )
@@ -74,7 +75,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
     if cfg.data.split_file:
         fewshot, sha = read_split_file(cfg.data.split_file, data)
     else:
-        fewshot = sample_few_shot(data, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
+        # CoCoOp draws the K shots over all classes, then keeps the base half: the same draws as peers.
+        fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
+        fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu)
     plan(backbone.model, cfg.adapter)  # n_blocks vs widths, towers, blocks: fail before any work

@@ -174,23 +174,43 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenCli
     if pretrained not in tags:
         raise BackboneError(f"unknown pretrained tag {pretrained!r} for {name}: known tags are "
                             f"{', '.join(tags) or 'none'}, or pass a local checkpoint file")
-    offline = not hub_reachable()
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # use a cached copy if there is one, without minutes of retries
+    if not hub_reachable():  # no network: a cached copy or a clear error now, not minutes of retries
+        cached = _cached_weights(open_clip.get_pretrained_cfg(name, pretrained))
+        if cached is None:
+            raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} (no network, not in the cache): "
+                                f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
+                                f"/path/{name}.safetensors")
+        qg = quick_gelu == "yes" or (quick_gelu == "auto" and open_clip.get_pretrained_cfg(name, pretrained).get(
+            "quick_gelu", False))
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
+        _read_checkpoint_into(model, cached, name)
+        return OpenClipBackbone(name, model, pretrained, name)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu == "yes")
     except Exception as e:  # noqa: BLE001
-        why = "no network" if offline else str(e).splitlines()[0][:160]
-        raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({why}): download the checkpoint "
-                            f"elsewhere and pass the local file, e.g. --pretrained /path/{name}.safetensors") from None
-    finally:
-        if offline:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
+        raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({str(e).splitlines()[0][:160]}): "
+                            f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
+                            f"/path/{name}.safetensors") from None
     return OpenClipBackbone(name, model, pretrained, name)
+
+
+def _cached_weights(cfg: dict) -> str | None:
+    """The local copy open_clip would use for a pretrained tag (HF hub cache or its URL cache), if any."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = os.path.split(hub)
+        for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+            found = try_to_load_from_cache(model_id, name)
+            if isinstance(found, str):
+                return found
+    url = cfg.get("url", "")
+    if url:
+        candidate = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def _read_needs_file(path: str) -> None:

@@ -8,6 +8,7 @@ The CLI and the tests call these; nothing here parses argv.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import resource
@@ -26,6 +27,8 @@ from .adapters.inject import adapter_config, count_trainable, inject, merged_sta
 from .adapters.io import load_adapter, read_adapter_meta, save_adapter
 from .backbones import Backbone, load_backbone
 from .config import RunConfig
+from .cross import PREFIX as CROSS
+from .cross import evaluate_targets, load_targets
 from .data import (
     DatasetSplits,
     Item,
@@ -37,9 +40,11 @@ from .data import (
     verify_images,
     write_split_file,
 )
+from .data.fewshot import split_file_bytes
 from .engine import evaluate as ev
-from .engine.files import JsonlWriter, load_torch, run_lock, save_torch, write_json
-from .engine.fit import Trainer
+from .engine.distributed import all_ranks
+from .engine.files import JsonlWriter, atomic_write, load_torch, run_lock, save_torch, write_json
+from .engine.fit import Trainer, TrainingDiverged
 from .engine.runtime import Runtime, default_workers, make_runtime, seed_everything, set_deterministic
 from .errors import BlockLoRAError, DataError
 
@@ -86,6 +91,10 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")
     to_check = list(fewshot.train) + test_items
     bad = verify_images(to_check, data.image_reader)
+    targets = load_targets(cfg)  # cross-dataset / DG test sets (eval.datasets), checked like the rest
+    for target in targets.values():
+        bad += verify_images(getattr(target, cfg.eval.split), target.image_reader)
+    eval_sets.update(targets)
     train_items = list(fewshot.train)
     if bad:
         if not cfg.data.skip_bad_images:
@@ -131,6 +140,8 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
 
     key = ev.zero_shot_key(backbone, data.name, items, data.classnames, templates)
     cached = ev.read_cached(key) if use_cache else None
+    if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
+        cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
     if cached is not None and features is None:
         return {**cached, "cached": True}
     with adapters_disabled(backbone.model):
@@ -149,33 +160,69 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
     """Train an adapter on K shots and report accuracy. Writes output/{results.json, adapter/, split.json, ...}."""
     output = Path(output)
     main = rank == 0
+    if output.exists() and not output.is_dir():
+        raise BlockLoRAError(f"--output {output} is a file: choose a directory path")
     if output.exists() and not (overwrite or resume):
         raise BlockLoRAError(f"{output} already exists: choose another --output, --resume it, or --overwrite")
-    if resume and not (output / CHECKPOINT).exists() and not (output / RESULTS).exists():
-        raise BlockLoRAError(f"nothing to resume in {output}: no {CHECKPOINT} there (start it without --resume)")
-    if resume and (output / CONFIG).exists():
+    resume = resume and (output / CONFIG).exists()  # --resume on a run that never started: start it
+    if resume:
         saved = RunConfig.from_dict(json.loads((output / CONFIG).read_text())["config"])
         if saved.hash() != cfg.hash():
             raise BlockLoRAError(f"{output} was started with another configuration (hash {saved.hash()} vs "
                                  f"{cfg.hash()}): resume with the same options")
         if (output / RESULTS).exists():
+            log.info("%s is complete: nothing to resume", output)
             return json.loads((output / RESULTS).read_text())
     set_deterministic(cfg.train.deterministic)
     t0 = time.perf_counter()
-    p = prepare(cfg, rank, world_size)
+    p = prepare(cfg, rank, world_size)  # every user error surfaces here, before anything is written
+    _barrier(world_size)  # every rank has looked at `output` before rank 0 creates it
+    created = not output.exists()
     if main:
-        if overwrite and output.exists() and not resume:
-            shutil.rmtree(output)
         output.mkdir(parents=True, exist_ok=True)
     _barrier(world_size)
-    with run_lock(output) if main else contextlib.nullcontext():
-        return _run_locked(p, output, resume, t0)
+    try:
+        with run_lock(output) if main else contextlib.nullcontext():
+            if main and overwrite and not resume and not created:
+                _clear(output)  # only once we hold the lock: never under a run that is still writing
+            return _run_locked(p, output, resume, t0)
+    except BlockLoRAError as e:
+        # A user error after the directory was made (not a diverged run, whose checkpoint is worth keeping):
+        # leave nothing behind.
+        if main and created and not isinstance(e, TrainingDiverged) and not (output / CHECKPOINT).exists():
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= `step` (a resumed run redoes the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut by a kill: drop it and what follows
+    text = "".join(k + "\n" for k in kept)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def _clear(directory: Path) -> None:
+    for child in directory.iterdir():
+        if child.name == ".lock":
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str, Any]:
     cfg, rt, backbone, data = p.cfg, p.runtime, p.backbone, p.data
     main = rt.is_main
     handler = _log_to(output, append=resume) if main else None
+    if main:
+        for stale in output.glob(".*.tmp"):  # a temporary file of a write that a kill interrupted
+            stale.unlink(missing_ok=True)
     try:
         workers = cfg.data.workers if cfg.data.workers >= 0 else default_workers()
         if main:
@@ -190,8 +237,8 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
                     shutil.copyfile(cfg.data.split_file, split_path)
             log.info("run %s: %s on %s (%d classes), %d shots, seed %d, split %s", output, backbone.name,
                      data.name, len(data.classnames), cfg.data.shots, cfg.data.seed, sha[:12])
-        else:
-            sha = p.split_sha256 or ""
+        else:  # the hash rank 0 writes: every rank checks it against a checkpoint on --resume
+            sha = p.split_sha256 or hashlib.sha256(split_file_bytes(data, p.fewshot)).hexdigest()
         results: dict[str, Any] = {"blocklora_version": __version__}
         test_items = getattr(data, cfg.eval.split)
         # 1. zero-shot on the frozen model (cached per backbone fingerprint + dataset + prompts)
@@ -218,17 +265,29 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
                           cfg.data.seed, total, workers)
         ckpt_path = output / CHECKPOINT
         if resume and ckpt_path.exists():
-            trainer.load_state_dict(load_torch(ckpt_path))
+            state = load_torch(ckpt_path)
+            if state.get("split_sha256") != sha:
+                raise BlockLoRAError(f"{ckpt_path} belongs to another K-shot split ({state.get('split_sha256')}"
+                                     f" vs {sha}): start the run again with --overwrite")
+            trainer.load_state_dict(state)
             log.info("resumed at step %d of %d", trainer.state.step, total)
-        metrics = JsonlWriter(output / METRICS, append=resume) if main else None
+        if main:
+            _truncate_metrics(output / METRICS, trainer.state.step)  # steps after the checkpoint are redone
+        metrics = JsonlWriter(output / METRICS, append=True) if main else None
+        last_saved = [trainer.state.step if resume and ckpt_path.exists() else None]
 
         def save_checkpoint(t: Trainer) -> None:
-            if main:
-                save_torch(ckpt_path, t.state_dict())
+            if main:  # adapter, optimizer, scheduler, scaler, RNG states, step, split hash: all a resume needs
+                save_torch(ckpt_path, {**t.state_dict(), "split_sha256": sha, "config_hash": cfg.hash()})
+                last_saved[0] = t.state.step
 
         t_train = time.perf_counter()
         try:
             trainer.fit(on_step=metrics.write if metrics else None, checkpoint=save_checkpoint)
+        except TrainingDiverged as e:
+            kept = (f"the last good checkpoint (step {last_saved[0]}) is kept in {ckpt_path}"
+                    if last_saved[0] is not None else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"{e}; {kept}") from None
         finally:
             if metrics:
                 metrics.close()
@@ -246,6 +305,9 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
                                   [cfg.train.template], rt, cfg.eval.batch_size, workers, "eval new")
             b, n = adapted["top1"], new_acc["top1"]
             results.update(base_top1=b, new_top1=n, harmonic_mean=round(2 * b * n / (b + n), 4) if b + n else 0.0)
+        if any(k.startswith(CROSS) for k in p.eval_sets):  # cross-dataset / domain generalization
+            results["cross_dataset"], results["cross_dataset_detail"] = evaluate_targets(
+                backbone, p.eval_sets, cfg, rt, workers)
         eval_s += time.perf_counter() - t_eval
         log.info("adapted top-1 %.2f%% after %d steps", adapted["top1"], trainer.state.step)
         results.update(

@@ -76,7 +76,8 @@ def _run_config(args: argparse.Namespace):
                       ("seed", "data.seed"), ("sampler", "data.sampler"), ("split_file", "data.split_file"),
                       ("classes", "data.classes"), ("workers", "data.workers"), ("iters", "train.iters"),
                       ("batch_size", "train.batch_size"), ("lr", "train.lr"), ("precision", "train.precision"),
-                      ("device", "device"), ("checkpoint_every", "train.checkpoint_every")):
+                      ("device", "device"), ("checkpoint_every", "train.checkpoint_every"),
+                      ("eval_datasets", "eval.datasets")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -124,10 +125,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import run
+    from .engine.distributed import process_group
 
     cfg = _run_config(args)
-    results = run(cfg, args.output, overwrite=args.overwrite, resume=args.resume)
-    _print_results(results, args.output)
+    with process_group(cfg.device) as launch:  # under torchrun: data parallel, rank 0 writes and prints
+        results = run(cfg, args.output, overwrite=args.overwrite, resume=args.resume, rank=launch.rank,
+                      world_size=launch.world_size)
+    if launch.is_main:
+        _print_results(results, args.output)
     return 0
 
 
@@ -136,6 +141,8 @@ def _print_results(r: dict[str, Any], output: str) -> None:
     line = f"top-1 {r['top1']:.2f}%"
     if zs is not None:
         line = f"zero-shot {zs:.2f}% -> adapted {r['top1']:.2f}% ({r['top1'] - zs:+.2f})"
+    if r.get("cross_dataset"):
+        line += " | " + " ".join(f"{k} {v:.2f}" for k, v in r["cross_dataset"].items())
     if "harmonic_mean" in r:
         line += f" | base {r['base_top1']:.2f} new {r['new_top1']:.2f} HM {r['harmonic_mean']:.2f}"
     print(f"{line} | {r['trainable_params']:,} trainable params | {r['wall_time_s']['total']:.1f}s | "
@@ -145,10 +152,16 @@ def _print_results(r: dict[str, Any], output: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate_adapter
 
-    result = evaluate_adapter(args.adapter, args.dataset, args.root, args.split, args.pretrained,
-                              args.batch_size, args.workers, args.classes, force=args.force, device=args.device)
-    _emit(result, args.json, f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
-                             f"(mean per class {result['mean_per_class']:.2f}%, n={result['n']})")
+    results = []
+    for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
+        result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
+                                  args.batch_size, args.workers, args.classes, force=args.force, device=args.device)
+        results.append(result)
+        if not args.json:
+            print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
+                  f"(mean per class {result['mean_per_class']:.2f}%, n={result['n']})")
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
@@ -263,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in results)")
     g.add_argument("--dataset-templates", action="store_true", help="also report zero-shot with CoOp's templates")
     g.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation")
+    g.add_argument("--eval-datasets", default=None, metavar="LIST",
+                   help="cross-dataset / domain generalization: also test on these datasets under --root "
+                        "(e.g. caltech101,dtd or imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="any config value, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
+    train_parser = p
 
-    p = sub.add_parser("eval", help="accuracy of a trained adapter on a dataset (any dataset: cross-dataset)")
+    p = sub.add_parser("eval", help="accuracy of a trained adapter on a dataset (any dataset, or a list "
+                                      "a,b,c: cross-dataset / domain generalization)")
     p.add_argument("--adapter", required=True)
     _data_options(p)
     _eval_options(p)
@@ -303,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved run configuration (defaults + key=value overrides)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_config)
+    from .summarize import add_summarize_parser
+    from .sweep import add_sweep_parser
+
+    add_sweep_parser(sub, train_parser)  # every train option, passed to each cell
+    add_summarize_parser(sub)
     return parser
 
 
@@ -332,8 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
+        if args.debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where} (check free space, permissions and paths)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted (a run with checkpoints continues with --resume)", file=sys.stderr)
         return 130
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
     flip: bool = True
     grad_clip: float | None = None
     log_every: int = 10
-    checkpoint_every: int = 0  # save the resumable run state every N steps (0: only at the end)
+    checkpoint_every: int = 200  # save the resumable run state every N steps (0: never; it is tiny)
     nan_policy: str = "stop"  # a non-finite loss: "stop" (keep the last good checkpoint) or "skip" the step
     deterministic: bool = False
 
@@ -95,10 +95,17 @@ class EvalConfig:
     dataset_templates: bool = False  # also report zero-shot with the per-dataset hand-made template (CoOp)
     batch_size: int = 128
     split: str = "test"
+    # cross-dataset / domain generalization: also test the trained adapter on these datasets (read under data.root,
+    # each with its own class names); results["cross_dataset"][name] = top-1
+    datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "val"):
             raise ConfigError(f"eval split must be test or val, got {self.split!r}")
+        names = tuple(str(d).strip() for d in self.datasets if str(d).strip())
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval.datasets lists a dataset twice: {','.join(names)}")
+        object.__setattr__(self, "datasets", names)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        except SafetensorError as e:  # e.g. a full disk: report it as the OS error it is
+            raise OSError(f"cannot write {directory / WEIGHTS_FILE}: {e}") from None
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:

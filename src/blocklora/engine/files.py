@@ -15,7 +15,7 @@ import torch
 from ..errors import BlockLoRAError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same directory, fsync, rename over `path` (atomic on POSIX)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,11 +39,11 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
-    _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+    atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+    atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 def load_torch(path: str | os.PathLike) -> Any:
@@ -79,21 +79,20 @@ class JsonlWriter:
 
 @contextlib.contextmanager
 def run_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock on a run directory: a second run into the same directory refuses instead of interleaving."""
+    """Exclusive lock on a run directory: a second run into the same directory refuses instead of interleaving.
+
+    flock on DIR/.lock: the kernel drops it when the holder exits, even on kill -9. The file itself stays (deleting
+    it would let a third process lock a fresh inode while the first still runs).
+    """
     import fcntl
 
-    lock_path = Path(directory) / ".lock"
-    fh = open(lock_path, "w")  # noqa: SIM115
+    fh = open(Path(directory) / ".lock", "a")  # noqa: SIM115 - "a": never truncate a file another run holds
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BlockLoRAError(f"another blocklora run is writing to {directory} right now: wait for it or "
                                  "choose another --output") from None
-        fh.write(str(os.getpid()))
-        fh.flush()
         yield
     finally:
         fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            lock_path.unlink()

@@ -71,6 +71,8 @@ def train_stream(items: Sequence[Item], transform: Callable, reader: Callable, b
                  start: int, total: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False) -> DataLoader:
     sampler = StepBatches(len(items), batch_size, seed, start, total, rank, world_size)
+    # A private generator: making the loader's iterator must not draw from the global RNG, which the adapters'
+    # dropout reads (a resumed run would otherwise see shifted masks). Augmentation is seeded per sample.
     return DataLoader(AugmentedImages(items, transform, reader), batch_sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False,
+                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
                       prefetch_factor=4 if workers > 0 else None)

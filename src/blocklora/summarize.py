@@ -1,0 +1,446 @@
+"""`blocklora summarize DIR`: tables and a plot of every results.json under DIR (a sweep, or any tree of runs).
+
+    summary.md        top-1 per dataset (rows) and shot count (columns), mean ± std over seeds; an average row over
+                      the datasets present and the 11-dataset average when all 11 are present; with --reference
+                      the published numbers and the difference; base-to-new, cross-dataset and domain
+                      generalization tables when such runs are present
+    summary.csv       the same numbers, one row per dataset, columns <K>-shot mean/std/seeds[/ref/diff] and the
+                      protocol columns (<K>-shot base/new/HM, <K>-shot -> <target>)
+    summary_runs.csv  one row per run
+    summary.png       accuracy vs shots, one panel per dataset and one for the average
+
+std is the sample standard deviation over seeds (0 for a single seed). Runs trained on the base half of the classes
+(--classes base) go to the base-to-new table only; "average" rows of that table give the mean base and new top-1 and
+the harmonic mean of those means (CoCoOp's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BlockLoRAError
+from .reference import BENCHMARK, DG_TARGETS, REFERENCE_TITLES, REFERENCES, reference
+
+# data config keys that differ between the cells of one sweep or between protocols (not a different method)
+_CELL_KEYS = ("dataset", "root", "shots", "seed", "workers", "classes")
+
+
+@dataclass
+class Run:
+    path: Path
+    dataset: str
+    shots: int
+    seed: int
+    subset: str  # all | base | new
+    top1: float
+    base: float | None = None
+    new: float | None = None
+    hm: float | None = None
+    cross: dict[str, float] = field(default_factory=dict)
+    zero_shot: float | None = None
+    variant: str = ""  # hash of the configuration minus the per-cell keys
+    params: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+
+def stat(values: Sequence[float]) -> Stat:
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
+    """Every readable results.json under `directory` (warnings for unreadable and duplicate ones)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BlockLoRAError(f"{directory} is not a folder: pass the sweep's --output (or a folder of runs)")
+    runs: dict[tuple, Run] = {}
+    warnings: list[str] = []
+    for path in sorted(directory.rglob("results.json")):
+        try:
+            run = _read(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.append(f"skipped {path}: not a blocklora results file ({type(e).__name__}: {e})")
+            continue
+        key = (run.dataset, run.subset, run.shots, run.seed)
+        if key in runs:
+            warnings.append(f"skipped {path}: {run.dataset} shots {run.shots} seed {run.seed} is also in "
+                            f"{runs[key].path}")
+            continue
+        runs[key] = run
+    out = list(runs.values())
+    if len({r.variant for r in out}) > 1:
+        warnings.append(f"these runs use {len({r.variant for r in out})} different configurations (beyond dataset, "
+                        "shots and seed): the tables mix them")
+    return out, warnings
+
+
+def _read(path: Path) -> Run:
+    r = json.loads(path.read_text())
+    ds = r["dataset"]
+    cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("device", "eval")}
+    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _CELL_KEYS}
+    variant = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    opt = lambda k: float(r[k]) if r.get(k) is not None else None  # noqa: E731
+    return Run(path.parent, str(ds["name"]), int(r["shots"]), int(r["seed"]), str(ds.get("classes_subset", "all")),
+               float(r["top1"]), opt("base_top1"), opt("new_top1"), opt("harmonic_mean"),
+               {str(k): float(v) for k, v in (r.get("cross_dataset") or {}).items()}, opt("zero_shot_top1"), variant,
+               r.get("trainable_params"), (r.get("wall_time_s") or {}).get("total"))
+
+
+# -- tables ----------------------------------------------------------------------------------------------------------
+def _order(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    known = [d for d in (*BENCHMARK, *DG_TARGETS) if d in names]
+    return known + sorted(names - set(known))
+
+
+@dataclass
+class Tables:
+    datasets: list[str]  # rows of the main table (runs on all classes)
+    shots: list[int]
+    main: dict[tuple[str, int], Stat]
+    average: dict[int, tuple[float, int]]  # shots -> (mean over datasets, how many)
+    benchmark: dict[int, float]  # shots -> 11-dataset mean (only where all 11 are present)
+    ref: dict[tuple[str, int], float] = field(default_factory=dict)
+    ref_average: dict[int, float] = field(default_factory=dict)
+    ref_benchmark: dict[int, float] = field(default_factory=dict)
+    b2n: dict[tuple[str, int], tuple[Stat, Stat, Stat]] = field(default_factory=dict)
+    b2n_datasets: list[str] = field(default_factory=list)
+    b2n_shots: list[int] = field(default_factory=list)
+    cross: dict[tuple[str, int], dict[str, Stat]] = field(default_factory=dict)  # (source, shots) -> target -> stat
+    cross_targets: list[str] = field(default_factory=list)
+
+
+def build(runs: Sequence[Run], ref_name: str | None = None) -> Tables:
+    full = [r for r in runs if r.subset == "all"]
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in full:
+        groups[(r.dataset, r.shots)].append(r.top1)
+    main = {k: stat(v) for k, v in groups.items()}
+    datasets = _order(d for d, _ in main)
+    shots = sorted({k for _, k in main})
+    average, benchmark = {}, {}
+    for k in shots:
+        means = [main[(d, k)].mean for d in datasets if (d, k) in main]
+        average[k] = (statistics.fmean(means), len(means))
+        if all((d, k) in main for d in BENCHMARK):
+            benchmark[k] = statistics.fmean(main[(d, k)].mean for d in BENCHMARK)
+    t = Tables(datasets, shots, main, average, benchmark)
+    if ref_name:
+        table = reference(ref_name)
+        t.ref = {(d, k): table[k][d] for d in datasets for k in shots if k in table and d in table[k]}
+        for k in shots:
+            have = [t.ref[(d, k)] for d in datasets if (d, k) in main and (d, k) in t.ref]
+            if have and len(have) == average[k][1]:  # the reference over the same datasets
+                t.ref_average[k] = statistics.fmean(have)
+            if k in benchmark and k in table:
+                t.ref_benchmark[k] = table[k]["average"]
+    # base-to-new
+    b2n: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.subset == "base" and r.base is not None and r.new is not None:
+            b2n[(r.dataset, r.shots)].append(r)
+    t.b2n = {k: (stat([r.base for r in v]), stat([r.new for r in v]), stat([r.hm for r in v if r.hm is not None]
+                                                                         or [_hm(r.base, r.new) for r in v]))
+             for k, v in b2n.items()}
+    t.b2n_datasets = _order(d for d, _ in t.b2n)
+    t.b2n_shots = sorted({k for _, k in t.b2n})
+    # cross-dataset and domain generalization
+    cross: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in full:
+        for target, acc in r.cross.items():
+            cross[(r.dataset, r.shots)][target].append(acc)
+    t.cross = {k: {target: stat(v) for target, v in targets.items()} for k, targets in cross.items()}
+    t.cross_targets = _order({target for targets in t.cross.values() for target in targets})
+    return t
+
+
+def _hm(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b else 0.0
+
+
+# -- markdown --------------------------------------------------------------------------------------------------------
+def _fmt(s: Stat | None, usual_n: int) -> str:
+    if s is None:
+        return "–"
+    text = f"{s.mean:.2f} ± {s.std:.2f}"
+    return text + (f" ({s.n} seed{'s' if s.n > 1 else ''})" if s.n != usual_n else "")
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def _shot(k: int) -> str:
+    return f"{k} shot{'s' if k > 1 else ''}"
+
+
+def markdown(t: Tables, runs: Sequence[Run], ref_name: str | None, warnings: Sequence[str], source: Path) -> str:
+    seeds = [s.n for s in t.main.values()] + [v[0].n for v in t.b2n.values()]
+    usual = max(seeds, default=0)  # cells with fewer seeds (unfinished or failed) say so
+    lines = [f"# Results under {source}", "",
+             f"{len(runs)} runs; top-1 accuracy (%) on the test split, mean ± sample std over seeds ({usual} "
+             f"seed{'s' if usual != 1 else ''} unless noted).", ""]
+    for w in warnings:
+        lines.append(f"> warning: {w}")
+    if warnings:
+        lines.append("")
+    if t.main:
+        lines += ["## Few-shot (all classes)", ""]
+        rows = [[d, *(_fmt(t.main.get((d, k)), usual) for k in t.shots)] for d in t.datasets]
+        rows.append(["**average**", *(_avg_cell(t, k) for k in t.shots)])
+        if t.benchmark:
+            rows.append(["**11-dataset average**", *(f"{t.benchmark[k]:.2f}" if k in t.benchmark else "–"
+                                                     for k in t.shots)])
+        lines += _table(["dataset", *map(_shot, t.shots)], rows) + [""]
+    if ref_name and t.main:
+        title = REFERENCE_TITLES.get(ref_name, ref_name)
+        rows = [[d, *(f"{t.ref[(d, k)]:.1f}" if (d, k) in t.ref else "–" for k in t.shots)] for d in t.datasets]
+        rows.append(["**average**", *(f"{t.ref_average[k]:.2f}" if k in t.ref_average else "–" for k in t.shots)])
+        if t.benchmark:
+            rows.append(["**11-dataset average**", *(f"{t.ref_benchmark[k]:.1f}" if k in t.ref_benchmark else "–"
+                                                     for k in t.shots)])
+        lines += [f"## Reference: {title}", ""] + _table(["dataset", *map(_shot, t.shots)], rows) + [""]
+        rows = [[d, *(_diff(t.main.get((d, k)), t.ref.get((d, k))) for k in t.shots)] for d in t.datasets]
+        rows.append(["**average**", *(_diff_value(t.average[k][0], t.ref_average.get(k)) for k in t.shots)])
+        if t.benchmark:
+            rows.append(["**11-dataset average**", *(_diff_value(t.benchmark.get(k), t.ref_benchmark.get(k))
+                                                     for k in t.shots)])
+        lines += [f"## Difference: ours − {ref_name} (points)", ""] + \
+            _table(["dataset", *map(_shot, t.shots)], rows) + [""]
+    if t.b2n:
+        header = ["dataset"] + [f"{_shot(k)} {m}" for k in t.b2n_shots for m in ("base", "new", "HM")]
+        rows = [[d, *(c for k in t.b2n_shots for c in _b2n_cells(t.b2n.get((d, k)), usual))]
+                for d in t.b2n_datasets]
+        avg = []
+        for k in t.b2n_shots:
+            have = [t.b2n[(d, k)] for d in t.b2n_datasets if (d, k) in t.b2n]
+            b, n = statistics.fmean(s[0].mean for s in have), statistics.fmean(s[1].mean for s in have)
+            avg += [f"{b:.2f}", f"{n:.2f}", f"{_hm(b, n):.2f}"]
+        rows.append(["**average**", *avg])
+        lines += ["## Base-to-new (train on the base half of the classes; HM = harmonic mean)", ""] + \
+            _table(header, rows) + [""]
+    for title, targets in _cross_groups(t):
+        header = ["source (shots)", "source top-1", *targets, "average"]
+        rows = []
+        sources = _order({s for s, _ in t.cross})
+        for (source, k), per_target in sorted(t.cross.items(), key=lambda kv: (sources.index(kv[0][0]), kv[0][1])):
+            if not any(x in per_target for x in targets):
+                continue
+            means = [per_target[x].mean for x in targets if x in per_target]
+            rows.append([f"{source} ({k})", _fmt(t.main.get((source, k)), usual),
+                         *(_fmt(per_target.get(x), usual) for x in targets), f"{statistics.fmean(means):.2f}"])
+        lines += [f"## {title}", ""] + _table(header, rows) + [""]
+    return "\n".join(lines)
+
+
+def _cross_groups(t: Tables) -> list[tuple[str, list[str]]]:
+    dg = [x for x in t.cross_targets if x in DG_TARGETS]
+    other = [x for x in t.cross_targets if x not in DG_TARGETS]
+    out = []
+    if other:
+        out.append(("Cross-dataset (the adapter trained on the source, tested on each target)", other))
+    if dg:
+        out.append(("Domain generalization (ImageNet-trained adapter on ImageNet-V2, -Sketch, -A, -R)", dg))
+    return out
+
+
+def _avg_cell(t: Tables, k: int) -> str:
+    mean, n = t.average[k]
+    return f"{mean:.2f}" + (f" ({n} of {len(t.datasets)})" if n != len(t.datasets) else "")
+
+
+def _b2n_cells(s: tuple[Stat, Stat, Stat] | None, usual: int) -> list[str]:
+    return ["–"] * 3 if s is None else [_fmt(x, usual) for x in s]
+
+
+def _diff(s: Stat | None, ref: float | None) -> str:
+    return _diff_value(s.mean if s else None, ref)
+
+
+def _diff_value(ours: float | None, ref: float | None) -> str:
+    return "–" if ours is None or ref is None else f"{ours - ref:+.2f}"
+
+
+# -- CSV -------------------------------------------------------------------------------------------------------------
+def table_csv(t: Tables, ref_name: str | None) -> str:
+    shots = sorted(set(t.shots) | set(t.b2n_shots) | {k for _, k in t.cross})
+    header = ["dataset"]
+    for k in shots:
+        header += [f"{k}-shot mean", f"{k}-shot std", f"{k}-shot seeds"]
+        if ref_name:
+            header += [f"{k}-shot ref", f"{k}-shot diff"]
+    for k in t.b2n_shots:
+        header += [f"{k}-shot base", f"{k}-shot new", f"{k}-shot HM"]
+    cross_shots = sorted({k for _, k in t.cross})
+    for k in cross_shots:
+        header += [f"{k}-shot -> {x}" for x in t.cross_targets]
+    rows = []
+    for d in _order(set(t.datasets) | set(t.b2n_datasets) | {s for s, _ in t.cross}):
+        row: list[Any] = [d]
+        for k in shots:
+            s = t.main.get((d, k))
+            row += [_num(s.mean), _num(s.std), s.n] if s else ["", "", ""]
+            if ref_name:
+                ref = t.ref.get((d, k))
+                row += [_num(ref), _num(s.mean - ref) if s and ref is not None else ""]
+        for k in t.b2n_shots:
+            b = t.b2n.get((d, k))
+            row += [_num(x.mean) for x in b] if b else ["", "", ""]
+        for k in cross_shots:
+            per_target = t.cross.get((d, k), {})
+            row += [_num(per_target[x].mean) if x in per_target else "" for x in t.cross_targets]
+        rows.append(row)
+    for name, values, refs in (("average", {k: v[0] for k, v in t.average.items()}, t.ref_average),
+                               ("11-dataset average", t.benchmark, t.ref_benchmark)):
+        if not values:
+            continue
+        row = [name]
+        for k in shots:
+            row += [_num(values.get(k)), "", ""]
+            if ref_name:
+                row += [_num(refs.get(k)), _num(values[k] - refs[k]) if k in values and k in refs else ""]
+        rows.append(row + [""] * (len(header) - len(row)))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def runs_csv(runs: Sequence[Run]) -> str:
+    targets = _order({x for r in runs for x in r.cross})
+    header = ["dataset", "classes", "shots", "seed", "top1", "zero_shot_top1", "base_top1", "new_top1",
+              "harmonic_mean", *(f"-> {x}" for x in targets), "trainable_params", "seconds", "path"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in sorted(runs, key=lambda r: (_order([x.dataset for x in runs]).index(r.dataset), r.subset, r.shots,
+                                         r.seed)):
+        writer.writerow([r.dataset, r.subset, r.shots, r.seed, _num(r.top1), _num(r.zero_shot), _num(r.base),
+                         _num(r.new), _num(r.hm), *(_num(r.cross.get(x)) for x in targets), r.params or "",
+                         _num(r.seconds), str(r.path)])
+    return buf.getvalue()
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+# -- plot ------------------------------------------------------------------------------------------------------------
+def plot(t: Tables, path: Path, ref_name: str | None) -> None:
+    """Accuracy vs shots: a panel per dataset and one for the average (reference dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [*t.datasets, "average"]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        if name == "average":
+            ks = list(t.shots)
+            ax.plot(ks, [t.average[k][0] for k in ks], "o-", color="black", label="ours")
+            if t.benchmark and set(t.datasets) != set(BENCHMARK):  # other datasets too: the 11 on their own
+                kb = sorted(t.benchmark)
+                ax.plot(kb, [t.benchmark[k] for k in kb], "s-", color="tab:blue", label="ours, 11 datasets")
+            ref = {**t.ref_average, **t.ref_benchmark} if t.benchmark else t.ref_average
+        else:
+            ks = [k for k in t.shots if (name, k) in t.main]
+            ax.errorbar(ks, [t.main[(name, k)].mean for k in ks], yerr=[t.main[(name, k)].std for k in ks],
+                        fmt="o-", color="tab:blue", capsize=3, label="ours")
+            ref = {k: t.ref[(name, k)] for k in t.shots if (name, k) in t.ref}
+        if ref_name and ref:
+            kr = sorted(ref)
+            ax.plot(kr, [ref[k] for k in kr], "--", color="tab:orange", label=ref_name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(t.shots, [str(k) for k in t.shots])
+        ax.minorticks_off()
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("shots per class", fontsize=8)
+        ax.set_ylabel("top-1 (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[len(panels) - 1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+def summarize(directory: str | Path, ref_name: str | None = None, output: str | Path | None = None,
+              with_plot: bool = True) -> dict[str, Any]:
+    """Write <output>.md, .csv, _runs.csv and .png (output defaults to DIR/summary); returns paths and markdown."""
+    directory = Path(directory)
+    if ref_name is not None:
+        reference(ref_name)  # an unknown name fails before anything is read or written
+    runs, warnings = collect(directory)
+    if not runs:
+        raise BlockLoRAError(f"no results.json under {directory}: nothing to summarize (runs still going, or "
+                             "another folder?)")
+    t = build(runs, ref_name)
+    prefix = Path(output) if output is not None else directory / "summary"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    from .engine.files import atomic_write
+
+    text = markdown(t, runs, ref_name, warnings, directory)
+    files = {"markdown": prefix.with_name(prefix.name + ".md"), "csv": prefix.with_name(prefix.name + ".csv"),
+             "runs_csv": prefix.with_name(prefix.name + "_runs.csv")}
+    for key, content in (("markdown", text + "\n"), ("csv", table_csv(t, ref_name)), ("runs_csv", runs_csv(runs))):
+        atomic_write(files[key], lambda fh, c=content: fh.write(c.encode()))
+    if with_plot and t.main:
+        try:
+            import matplotlib  # noqa: F401  (an optional dependency: blocklora[plot])
+        except ImportError:
+            warnings.append("no plot: it needs matplotlib (pip install 'blocklora[plot]')")
+        else:
+            files["plot"] = prefix.with_name(prefix.name + ".png")
+            plot(t, files["plot"], ref_name)
+    return {"files": {k: str(v) for k, v in files.items()}, "markdown": text, "runs": len(runs),
+            "warnings": warnings}
+
+
+def add_summarize_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("summarize", help="tables (markdown, CSV) and a plot of the runs under a sweep directory")
+    p.add_argument("directory", metavar="DIR", help="a sweep's --output, or any folder holding run directories")
+    p.add_argument("--reference", choices=sorted(REFERENCES), default=None,
+                   help="add a published method's numbers (protocol.md) and the difference")
+    p.add_argument("--output", default=None, help="path prefix of the files written (default DIR/summary)")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_summarize)
+    return p
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    out = summarize(args.directory, args.reference, args.output, with_plot=not args.no_plot)
+    print(out["markdown"])
+    for w in out["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print("written: " + ", ".join(out["files"].values()), file=sys.stderr)
+    return 0

@@ -1,0 +1,468 @@
+"""`blocklora sweep`: the benchmark grid (datasets x shots x seeds), each cell its own `blocklora train` process.
+
+    DIR/<dataset>/shots<K>/seed<S>/          a cell's run directory (what `blocklora train --output` writes)
+    DIR/logs/<dataset>_shots<K>_seed<S>.log  its output (appended by each attempt)
+    DIR/sweep.json                           the train options of the sweep (a rerun must pass the same ones)
+    DIR/sweep.jsonl                          one line per cell outcome: done, failed, skipped, busy, interrupted
+    DIR/.locks/<cell>.lock                   flock-ed while the cell runs
+
+A slot is a device (CUDA_VISIBLE_DEVICES=<id> for its process) or a CPU worker; each slot runs one cell at a time
+and the slots run in parallel. Before a cell starts, its lock is taken without waiting: a cell locked by another
+sweep on the same DIR is left to it ("busy"), so two sweeps split the work. The lock's file descriptor is inherited
+by the train process, so it stays held while that process lives even if the sweep itself is killed. Under the lock:
+a cell with results.json is skipped, one with a checkpoint is continued with --resume, one with leftovers but no
+checkpoint (killed before its first checkpoint) is started again with --overwrite. Rerunning a sweep therefore
+resumes it. Cells are ordered by shots (most first: the longest runs start first), then dataset, then seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BlockLoRAError, ConfigError
+from .reference import BENCHMARK
+
+# train options the sweep sets per cell itself (everything else given to `sweep` is passed to every cell)
+OWN = {"dataset", "root", "shots", "seed", "output", "overwrite", "resume", "split_file", "device", "help"}
+MANIFEST, OPTIONS, LOGS, LOCKS = "sweep.jsonl", "sweep.json", "logs", ".locks"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    shots: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_shots{self.shots}_seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} shots{self.shots} seed{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.dataset / f"shots{self.shots}" / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str  # "gpu 0", "cpu 1"
+    env: dict[str, str] = field(default_factory=dict)
+    argv: tuple[str, ...] = ()  # extra train options (--device cpu)
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str  # done | failed | skipped | busy | interrupted
+    action: str = ""  # start | resume | overwrite
+    returncode: int | None = None
+    seconds: float = 0.0
+    slot: str = ""
+    log: str = ""
+    top1: float | None = None
+    error: str = ""
+
+
+# -- the grid --------------------------------------------------------------------------------------------------------
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} {text!r}: expected comma-separated integers such as 1,2,4,8,16") from None
+    if not values or any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--{what} {text!r}: expected distinct integers >= 1")
+    return values
+
+
+def parse_datasets(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(BENCHMARK)
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--datasets {text!r}: expected all, or distinct dataset keys such as caltech101,dtd")
+    from .data.datasets import ALIASES, DATASETS
+
+    for name in names:
+        if ALIASES.get(name, name) not in DATASETS:
+            raise ConfigError(f"--datasets: unknown dataset {name!r}: use all, or some of {', '.join(DATASETS)}")
+    return names
+
+
+def expand(datasets: Sequence[str], shots: Sequence[int], seeds: Sequence[int]) -> list[Cell]:
+    """Every (dataset, shots, seed); most shots first (longest runs first shortens the sweep), then as given."""
+    return [Cell(d, k, s) for k in sorted(shots, reverse=True) for d in datasets for s in seeds]
+
+
+def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> list[Slot]:
+    """"0,1" (GPU ids, as CUDA_VISIBLE_DEVICES counts them; repeat an id to run two cells on it), "cpu" (one CPU
+    worker), "cpu:N" (N CPU workers); default: every visible GPU, else one CPU worker."""
+    env = dict(os.environ if environ is None else environ)
+    if spec is None:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            ids = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        else:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        spec = ",".join(ids) if ids else "cpu"
+    spec = spec.strip()
+    if spec == "cpu" or spec.startswith("cpu:"):
+        try:
+            n = int(spec[4:]) if spec != "cpu" else 1
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--devices {spec!r}: write cpu or cpu:N with N >= 1 workers")
+        threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
+        return [Slot(f"cpu {i}", {"OMP_NUM_THREADS": threads}, ("--device", "cpu")) for i in range(n)]
+    ids = [v.strip() for v in spec.split(",") if v.strip()]
+    if not ids or any(not (v.isdigit() or v.startswith(("GPU-", "MIG-"))) for v in ids):  # indices or UUIDs
+        raise ConfigError(f"--devices {spec!r}: write GPU ids such as 0,1,2,3 (repeat an id to share it), cpu or "
+                          "cpu:N")
+    return [Slot(f"gpu {v}", {"CUDA_VISIBLE_DEVICES": v}) for v in ids]
+
+
+def cell_action(run_dir: Path) -> str:
+    """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint)."""
+    if (run_dir / "results.json").exists():
+        return "skip"
+    if not run_dir.exists():
+        return "start"
+    if run_dir.is_dir() and (run_dir / "checkpoint.pt").exists():
+        return "resume"
+    return "overwrite" if run_dir.is_dir() else "start"  # a file there: train names the problem
+
+
+# -- locks -----------------------------------------------------------------------------------------------------------
+def try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another process (or open file) holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    return fd
+
+
+# -- options ---------------------------------------------------------------------------------------------------------
+def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The sweep subcommand: its own grid options plus a copy of every train option except those in OWN."""
+    p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
+                       description="Every train option given here is passed to each cell.")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--datasets", required=True, help=f"all ({', '.join(BENCHMARK)}) or a list such as caltech101,dtd")
+    g.add_argument("--shots", default="1,2,4,8,16", help="shot counts (default 1,2,4,8,16)")
+    g.add_argument("--seeds", default="1,2,3", help="seeds (default 1,2,3)")
+    g.add_argument("--root", required=True, help="the folder that holds the dataset folders")
+    g.add_argument("--output", required=True, help="sweep directory: DIR/<dataset>/shots<K>/seed<S>/ per cell")
+    g.add_argument("--devices", default=None,
+                   help="GPU ids 0,1,.. (one cell per id at a time), cpu, or cpu:N; default: every visible GPU, "
+                        "else cpu")
+    g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
+    # argparse keeps no public way to share options between subcommands: copy the train parser's actions, per group.
+    for group in train_parser._action_groups:
+        actions = [a for a in group._group_actions if a.dest not in OWN]
+        if not actions:
+            continue
+        target = p if group.title in ("positional arguments", "options", "optional arguments") else \
+            p.add_argument_group(f"train: {group.title}")
+        for action in actions:
+            target._add_action(copy.copy(action))
+    p.set_defaults(func=cmd_sweep, train_parser=train_parser)
+    return p
+
+
+def train_options(args: argparse.Namespace, train_parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """(train options, key=value overrides) given to the sweep, as command-line words for each cell."""
+    words: list[str] = []
+    overrides: list[str] = []
+    for action in train_parser._actions:
+        if action.dest in OWN or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:  # the key=value positional
+            overrides += list(value or [])
+        elif value is None or value == action.default:
+            continue
+        elif isinstance(action, argparse._StoreTrueAction):
+            words.append(_long(action))
+        elif isinstance(action, argparse._StoreAction):
+            words += [_long(action), str(value)]
+        else:
+            raise ConfigError(f"sweep cannot pass option {_long(action)} on to train")
+    return words, overrides
+
+
+def _long(action: argparse.Action) -> str:
+    return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+
+
+def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], overrides: Sequence[str], action: str,
+              slot: Slot | None = None) -> list[str]:
+    """`blocklora train` arguments of one cell (without the program)."""
+    argv = ["train", *options, "--dataset", cell.dataset, "--root", root, "--shots", str(cell.shots),
+            "--seed", str(cell.seed), "--output", str(cell.run_dir(out))]
+    argv += {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(action, [])
+    argv += list(slot.argv if slot else ())
+    return argv + list(overrides)
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .cli import _run_config
+
+    train_parser = args.train_parser
+    datasets = parse_datasets(args.datasets)
+    cells = expand(datasets, parse_ints(args.shots, "shots"), parse_ints(args.seeds, "seeds"))
+    slots = parse_devices(args.devices)
+    out = Path(args.output).expanduser().absolute()
+    root = str(Path(args.root).expanduser().absolute())
+    options, overrides = train_options(args, train_parser)
+    # Every cell's configuration and every dataset must be valid before anything runs.
+    configs = {}
+    for cell in cells:
+        ns = train_parser.parse_args(cell_argv(cell, root, out, options, overrides, "start", slots[0])[1:])
+        configs[cell.dataset] = _run_config(ns)
+    _check_data(configs.values())
+    if out.exists() and not out.is_dir():
+        raise BlockLoRAError(f"--output {out} is a file: choose a directory")
+    recorded = _read_options(out)
+    mine = {"train_options": options, "overrides": overrides}
+    if recorded is not None and recorded != mine:
+        raise BlockLoRAError(f"{out} was swept with other train options ({_words(recorded)} vs {_words(mine)}): "
+                             f"sweep into another --output, or delete {out / OPTIONS} to mix configurations")
+    if args.dry_run:
+        for cell in cells:
+            action = cell_action(cell.run_dir(out))
+            line = "skip (finished)" if action == "skip" else \
+                "blocklora " + " ".join(cell_argv(cell, root, out, options, overrides, action, slots[0]))
+            print(f"{cell.label}: {line}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if recorded is None:
+        from .engine.files import write_json
+
+        write_json(out / OPTIONS, mine)
+    sweep = Sweep(cells, slots, out, lambda c, a, s: cell_argv(c, root, out, options, overrides, a, s))
+    outcomes = sweep.run()
+    return _report(outcomes, len(cells), out, time.monotonic() - sweep.started, sweep.interrupted)
+
+
+def _words(options: dict[str, Any]) -> str:
+    return " ".join(options.get("train_options", []) + options.get("overrides", [])) or "(none)"
+
+
+def _read_options(out: Path) -> dict[str, Any] | None:
+    path = out / OPTIONS
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BlockLoRAError(f"cannot read {path} ({e}): delete it if the sweep's options are what you pass now") \
+            from None
+
+
+def _check_data(configs) -> None:
+    """Each dataset (and cross-dataset target) opens under the root: one bad path must not fail 165 cells."""
+    from .data import load_dataset
+
+    seen: set[str] = set()
+    for cfg in configs:
+        for name in (cfg.data.dataset, *cfg.eval.datasets):
+            if name not in seen:
+                seen.add(name)
+                load_dataset(name, cfg.data.root)
+
+
+class Sweep:
+    """Runs cells on slots (one thread per slot, each waiting on its train process)."""
+
+    def __init__(self, cells: Sequence[Cell], slots: Sequence[Slot], out: Path,
+                 argv: Callable[[Cell, str, Slot], list[str]], program: Sequence[str] | None = None) -> None:
+        self.cells, self.slots, self.out, self.argv = list(cells), list(slots), out, argv
+        self.program = list(program or [sys.executable, "-m", "blocklora"])
+        self.next = 0
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.all_done = threading.Event()
+        self.left = 0
+        self.running: dict[str, subprocess.Popen] = {}
+        self.started = time.monotonic()
+        self.interrupted = False
+
+    def run(self) -> list[Outcome]:
+        threads = [threading.Thread(target=self._worker, args=(slot,), name=slot.name, daemon=True)
+                   for slot in self.slots]
+        self.left = len(threads)
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # a job scheduler's SIGTERM: stop like Ctrl-C
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for t in threads:
+                t.start()
+            # An Event, not Thread.join: an interrupted join can mark a live thread as finished (CPython 3.11).
+            while not self.all_done.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.stop.set()
+            with self.lock:
+                for proc in self.running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGINT)  # train stops cleanly; its checkpoint is kept
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: report now
+                while not self.all_done.wait(0.2):
+                    pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return self.outcomes
+
+    def _take(self) -> Cell | None:
+        with self.lock:
+            if self.stop.is_set() or self.next >= len(self.cells):
+                return None
+            self.next += 1
+            return self.cells[self.next - 1]
+
+    def _worker(self, slot: Slot) -> None:
+        try:
+            while (cell := self._take()) is not None:
+                self._finish(self._run_cell(cell, slot))
+        finally:
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.all_done.set()
+
+    def _run_cell(self, cell: Cell, slot: Slot) -> Outcome:
+        run_dir = cell.run_dir(self.out)
+        if cell_action(run_dir) == "skip":
+            return Outcome(cell, "skipped", top1=_top1(run_dir))
+        fd = try_lock(self.out / LOCKS / f"{cell.name}.lock")
+        if fd is None:
+            return Outcome(cell, "busy")
+        try:
+            action = cell_action(run_dir)  # again, under the lock: another sweep may have just finished it
+            if action == "skip":
+                return Outcome(cell, "skipped", top1=_top1(run_dir))
+            log_path = self.out / LOGS / f"{cell.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [*self.program, *self.argv(cell, action, slot)]
+            env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
+            t0 = time.monotonic()
+            with open(log_path, "a") as log:
+                log.write(f"=== {_now()} {socket.gethostname()} {slot.name}: {' '.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        pass_fds=(fd,))  # the train process holds the cell's lock too
+                with self.lock:
+                    self.running[cell.name] = proc
+                code = proc.wait()
+                with self.lock:
+                    self.running.pop(cell.name, None)
+            seconds = time.monotonic() - t0
+            if code == 0:
+                return Outcome(cell, "done", action, code, seconds, slot.name, str(log_path), _top1(run_dir))
+            status = "interrupted" if self.stop.is_set() else "failed"
+            return Outcome(cell, status, action, code, seconds, slot.name, str(log_path), error=_last_error(log_path))
+        finally:
+            os.close(fd)
+
+    def _finish(self, o: Outcome) -> None:
+        record = {"time": _now(), "cell": o.cell.name, "dataset": o.cell.dataset, "shots": o.cell.shots,
+                  "seed": o.cell.seed, "status": o.status, "action": o.action, "returncode": o.returncode,
+                  "seconds": round(o.seconds, 1), "slot": o.slot, "log": o.log, "top1": o.top1, "error": o.error,
+                  "host": socket.gethostname(), "pid": os.getpid()}
+        with self.lock:
+            self.outcomes.append(o)
+            with open(self.out / MANIFEST, "a") as fh:  # one short line per write: appends do not interleave
+                fh.write(json.dumps(record) + "\n")
+            n = len(self.outcomes)
+            print(f"[{n:>{len(str(len(self.cells)))}}/{len(self.cells)}] {_progress(o)}", flush=True)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _top1(run_dir: Path) -> float | None:
+    try:
+        return float(json.loads((run_dir / "results.json").read_text())["top1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _last_error(log_path: Path) -> str:
+    """The train process's one-line error (or its last line) from the end of the log."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1][:300]
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _progress(o: Outcome) -> str:
+    head = f"{o.status:<11} {o.cell.label}"
+    if o.status == "done":
+        how = "" if o.action == "start" else f", {o.action}"
+        return f"{head}  top-1 {o.top1:.2f}%  ({_duration(o.seconds)}, {o.slot}{how})"
+    if o.status == "skipped":
+        return f"{head}  (finished before)"
+    if o.status == "busy":
+        return f"{head}  (another sweep is running it)"
+    return f"{head}  exit {o.returncode}: {o.error or '?'} (log: {o.log})"
+
+
+def _report(outcomes: list[Outcome], total: int, out: Path, seconds: float, interrupted: bool) -> int:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed", "interrupted")}
+    counts["not started"] = total - len(outcomes)
+    parts = [f"{n} {s}" for s, n in counts.items() if n]
+    print(f"sweep {out}: {total} cell{'s' if total != 1 else ''}: {', '.join(parts)} in {_duration(seconds)}"
+          f" (per cell: {out / MANIFEST}; table: blocklora summarize {out})")
+    failed = [o for o in outcomes if o.status in ("failed", "interrupted")]
+    if failed:
+        print("not finished (rerun the same command to resume them):")
+        for o in failed:
+            print(f"  {o.cell.label}: exit {o.returncode}: {o.error or '?'} (log: {o.log})")
+    if interrupted:
+        return 130
+    return 1 if counts["failed"] else 0

@@ -78,31 +78,6 @@ def test_torchrun_two_processes_equal_one(single, tmp_path):
     assert abs(r["top1"] - single_r["top1"]) <= 100 / 9 + 1e-6
 
 
-def _rank(rank: int, world: int, port: int, argv: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    os._exit(main(argv))
-
-
-def _forked_ranks(argv: list[str], world: int = 2) -> list[int | None]:
-    """The CLI on `world` forked processes with torchrun's environment (fast: torch is already imported)."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, world, port, argv)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=180)
-        if proc.exitcode is None:
-            proc.kill()
-    return [proc.exitcode for proc in procs]
-
-
 def test_two_ranks_resume_a_single_process_checkpoint(single, tmp_path, monkeypatch, capfd):
     """Interrupted on one process at step 4, resumed on two: every rank checks the checkpoint's split hash."""
     import blocklora.engine.fit as fit
@@ -121,8 +96,9 @@ def test_two_ranks_resume_a_single_process_checkpoint(single, tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
     capfd.readouterr()
-    assert _forked_ranks(_args(data, out, "--resume")) == [0, 0], capfd.readouterr().err[-3000:]
-    _check_written_once(out, capfd.readouterr().out)
+    proc = _torchrun(*_args(data, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_written_once(out, proc.stdout)
     _assert_close(_adapter(out), _adapter(ref))
 
 

@@ -32,6 +32,8 @@ from .cross import evaluate_targets, load_targets
 from .data import (
     DatasetSplits,
     Item,
+    evenly_spaced,
+    limit_split,
     load_dataset,
     read_split_file,
     sample_few_shot,
@@ -74,9 +76,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
     runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
     full = load_dataset(cfg.data.dataset, cfg.data.root)
     data = subsample_classes(full, cfg.data.classes) if cfg.data.classes != "all" else full
-    eval_sets = {"": data}
+    eval_sets = {"": limit_split(data, cfg.eval.split, cfg.eval.limit)}
     if cfg.data.classes == "base":  # base-to-new: the same adapter is also tested on the unseen half
-        eval_sets["new"] = subsample_classes(full, "new")
+        eval_sets["new"] = limit_split(subsample_classes(full, "new"), cfg.eval.split, cfg.eval.limit)
     if cfg.data.split_file:
         fewshot, sha = read_split_file(cfg.data.split_file, data)
     else:
@@ -91,7 +93,8 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")
     to_check = list(fewshot.train) + test_items
     bad = verify_images(to_check, data.image_reader)
-    targets = load_targets(cfg)  # cross-dataset / DG test sets (eval.datasets), checked like the rest
+    # cross-dataset / DG test sets (eval.datasets), checked like the rest
+    targets = {k: limit_split(t, cfg.eval.split, cfg.eval.limit) for k, t in load_targets(cfg).items()}
     for target in targets.values():
         bad += verify_images(getattr(target, cfg.eval.split), target.image_reader)
     eval_sets.update(targets)
@@ -240,7 +243,7 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
         else:  # the hash rank 0 writes: every rank checks it against a checkpoint on --resume
             sha = p.split_sha256 or hashlib.sha256(split_file_bytes(data, p.fewshot)).hexdigest()
         results: dict[str, Any] = {"blocklora_version": __version__}
-        test_items = getattr(data, cfg.eval.split)
+        test_items = getattr(p.eval_sets[""], cfg.eval.split)  # limited to eval.limit, unreadable files dropped
         # 1. zero-shot on the frozen model (cached per backbone fingerprint + dataset + prompts)
         features: dict[str, Any] = {}
         vision_adapted = "vision" in cfg.adapter.towers
@@ -365,13 +368,13 @@ def load_trained(adapter_dir: str | Path, pretrained: str | None = None, force: 
 def evaluate_adapter(adapter_dir: str | Path, dataset: str, root: str, split: str = "test",
                      pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
                      classes: str = "all", template: str | None = None, force: bool = False,
-                     device: str = "auto") -> dict[str, Any]:
+                     device: str = "auto", limit: int | None = None) -> dict[str, Any]:
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device)
     data = load_dataset(dataset, root)
     if classes != "all":
         data = subsample_classes(data, classes)
-    items = getattr(data, split)
+    items = evenly_spaced(getattr(data, split), limit)
     if not items:
         raise DataError(f"dataset {dataset} at {root} has no {split} images")
     workers = workers if workers >= 0 else default_workers()

@@ -155,7 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
         result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
-                                  args.batch_size, args.workers, args.classes, force=args.force, device=args.device)
+                                  args.batch_size, args.workers, args.classes, force=args.force, device=args.device,
+                                  limit=args.limit)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -168,14 +169,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from .api import zero_shot
     from .backbones import load_backbone
-    from .data import load_dataset
+    from .data import evenly_spaced, load_dataset
     from .engine.runtime import default_workers, make_runtime
 
     data = load_dataset(args.dataset, args.root)
     backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
     rt = make_runtime(args.device)
     backbone.to(rt.device)
-    items = getattr(data, args.split)
+    items = evenly_spaced(getattr(data, args.split), args.limit)
     templates = [data.template] if args.dataset_template else [args.template]
     workers = args.workers if args.workers >= 0 else default_workers()
     result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache)
@@ -198,6 +199,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for row in out:
         best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
         print(f"{row['image']}: {best}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summary_lines
+
+    options = {k: v for k, v in (("shots", args.shots), ("seed", args.seed), ("iters", args.iters),
+                                  ("test_images", args.test_images), ("root", args.root), ("device", args.device))
+               if v is not None}
+    output = Path(args.output) if args.output else None
+    if output is None:
+        from .demo import default_output
+
+        output = default_output()
+    results = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
+    print("\n".join(summary_lines(results, output)))
     return 0
 
 
@@ -318,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("demo", help="offline demo: zero-shot, then Block-LoRA on a few shots of real Fashion-MNIST "
+                                    "with packaged real weights (effnet-minilm), then accuracy after")
+    p.add_argument("--output", default=None, help="run directory (default runs/demo-<date>-<time>)")
+    p.add_argument("--shots", type=_positive_int, default=None, help="shots per class (default 16)")
+    p.add_argument("--seed", type=int, default=None, help="few-shot draw and training seed (default 1)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="training steps (default 200)")
+    p.add_argument("--test-images", type=_positive_int, default=None,
+                   help="size of the fixed test subset (default 2000; Fashion-MNIST has 10000)")
+    p.add_argument("--root", default=None, help="folder with the Fashion-MNIST idx files (default: the Debian "
+                                                "package's /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any run config override, e.g. train.lr=1e-3")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("config", help="print the resolved run configuration (defaults + key=value overrides)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_config)
@@ -329,9 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bool = True) -> None:
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="test on a fixed subset of N images, evenly spaced through the split (default: all)")
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")

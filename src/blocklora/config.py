@@ -98,10 +98,15 @@ class EvalConfig:
     # cross-dataset / domain generalization: also test the trained adapter on these datasets (read under data.root,
     # each with its own class names); results["cross_dataset"][name] = top-1
     datasets: tuple[str, ...] = ()
+    # test on a fixed subset of this many images, evenly spaced through each evaluated split (class-balanced when
+    # the split is sorted by class; the same images for every run and seed); None = every image
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "val"):
             raise ConfigError(f"eval split must be test or val, got {self.split!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit must be a positive number of images (or none for all), got {self.limit}")
         names = tuple(str(d).strip() for d in self.datasets if str(d).strip())
         if len(set(names)) != len(names):
             raise ConfigError(f"eval.datasets lists a dataset twice: {','.join(names)}")

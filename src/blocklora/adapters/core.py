@@ -63,3 +63,103 @@ def init_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, n_blocks: int, a_in
     bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) gives exactly this bound
     lora_a.uniform_(-bound, bound)
     lora_b.zero_()
+
+
+# -- fold(dropout(x)) with nothing full-width kept for backward ---------------------------------------------------
+# The adapter branch only needs, for backward, (a) the folded input h (width d/n, kept by the product h @ A.T for
+# A's gradient) and (b) the dropout mask, for the gradient w.r.t. x (x's gradient reaches earlier adapters).
+# F.dropout keeps its mask as a full-width tensor of x's dtype (4 bytes per element of x in float32, more than the
+# folded input itself for n >= 2). Here the mask is drawn from a private generator seeded with one number taken from
+# the global torch RNG, and drawn again in backward: nothing of x's size is kept. Runs stay reproducible and
+# resume-exact (the global RNG state, which checkpoints keep, decides every mask).
+MASK_STORAGES = ("seed", "bits", "bool")
+MASK_STORAGE = "seed"  # measured cheapest (see BENCHMARKS.md, "Step cost"); "bits"/"bool" kept for comparison
+
+
+def draw_seed() -> int:
+    """One 62-bit seed from the global torch RNG (CPU generator: no device sync)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The bool keep-mask (True = kept, probability 1 - p) that fold_dropout draws for `seed`."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _fold_dim(x: torch.Tensor, n_blocks: int, dim: int) -> torch.Tensor:
+    if n_blocks == 1:
+        return x
+    dim = dim % x.dim()
+    return x.unflatten(dim, (n_blocks, x.shape[dim] // n_blocks)).sum(dim)
+
+
+def _unfold_dim(g: torch.Tensor, n_blocks: int, dim: int, shape: torch.Size) -> torch.Tensor:
+    """The adjoint of _fold_dim: every input chunk receives the folded gradient. (..., d/n) -> (..., d)."""
+    if n_blocks == 1:
+        return g
+    d = dim % len(shape)
+    return g.unsqueeze(d).expand(*g.shape[:d], n_blocks, *g.shape[d:]).reshape(shape)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = _SHIFTS.setdefault(mask.device, torch.arange(8, dtype=torch.uint8, device=mask.device))
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    shifts = _SHIFTS.setdefault(packed.device, torch.arange(8, dtype=torch.uint8, device=packed.device))
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[: math.prod(shape)].view(shape).bool()
+
+
+class _FoldDropout(torch.autograd.Function):
+    """h = fold_n(dropout_p(x)) along `dim`, keeping for backward only a seed (or the mask as bits / bools)."""
+
+    @staticmethod
+    def forward(ctx, x, p, n_blocks, dim, seed, storage):  # noqa: D401 - autograd API
+        mask = dropout_mask(x.shape, p, seed, x.device)
+        h = _fold_dim(x * mask, n_blocks, dim) * (1.0 / (1.0 - p))
+        ctx.p, ctx.n_blocks, ctx.dim, ctx.seed, ctx.storage, ctx.shape = p, n_blocks, dim, seed, storage, x.shape
+        if storage == "bits":
+            ctx.save_for_backward(_pack_bits(mask))
+        elif storage == "bool":
+            ctx.save_for_backward(mask)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        if ctx.storage == "seed":
+            mask = dropout_mask(ctx.shape, ctx.p, ctx.seed, grad_h.device)
+        elif ctx.storage == "bits":
+            mask = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
+        else:
+            mask = ctx.saved_tensors[0]
+        g = _unfold_dim(grad_h * (1.0 / (1.0 - ctx.p)), ctx.n_blocks, ctx.dim, ctx.shape)
+        return g * mask, None, None, None, None, None
+
+
+def fold_dropout(x: torch.Tensor, p: float, n_blocks: int, training: bool = True, dim: int = -1,
+                 seed: int | None = None, storage: str | None = None) -> torch.Tensor:
+    """fold_n(dropout_p(x)) along `dim`: (..., d) -> (..., d / n), differentiable in x.
+
+    Equal to fold(F.dropout(x, p), n) with the mask dropout_mask(x.shape, p, seed, x.device); p = 0 or eval mode is
+    the plain fold. `seed` defaults to a draw from the global torch RNG. The backward keeps no tensor of x's size:
+    with storage "seed" (the default) it draws the mask again; "bits" keeps it packed (d/8 bytes), "bool" as bools.
+    """
+    if p <= 0 or not training:
+        return _fold_dim(x, n_blocks, dim)
+    storage = storage or MASK_STORAGE
+    if storage not in MASK_STORAGES:
+        raise ConfigError(f"unknown mask storage {storage!r}: use one of {', '.join(MASK_STORAGES)}")
+    return _FoldDropout.apply(x, float(p), n_blocks, dim, draw_seed() if seed is None else int(seed), storage)

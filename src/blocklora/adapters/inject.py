@@ -14,9 +14,11 @@ from ..errors import ConfigError
 from .config import AdapterConfig, resolve_blocks
 from .layers import (
     AdapterLayer,
+    BlockLoRAConv1x1,
     BlockLoRALinear,
     BlockLoRAMultiheadAttention,
     check_width,
+    conv1x1_problem,
     fused_attention_problem,
 )
 
@@ -25,10 +27,11 @@ CONFIG_ATTR = "_blocklora_adapter_config"
 
 @dataclass(frozen=True)
 class Target:
-    """One module that inject() will replace: a fused attention (letters q/k/v/o) or one Linear (one letter)."""
+    """One module that inject() will replace: a fused attention (letters q/k/v/o), one Linear (one letter, or the
+    letters that select it in a "layers" site) or one 1x1 convolution ("layers" sites only)."""
 
     path: str
-    kind: str  # "fused" | "linear"
+    kind: str  # "fused" | "linear" | "conv1x1"
     letters: tuple[str, ...]
     tower: str
     block: int
@@ -49,7 +52,15 @@ def plan(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
             _fail(f"this model has no {tower} tower with attention blocks (it has: {', '.join(sites) or 'none'}); "
                   f"choose towers from {', '.join(sites)}")
         tower_sites = sites[tower]
-        for i in resolve_blocks(cfg.blocks, len(tower_sites)):
+        blocks = resolve_blocks(cfg.blocks, len(tower_sites))
+        if all(tower_sites[i].kind == "layers" for i in blocks):
+            found = [t for i in blocks for t in _layer_targets(model, tower_sites[i], cfg)]
+            if not found:
+                _fail(f"no layer of the {tower} tower's blocks {_span(blocks)} answers to projections "
+                      f"{','.join(cfg.projections)}: see its backbone module for what the letters select there")
+            targets.extend(found)
+            continue
+        for i in blocks:
             site = tower_sites[i]
             module = model.get_submodule(site.path)
             if site.kind == "fused":
@@ -74,6 +85,32 @@ def plan(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     return targets
 
 
+def _span(blocks: list[int]) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+
+
+def _layer_targets(model: nn.Module, site, cfg: AdapterConfig) -> list[Target]:
+    """A "layers" site (a block without attention): each child with a selected letter, once; absent letters skip."""
+    letters: dict[str, list[str]] = {}
+    for letter, child in site.linears:
+        if letter in cfg.projections:
+            letters.setdefault(child, []).append(letter)
+    out = []
+    for child, selected in letters.items():
+        path = f"{site.path}.{child}"
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Linear):
+            kind, width = "linear", module.in_features
+        else:
+            problem = conv1x1_problem(module)
+            if problem:
+                _fail(f"cannot adapt {path}: {problem}")
+            kind, width = "conv1x1", module.in_channels
+        check_width(width, cfg.n_blocks, f"the input width of {path}")
+        out.append(Target(path, kind, tuple(selected), site.tower, site.block))
+    return out
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
@@ -92,6 +129,8 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
         old = model.get_submodule(t.path)
         if t.kind == "fused":
             new: nn.Module = BlockLoRAMultiheadAttention(old, t.letters, cfg)
+        elif t.kind == "conv1x1":
+            new = BlockLoRAConv1x1(old, cfg)
         else:
             new = BlockLoRALinear(old, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout, cfg.scaling, cfg.fold, cfg.a_init)
         new.train(old.training)

@@ -163,9 +163,11 @@ def _expected_shapes(model: nn.Module, cfg: AdapterConfig) -> dict[str, tuple[in
             for letter in t.letters:
                 shapes[f"{t.path}.lora_A.{letter}"] = (cfg.r, e // cfg.n_blocks)
                 shapes[f"{t.path}.lora_B.{letter}"] = (e, cfg.r)
-        else:
-            shapes[f"{t.path}.lora_A"] = (cfg.r, module.in_features // cfg.n_blocks)
-            shapes[f"{t.path}.lora_B"] = (module.out_features, cfg.r)
+        else:  # a Linear, or a 1x1 convolution (channels in the role of features)
+            d_in, d_out = (module.in_channels, module.out_channels) if t.kind == "conv1x1" else \
+                (module.in_features, module.out_features)
+            shapes[f"{t.path}.lora_A"] = (cfg.r, d_in // cfg.n_blocks)
+            shapes[f"{t.path}.lora_B"] = (d_out, cfg.r)
     return shapes
 
 

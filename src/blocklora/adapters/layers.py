@@ -1,6 +1,7 @@
-"""Adapter layers: a wrapped Linear, and a drop-in replacement for nn.MultiheadAttention's fused q/k/v.
+"""Adapter layers: a wrapped Linear, a wrapped 1x1 convolution, and a drop-in replacement for
+nn.MultiheadAttention's fused q/k/v.
 
-Both keep the wrapped module's own Parameters under their own names (weight, bias; in_proj_weight, out_proj.*), so
+All keep the wrapped module's own Parameters under their own names (weight, bias; in_proj_weight, out_proj.*), so
 a model's state dict keys stay the stock ones plus `lora_A` / `lora_B` entries, and a merged export is a plain
 stock state dict.
 """
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import AdapterConfig
-from .core import delta_weight, fold, fold_factor, init_factors, scaling_factor
+from .core import delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
 
 
 class AdapterLayer(nn.Module):
@@ -33,12 +34,19 @@ class AdapterLayer(nn.Module):
         return self.adapter_enabled and not self.merged
 
     def _folded_input(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """fold(drop(x)) in the adapter's dtype: (..., d_in) -> (..., d_in / n). Dropout touches this branch only."""
-        x = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        return fold(x, self.n_blocks).to(like.dtype)
+        """fold(drop(x)) in the adapter's dtype: (..., d_in) -> (..., d_in / n). Dropout touches this branch only.
+
+        One autograd node (core.fold_dropout) that keeps nothing of x's size for backward: the mask is drawn again
+        from a seed, and the product with A keeps only the folded input (width d_in / n).
+        """
+        return fold_dropout(x, self.dropout_p, self.n_blocks, self.training).to(like.dtype)
 
     def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
         """(parameter name, output rows, dense update) for each adapted matrix."""
+        raise NotImplementedError
+
+    def matrices(self) -> Iterator[tuple[int, int, bool]]:
+        """(d_in, d_out, fold shared with the previous matrix) per adapted matrix: for cost reports."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -117,8 +125,78 @@ class BlockLoRALinear(AdapterLayer):
     def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
         yield "weight", slice(None), self.delta_weight()
 
+    def matrices(self) -> Iterator[tuple[int, int, bool]]:
+        yield self.in_features, self.out_features, False
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+
+
+def conv1x1_problem(module: nn.Module) -> str | None:
+    """Why `module` is not a 1x1 convolution that is exactly a linear map over channels at every pixel, or None.
+
+    Accepts nn.Conv2d and its subclasses with "same"-padding helpers (e.g. efficientnet_lite_pytorch's
+    Conv2dStaticSamePadding / Conv2dDynamicSamePadding): with a 1x1 kernel and stride 1 their padding is zero.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return f"it is a {type(module).__name__}, not an nn.Linear or nn.Conv2d"
+    if tuple(module.kernel_size) != (1, 1) or tuple(module.stride) != (1, 1) or module.groups != 1:
+        return (f"only 1x1, stride 1, groups 1 convolutions can be adapted (it has kernel {tuple(module.kernel_size)},"
+                f" stride {tuple(module.stride)}, groups {module.groups})")
+    if module.padding not in ("valid", "same") and any(module.padding):
+        return f"it pads its input ({module.padding}): not a pure channel map"
+    pad = getattr(module, "static_padding", None)  # efficientnet's "same" padding module: zero for 1x1, stride 1
+    if isinstance(pad, nn.Module) and (any(getattr(pad, "padding", ()) or ()) or list(pad.parameters())):
+        return "its static_padding is not a no-op"
+    return None
+
+
+class BlockLoRAConv1x1(AdapterLayer):
+    """A 1x1 convolution (a linear map over channels at every pixel) with a Block-LoRA update; n_blocks = 1 is LoRA.
+
+    The same math as BlockLoRALinear with the channel dimension (dim 1 of (N, C, H, W)) in the role of the feature
+    dimension: y = conv(x, W) + b + s * B @ A @ fold_n(drop(x)), the fold summing the n channel chunks. Adopts
+    `base`'s `weight` (out, in, 1, 1) and `bias` (state dict keys as in nn.Conv2d) and adds trainable `lora_A`
+    (r, in_channels / n_blocks) and `lora_B` (out_channels, r), 2-D as in BlockLoRALinear. Merge is exact.
+    """
+
+    def __init__(self, base: nn.Conv2d, cfg: AdapterConfig) -> None:
+        super().__init__()
+        problem = conv1x1_problem(base)
+        if problem:
+            raise ConfigError(f"cannot adapt {type(base).__name__}: {problem}")
+        check_width(base.in_channels, cfg.n_blocks, "in_channels of this 1x1 convolution")
+        self._setup(cfg)
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.weight = base.weight
+        self.bias = base.bias
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=w.dtype))
+        init_factors(self.lora_A, self.lora_B, cfg.n_blocks, cfg.a_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(x, self.weight, self.bias)  # (N, C_out, H, W)
+        if not self._adapter_on():
+            return out
+        # (N, C, H, W) -> (N, n, C/n, H, W) -> (N, C/n, H, W): additions only; the same node as the Linear's
+        h = fold_dropout(x, self.dropout_p, self.n_blocks, self.training, dim=1)
+        z = F.conv2d(h.to(self.lora_A.dtype), self.lora_A[:, :, None, None])  # (N, r, H, W)
+        return out + (F.conv2d(z, self.lora_B[:, :, None, None]) * self._scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out_channels, in_channels) update s * B @ [A, ..., A] (the 1x1 kernel without its 1x1)."""
+        return delta_weight(self.lora_A, self.lora_B, self.n_blocks, self._scale)
+
+    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        yield "weight", slice(None), self.delta_weight()[:, :, None, None]
+
+    def matrices(self) -> Iterator[tuple[int, int, bool]]:
+        yield self.in_channels, self.out_channels, False  # per pixel: a pixel is a token here
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, r={self.r}, "
                 f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
 
 
@@ -206,6 +284,12 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
             else:
                 i = "qkv".index(p)
                 yield "in_proj_weight", slice(i * e, (i + 1) * e), self.delta_weight(p)
+
+    def matrices(self) -> Iterator[tuple[int, int, bool]]:
+        for j in range(len(self.qkv_letters)):  # one fold serves q, k and v
+            yield self.embed_dim, self.embed_dim, j > 0
+        if "o" in self.letters:
+            yield self.embed_dim, self.embed_dim, False
 
     # -- forward --------------------------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .fewshot import (
     write_split_file,
 )
 from .images import ImageDataset, verify_images
-from .protocols import class_subset, subsample_classes, subsample_fewshot
+from .protocols import class_subset, evenly_spaced, limit_split, subsample_classes, subsample_fewshot
 from .types import DatasetSplits, Item, open_image_file
 
 __all__ = [
@@ -42,6 +42,8 @@ __all__ = [
     "read_split_file",
     "sample_few_shot",
     "subsample_classes",
+    "evenly_spaced",
+    "limit_split",
     "subsample_fewshot",
     "verify_images",
     "write_split_file",

@@ -53,3 +53,19 @@ def subsample_fewshot(fewshot: FewShotSplit, n_classes: int, which: str) -> FewS
         return fewshot
     mapping = {old: new for new, old in enumerate(kept)}
     return replace(fewshot, train=_relabel(fewshot.train, mapping), val=_relabel(fewshot.val, mapping))
+
+
+def evenly_spaced(items: list[Item], limit: int | None) -> list[Item]:
+    """A fixed subset of `limit` items spread evenly through `items` (all of them when limit is None or larger).
+
+    Index floor(i * len / limit) for i < limit: deterministic, independent of any seed, and class-balanced when
+    the list is sorted by class (as the folder readers produce it) or shuffled (as Fashion-MNIST's test file is).
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def limit_split(splits: DatasetSplits, split: str, limit: int | None) -> DatasetSplits:
+    """`splits` with its `split` ("test" or "val") cut to evenly_spaced(limit)."""
+    return replace(splits, **{split: evenly_spaced(getattr(splits, split), limit)}) if limit is not None else splits

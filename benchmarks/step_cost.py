@@ -309,7 +309,7 @@ def worker(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--classes", default="", help="comma list of class counts for every config (default: plan)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps at C < 1000 (median)")
-    ap.add_argument("--steps-1000", type=int, default=2, help="timed steps at C >= 1000 (median)")
+    ap.add_argument("--steps-1000", type=int, default=3, help="timed steps at C >= 1000 (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--families", default="open_clip,transformers")
     ap.add_argument("--only", default="", help=f"comma list of configs among {', '.join(CONFIGS)}")

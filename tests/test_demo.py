@@ -33,7 +33,7 @@ def test_demo_writes_results_plot_examples_and_adapter(demo_run, capsys):
     r = json.loads((out / "results.json").read_text())
     assert r["shots"] == 2 and r["iters"] == 6 and r["n_test"] == 120
     assert 0 <= r["zero_shot_top1"] <= 100 and 0 <= r["top1"] <= 100
-    assert r["trainable_params"] == 36_420  # default Block-LoRA (n=8, r=2, q,k,v) on both towers of effnet-minilm
+    assert r["trainable_params"] == 24_048  # default Block-LoRA (n=8, r=2, q,k,v) on both towers of effnet-minilm
     assert r["config"]["model"] == "effnet-minilm" and r["config"]["data"]["dataset"] == "fashion-mnist"
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(r["examples"]) == 8

@@ -147,16 +147,16 @@ def _expected_count(model: nn.Module, cfg: AdapterConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize(("n", "vision", "text"), [(1, 24_032, 27_648), (2, 22_224, 20_736), (4, 21_320, 17_280),
-                                                   (8, 20_868, 15_552)])
+@pytest.mark.parametrize(("n", "vision", "text"), [(1, 24_736, 27_648), (2, 15_456, 20_736), (4, 10_816, 17_280),
+                                                   (8, 8_496, 15_552), (16, 7_336, 14_688)])
 def test_default_placement_and_counts(backbone, n, vision, text):
     bb = fresh(backbone)
     cfg = AdapterConfig(n_blocks=n)
     expected = _expected_count(bb.model, cfg)
     names = inject(bb.model, cfg)
-    # vision: the expand conv of MBConv blocks 1-15 and the head conv; text: q, k, v of the 6 MiniLM blocks
+    # vision: the project conv of all 16 MBConv blocks and the head conv; text: q, k, v of the 6 MiniLM blocks
     assert [x for x in names if x.startswith("visual.")] == [
-        *(f"visual._blocks.{i}._expand_conv" for i in range(1, 16)), "visual._conv_head"]
+        *(f"visual._blocks.{i}._project_conv" for i in range(16)), "visual._conv_head"]
     assert [x for x in names if x.startswith("text.")] == [
         f"text.encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "key", "value")]
     counts = {t: sum(p.numel() for k, p in bb.model.named_parameters() if p.requires_grad and k.startswith(t))
@@ -168,11 +168,11 @@ def test_default_placement_and_counts(backbone, n, vision, text):
 def test_output_letter_and_errors(backbone):
     bb = fresh(backbone)
     names = inject(bb.model, AdapterConfig(towers="vision", projections="o", blocks="top3"))
-    assert names == ["visual._blocks.14._project_conv", "visual._blocks.15._project_conv", "visual._fc"]
-    with pytest.raises(ConfigError, match="n_blocks=3 does not divide .*visual._blocks.1._expand_conv"):
+    assert names == ["visual._blocks.14._expand_conv", "visual._blocks.15._expand_conv"]  # the head has no "o"
+    with pytest.raises(ConfigError, match="n_blocks=3 does not divide .*visual._blocks.0._project_conv"):
         inject(fresh(backbone).model, AdapterConfig(n_blocks=3))
-    with pytest.raises(ConfigError, match="no layer of the vision tower's blocks 0 answers to projections q"):
-        inject(fresh(backbone).model, AdapterConfig(towers="vision", projections="q", blocks=(0,)))
+    with pytest.raises(ConfigError, match="no layer of the vision tower's blocks 0 answers to projections o"):
+        inject(fresh(backbone).model, AdapterConfig(towers="vision", projections="o", blocks=(0,)))
 
 
 def test_untrained_adapters_are_identity_and_merge_is_exact(backbone):

@@ -87,6 +87,12 @@ def test_uncompressed_files(tmp_path):
     assert np.array_equal(np.asarray(data.image_reader("train/3"))[:, :, 1], images[3])
 
 
+def test_environment_variable_points_at_the_files(tmp_path, monkeypatch):
+    _write_small(tmp_path, compress=False)
+    monkeypatch.setenv("BLOCKLORA_FASHION_MNIST", str(tmp_path))
+    assert fm.load(download=False).root == tmp_path
+
+
 def test_missing_data_names_the_fix(tmp_path):
     with pytest.raises(DataError) as err:
         fm.load(tmp_path, download=False)

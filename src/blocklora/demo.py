@@ -22,7 +22,7 @@ MODEL = "effnet-minilm"
 DATASET = "fashion-mnist"
 # The demo's recipe: the reference recipe's optimiser and schedule with a budget that fits a CPU (see
 # BENCHMARKS.md, "Accuracy", for the grid these come from and for what they give over seeds).
-SHOTS, ITERS, BATCH, LR, TEST_IMAGES = 16, 200, 16, 2e-3, 2000
+SHOTS, ITERS, BATCH, LR, TEST_IMAGES = 16, 200, 8, 2e-3, 2000
 OVERRIDES = ("train.aug_scale_min=0.5",)
 N_EXAMPLES = 8
 

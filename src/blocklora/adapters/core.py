@@ -82,9 +82,19 @@ def draw_seed() -> int:
 
 
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The bool keep-mask (True = kept, probability 1 - p) that fold_dropout draws for `seed`."""
+    """The bool keep-mask (True = kept, probability exactly 1 - p) that fold_dropout draws for `seed`.
+
+    When p is a multiple of 2**-16 (0.25, 0.5, 0.125, ...) each element reads 16 random bits (four per 64-bit draw:
+    about 2.5x faster on a CPU than one float per element); otherwise a float per element.
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    q = p * 65536
+    if q == int(q):
+        numel = math.prod(shape)
+        words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, generator=gen,
+                              device=device)
+        return (words.view(torch.int16)[:numel] >= int(q) - 32768).view(shape)  # P(kept) = (65536 - q) / 65536
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
@@ -163,3 +173,18 @@ def fold_dropout(x: torch.Tensor, p: float, n_blocks: int, training: bool = True
     if storage not in MASK_STORAGES:
         raise ConfigError(f"unknown mask storage {storage!r}: use one of {', '.join(MASK_STORAGES)}")
     return _FoldDropout.apply(x, float(p), n_blocks, dim, draw_seed() if seed is None else int(seed), storage)
+
+
+def add_up_projection(out: torch.Tensor, z: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
+    """out + z @ up_t, with z (..., k) and up_t (k, d_out) the scaled up-projection, transposed and contiguous.
+
+    One addmm: no separate full-width product, scaling or sum; and with up_t laid out (k, d_out) its gradient is
+    z.T @ grad, a product that reads grad row by row (several times faster on a CPU than grad.T @ z).
+    """
+    if z.dtype != out.dtype or torch.is_autocast_enabled(out.device.type):
+        return out + (z @ up_t).to(out.dtype)
+    d_out = out.shape[-1]
+    if out.is_contiguous() and out._base is None:  # a fresh product (what the layers pass): accumulate in place
+        out.view(-1, d_out).addmm_(z.reshape(-1, z.shape[-1]), up_t)
+        return out
+    return torch.addmm(out.reshape(-1, d_out), z.reshape(-1, z.shape[-1]), up_t).view(out.shape)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import AdapterConfig
-from .core import delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
+from .core import add_up_projection, delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
 
 
 class AdapterLayer(nn.Module):
@@ -116,7 +116,7 @@ class BlockLoRALinear(AdapterLayer):
         if not self._adapter_on():
             return out
         z = F.linear(self._folded_input(x, self.lora_A), self.lora_A)  # (..., r)
-        return out + (F.linear(z, self.lora_B) * self._scale).to(out.dtype)
+        return add_up_projection(out, z, (self.lora_B * self._scale).T.contiguous())
 
     def delta_weight(self) -> torch.Tensor:
         """The dense (out_features, in_features) update s * B @ [A, ..., A]."""
@@ -301,13 +301,13 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
         z = F.linear(self._folded_input(x, a), a)  # (N, L, m*r)
         e, r = self.embed_dim, self.r
         if len(self.qkv_letters) == 3:
-            b = torch.block_diag(*(self.lora_B[p] for p in "qkv"))  # (3E, 3r)
-        else:  # zero rows for the projections without an adapter
-            b = z.new_zeros(3 * e, len(self.qkv_letters) * r)
+            up_t = torch.block_diag(*(self.lora_B[p].T for p in "qkv"))  # (3r, 3E)
+        else:  # zero columns for the projections without an adapter
+            up_t = z.new_zeros(len(self.qkv_letters) * r, 3 * e)
             for j, p in enumerate(self.qkv_letters):
                 i = "qkv".index(p)
-                b[i * e:(i + 1) * e, j * r:(j + 1) * r] = self.lora_B[p]
-        return qkv + (F.linear(z, b) * self._scale).to(qkv.dtype)
+                up_t[j * r:(j + 1) * r, i * e:(i + 1) * e] = self.lora_B[p].T
+        return add_up_projection(qkv, z, up_t * self._scale)
 
     def _project(self, x: torch.Tensor, letter: str) -> torch.Tensor:
         """One of q, k, v separately (cross-attention inputs): (N, L, E) -> (N, L, E)."""
@@ -321,7 +321,7 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
             return out
         a, b = self.lora_A[letter], self.lora_B[letter]
         z = F.linear(self._folded_input(x, a), a)
-        return out + (F.linear(z, b) * self._scale).to(out.dtype)
+        return add_up_projection(out, z, (b * self._scale).T.contiguous())
 
     def _attn_bias(self, attn_mask, key_padding_mask, n, l, s, dtype):
         """Canonical additive mask (broadcastable to (N, H, L, S)) from MHA's mask conventions, or None."""

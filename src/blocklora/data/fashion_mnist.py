@@ -113,9 +113,12 @@ class ArrayImages:
 
 
 def load(root: str | os.PathLike | None = None, download: bool = True, invert: bool = True) -> DatasetSplits:
-    """Fashion-MNIST from `root` (default /usr/share/datasets/fashion-mnist), images dark-on-white unless `invert`
+    """Fashion-MNIST from `root` (default $BLOCKLORA_FASHION_MNIST, else /usr/share/datasets/fashion-mnist), images
+    dark-on-white unless `invert`
     is False. If the files are not there and `root` was given, torchvision downloads them into it where a network
     exists."""
+    if root is None and os.environ.get("BLOCKLORA_FASHION_MNIST"):  # where scripts/get_fashion_mnist.sh points
+        root = os.environ["BLOCKLORA_FASHION_MNIST"]
     given = root is not None
     root = Path(root).expanduser() if given else DEFAULT_ROOT
     folder = _folder_with_files(root)

@@ -269,12 +269,11 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(spec: dict) -> dict:
-    """One configuration: build, warm up, time `steps` steps. Runs in its own process (peak memory is per process)."""
+def prepare(spec: dict):
+    """Build one configuration and its training step: (step function, info)."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(spec["threads"])
     device, classes, batch = spec["device"], spec["classes"], spec["batch_size"]
     model, enc_img, enc_txt, tokenize, params, info = build(spec["family"], spec["config"], spec["model"], device)
     model.train()
@@ -295,10 +294,6 @@ def worker(spec: dict) -> dict:
     if spec["config"] == "vision_only":  # text features computed once (no graph), reused every step
         with torch.no_grad():
             cached = F.normalize(enc_txt(tokens), dim=-1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base_mb = _rss_mb() if not device.startswith("cuda") else torch.cuda.memory_allocated() / 2**20
 
     def step():
         img = F.normalize(enc_img(images), dim=-1)
@@ -311,17 +306,60 @@ def worker(spec: dict) -> dict:
             torch.cuda.synchronize()
         return float(loss.detach())
 
+    return step, info
+
+
+def _timed(step) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def worker(spec: dict) -> dict:
+    """One configuration: build, warm up, time `steps` steps. Runs in its own process (peak memory is per process)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    step, info = prepare(spec)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_mb = _rss_mb() if not device.startswith("cuda") else torch.cuda.memory_allocated() / 2**20
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
-        t0 = time.perf_counter()
-        step()
+        t = _timed(step)
         if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
-        print(f"    step {i + 1}/{spec['warmup'] + spec['steps']}: {time.perf_counter() - t0:.2f} s", file=sys.stderr,
-              flush=True)
+            times.append(t)
+        print(f"    step {i + 1}/{spec['warmup'] + spec['steps']}: {t:.2f} s", file=sys.stderr, flush=True)
     peak = _peak_mb(device)
     return {"step_s": statistics.median(times), "times_s": times, "peak_mb": round(peak, 1),
-            "base_mb": round(base_mb, 1), "activation_mb": round(peak - base_mb, 1), "classes": classes, **info}
+            "base_mb": round(base_mb, 1), "activation_mb": round(peak - base_mb, 1), "classes": spec["classes"],
+            **info}
+
+
+def interleaved(spec: dict) -> dict:
+    """Time ratios robust to a shared machine: every config of a family built in ONE process, their steps taken in
+    turn (round-robin), so load changes hit all of them alike. Time only (memory comes from the fresh processes)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    steps = {cfg: prepare({**spec, "config": cfg})[0] for cfg in spec["configs"]}
+    times: dict[str, list[float]] = {cfg: [] for cfg in steps}
+    for i in range(spec["warmup"] + spec["steps"]):
+        for cfg, step in steps.items():
+            t = _timed(step)
+            if i >= spec["warmup"]:
+                times[cfg].append(t)
+        print(f"    round {i + 1}/{spec['warmup'] + spec['steps']}: " +
+              ", ".join(f"{c} {v[-1]:.2f} s" for c, v in times.items() if v), file=sys.stderr, flush=True)
+    med = {cfg: statistics.median(v) for cfg, v in times.items()}
+    out: dict[str, Any] = {"classes": spec["classes"], "rounds": spec["steps"], "step_s": med, "times_s": times}
+    if "floor" in med:
+        out["time_vs_floor"] = {cfg: round(v / med["floor"], 3) for cfg, v in med.items()}
+    if "block_lora" in med:
+        out["block_lora_time_vs"] = {cfg: round(med["block_lora"] / v, 3) for cfg, v in med.items()}
+    return out
 
 
 def text_truncation(spec: dict) -> dict:
@@ -522,6 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--families", default="open_clip,transformers")
     ap.add_argument("--only", default="", help=f"comma list of configs among {', '.join(CONFIGS)}")
+    ap.add_argument("--interleaved-rounds", type=int, default=3,
+                    help="rounds of the one-process round-robin timing at C=100 (0: skip)")
     ap.add_argument("--no-extras", action="store_true", help="skip text truncation and saved-tensor accounting")
     ap.add_argument("--truncation-classes", type=int, default=1000)
     ap.add_argument("--output", default="")
@@ -529,7 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.worker:
         kind, spec = args.worker[0], json.loads(args.worker[1])
-        fn = {"step": worker, "truncation": text_truncation, "saved": saved_tensor_costs}[kind]
+        fn = {"step": worker, "truncation": text_truncation, "saved": saved_tensor_costs,
+              "interleaved": interleaved}[kind]
         print(json.dumps(fn(spec)))
         return {}
     import torch
@@ -542,8 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "timing": "median of the timed steps after warm-up",
               "memory": "peak RSS of a fresh process (ru_maxrss)" if args.device == "cpu" else
               "torch.cuda.max_memory_allocated of a fresh process",
-              "plan": "C=1000 only for open_clip floor/block_lora/lora and vision_only (fewer timed steps); "
-                      "all configs at C=100"}
+              "plan": "C=1000 only for open_clip floor/block_lora/lora and vision_only; all configs at C=100, each "
+                      "in a fresh process; then per family all C=100 configs in one process, round-robin (time only)"}
     if args.device.startswith("cuda"):
         config["machine"] = torch.cuda.get_device_name() if torch.cuda.is_available() else args.device
     results: dict[str, dict[str, Any]] = {}
@@ -560,6 +601,20 @@ def main(argv: list[str] | None = None) -> dict:
         if "step_s" in res:
             print(f"    -> {res['step_s']:.2f} s/step, peak {res['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     extras: dict[str, Any] = {}
+    if args.interleaved_rounds > 0:
+        extras["time_interleaved"] = {}
+        for family in args.families.split(","):
+            cfgs = [cfg for (fam, cfg), cs in DEFAULT_PLAN.items() if fam == family and min(cs) < 1000
+                    and (not args.only or cfg in args.only.split(","))]
+            c = int(args.classes.split(",")[0]) if args.classes else 100
+            print(f"[interleaved] {family} C={c}: {', '.join(cfgs)}", file=sys.stderr, flush=True)
+            res = run_in_subprocess("interleaved", {
+                "family": family, "configs": cfgs, "classes": c, "model": args.model, "device": args.device,
+                "threads": args.threads, "batch_size": args.batch_size, "warmup": args.warmup,
+                "steps": args.interleaved_rounds})
+            extras["time_interleaved"][family] = res
+            if "time_vs_floor" in res:
+                print(f"    -> time x floor: {res['time_vs_floor']}", file=sys.stderr, flush=True)
     if not args.no_extras:
         base = {"model": args.model, "device": args.device, "threads": args.threads, "reps": 1}
         print("[extra] text tower with / without prompt truncation", file=sys.stderr, flush=True)

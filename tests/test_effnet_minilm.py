@@ -7,7 +7,6 @@ modules), the frozen BatchNorm under train(), and a short few-shot training run 
 from __future__ import annotations
 
 import copy
-import random
 import sys
 
 import pytest
@@ -264,31 +263,21 @@ def test_export_loads_into_the_stock_modules(backbone, tmp_path):
 
 
 # -- few-shot training ---------------------------------------------------------------------------------------------
-def test_block_lora_few_shot_beats_zero_shot(backbone, data, test_images, zero_shot):
-    """4 shots per class, 60 steps of 8 images, default Block-LoRA (n=8): held-out accuracy rises above zero-shot."""
-    bb = fresh(backbone)
-    images, labels = test_images
-    inject(bb.model, AdapterConfig())
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    by_class: dict[int, list] = {}
-    for item in data.train:
-        by_class.setdefault(item.label, []).append(item)
-    shots = [it for c in sorted(by_class) for it in rng.sample(by_class[c], 4)]  # train split: disjoint from test
-    transform = bb.train_transform(scale_min=0.5)
-    tokens = bb.tokenize([data.template.format(c) for c in data.classnames])
-    params = [p for p in bb.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
-    for _ in range(60):
-        bb.model.train()
-        batch = rng.sample(shots, 8)
-        x = torch.stack([transform(data.image_reader(it.path)) for it in batch])
-        y = torch.tensor([it.label for it in batch])
-        logits = 100 * F.normalize(bb.encode_images(x), dim=-1) @ F.normalize(bb.encode_texts(tokens), dim=-1).T
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    trained = accuracy(bb, data, images, labels)
-    print(f"zero-shot {zero_shot:.3f} -> 4-shot Block-LoRA {trained:.3f}")
-    assert trained >= zero_shot + 0.08
+def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypatch):
+    """The real training path (api.run, the demo's recipe) on 4 real shots per class, 120 steps of 8 images, default
+    Block-LoRA (n=8): accuracy on 500 held-out real test images rises clearly above zero-shot.
+
+    Measured: 26.8% -> 47.4% (seed 1, 51 s on 2 cores). In benchmarks/accuracy.py (2,000 images) this cell gave
+    46.2 / 36.0 / 42.3% over seeds 1-3 against 25.5% zero-shot: the 8-point margin held for every seed measured.
+    (A hand-rolled loop at a constant lr of 2e-3 for 60 steps was not reliable: 15-37% over four initialisations
+    of A; the recipe's cosine decay is what makes the last iterate good.)
+    """
+    from blocklora.api import run
+    from blocklora.demo import demo_config
+
+    monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "cache"))  # compute zero-shot here, not from a user cache
+    cfg = demo_config(shots=4, seed=1, iters=120, test_images=500, device="cpu", overrides=("data.workers=0",))
+    r = run(cfg, tmp_path / "run")
+    print(f"zero-shot {r['zero_shot_top1']:.2f}% -> 4-shot Block-LoRA {r['top1']:.2f}%")
+    assert (r["n_test"], r["shots"], r["iters"], r["trainable_params"]) == (500, 4, 120, 24_048)
+    assert r["top1"] >= r["zero_shot_top1"] + 8

@@ -207,3 +207,17 @@ def test_add_up_projection_paths():
     torch.testing.assert_close(core.add_up_projection(view, z.transpose(0, 1), up), expected.transpose(0, 1))
     assert torch.equal(view, before)
     torch.testing.assert_close(core.add_up_projection(out.double(), z, up), expected.double())  # dtype mismatch
+
+
+def test_autocast_bf16_forward_backward():
+    """Under autocast the up-projection is added out of place (autocast casts the addmm operands)."""
+    torch.manual_seed(0)
+    mha = BlockLoRAMultiheadAttention(nn.MultiheadAttention(32, 4, batch_first=True), "qkvo",
+                                      AdapterConfig(n_blocks=4, dropout=0.25)).train()
+    lin = BlockLoRALinear(nn.Linear(32, 16), r=2, n_blocks=4, dropout=0.25).train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(mha(x, x, x, need_weights=False)[0])
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad is not None and mha.lora_A["q"].grad is not None and lin.lora_A.grad is not None

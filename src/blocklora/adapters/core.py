@@ -105,14 +105,6 @@ def _fold_dim(x: torch.Tensor, n_blocks: int, dim: int) -> torch.Tensor:
     return x.unflatten(dim, (n_blocks, x.shape[dim] // n_blocks)).sum(dim)
 
 
-def _unfold_dim(g: torch.Tensor, n_blocks: int, dim: int, shape: torch.Size) -> torch.Tensor:
-    """The adjoint of _fold_dim: every input chunk receives the folded gradient. (..., d/n) -> (..., d)."""
-    if n_blocks == 1:
-        return g
-    d = dim % len(shape)
-    return g.unsqueeze(d).expand(*g.shape[:d], n_blocks, *g.shape[d:]).reshape(shape)
-
-
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -155,8 +147,12 @@ class _FoldDropout(torch.autograd.Function):
             mask = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
         else:
             mask = ctx.saved_tensors[0]
-        g = _unfold_dim(grad_h * (1.0 / (1.0 - ctx.p)), ctx.n_blocks, ctx.dim, ctx.shape)
-        return g * mask, None, None, None, None, None
+        g = grad_h * (1.0 / (1.0 - ctx.p))  # scaled at the folded width
+        if ctx.n_blocks == 1:
+            return g * mask, None, None, None, None, None
+        d = ctx.dim % len(ctx.shape)  # every chunk receives the folded gradient: one broadcast product, no copy
+        grad_x = mask.unflatten(d, (ctx.n_blocks, ctx.shape[d] // ctx.n_blocks)) * g.unsqueeze(d)
+        return grad_x.flatten(d, d + 1), None, None, None, None, None
 
 
 def fold_dropout(x: torch.Tensor, p: float, n_blocks: int, training: bool = True, dim: int = -1,
@@ -175,13 +171,20 @@ def fold_dropout(x: torch.Tensor, p: float, n_blocks: int, training: bool = True
     return _FoldDropout.apply(x, float(p), n_blocks, dim, draw_seed() if seed is None else int(seed), storage)
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def add_up_projection(out: torch.Tensor, z: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
     """out + z @ up_t, with z (..., k) and up_t (k, d_out) the scaled up-projection, transposed and contiguous.
 
     One addmm: no separate full-width product, scaling or sum; and with up_t laid out (k, d_out) its gradient is
     z.T @ grad, a product that reads grad row by row (several times faster on a CPU than grad.T @ z).
     """
-    if z.dtype != out.dtype or torch.is_autocast_enabled(out.device.type):
+    if z.dtype != out.dtype or _autocast_on(out.device.type):
         return out + (z @ up_t).to(out.dtype)
     d_out = out.shape[-1]
     if out.is_contiguous() and out._base is None:  # a fresh product (what the layers pass): accumulate in place

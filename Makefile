@@ -26,5 +26,11 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+bench-accuracy: $(STAMP) data
+	$(BIN)/python benchmarks/accuracy.py
+
+bench-step: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/step_cost.py --threads 1 --output benchmarks/results/step_cost.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

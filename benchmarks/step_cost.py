@@ -17,6 +17,7 @@ a CLIPConfig equivalent to ViT-B/16):
               attention as ours: open_clip
   full        fine-tuning of every attention projection (in_proj / q,k,v,out_proj weights and biases)
   vision_only Block-LoRA on the vision tower only, text features computed once and cached (open_clip)
+  block_lora_ckpt  block_lora with train.grad_checkpointing (every residual block recomputed in backward; open_clip)
 Also: text-tower time (forward, no grad, C=1000) with and without prompt truncation, and the bytes each adapter
 branch keeps for backward (counted with torch.autograd.graph.saved_tensors_hooks).
 
@@ -51,13 +52,14 @@ DEFAULT_PLAN = {
     ("open_clip", "dense_lora"): (100,),
     ("open_clip", "full"): (100,),
     ("open_clip", "vision_only"): (1000,),
+    ("open_clip", "block_lora_ckpt"): (100,),
     ("transformers", "floor"): (100,),
     ("transformers", "block_lora"): (100,),
     ("transformers", "lora"): (100,),
     ("transformers", "peft_lora"): (100,),
     ("transformers", "full"): (100,),
 }
-CONFIGS = ("floor", "block_lora", "lora", "peft_lora", "dense_lora", "full", "vision_only")
+CONFIGS = ("floor", "block_lora", "lora", "peft_lora", "dense_lora", "full", "vision_only", "block_lora_ckpt")
 TEMPLATE = "a photo of a {}."
 R, ALPHA, DROPOUT, N_BLOCKS = 2, 1.0, 0.25, 8
 
@@ -186,11 +188,13 @@ def build(family: str, config: str, model_name: str, device: str):
             for tower in (model.visual.transformer, model.transformer):
                 for block in tower.resblocks:
                     block.attn = cls(block.attn, R, ALPHA, DROPOUT)
-        elif config in ("block_lora", "lora", "vision_only"):
+        elif config in ("block_lora", "lora", "vision_only", "block_lora_ckpt"):
             method = "lora" if config == "lora" else "block_lora"
             towers_sel = ("vision",) if config == "vision_only" else ("vision", "text")
             inject(model, AdapterConfig(method=method, r=R, alpha=ALPHA, dropout=DROPOUT, towers=towers_sel,
                                         **({"n_blocks": N_BLOCKS} if method == "block_lora" else {})))
+            if config == "block_lora_ckpt":  # train.grad_checkpointing: every residual block recomputed in backward
+                bb.set_grad_checkpointing(True)
         else:  # floor and full: the same attention module as the adapted runs, adapters off and frozen
             inject(model, AdapterConfig(r=R, alpha=ALPHA, dropout=DROPOUT))
             for _, layer in adapter_layers(model):

@@ -281,3 +281,11 @@ def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypat
     print(f"zero-shot {r['zero_shot_top1']:.2f}% -> 4-shot Block-LoRA {r['top1']:.2f}%")
     assert (r["n_test"], r["shots"], r["iters"], r["trainable_params"]) == (500, 4, 120, 24_048)
     assert r["top1"] >= r["zero_shot_top1"] + 8
+
+
+
+def test_grad_checkpointing_is_refused_clearly(backbone):
+    """The towers are small and always in eval mode (transformers only checkpoints layers in training mode): the
+    option is refused with a message instead of silently doing nothing."""
+    with pytest.raises(ConfigError, match="gradient checkpointing is not available for effnet_minilm"):
+        fresh(backbone).set_grad_checkpointing(True)

@@ -88,6 +88,8 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         sha = None
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu)
     plan(backbone.model, cfg.adapter)  # n_blocks vs widths, towers, blocks: fail before any work
+    if cfg.train.grad_checkpointing:  # block-level: adapters injected later sit inside the checkpointed blocks
+        backbone.set_grad_checkpointing(True)
     test_items = [i for s in eval_sets.values() for i in getattr(s, cfg.eval.split)]
     if not test_items:
         raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")

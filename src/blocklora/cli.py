@@ -83,6 +83,8 @@ def _run_config(args: argparse.Namespace):
             overrides.append(f"{key}={value}")
     if getattr(args, "deterministic", False):
         overrides.append("train.deterministic=true")
+    if getattr(args, "grad_checkpointing", False):
+        overrides.append("train.grad_checkpointing=true")
     if getattr(args, "skip_bad_images", False):
         overrides.append("data.skip_bad_images=true")
     if getattr(args, "dataset_templates", False):
@@ -290,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     g.add_argument("--deterministic", action="store_true", help="bit-identical reruns (slower kernels on GPU)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute block activations in backward: less memory, about a third more compute")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in results)")
     g.add_argument("--dataset-templates", action="store_true", help="also report zero-shot with CoOp's templates")
     g.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot evaluation")

@@ -71,6 +71,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # save the resumable run state every N steps (0: never; it is tiny)
     nan_policy: str = "stop"  # a non-finite loss: "stop" (keep the last good checkpoint) or "skip" the step
     deterministic: bool = False
+    # Recompute each transformer block's activations in backward instead of keeping them: about a third more
+    # compute for a peak that no longer grows with depth (BENCHMARKS.md, "Step cost"). For large towers on small GPUs.
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -80,6 +80,15 @@ class Backbone(ABC):
     def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_texts(move(self.tokenize(texts), self.device))
 
+    # -- memory ----------------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in backward (non-reentrant torch.utils.checkpoint, RNG state preserved, so
+        the adapters' dropout masks are the same in the recomputation and gradients equal the plain run's)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"gradient checkpointing is not available for {self.family} models: drop "
+                          "train.grad_checkpointing")
+
     # -- export ----------------------------------------------------------------------------------------------------
     @abstractmethod
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:

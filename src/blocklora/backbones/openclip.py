@@ -75,6 +75,11 @@ class OpenClipBackbone(Backbone):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        # open_clip 3.x checkpoints each residual block with use_reentrant=False (gradients reach the adapters
+        # although the block's input needs none); encode_texts below calls the same transformer, so it applies.
+        self.model.set_grad_checkpointing(enabled)
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 

@@ -366,6 +366,69 @@ def interleaved(spec: dict) -> dict:
     return out
 
 
+def shared_fold_cost(spec: dict) -> dict:
+    """One transformers CLIPAttention (ViT-B/16 vision width, batch 8 x 197 tokens, sdpa) with Block-LoRA on
+    q_proj, k_proj, v_proj: forward + backward time and saved bytes with the three Linears folding their common
+    input once (SharedFold, the default) against each folding its own copy, and with the adapters off. Interleaved
+    reps; saved bytes counted once per storage (the shared folded tensor is saved by three products)."""
+    import torch
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    from blocklora.adapters.layers import BlockLoRALinear, SharedFold
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=768, num_attention_heads=12)
+    cfg._attn_implementation = "sdpa"
+    attn = CLIPAttention(cfg)
+    for p in attn.parameters():
+        p.requires_grad_(False)
+    share = SharedFold()
+    layers = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = BlockLoRALinear(getattr(attn, name), R, N_BLOCKS, ALPHA, DROPOUT)
+        setattr(attn, name, layer)
+        layers.append(layer)
+    attn.train()
+    x = torch.randn(8, 197, 768, requires_grad=True)
+
+    def set_mode(mode: str) -> None:
+        for i, layer in enumerate(layers):
+            layer.shared_fold = share if mode == "shared" else None
+            layer.shares_fold = mode == "shared" and i > 0
+            layer.adapter_enabled = mode != "off"
+
+    def saved() -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attn(x)[0]
+        return sum(seen.values())
+
+    modes = ("shared", "unshared", "off")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    saved_b: dict[str, int] = {}
+    for rep in range(3 + spec["reps"]):
+        for mode in modes:
+            set_mode(mode)
+            if rep == 0:
+                saved_b[mode] = saved()
+            t0 = time.perf_counter()
+            attn(x)[0].sum().backward()
+            if rep >= 3:
+                times[mode].append(time.perf_counter() - t0)
+    ms = {m: round(1e3 * statistics.median(v), 2) for m, v in times.items()}
+    return {"input_shape": list(x.shape), "reps": spec["reps"], "module_ms": ms,
+            "adapter_ms": {m: round(ms[m] - ms["off"], 2) for m in ("shared", "unshared")},
+            "adapter_saved_bytes_per_element_of_x": {m: round((saved_b[m] - saved_b["off"]) / x.numel(), 3)
+                                                     for m in ("shared", "unshared")}}
+
+
 def text_truncation(spec: dict) -> dict:
     """Text-tower forward (no grad: the zero-shot / cached-feature path) for C prompts, cut after the longest
     end-of-text token (our backbone's encode_texts) against the stock 77-token encode_text. Block-LoRA injected."""
@@ -567,6 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--interleaved-rounds", type=int, default=3,
                     help="rounds of the one-process round-robin timing at C=100 (0: skip)")
     ap.add_argument("--no-extras", action="store_true", help="skip text truncation and saved-tensor accounting")
+    ap.add_argument("--extras", default="truncation,saved,shared_fold",
+                    help="which extras to run: truncation, saved (saved-tensor bytes), shared_fold")
     ap.add_argument("--truncation-classes", type=int, default=1000)
     ap.add_argument("--output", default="")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -574,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         kind, spec = args.worker[0], json.loads(args.worker[1])
         fn = {"step": worker, "truncation": text_truncation, "saved": saved_tensor_costs,
-              "interleaved": interleaved}[kind]
+              "interleaved": interleaved, "shared_fold": shared_fold_cost}[kind]
         print(json.dumps(fn(spec)))
         return {}
     import torch
@@ -621,10 +686,16 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"    -> time x floor: {res['time_vs_floor']}", file=sys.stderr, flush=True)
     if not args.no_extras:
         base = {"model": args.model, "device": args.device, "threads": args.threads, "reps": 1}
-        print("[extra] text tower with / without prompt truncation", file=sys.stderr, flush=True)
-        extras["text_truncation"] = run_in_subprocess("truncation", {**base, "classes": args.truncation_classes})
-        print("[extra] saved-tensor bytes of the adapter branch", file=sys.stderr, flush=True)
-        extras["saved_tensors"] = run_in_subprocess("saved", {**base, "reps": 3})
+        wanted = set(args.extras.split(","))
+        if "truncation" in wanted:
+            print("[extra] text tower with / without prompt truncation", file=sys.stderr, flush=True)
+            extras["text_truncation"] = run_in_subprocess("truncation", {**base, "classes": args.truncation_classes})
+        if "saved" in wanted:
+            print("[extra] saved-tensor bytes of the adapter branch", file=sys.stderr, flush=True)
+            extras["saved_tensors"] = run_in_subprocess("saved", {**base, "reps": 3})
+        if "shared_fold" in wanted:
+            print("[extra] transformers attention: q/k/v folding once vs each its own", file=sys.stderr, flush=True)
+            extras["shared_fold"] = run_in_subprocess("shared_fold", {**base, "reps": 20})
     out = {"config": config, "results": by_config(results.get("open_clip", {})),
            "transformers": {"results": by_config(results.get("transformers", {}))}, "ratios": ratios(results),
            **extras}
@@ -640,6 +711,11 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in extras["saved_tensors"]["bytes_per_element_of_x"].items():
             ms = extras["saved_tensors"]["branch_ms"].get(k)
             print(f"saved by adapter {k}: {v} B per element of x" + (f", branch {ms} ms" if ms else ""))
+    sf = extras.get("shared_fold", {})
+    if "module_ms" in sf:
+        print(f"transformers attention fwd+bwd: adapters off {sf['module_ms']['off']} ms; q/k/v adapter overhead "
+              f"{sf['adapter_ms']['shared']} ms folding once, {sf['adapter_ms']['unshared']} ms folding thrice; "
+              f"saved {sf['adapter_saved_bytes_per_element_of_x']} B per element of x")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")

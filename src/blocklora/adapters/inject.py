@@ -17,12 +17,14 @@ from .layers import (
     BlockLoRAConv1x1,
     BlockLoRALinear,
     BlockLoRAMultiheadAttention,
+    SharedFold,
     check_width,
     conv1x1_problem,
     fused_attention_problem,
 )
 
 CONFIG_ATTR = "_blocklora_adapter_config"
+QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
     targets = plan(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
+    folds: dict[tuple[str, int], SharedFold] = {}
     for t in targets:
         old = model.get_submodule(t.path)
         if t.kind == "fused":
@@ -133,6 +136,9 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
             new = BlockLoRAConv1x1(old, cfg)
         else:
             new = BlockLoRALinear(old, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout, cfg.scaling, cfg.fold, cfg.a_init)
+            if set(t.letters) <= set(QKV):  # self-attention's q, k, v read one tensor: fold it once
+                new.shares_fold = (t.tower, t.block) in folds
+                new.shared_fold = folds.setdefault((t.tower, t.block), SharedFold())
         new.train(old.training)
         _set_submodule(model, t.path, new)
     setattr(model, CONFIG_ATTR, cfg)

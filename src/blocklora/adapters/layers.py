@@ -8,7 +8,8 @@ stock state dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,38 @@ from torch import nn
 from ..errors import ConfigError
 from .config import AdapterConfig
 from .core import add_up_projection, delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
+
+
+class SharedFold:
+    """The folded input of Linears that read the same tensor (self-attention's q, k and v), computed once.
+
+    The first layer called on a tensor folds it (one dropout mask, one fold, one node in the graph); the others
+    called on the very same tensor object (same version, same train/eval mode) reuse that result, so the three
+    down-projections cost one fold, as in the fused attention layer, and backward regenerates one mask instead of
+    three. A different tensor (the next step, a recomputation under gradient checkpointing, a cross-attention
+    input) is simply folded again: the cache can change only cost, never results. It keeps a weak reference to x
+    and the small folded tensor (width d/n) until the next call.
+    """
+
+    __slots__ = ("_x", "_version", "_training", "_h")
+
+    def __init__(self) -> None:
+        self._x: weakref.ref | None = None
+        self._version, self._training, self._h = -1, False, None
+
+    def __reduce__(self):
+        """Copies and pickles (copy.deepcopy(model), torch.save(model)) get an empty cache: the cached tensor may
+        be a non-leaf, which deepcopy refuses, and a weak reference cannot be pickled. The memo keeps the three
+        layers sharing one new object."""
+        return SharedFold, ()
+
+    def get(self, x: torch.Tensor, training: bool, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if (self._x is not None and self._x() is x and self._version == x._version and self._training == training
+                and self._h is not None):
+            return self._h
+        h = compute()
+        self._x, self._version, self._training, self._h = weakref.ref(x), x._version, training, h
+        return h
 
 
 class AdapterLayer(nn.Module):
@@ -29,6 +62,8 @@ class AdapterLayer(nn.Module):
         self._scale = self.scaling * fold_factor(cfg.n_blocks, cfg.fold)
         self.merged = False
         self.adapter_enabled = True
+        self.shared_fold: SharedFold | None = None  # set by inject on q, k, v Linears of one attention
+        self.shares_fold = False  # True on the layers after the first in their group (for cost reports)
 
     def _adapter_on(self) -> bool:
         return self.adapter_enabled and not self.merged
@@ -39,6 +74,11 @@ class AdapterLayer(nn.Module):
         One autograd node (core.fold_dropout) that keeps nothing of x's size for backward: the mask is drawn again
         from a seed, and the product with A keeps only the folded input (width d_in / n).
         """
+        if self.shared_fold is not None:
+            return self.shared_fold.get(x, self.training, lambda: self._fold(x, like))
+        return self._fold(x, like)
+
+    def _fold(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return fold_dropout(x, self.dropout_p, self.n_blocks, self.training).to(like.dtype)
 
     def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
@@ -126,7 +166,7 @@ class BlockLoRALinear(AdapterLayer):
         yield "weight", slice(None), self.delta_weight()
 
     def matrices(self) -> Iterator[tuple[int, int, bool]]:
-        yield self.in_features, self.out_features, False
+        yield self.in_features, self.out_features, self.shares_fold
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -21,7 +21,7 @@ def adapter_cost(model: nn.Module) -> dict[str, Any]:
     """Per tower: adapted modules, trainable adapter parameters, multiply-adds and additions per token.
 
     Per adapted matrix (d_in -> d_out, rank r, n blocks): the fold costs d_in - d_in/n additions, A costs
-    r*d_in/n multiply-adds and B r*d_out. In a fused attention, q, k and v share one fold.
+    r*d_in/n multiply-adds and B r*d_out. q, k and v share one fold (fused attention, or SharedFold on Linears).
     """
     prefixes = {t: tuple(s.path for s in sites) for t, sites in find_sites(model).items()}
     towers: dict[str, dict[str, Any]] = {}

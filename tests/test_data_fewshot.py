@@ -85,21 +85,14 @@ def synthetic(val: bool = True) -> DatasetSplits:
 
 @pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_clip_lora_order_matches_reference(shots, seed):
+@pytest.mark.parametrize("order", ["clip-lora", "coop"])
+def test_sampling_order_matches_reference(order, shots, seed):
     d = synthetic()
-    got = sample_few_shot(d, shots, seed, "clip-lora")
-    train, val = clip_lora_reference(d.train, d.val, shots, seed)
+    got = sample_few_shot(d, shots, seed, order)
+    reference = clip_lora_reference if order == "clip-lora" else coop_reference
+    train, val = reference(d.train, d.val, shots, seed)
     assert got.train == train and got.val == val
-    assert (got.dataset, got.shots, got.seed, got.order, got.replace) == ("synthetic", shots, seed, "clip-lora", True)
-
-
-@pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_coop_order_matches_reference(shots, seed):
-    d = synthetic()
-    got = sample_few_shot(d, shots, seed, "coop")
-    train, val = coop_reference(d.train, d.val, shots, seed)
-    assert got.train == train and got.val == val
+    assert (got.dataset, got.shots, got.seed, got.order, got.replace) == ("synthetic", shots, seed, order, True)
 
 
 @pytest.mark.parametrize("shots", [1, 2, 4])

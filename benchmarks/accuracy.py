@@ -164,10 +164,10 @@ def adapter_cell(work: Path, name: str, overrides: tuple[str, ...], k: int, seed
             "n_test": r["n_test"], "split_sha256": r["split_sha256"]}
 
 
-def committed_cells() -> tuple[dict[str, Any], dict[str, Any]]:
+def committed_cells(name: str = "accuracy") -> tuple[dict[str, Any], dict[str, Any]]:
     """Cells and probe results from the committed accuracy.json when it was made with this script's recipe, so
     that a fresh checkout re-reports them, or runs only the cells the grid gained since, without redoing an hour."""
-    path = OUT / "accuracy.json"
+    path = OUT / f"{name}.json"
     if not path.exists():
         return {}, {}
     old = json.loads(path.read_text())
@@ -177,10 +177,11 @@ def committed_cells() -> tuple[dict[str, Any], dict[str, Any]]:
     return (old.get("cells", {}), old.get("linear_probe", {})) if same else ({}, {})
 
 
-def collect(work: Path, seeds, shots, with_ablations: bool, run_missing: bool) -> dict[str, Any]:
+def collect(work: Path, seeds, shots, with_ablations: bool, run_missing: bool, methods=tuple(METHODS),
+            output_name: str = "accuracy") -> dict[str, Any]:
     cells: dict[str, Any] = {}
-    previous, _ = committed_cells()
-    jobs = [(name, ov, k, s) for s in seeds for k in shots for name, ov in METHODS.items()]
+    previous, _ = committed_cells(output_name)
+    jobs = [(name, METHODS[name], k, s) for s in seeds for k in shots for name in methods]
     if with_ablations:
         jobs += [(name, ov, ABLATION_SHOTS, s) for s in seeds for name, ov in ABLATIONS.items()]
         jobs += [(name, ov, DIAGNOSTIC_SHOTS, s) for s in seeds for name, ov in DIAGNOSTICS.items()]
@@ -260,7 +261,8 @@ def plot(table: dict[str, Any], shots, path: Path) -> None:
     ax.set_xticks(list(shots), [str(k) for k in shots])
     ax.set_xlabel("shots per class")
     ax.set_ylabel(f"top-1 on {TEST_IMAGES} test images (%)")
-    ax.set_title("Fashion-MNIST, effnet-minilm (mean ± std, 3 seeds)")
+    n = max(v["n"] for row in table.values() for v in row.values() if v.get("n", 1) > 1 or "std" in v)
+    ax.set_title(f"Fashion-MNIST, effnet-minilm (mean ± std, {n} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,7 +277,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--report-only", action="store_true", help="tables from finished runs; run nothing")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"adapter rows to run, among {', '.join(METHODS)}")
+    p.add_argument("--name", default="accuracy",
+                   help="output benchmarks/results/NAME.{json,md,png}; only NAME.json's cells are reused")
     args = p.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}: use {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -286,11 +295,12 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("BLOCKLORA_CACHE", str(work / "cache"))  # zero-shot computed once for the whole grid
     t0 = time.perf_counter()
-    if not (work / "probe.json").exists() and committed_cells()[1]:
-        write_json(work / "probe.json", committed_cells()[1])
+    if not (work / "probe.json").exists() and committed_cells(args.name)[1]:
+        write_json(work / "probe.json", committed_cells(args.name)[1])
     probe = probe_cells(seeds, shots, work) if not args.report_only else (
         json.loads((work / "probe.json").read_text()) if (work / "probe.json").exists() else {})
-    cells = collect(work, seeds, shots, not args.no_ablations, run_missing=not args.report_only)
+    cells = collect(work, seeds, shots, not args.no_ablations, run_missing=not args.report_only, methods=methods,
+                    output_name=args.name)
     table = aggregate(cells, probe, shots)
     OUT.mkdir(parents=True, exist_ok=True)
     config = {"model": "effnet-minilm (packaged)", "dataset": "fashion-mnist", "test_images": TEST_IMAGES,
@@ -298,14 +308,14 @@ def main(argv=None) -> int:
               "iters": ITERS, "batch_size": BATCH, "lr": LR, "recipe": demo_config().to_dict(),
               "probe_penalties": PENALTIES, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d")}
-    write_json(OUT / "accuracy.json", {"config": config, "table": table, "cells": cells, "linear_probe": probe})
+    write_json(OUT / f"{args.name}.json", {"config": config, "table": table, "cells": cells, "linear_probe": probe})
     md = markdown(table, shots)
-    (OUT / "accuracy.md").write_text(md)
+    (OUT / f"{args.name}.md").write_text(md)
     if cells:
-        plot(table, shots, OUT / "accuracy.png")
+        plot(table, shots, OUT / f"{args.name}.png")
     print(md)
     _targets(table, shots)
-    print(f"done in {time.perf_counter() - t0:.0f} s; {OUT / 'accuracy.json'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; {OUT / f'{args.name}.json'}")
     return 0
 
 

@@ -178,9 +178,10 @@ def committed_cells(name: str = "accuracy") -> tuple[dict[str, Any], dict[str, A
 
 
 def collect(work: Path, seeds, shots, with_ablations: bool, run_missing: bool, methods=tuple(METHODS),
-            output_name: str = "accuracy") -> dict[str, Any]:
+            previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every cell of the grid: from its run directory, else from `previous` (committed cells), else run it."""
     cells: dict[str, Any] = {}
-    previous, _ = committed_cells(output_name)
+    previous = previous or {}
     jobs = [(name, METHODS[name], k, s) for s in seeds for k in shots for name in methods]
     if with_ablations:
         jobs += [(name, ov, ABLATION_SHOTS, s) for s in seeds for name, ov in ABLATIONS.items()]
@@ -261,7 +262,7 @@ def plot(table: dict[str, Any], shots, path: Path) -> None:
     ax.set_xticks(list(shots), [str(k) for k in shots])
     ax.set_xlabel("shots per class")
     ax.set_ylabel(f"top-1 on {TEST_IMAGES} test images (%)")
-    n = max(v["n"] for row in table.values() for v in row.values() if v.get("n", 1) > 1 or "std" in v)
+    n = max(v["n"] for row in table.values() for v in row.values())
     ax.set_title(f"Fashion-MNIST, effnet-minilm (mean ± std, {n} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -295,12 +296,13 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("BLOCKLORA_CACHE", str(work / "cache"))  # zero-shot computed once for the whole grid
     t0 = time.perf_counter()
-    if not (work / "probe.json").exists() and committed_cells(args.name)[1]:
-        write_json(work / "probe.json", committed_cells(args.name)[1])
+    previous, previous_probe = committed_cells(args.name)
+    if not (work / "probe.json").exists() and previous_probe:
+        write_json(work / "probe.json", previous_probe)
     probe = probe_cells(seeds, shots, work) if not args.report_only else (
         json.loads((work / "probe.json").read_text()) if (work / "probe.json").exists() else {})
     cells = collect(work, seeds, shots, not args.no_ablations, run_missing=not args.report_only, methods=methods,
-                    output_name=args.name)
+                    previous=previous)
     table = aggregate(cells, probe, shots)
     OUT.mkdir(parents=True, exist_ok=True)
     config = {"model": "effnet-minilm (packaged)", "dataset": "fashion-mnist", "test_images": TEST_IMAGES,

@@ -394,21 +394,9 @@ def shared_fold_cost(spec: dict) -> dict:
     x = torch.randn(8, 197, 768, requires_grad=True)
 
     def set_mode(mode: str) -> None:
-        for i, layer in enumerate(layers):
+        for layer in layers:
             layer.shared_fold = share if mode == "shared" else None
-            layer.shares_fold = mode == "shared" and i > 0
             layer.adapter_enabled = mode != "off"
-
-    def saved() -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            attn(x)[0]
-        return sum(seen.values())
 
     modes = ("shared", "unshared", "off")
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -417,7 +405,7 @@ def shared_fold_cost(spec: dict) -> dict:
         for mode in modes:
             set_mode(mode)
             if rep == 0:
-                saved_b[mode] = saved()
+                saved_b[mode] = saved_bytes(lambda: attn(x)[0])
             t0 = time.perf_counter()
             attn(x)[0].sum().backward()
             if rep >= 3:
@@ -459,6 +447,23 @@ def text_truncation(spec: dict) -> dict:
     return out
 
 
+def saved_bytes(fn, skip: set[int] | frozenset = frozenset()) -> int:
+    """Bytes autograd keeps for backward while `fn()` runs, each storage counted once (a tensor saved by several
+    products is kept once), storages whose data_ptr is in `skip` (parameters) left out."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in skip:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def saved_tensor_costs(spec: dict) -> dict:
     """Bytes each adapter keeps for backward, per element of its input x, counted with saved_tensors_hooks.
 
@@ -480,18 +485,6 @@ def saved_tensor_costs(spec: dict) -> dict:
     e = 768
     x = torch.randn(8, 197, e, requires_grad=True)
     params: set[int] = set()
-
-    def saved(fn) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                seen[t.data_ptr()] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(seen.values())
 
     def old_folded_input(layer):
         def f(inp, like):  # the previous implementation: F.dropout (mask kept full width) then fold
@@ -520,7 +513,7 @@ def saved_tensor_costs(spec: dict) -> dict:
             for name, p in layer.named_parameters():
                 p.requires_grad_("lora_" in name)
             layer.adapter_enabled = False
-            base = saved(run)
+            base = saved_bytes(run, params)
             layer.adapter_enabled = True
             for storage in ("old", "seed", "bits", "bool"):
                 if storage == "old":
@@ -529,7 +522,7 @@ def saved_tensor_costs(spec: dict) -> dict:
                     layer.__dict__.pop("_folded_input", None)
                     core.MASK_STORAGE = storage
                 key = f"{method}/{kind}/{storage}"
-                out["bytes_per_element_of_x"][key] = round((saved(run) - base) / x.numel(), 3)
+                out["bytes_per_element_of_x"][key] = round((saved_bytes(run, params) - base) / x.numel(), 3)
                 if kind == "mha":  # time of the adapter branch alone (fold + down-projection, fwd + bwd)
                     a = torch.cat([layer.lora_A[p] for p in "qkv"])
                     ts = []

@@ -283,7 +283,6 @@ def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypat
     assert r["top1"] >= r["zero_shot_top1"] + 8
 
 
-
 def test_grad_checkpointing_is_refused_clearly(backbone):
     """The towers are small and always in eval mode (transformers only checkpoints layers in training mode): the
     option is refused with a message instead of silently doing nothing."""

@@ -137,7 +137,6 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
         else:
             new = BlockLoRALinear(old, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout, cfg.scaling, cfg.fold, cfg.a_init)
             if set(t.letters) <= set(QKV):  # self-attention's q, k, v read one tensor: fold it once
-                new.shares_fold = (t.tower, t.block) in folds
                 new.shared_fold = folds.setdefault((t.tower, t.block), SharedFold())
         new.train(old.training)
         _set_submodule(model, t.path, new)

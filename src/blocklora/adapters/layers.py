@@ -44,8 +44,7 @@ class SharedFold:
         return SharedFold, ()
 
     def get(self, x: torch.Tensor, training: bool, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if (self._x is not None and self._x() is x and self._version == x._version and self._training == training
-                and self._h is not None):
+        if self._x is not None and self._x() is x and self._version == x._version and self._training == training:
             return self._h
         h = compute()
         self._x, self._version, self._training, self._h = weakref.ref(x), x._version, training, h
@@ -63,7 +62,6 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.shared_fold: SharedFold | None = None  # set by inject on q, k, v Linears of one attention
-        self.shares_fold = False  # True on the layers after the first in their group (for cost reports)
 
     def _adapter_on(self) -> bool:
         return self.adapter_enabled and not self.merged
@@ -166,7 +164,7 @@ class BlockLoRALinear(AdapterLayer):
         yield "weight", slice(None), self.delta_weight()
 
     def matrices(self) -> Iterator[tuple[int, int, bool]]:
-        yield self.in_features, self.out_features, self.shares_fold
+        yield self.in_features, self.out_features, False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -25,15 +25,20 @@ def adapter_cost(model: nn.Module) -> dict[str, Any]:
     """
     prefixes = {t: tuple(s.path for s in sites) for t, sites in find_sites(model).items()}
     towers: dict[str, dict[str, Any]] = {}
+    folded: set[int] = set()  # SharedFold groups already counted: only their first layer folds
     for name, layer in adapter_layers(model):
         t = towers.setdefault(_tower_of(name, prefixes), {"modules": [], "params": 0, "macs_per_token": 0,
                                                           "adds_per_token": 0})
         t["modules"].append(name)
         t["params"] += sum(p.numel() for p in layer.parameters() if p.requires_grad)
         r, n = layer.r, layer.n_blocks
+        group = layer.shared_fold
+        counted = group is not None and id(group) in folded
+        if group is not None:
+            folded.add(id(group))
         for d_in, d_out, shared_fold in layer.matrices():
             t["macs_per_token"] += r * d_in // n + r * d_out
-            if not shared_fold:
+            if not (shared_fold or counted):
                 t["adds_per_token"] += d_in - d_in // n
     total = {"params": sum(t["params"] for t in towers.values()),
              "macs_per_token": sum(t["macs_per_token"] for t in towers.values()),

@@ -54,7 +54,18 @@ class HFClipBackbone(Backbone):
         return _tensor(self.model.get_image_features(pixel_values=images))
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        set_hf_grad_checkpointing(self.model, enabled)
+        """transformers' per-layer checkpointing, non-reentrant: the frozen embeddings' output needs no gradient,
+        and the reentrant variant would then pass none to the adapters inside the layers."""
+        m = self.model
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5 (the old names warn)
+            if enabled:
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.activation_checkpointing_disable()
+        elif enabled:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_disable()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # padding=True pads to the longest prompt of the batch: with the causal mask and pooling at the EOS
@@ -74,20 +85,6 @@ class HFClipBackbone(Backbone):
         if processor is not None:
             processor.save_pretrained(path)
         return sorted(str(p) for p in path.iterdir())
-
-
-def set_hf_grad_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """transformers' per-layer checkpointing, non-reentrant: the frozen embeddings' output needs no gradient, and
-    the reentrant variant would then pass none to the adapters inside the layers."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old names warn)
-        if enabled:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def _tensor(out) -> torch.Tensor:

@@ -375,6 +375,7 @@ def shared_fold_cost(spec: dict) -> dict:
     from transformers import CLIPVisionConfig
     from transformers.models.clip.modeling_clip import CLIPAttention
 
+    from blocklora.adapters.config import AdapterConfig
     from blocklora.adapters.layers import BlockLoRALinear, SharedFold
 
     torch.set_num_threads(spec["threads"])
@@ -387,7 +388,8 @@ def shared_fold_cost(spec: dict) -> dict:
     share = SharedFold()
     layers = []
     for name in ("q_proj", "k_proj", "v_proj"):
-        layer = BlockLoRALinear(getattr(attn, name), R, N_BLOCKS, ALPHA, DROPOUT)
+        layer = BlockLoRALinear(getattr(attn, name), AdapterConfig(r=R, n_blocks=N_BLOCKS, alpha=ALPHA,
+                                                                    dropout=DROPOUT))
         setattr(attn, name, layer)
         layers.append(layer)
     attn.train()
@@ -478,8 +480,10 @@ def saved_tensor_costs(spec: dict) -> dict:
 
     import blocklora.adapters.core as core
     from blocklora.adapters.config import AdapterConfig
-    from blocklora.adapters.layers import BlockLoRALinear, BlockLoRAMultiheadAttention
+    from blocklora.adapters.fused import BlockLoRAMultiheadAttention
+    from blocklora.adapters.layers import BlockLoRALinear
 
+    StoredMaskFold = _stored_mask_fold()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     e = 768
@@ -491,19 +495,23 @@ def saved_tensor_costs(spec: dict) -> dict:
             return core.fold(F.dropout(inp, layer.dropout_p, layer.training), layer.n_blocks).to(like.dtype)
         return f
 
+    def stored_mask_folded_input(layer, storage):
+        def f(inp, like):  # the mask kept for backward as bools or packed bits instead of drawn again from a seed
+            return StoredMaskFold.apply(inp, layer.dropout_p, layer.n_blocks, core.draw_seed(), storage).to(like.dtype)
+        return f
+
     out: dict[str, Any] = {"input_shape": list(x.shape), "bytes_per_element_of_x": {}, "branch_ms": {}}
     mha = nn.MultiheadAttention(e, 12, batch_first=True)
     for method in ("block_lora", "lora"):
         for kind in ("mha", "linear"):
             if kind == "mha":
-                layer = BlockLoRAMultiheadAttention(copy.deepcopy(mha), "qkv", AdapterConfig(method=method,
-                                                                                              dropout=DROPOUT))
+                layer = BlockLoRAMultiheadAttention(copy.deepcopy(mha), AdapterConfig(method=method, dropout=DROPOUT))
 
                 def run(layer=layer):
                     return layer(x, x, x, need_weights=False)[0]
             else:
-                layer = BlockLoRALinear(nn.Linear(e, e), r=R, n_blocks=N_BLOCKS if method == "block_lora" else 1,
-                                        dropout=DROPOUT)
+                layer = BlockLoRALinear(nn.Linear(e, e), AdapterConfig(
+                    r=R, n_blocks=N_BLOCKS if method == "block_lora" else 1, dropout=DROPOUT))
 
                 def run(layer=layer):
                     return layer(x)
@@ -518,9 +526,10 @@ def saved_tensor_costs(spec: dict) -> dict:
             for storage in ("old", "seed", "bits", "bool"):
                 if storage == "old":
                     layer._folded_input = old_folded_input(layer)
-                else:
+                elif storage == "seed":  # blocklora's own path
                     layer.__dict__.pop("_folded_input", None)
-                    core.MASK_STORAGE = storage
+                else:
+                    layer._folded_input = stored_mask_folded_input(layer, storage)
                 key = f"{method}/{kind}/{storage}"
                 out["bytes_per_element_of_x"][key] = round((saved_bytes(run, params) - base) / x.numel(), 3)
                 if kind == "mha":  # time of the adapter branch alone (fold + down-projection, fwd + bwd)
@@ -532,8 +541,51 @@ def saved_tensor_costs(spec: dict) -> dict:
                         ts.append(time.perf_counter() - t0)
                     out["branch_ms"][key] = round(statistics.median(ts[1:]) * 1e3, 2)
             layer.__dict__.pop("_folded_input", None)
-            core.MASK_STORAGE = "seed"
     return out
+
+
+def _pack_bits(mask):
+    import torch
+
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed, shape):
+    import math
+
+    import torch
+
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[: math.prod(shape)].view(shape).bool()
+
+
+def _stored_mask_fold():
+    """fold_n(dropout(x)) keeping its mask for backward as bools (1 byte per element of x) or packed bits (1/8):
+    the alternatives measured against blocklora's seed (which keeps nothing of x's size)."""
+    import torch
+
+    from blocklora.adapters import core
+
+    class StoredMaskFold(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p, n_blocks, seed, storage):
+            mask = core.dropout_mask(x.shape, p, seed, x.device)
+            ctx.p, ctx.n_blocks, ctx.shape, ctx.storage = p, n_blocks, x.shape, storage
+            ctx.save_for_backward(_pack_bits(mask) if storage == "bits" else mask)
+            return core.fold(x * mask, n_blocks) * (1.0 / (1.0 - p))
+
+        @staticmethod
+        def backward(ctx, grad_h):
+            (saved,) = ctx.saved_tensors
+            mask = _unpack_bits(saved, ctx.shape) if ctx.storage == "bits" else saved
+            return core.unfold_grad(grad_h * (1.0 / (1.0 - ctx.p)), mask, ctx.n_blocks, -1), None, None, None, None
+
+    return StoredMaskFold
 
 
 # -- orchestration -------------------------------------------------------------------------------------------------

@@ -5,23 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from families import make_clip
+
 
 def make_openclip(seed: int = 0, batch_first: bool = True, quick_gelu: bool = False):
-    import open_clip
-
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16),
-        text_cfg=dict(context_length=16, vocab_size=512, width=48, heads=4, layers=3),
-        quick_gelu=quick_gelu,
-    )
-    if not batch_first:  # the OpenAI `clip` package's sequence-first layout
-        for tower in (model.visual.transformer, model.transformer):
-            tower.batch_first = False
-            for block in tower.resblocks:
-                block.attn.batch_first = False
-    return model.eval()
+    return make_clip(seed, batch_first, quick_gelu, vocab=512)
 
 
 def make_hf(seed: int = 0):

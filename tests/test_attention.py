@@ -1,4 +1,5 @@
-"""The MultiheadAttention replacement computes exactly what the stock module computes."""
+"""The fused q/k/v layers compute exactly what the stock modules compute: the nn.MultiheadAttention replacement
+(open_clip, OpenAI CLIP) and the wrapped timm `qkv` Linear (SigLIP, PE-Core, MobileCLIP), which share their math."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from blocklora import AdapterConfig, BlockLoRAMultiheadAttention, inject
+from blocklora import AdapterConfig, BlockLoRAFusedQKV, BlockLoRAMultiheadAttention, ConfigError, inject
 from conftest import example_inputs, make_openclip, randomize_adapters
 
 E, H = 48, 4
@@ -39,7 +40,7 @@ def _masks(l: int, n: int):
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "padding", "per_head", "is_causal"])
 def test_untrained_replacement_equals_stock(batch_first, mask):
     stock = _stock(batch_first)
-    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), "qkvo", AdapterConfig(dropout=0.25)).train()
+    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(dropout=0.25), "qkvo").train()
     n, l = 3, 9
     x = torch.randn((n, l, E) if batch_first else (l, n, E))
     kw = _masks(l, n)[mask]
@@ -50,15 +51,15 @@ def test_untrained_replacement_equals_stock(batch_first, mask):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("letters", ["qkvo", "qv", "k", "o"])
-def test_adapted_replacement_equals_stock_with_updated_weights(batch_first, letters):
+@pytest.mark.parametrize("projections", ["qkvo", "qv", "k", "o"])
+def test_adapted_replacement_equals_stock_with_updated_weights(batch_first, projections):
     """With B != 0, outputs equal the stock module whose weights carry the dense update: adapters are live."""
     stock = _stock(batch_first)
-    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), letters, AdapterConfig(n_blocks=4, dropout=0.0))
+    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(n_blocks=4, dropout=0.0), projections)
     randomize_adapters(ours, std=0.2)
     updated = copy.deepcopy(stock)
     with torch.no_grad():
-        for p in letters:
+        for p in projections:
             if p == "o":
                 updated.out_proj.weight += ours.delta_weight("o")
             else:
@@ -77,7 +78,7 @@ def test_adapted_replacement_equals_stock_with_updated_weights(batch_first, lett
 
 def test_cross_attention_inputs():
     stock = _stock(True)
-    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), "qkv", AdapterConfig(dropout=0.0))
+    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(dropout=0.0))
     q, kv = torch.randn(2, 5, E), torch.randn(2, 8, E)
     torch.testing.assert_close(ours(q, kv, kv)[0], stock(q, kv, kv, need_weights=False)[0], rtol=1e-5, atol=1e-5)
 
@@ -88,26 +89,70 @@ def test_openclip_attention_class_layout():
 
     torch.manual_seed(0)
     stock = Attention(E, H).train()
-    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), "qkv", AdapterConfig(dropout=0.0))
+    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(dropout=0.0))
     x = torch.randn(2, 6, E)
     mask = torch.full((6, 6), float("-inf")).triu_(1)
     torch.testing.assert_close(ours(x, attn_mask=mask), stock(x, attn_mask=mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_openclip_towers_untrained_adapters_give_original_features(batch_first):
-    model = make_openclip(batch_first=batch_first)
-    images, tokens = example_inputs()
+def _timm_attention(seed: int = 0, qkv_bias: bool = True):
+    from timm.layers import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(E, H, qkv_bias=qkv_bias)
+    if qkv_bias:
+        with torch.no_grad():
+            attn.qkv.bias.normal_()
+    return attn.eval()
+
+
+@pytest.mark.parametrize("projections", ["qkv", "qv", "k"])
+def test_timm_fused_qkv_equals_stock_with_updated_row_blocks(projections):
+    """The wrapped (3E, E) qkv Linear inside timm's own Attention: the adapters' updates land in q, k, v's row blocks
+    (merge is exact), the attention module itself is untouched."""
+    stock = _timm_attention()
+    ours = copy.deepcopy(stock)
+    ours.qkv = BlockLoRAFusedQKV(ours.qkv, AdapterConfig(n_blocks=4, dropout=0.0), projections)
+    randomize_adapters(ours, std=0.2)
+    updated = copy.deepcopy(stock)
     with torch.no_grad():
-        img0, txt0 = model.encode_image(images), model.encode_text(tokens)
-    inject(model, AdapterConfig(projections="qkvo"))
+        for p in projections:
+            i = "qkv".index(p)
+            updated.qkv.weight[i * E:(i + 1) * E] += ours.qkv.delta_weight(p)
+    x = torch.randn(2, 7, E)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), img0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.encode_text(tokens), txt0, rtol=1e-5, atol=1e-5)
-    randomize_adapters(model)
+        got = ours(x)
+        torch.testing.assert_close(got, updated(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, stock(x), atol=1e-3)
+        ours.qkv.merge()
+        torch.testing.assert_close(ours(x), got, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.qkv.weight, updated.qkv.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_qkv_and_mha_share_one_computation():
+    """Same weights and factors: the timm Linear's output is the MHA replacement's fused input projection."""
+    mha = BlockLoRAMultiheadAttention(_stock(True), AdapterConfig(n_blocks=4, dropout=0.0), "qkv")
+    linear = nn.Linear(E, 3 * E)
     with torch.no_grad():
-        assert not torch.allclose(model.encode_image(images), img0, atol=1e-3)
-        assert not torch.allclose(model.encode_text(tokens), txt0, atol=1e-3)
+        linear.weight.copy_(mha.in_proj_weight)
+        linear.bias.copy_(mha.in_proj_bias)
+    fused = BlockLoRAFusedQKV(linear, AdapterConfig(n_blocks=4, dropout=0.0))
+    randomize_adapters(mha, std=0.2)
+    fused.load_state_dict({k.replace("in_proj_", ""): v for k, v in mha.state_dict().items()
+                           if not k.startswith("out_proj")})
+    x = torch.randn(3, 5, E)
+    with torch.no_grad():
+        assert torch.equal(fused(x), mha._qkv(x))
+
+
+@pytest.mark.parametrize(("module", "projections", "message"), [
+    (nn.Linear(E, 100), "qkv", "not 3 row blocks"),
+    (nn.Linear(E, 3 * E), "qkvo", "only q, k and v are row blocks"),
+    (nn.Conv2d(E, 3 * E, 1), "qkv", "not an nn.Linear"),
+])
+def test_fused_qkv_refuses_what_it_cannot_wrap(module, projections, message):
+    with pytest.raises(ConfigError, match=message):
+        BlockLoRAFusedQKV(module, AdapterConfig(n_blocks=4), projections)
 
 
 def test_openclip_text_tower_stays_causal():

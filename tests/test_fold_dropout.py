@@ -12,7 +12,8 @@ from torch import nn
 import blocklora.adapters.core as core
 from blocklora.adapters.config import AdapterConfig
 from blocklora.adapters.core import draw_seed, dropout_mask, fold_dropout
-from blocklora.adapters.layers import BlockLoRAConv1x1, BlockLoRALinear, BlockLoRAMultiheadAttention
+from blocklora.adapters.fused import BlockLoRAMultiheadAttention
+from blocklora.adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
 
 
 def _reference(x, p, n, mask, dim=-1):
@@ -22,13 +23,12 @@ def _reference(x, p, n, mask, dim=-1):
     return h.unflatten(dim, (n, x.shape[dim] // n)).sum(dim) if n > 1 else h
 
 
-@pytest.mark.parametrize("storage", ["seed", "bits", "bool"])
 @pytest.mark.parametrize("n,dim", [(1, -1), (4, -1), (3, 1)])
-def test_gradcheck_and_equals_plain_formula(storage, n, dim):
+def test_gradcheck_and_equals_plain_formula(n, dim):
     shape = (3, 12, 5) if dim == 1 else (3, 5, 12)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     seed, p = 1234, 0.3
-    fn = lambda t: fold_dropout(t, p, n, True, dim=dim, seed=seed, storage=storage)  # noqa: E731
+    fn = lambda t: fold_dropout(t, p, n, True, dim=dim, seed=seed)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     mask = dropout_mask(x.shape, p, seed, x.device)
     assert 0 < mask.sum() < mask.numel()
@@ -67,7 +67,7 @@ def _grads(out, tensors, g):
 
 def test_linear_matches_reference_with_same_mask():
     torch.manual_seed(0)
-    layer = BlockLoRALinear(nn.Linear(48, 40).double(), r=3, n_blocks=4, alpha=1.5, dropout=0.4).train()
+    layer = BlockLoRALinear(nn.Linear(48, 40).double(), AdapterConfig(r=3, n_blocks=4, alpha=1.5, dropout=0.4)).train()
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 7, 48, dtype=torch.float64, requires_grad=True)
@@ -86,7 +86,7 @@ def test_linear_matches_reference_with_same_mask():
 def test_attention_qkv_matches_reference_with_same_mask():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(32, 4, batch_first=True).double()
-    layer = BlockLoRAMultiheadAttention(mha, "qkv", AdapterConfig(n_blocks=4, dropout=0.25, fold="mean")).train()
+    layer = BlockLoRAMultiheadAttention(mha, AdapterConfig(n_blocks=4, dropout=0.25, fold="mean")).train()
     with torch.no_grad():
         for b in layer.lora_B.values():
             b.normal_()
@@ -146,7 +146,7 @@ def test_adapter_branch_keeps_only_the_folded_input(method, n):
     token) and the scaled B.T (r x d, once); no tensor of x's size (the old path kept F.dropout's float mask too:
     + 4 d bytes per token)."""
     d, r, tokens = 768, 2, 8 * 197
-    layer = BlockLoRALinear(nn.Linear(d, d), r=r, n_blocks=n, dropout=0.25).train()
+    layer = BlockLoRALinear(nn.Linear(d, d), AdapterConfig(r=r, n_blocks=n, dropout=0.25)).train()
     layer.weight.requires_grad_(False)
     layer.bias.requires_grad_(False)
     x = torch.randn(8, 197, d, requires_grad=True)
@@ -162,7 +162,7 @@ def test_adapter_branch_keeps_only_the_folded_input(method, n):
 def test_attention_branch_saved_bytes():
     """Fused q/k/v: one folded input for the three letters, z for all three, and the small A / B concatenations."""
     e, r, tokens = 768, 2, 8 * 197
-    layer = BlockLoRAMultiheadAttention(nn.MultiheadAttention(e, 12, batch_first=True), "qkv",
+    layer = BlockLoRAMultiheadAttention(nn.MultiheadAttention(e, 12, batch_first=True),
                                         AdapterConfig(dropout=0.25)).train()
     for name, p in layer.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -173,19 +173,6 @@ def test_attention_branch_saved_bytes():
     adapted, _ = _saved_bytes(lambda: layer._qkv(x), layer.parameters())
     folded, z, a_cat, b_diag = tokens * e // 8 * 4, tokens * 3 * r * 4, 3 * r * e // 8 * 4, 3 * r * 3 * e * 4
     assert adapted - base == folded + z + a_cat + b_diag  # b_diag: the scaled block-diagonal (q, k, v) B.T
-
-
-@pytest.mark.parametrize("storage,extra", [("bool", 1.0), ("bits", 0.125)])
-def test_mask_storage_costs(storage, extra, monkeypatch):
-    """The alternatives to the seed: the mask as bools (1 byte per element of x) or packed bits (1/8 byte)."""
-    monkeypatch.setattr(core, "MASK_STORAGE", storage)
-    d = 64
-    layer = BlockLoRALinear(nn.Linear(d, d), r=2, n_blocks=8, dropout=0.25).train()
-    x = torch.randn(10, d, requires_grad=True)
-    adapted, _ = _saved_bytes(lambda: layer(x), layer.parameters())
-    layer.adapter_enabled = False
-    base, _ = _saved_bytes(lambda: layer(x), layer.parameters())
-    assert adapted - base == 10 * (d // 8 + 2) * 4 + 2 * d * 4 + int(x.numel() * extra)
 
 
 @pytest.mark.parametrize("p", [0.25, 0.3, 0.5])
@@ -212,9 +199,9 @@ def test_add_up_projection_paths():
 def test_autocast_bf16_forward_backward():
     """Under autocast the up-projection is added out of place (autocast casts the addmm operands)."""
     torch.manual_seed(0)
-    mha = BlockLoRAMultiheadAttention(nn.MultiheadAttention(32, 4, batch_first=True), "qkvo",
-                                      AdapterConfig(n_blocks=4, dropout=0.25)).train()
-    lin = BlockLoRALinear(nn.Linear(32, 16), r=2, n_blocks=4, dropout=0.25).train()
+    mha = BlockLoRAMultiheadAttention(nn.MultiheadAttention(32, 4, batch_first=True),
+                                      AdapterConfig(n_blocks=4, dropout=0.25), "qkvo").train()
+    lin = BlockLoRALinear(nn.Linear(32, 16), AdapterConfig(r=2, n_blocks=4, dropout=0.25)).train()
     x = torch.randn(2, 5, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = lin(mha(x, x, x, need_weights=False)[0])

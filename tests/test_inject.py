@@ -1,15 +1,17 @@
-"""inject(): placement, trainable set, validation before mutation, counts, merge, training touches only adapters."""
+"""inject(): configuration, placement, validation before mutation, the probe that refuses bypassed layers.
+
+The adapter contract (identity, merge, round trip, export, training touches only adapters, counts) is one matrix
+over every family: test_contract.py.
+"""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 import blocklora
 from blocklora import AdapterConfig, ConfigError, inject
-from blocklora.adapters.config import resolve_blocks
+from blocklora.adapters.config import resolve_layers
 from conftest import example_inputs, make_hf, make_openclip, randomize_adapters
 
 
@@ -20,11 +22,27 @@ def _params(model):
 def test_defaults_are_the_reference_recipe():
     cfg = AdapterConfig()
     assert (cfg.method, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout) == ("block_lora", 2, 8, 1.0, 0.25)
-    assert cfg.towers == ("vision", "text") and cfg.projections == ("q", "k", "v") and cfg.blocks == "all"
+    assert cfg.towers == ("vision", "text") and cfg.projections == ("q", "k", "v") and cfg.layers == "all"
     assert AdapterConfig(method="lora").n_blocks == 1
     assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
     assert AdapterConfig(projections="qkv").projections == ("q", "k", "v")
-    assert AdapterConfig(blocks="8-11,0").blocks == (0, 8, 9, 10, 11)
+    assert AdapterConfig(layers="8-11,0").layers == (0, 8, 9, 10, 11)
+
+
+def test_former_names_are_still_read():
+    """`blocks` (now `layers`) in code, overrides and the config.json of adapters written by earlier versions."""
+    from blocklora.config import RunConfig
+
+    assert AdapterConfig(blocks="up") == AdapterConfig(layers="up")
+    old = {**AdapterConfig().to_dict(), "blocks": [0, 2], "extra": {}}
+    del old["layers"]
+    assert AdapterConfig.from_dict(old).layers == (0, 2)
+    assert RunConfig().with_overrides(["adapter.blocks=top3"]).adapter.layers == "top3"
+    assert RunConfig().with_overrides(["blocks=1-2"]).adapter.layers == (1, 2)
+    with pytest.raises(ConfigError, match="disagree"):
+        AdapterConfig(layers="up", blocks="top")
+    with pytest.raises(ConfigError, match="'extra' is not supported"):
+        AdapterConfig.from_dict({"extra": {"x": 1}})
 
 
 @pytest.mark.parametrize(("depth", "name", "expected"), [
@@ -33,20 +51,20 @@ def test_defaults_are_the_reference_recipe():
     (24, "bottom", list(range(8))), (24, "mid", list(range(8, 16))), (24, "up", list(range(16, 24))),
     (24, "half-up", list(range(12, 24))), (24, "top3", [21, 22, 23]), (24, "all", list(range(24))),
 ])
-def test_named_block_ranges_match_clip_lora(depth, name, expected):
-    assert resolve_blocks(name, depth) == expected
+def test_named_layer_ranges_match_clip_lora(depth, name, expected):
+    assert resolve_layers(name, depth) == expected
 
 
 def test_resolve_negative_and_out_of_range():
-    assert resolve_blocks((-1, 0), 12) == [0, 11]
+    assert resolve_layers((-1, 0), 12) == [0, 11]
     with pytest.raises(ConfigError, match="out of range"):
-        resolve_blocks((12,), 12)
+        resolve_layers((12,), 12)
 
 
 @pytest.mark.parametrize("make", [make_openclip, make_hf])
 def test_only_adapters_trainable_and_names(make):
     model = make()
-    names = inject(model, AdapterConfig(blocks="1-2", towers="vision"))
+    names = inject(model, AdapterConfig(layers="1-2", towers="vision"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     assert all(".1." in n or ".2." in n for n in names)
@@ -55,7 +73,7 @@ def test_only_adapters_trainable_and_names(make):
 
 @pytest.mark.parametrize("make", [make_openclip, make_hf])
 @pytest.mark.parametrize("bad", [
-    dict(n_blocks=5), dict(projections="qx"), dict(blocks=(7,)), dict(towers=("audio",)),
+    dict(n_blocks=5), dict(projections="qx"), dict(layers=(7,)), dict(towers=("audio",)),
 ])
 def test_bad_configs_fail_clearly_and_leave_model_untouched(make, bad):
     model = make()
@@ -72,7 +90,7 @@ def test_bad_configs_fail_clearly_and_leave_model_untouched(make, bad):
 
 
 def test_error_messages_name_the_problem():
-    with pytest.raises(ConfigError, match="n_blocks=5 does not divide .*width of visual.transformer.resblocks.0"):
+    with pytest.raises(ConfigError, match="cannot adapt visual.transformer.resblocks.0.attn: n_blocks=5 does not"):
         inject(make_openclip(), AdapterConfig(n_blocks=5))
     with pytest.raises(ConfigError, match="unknown projection 'x'"):
         AdapterConfig(projections="q,x")
@@ -84,75 +102,6 @@ def test_error_messages_name_the_problem():
     inject(model)
     with pytest.raises(ConfigError, match="already carries"):
         inject(model)
-
-
-@pytest.mark.parametrize("make", [make_openclip, make_hf])
-def test_training_changes_only_adapter_tensors(make):
-    model = make()
-    inject(model, AdapterConfig(n_blocks=4, projections="qkvo"))
-    model.train()
-    before = _params(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    images, tokens = example_inputs()
-    for _ in range(3):
-        if make is make_openclip:
-            img, txt = model.encode_image(images), model.encode_text(tokens)
-        else:
-            img = model.get_image_features(pixel_values=images)
-            txt = model.get_text_features(input_ids=tokens)
-            img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))
-        loss = (img.mean(0) - txt.mean(0)).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = _params(model)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {k for k in before if ".lora_" in k}  # every adapter tensor moved, nothing else
-
-
-def test_params_counts_vit_b16():
-    import open_clip
-
-    model = open_clip.create_model("ViT-B-16", pretrained=None)
-    inject(model, AdapterConfig())
-    assert blocklora.count_trainable(model) == 103_680
-    model = open_clip.create_model("ViT-B-16", pretrained=None)
-    inject(model, AdapterConfig(method="lora"))
-    assert blocklora.count_trainable(model) == 184_320
-
-
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
-def test_param_count_formula(n):
-    model = make_openclip()  # vision width 64, text width 48, 3 blocks each
-    inject(model, AdapterConfig(n_blocks=n, r=3, projections="qkvo"))
-    expected = sum(3 * 4 * (3 * w // n + 3 * w) for w in (64, 48))
-    assert blocklora.count_trainable(model) == expected
-
-
-@pytest.mark.parametrize("make", [make_openclip, make_hf])
-def test_merge_equals_unmerged_and_unmerge_restores(make):
-    model = make()
-    original = _params(model)
-    inject(model, AdapterConfig(n_blocks=4, projections="qkvo"))
-    randomize_adapters(model)
-    images, tokens = example_inputs()
-
-    def feats():
-        with torch.no_grad():
-            if make is make_openclip:
-                return model.encode_image(images), model.encode_text(tokens)
-            return (model.get_image_features(pixel_values=images).pooler_output,
-                    model.get_text_features(input_ids=tokens).pooler_output)
-
-    unmerged = feats()
-    blocklora.merge(model)
-    for a, b in zip(feats(), unmerged):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    blocklora.unmerge(model)
-    restored = {k: v for k, v in _params(model).items() if ".lora_" not in k}
-    assert restored.keys() == original.keys()
-    for k in original:
-        torch.testing.assert_close(restored[k], original[k], rtol=0, atol=1e-6)
 
 
 def test_adapters_disabled_gives_frozen_model():
@@ -168,16 +117,78 @@ def test_adapters_disabled_gives_frozen_model():
         assert not torch.allclose(model.encode_image(images), ref, atol=1e-3)
 
 
-def test_merged_state_dict_loads_into_stock_model():
-    model = make_openclip()
-    inject(model, AdapterConfig(projections="qkvo"))
-    randomize_adapters(model)
-    images, tokens = example_inputs()
+def _open_clip(name: str):
+    import open_clip
+
+    from families import register
+
+    register()
+    return open_clip.create_model(name).eval()
+
+
+def _probe(model, size: int):
+    tokens = torch.zeros(1, 16, dtype=torch.long)
+    tokens[0, :3] = torch.tensor([5, 6, 127])
+    return lambda: (model.encode_image(torch.zeros(1, 3, size, size)), model.encode_text(tokens))
+
+
+@pytest.mark.parametrize(("name", "size", "message"), [
+    # EVA-01 style: EvaAttention with q/v biases calls F.linear(x, self.qkv.weight, ...), never self.qkv(x)
+    ("tiny-eva01-test", 32, r"visual.trunk.blocks.0.attn.qkv is never called: EvaAttention \(visual.trunk.blocks.0"),
+    # CLIP's RN50: AttentionPool2d hands q_proj/k_proj/v_proj's weights to F.multi_head_attention_forward
+    ("tiny-rn50-test", 64, r"visual.attnpool.\w_proj is never called: AttentionPool2d \(visual.attnpool\)"),
+])
+def test_probe_refuses_layers_the_model_bypasses(name, size, message):
+    model = _open_clip(name)
+    before = _params(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ConfigError, match=message) as err:
+        inject(model, AdapterConfig(n_blocks=4), probe=_probe(model, size))
+    assert "--towers text" in str(err.value) and "\n" not in str(err.value)
+    assert not list(blocklora.adapter_layers(model)) and blocklora.adapter_config(model) is None
+    assert _params(model).keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in _params(model).items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert len(inject(model, AdapterConfig(n_blocks=4, towers="text"), probe=_probe(model, size))) == 2
+
+
+def test_a_tower_without_attention_is_refused_by_its_class():
+    model = _open_clip("tiny-convnext-test")
+    with pytest.raises(ConfigError, match=r"vision tower of this open_clip model \(TimmModel around a timm ConvNeXt\) "
+                                          r"has no attention blocks .* choose towers from text"):
+        inject(model, AdapterConfig(n_blocks=4))
+    assert len(inject(model, AdapterConfig(n_blocks=4, towers="text"))) == 2
+
+
+class _Toy(torch.nn.Module):
+    """A model no family knows: two timm-style attention blocks (a fused qkv Linear and an output Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"qkv": torch.nn.Linear(16, 48),
+                                                               "proj": torch.nn.Linear(16, 16)}) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            q, k, v = block["qkv"](x).chunk(3, -1)
+            x = x + block["proj"](torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+        return x
+
+
+def test_a_placement_can_be_handed_to_inject():
+    from blocklora import Placement, Site
+
+    model = _Toy()
+    with pytest.raises(ConfigError, match="does not know where attention lives in a _Toy: known families are"):
+        inject(model)
+    sites = tuple(Site("vision", i, f"blocks.{i}", "linears", (("q", "qkv"), ("k", "qkv"), ("v", "qkv"),
+                                                                ("o", "proj"))) for i in range(2))
+    placement = Placement("toy", {"vision": sites})
+    x = torch.randn(2, 5, 16)
     with torch.no_grad():
-        expected = model.encode_image(images), model.encode_text(tokens)
-    stock = make_openclip(seed=5)
-    stock.load_state_dict(blocklora.merged_state_dict(model), strict=True)
+        ref = model(x)
+    names = inject(model, AdapterConfig(n_blocks=4, towers="vision", projections="qkvo"), placement,
+                   probe=lambda: model(x))
+    assert names == ["blocks.0.qkv", "blocks.0.proj", "blocks.1.qkv", "blocks.1.proj"]
     with torch.no_grad():
-        torch.testing.assert_close(stock.encode_image(images), expected[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stock.encode_text(tokens), expected[1], rtol=1e-5, atol=1e-5)
-    copy.deepcopy(model)  # adapted models stay deep-copyable
+        torch.testing.assert_close(model(x), ref)
+    assert blocklora.count_trainable(model) == 2 * (3 * (2 * 16 // 4 + 2 * 16) + (2 * 16 // 4 + 2 * 16))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from blocklora import BlockLoRALinear, ConfigError
+from blocklora import AdapterConfig, BlockLoRALinear, ConfigError
 from blocklora.adapters.core import delta_weight, draw_seed, dropout_mask, fold
 
 
 def _layer(d_in=48, d_out=40, n=4, r=3, dropout=0.0, **kw):
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out).double()
-    layer = BlockLoRALinear(base, r=r, n_blocks=n, alpha=1.5, dropout=dropout, **kw)
+    layer = BlockLoRALinear(base, AdapterConfig(r=r, n_blocks=n, alpha=1.5, dropout=dropout, **kw))
     with torch.no_grad():
         layer.lora_B.normal_()
     return base, layer
@@ -60,7 +60,7 @@ def test_standard_scaling_and_mean_fold():
 def test_zero_b_is_bit_identical_to_base():
     torch.manual_seed(0)
     base = nn.Linear(32, 16)
-    layer = BlockLoRALinear(base, r=2, n_blocks=8, dropout=0.25).train()
+    layer = BlockLoRALinear(base, AdapterConfig(r=2, n_blocks=8, dropout=0.25)).train()
     x = torch.randn(4, 32)
     assert torch.equal(layer(x), base(x))
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
@@ -69,8 +69,8 @@ def test_zero_b_is_bit_identical_to_base():
 def test_init_bounds():
     base = nn.Linear(768, 768)
     torch.manual_seed(0)
-    a = BlockLoRALinear(base, r=2, n_blocks=8).lora_A
-    full = BlockLoRALinear(base, r=2, n_blocks=8, a_init="kaiming_full").lora_A
+    a = BlockLoRALinear(base, AdapterConfig(r=2, n_blocks=8)).lora_A
+    full = BlockLoRALinear(base, AdapterConfig(r=2, n_blocks=8, a_init="kaiming_full")).lora_A
     assert a.abs().max() <= 1 / math.sqrt(96) and a.abs().max() > 0.9 / math.sqrt(96)
     assert full.abs().max() <= 1 / math.sqrt(768) and full.abs().max() > 0.9 / math.sqrt(768)
 
@@ -119,7 +119,7 @@ def test_merge_unmerge():
 @pytest.mark.parametrize("n", [5, 7, 64])
 def test_bad_n_blocks_is_clear(n):
     with pytest.raises(ConfigError, match=f"n_blocks={n} does not divide in_features"):
-        BlockLoRALinear(nn.Linear(48, 8), n_blocks=n)
+        BlockLoRALinear(nn.Linear(48, 8), AdapterConfig(n_blocks=n))
 
 
 def test_delta_weight_function_matches_repeat():

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .adapters.inject import adapter_config, count_trainable, inject, merged_state_dict, plan
-from .adapters.io import load_adapter, read_adapter_meta, save_adapter
+from ._version import __version__
+from .adapters.inject import count_trainable, merged_state_dict
+from .adapters.io import read_adapter_meta
 from .backbones import Backbone, load_backbone
+from .backbones.fingerprint import load_adapter, save_adapter
 from .config import RunConfig
 from .cross import PREFIX as CROSS
 from .cross import evaluate_targets, load_targets
@@ -48,7 +49,7 @@ from .engine.distributed import all_ranks
 from .engine.files import JsonlWriter, atomic_write, load_torch, run_lock, save_torch, write_json
 from .engine.fit import Trainer, TrainingDiverged
 from .engine.runtime import Runtime, default_workers, make_runtime, seed_everything, set_deterministic
-from .errors import BlockLoRAError, DataError
+from .errors import BlockLoRAError, ConfigError, DataError
 
 log = logging.getLogger("blocklora")
 
@@ -69,6 +70,8 @@ class Prepared:
     eval_sets: dict[str, DatasetSplits]  # name -> dataset to test on ("" = the trained classes)
     runtime: Runtime
     bad_images: list[tuple[str, str]]
+    modules: list[str]  # the adapted modules (injected, probed)
+    logits: Logits
 
 
 def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
@@ -86,9 +89,14 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu)
-    plan(backbone.model, cfg.adapter)  # n_blocks vs widths, towers, blocks: fail before any work
-    if cfg.train.grad_checkpointing:  # block-level: adapters injected later sit inside the checkpointed blocks
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, cfg.tokenizer)
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
+    logits = resolve_logits(backbone, cfg.train)
+    # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any
+    # work. Seeded: the adapters' initial values are a function of the seed.
+    seed_everything(cfg.data.seed)
+    modules = backbone.inject(cfg.adapter)
+    if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks
         backbone.set_grad_checkpointing(True)
     test_items = [i for s in eval_sets.values() for i in getattr(s, cfg.eval.split)]
     if not test_items:
@@ -112,7 +120,38 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
             eval_sets[name] = _without(s, bad_paths)
         if not train_items:
             raise DataError("every training image is unreadable: nothing to train on")
-    return Prepared(cfg, backbone, data, fewshot, train_items, sha, eval_sets, runtime, bad)
+    return Prepared(cfg, backbone, data, fewshot, train_items, sha, eval_sets, runtime, bad, modules, logits)
+
+
+@dataclass(frozen=True)
+class Logits:
+    """How image-text cosines become logits: scale * cos (+ bias), and the loss / probabilities they feed.
+
+    kind "softmax": cross-entropy over the classes (CLIP-LoRA), softmax probabilities. kind "sigmoid": SigLIP's
+    per-class sigmoid sigma(scale * cos + bias) (Zhai et al. 2023, eq. 1), with the checkpoint's bias.
+    """
+
+    scale: float
+    bias: float | None
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "bias": self.bias, "kind": self.kind}
+
+
+def resolve_logits(backbone: Backbone, cfg) -> Logits:
+    """train.logit_scale (a number, or "auto": the checkpoint's learned exp(logit_scale)) and train.loss."""
+    scale = backbone.learned_logit_scale() if cfg.logit_scale == "auto" else float(cfg.logit_scale)
+    if scale is None:
+        raise ConfigError(f"train.logit_scale=auto: {backbone.name} has no learned logit scale; give a number "
+                          "(CLIP-LoRA uses 100)")
+    bias = None
+    if cfg.loss == "sigmoid":
+        bias = backbone.learned_logit_bias()
+        if bias is None:
+            raise ConfigError(f"train.loss=sigmoid is SigLIP's loss and needs its learned logit bias: {backbone.name} "
+                              "has none; use train.loss=softmax")
+    return Logits(scale, bias, cfg.loss)
 
 
 def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:
@@ -261,13 +300,13 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
                 results["zero_shot_dataset_template_top1"] = zs2["top1"]
             log.info("zero-shot top-1 %.2f%%%s", zs["top1"], " (cached)" if zs.get("cached") else "")
         eval_s = time.perf_counter() - t_eval
-        # 2. adapt and train
+        # 2. train the adapters (injected by prepare); the training RNG starts from the seed, cached zero-shot or not
         seed_everything(cfg.data.seed)
-        modules = inject(backbone.model, cfg.adapter)
+        modules = p.modules
         backbone.to(rt.device)
         total = cfg.train.total_iters(cfg.data.shots)
         trainer = Trainer(backbone, p.train_items, data.image_reader, data.classnames, cfg.train, rt,
-                          cfg.data.seed, total, workers)
+                          cfg.data.seed, total, workers, p.logits.scale, p.logits.bias)
         ckpt_path = output / CHECKPOINT
         if resume and ckpt_path.exists():
             state = load_torch(ckpt_path)
@@ -325,12 +364,13 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
             backbone=backbone.describe(), device=str(rt.device), precision=rt.precision, world_size=rt.world_size,
             wall_time_s={"total": round(time.perf_counter() - t0, 2), "train": round(train_s, 2),
                          "eval": round(eval_s, 2)},
-            peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(),
+            peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(), logits=p.logits.to_dict(),
         )
         if main:
             run_meta = {"model": cfg.model, "pretrained": backbone.pretrained, "quick_gelu": cfg.quick_gelu,
                         "dataset": data.name, "classnames": data.classnames, "template": cfg.train.template,
-                        "logit_scale": cfg.train.logit_scale, "split_sha256": sha}
+                        "logit_scale": p.logits.scale, "logit_bias": p.logits.bias, "loss": p.logits.kind,
+                        "tokenizer": cfg.tokenizer, "split_sha256": sha}
             save_adapter(backbone.model, output / ADAPTER, backbone=backbone.name, extra={"run": run_meta},
                          overwrite=True)
             write_json(output / RESULTS, results)
@@ -352,15 +392,16 @@ def _barrier(world_size: int) -> None:
 
 # -- using a trained adapter ------------------------------------------------------------------------------------------
 def load_trained(adapter_dir: str | Path, pretrained: str | None = None, force: bool = False,
-                 device: str = "auto") -> tuple[Backbone, dict[str, Any], Runtime]:
-    """The backbone an adapter was trained on (or `pretrained` instead), with the adapter loaded."""
+                 device: str = "auto", tokenizer: str | None = None) -> tuple[Backbone, dict[str, Any], Runtime]:
+    """The backbone an adapter was trained on (or `pretrained` / `tokenizer` instead), with the adapter loaded."""
     meta = read_adapter_meta(adapter_dir)
     run_meta = meta.get("run", {})
     if "model" not in run_meta:
         raise BlockLoRAError(f"{adapter_dir} does not record its backbone: load it with the Python API "
                              "(load_adapter) on the model it was trained for")
     weights = pretrained if pretrained is not None else run_meta.get("pretrained")
-    backbone = load_backbone(run_meta["model"], weights, run_meta.get("quick_gelu", "auto"))
+    backbone = load_backbone(run_meta["model"], weights, run_meta.get("quick_gelu", "auto"),
+                             tokenizer or run_meta.get("tokenizer"))
     load_adapter(backbone.model, adapter_dir, force=force)
     runtime = make_runtime(device)
     backbone.to(runtime.device)
@@ -370,9 +411,9 @@ def load_trained(adapter_dir: str | Path, pretrained: str | None = None, force: 
 def evaluate_adapter(adapter_dir: str | Path, dataset: str, root: str, split: str = "test",
                      pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
                      classes: str = "all", template: str | None = None, force: bool = False,
-                     device: str = "auto", limit: int | None = None) -> dict[str, Any]:
+                     device: str = "auto", limit: int | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
-    backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device)
+    backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer)
     data = load_dataset(dataset, root)
     if classes != "all":
         data = subsample_classes(data, classes)
@@ -387,8 +428,13 @@ def evaluate_adapter(adapter_dir: str | Path, dataset: str, root: str, split: st
 
 @torch.no_grad()
 def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
-            template: str, logit_scale: float = 100.0, topk: int = 5) -> list[dict[str, Any]]:
-    """Top-k class names with probabilities for each image file."""
+            template: str, logit_scale: float = 100.0, topk: int = 5, logit_bias: float | None = None,
+            probabilities: str = "softmax") -> list[dict[str, Any]]:
+    """Top-k class names with probabilities for each image file; each row says which `probabilities` they are.
+
+    "softmax": over the classes, softmax(scale * cos) (they sum to 1). "sigmoid": SigLIP's independent per-class
+    probability sigma(scale * cos + bias), the model's own reading of "does this image show this class".
+    """
     from .data.types import open_image_file
 
     txt = ev.encode_classes(backbone, classnames, [template], runtime)
@@ -405,21 +451,25 @@ def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classna
                 raise DataError(f"cannot read image {path}: {e}") from None
         with runtime.autocast():
             img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
-        probs = (logit_scale * img @ txt.T).softmax(-1).cpu()
+        logits = logit_scale * img @ txt.T
+        if probabilities == "sigmoid":
+            probs = (logits + (logit_bias or 0.0)).sigmoid().cpu()
+        else:
+            probs = logits.softmax(-1).cpu()
         top = probs.topk(min(topk, probs.shape[1]), dim=-1)
         for path, values, indices in zip(chunk, top.values, top.indices):
-            out.append({"image": path, "top": [{"class": classnames[i], "prob": round(float(v), 6)}
-                                               for v, i in zip(values, indices)]})
+            top_k = [{"class": classnames[i], "prob": round(float(v), 6)} for v, i in zip(values, indices)]
+            out.append({"image": path, "probabilities": probabilities, "top": top_k})
     return out
 
 
 def export(adapter_dir: str | Path, output: str | Path, pretrained: str | None = None,
-           force: bool = False, overwrite: bool = False) -> list[str]:
+           force: bool = False, overwrite: bool = False, tokenizer: str | None = None) -> list[str]:
     """Merge the adapter into the frozen weights and write the backbone's own checkpoint format."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise BlockLoRAError(f"{output} already exists: choose another path or pass --overwrite")
-    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu")
+    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", tokenizer=tokenizer)
     state = merged_state_dict(backbone.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".tmp-{output.name}")  # same suffix: the format follows it
@@ -435,8 +485,3 @@ def export(adapter_dir: str | Path, output: str | Path, pretrained: str | None =
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         raise
     return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir())
-
-
-def adapted_summary(backbone: Backbone) -> dict[str, Any]:
-    cfg = adapter_config(backbone.model)
-    return {"config": cfg.to_dict() if cfg else None, "trainable_params": count_trainable(backbone.model)}

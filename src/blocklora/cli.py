@@ -31,6 +31,13 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "ViT-B-16", 
                    help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or none")
     g.add_argument("--quick-gelu", default="auto", choices=("auto", "yes", "no"),
                    help="QuickGELU activation (auto: on for OpenAI weights loaded from a file)")
+    _tokenizer_option(g)
+
+
+def _tokenizer_option(p) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a local copy of the model's tokenizer, for models whose tokenizer comes from a hub "
+                        "(SigLIP's): the folder its save_pretrained wrote")
 
 
 def _adapter_options(p: argparse.ArgumentParser) -> None:
@@ -42,15 +49,16 @@ def _adapter_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--towers", default=None, help="vision,text (default both)")
     g.add_argument("--projections", default=None, help="any of q,k,v,o (default q,k,v)")
-    g.add_argument("--blocks", default=None,
-                   help="all, bottom, mid, up, half-up, half-bottom, top, top3, or indices like 0,1 or 8-11")
+    g.add_argument("--layers", "--blocks", dest="layers", default=None,
+                   help="all, bottom, mid, up, half-up, half-bottom, top, top3, or indices like 0,1 or 8-11 "
+                        "(--blocks: the former name)")
 
 
 def _adapter_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     for flag, key in (("method", "method"), ("r", "r"), ("n_blocks", "n_blocks"), ("alpha", "alpha"),
                       ("dropout", "dropout"), ("towers", "towers"), ("projections", "projections"),
-                      ("blocks", "blocks")):
+                      ("layers", "layers")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"adapter.{key}={value}")
@@ -71,6 +79,8 @@ def _run_config(args: argparse.Namespace):
     from .config import RunConfig
 
     overrides = [f"model={args.model}", f"pretrained={args.pretrained}", f"quick_gelu={args.quick_gelu}"]
+    if getattr(args, "tokenizer", None):
+        overrides.append(f"tokenizer={args.tokenizer}")
     overrides += _adapter_overrides(args)
     for flag, key in (("dataset", "data.dataset"), ("root", "data.root"), ("shots", "data.shots"),
                       ("seed", "data.seed"), ("sampler", "data.sampler"), ("split_file", "data.split_file"),
@@ -97,15 +107,14 @@ def _run_config(args: argparse.Namespace):
 # -- commands --------------------------------------------------------------------------------------------------------
 def cmd_params(args: argparse.Namespace) -> int:
     from .adapters.config import AdapterConfig
-    from .adapters.inject import inject
     from .adapters.report import adapter_cost
     from .backbones import load_backbone
     from .config import RunConfig
 
     cfg = RunConfig().with_overrides(_adapter_overrides(args)).adapter
     assert isinstance(cfg, AdapterConfig)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
-    modules = inject(backbone.model, cfg)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, args.tokenizer)
+    modules = backbone.inject(cfg)  # with the probe forward: no tokenizer, no text needed
     cost = adapter_cost(backbone.model)
     report = {"model": args.model, "config": cfg.to_dict(), "trainable_params": cost["total"]["params"],
               "adapted_modules": modules, "macs_per_token": cost["total"]["macs_per_token"],
@@ -116,7 +125,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.model}: {cfg.method} r={cfg.r} n_blocks={cfg.n_blocks} projections={','.join(cfg.projections)} "
-          f"blocks={cfg.blocks} towers={','.join(cfg.towers)}")
+          f"layers={cfg.layers} towers={','.join(cfg.towers)}")
     print(f"{'tower':<8} {'modules':>8} {'params':>12} {'MACs/token':>12} {'adds/token':>12}")
     for tower, c in report["towers"].items():
         print(f"{tower:<8} {c['modules']:>8} {c['params']:>12,} {c['macs_per_token']:>12,} {c['adds_per_token']:>12,}")
@@ -158,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
         result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                   args.batch_size, args.workers, args.classes, force=args.force, device=args.device,
-                                  limit=args.limit)
+                                  limit=args.limit, tokenizer=args.tokenizer)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -175,7 +184,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from .engine.runtime import default_workers, make_runtime
 
     data = load_dataset(args.dataset, args.root)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, args.tokenizer)
     rt = make_runtime(args.device)
     backbone.to(rt.device)
     items = evenly_spaced(getattr(data, args.split), args.limit)
@@ -191,13 +200,17 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .api import load_trained, predict
 
-    backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device)
+    backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, args.tokenizer)
     images = _collect_images(args.images)
     run = meta["run"]
-    out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk)
+    kind = run.get("loss", "softmax")  # the probabilities the adapter was trained for
+    out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk,
+                  run.get("logit_bias"), kind)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    print("probabilities: " + ("SigLIP's per-class sigmoid (each class on its own; they need not sum to 1)"
+                               if kind == "sigmoid" else "softmax over the classes"))
     for row in out:
         best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
         print(f"{row['image']}: {best}")
@@ -239,7 +252,7 @@ def _collect_images(paths: Sequence[str]) -> list[str]:
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import export
 
-    files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite)
+    files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
     print(f"merged checkpoint written: {', '.join(files)}")
     return 0
 
@@ -259,7 +272,7 @@ def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"blocklora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -326,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
+    _tokenizer_option(p)
     p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
@@ -335,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--output", required=True, help="open_clip: a .safetensors or .pt file; transformers: a folder")
     p.add_argument("--pretrained", default=None)
+    _tokenizer_option(p)
     p.add_argument("--force", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .summarize import add_summarize_parser
     from .sweep import add_sweep_parser
 
-    add_sweep_parser(sub, train_parser)  # every train option, passed to each cell
+    add_sweep_parser(sub, train_parser, _run_config)  # every train option, passed to each cell
     add_summarize_parser(sub)
     return parser
 
@@ -385,6 +400,7 @@ def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bo
     p.add_argument("--json", action="store_true")
     if pretrained:
         p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
+        _tokenizer_option(p)
     if force:
         p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
 

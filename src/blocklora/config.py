@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapters.config import ALIASES as ADAPTER_ALIASES
 from .adapters.config import AdapterConfig
 from .errors import ConfigError
 
@@ -26,6 +27,7 @@ SAMPLERS = ("clip-lora", "coop")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLASS_SUBSETS = ("all", "base", "new")
+LOSSES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,12 @@ class TrainConfig:
     iters: int | None = None
     batch_size: int = 32  # the global batch (split across processes under torchrun)
     precision: str = "auto"  # auto: fp16 autocast + grad scaler on CUDA, fp32 on CPU
-    logit_scale: float = 100.0
+    # Cosine-to-logit scale: a number (CLIP-LoRA uses 100 for CLIP), or "auto": the checkpoint's own learned
+    # exp(logit_scale) (e.g. about 100 for OpenAI CLIP, about 110 for SigLIP; with train.loss=sigmoid, SigLIP's).
+    logit_scale: float | str = 100.0
+    # "softmax": cross-entropy over the classes (CLIP-LoRA); "sigmoid": SigLIP's loss, one sigmoid per class with the
+    # checkpoint's logit bias (Zhai et al. 2023, eq. 1); SigLIP models only. predict's probabilities follow it.
+    loss: str = "softmax"
     template: str = "a photo of a {}."
     aug_scale_min: float = 0.08  # RandomResizedCrop scale (aug_scale_min, 1)
     flip: bool = True
@@ -80,6 +87,16 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.logit_scale != "auto":
+            try:
+                ok = float(self.logit_scale) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"train.logit_scale must be a positive number or auto, got {self.logit_scale!r}")
+            object.__setattr__(self, "logit_scale", float(self.logit_scale))
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
         if self.batch_size < 1 or self.lr <= 0 or (self.iters is not None and self.iters < 1):
@@ -121,6 +138,7 @@ class RunConfig:
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     quick_gelu: str = "auto"
+    tokenizer: str | None = None  # a local tokenizer folder, for models whose tokenizer comes from a hub (SigLIP)
     device: str = "auto"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +199,8 @@ def _build(cls: type, value: Any, where: str) -> Any:
 
 def _locate(key: str) -> tuple[str | None, str]:
     top = {f.name for f in dataclasses.fields(RunConfig)} - set(_SECTION_TYPES)
+    section, dot, name = key.rpartition(".")
+    key = f"{section}{dot}{ADAPTER_ALIASES.get(name, name)}"  # names of earlier versions (adapter.blocks)
     if "." in key:
         section, _, name = key.partition(".")
         if section not in _SECTION_TYPES or name not in {f.name for f in dataclasses.fields(_SECTION_TYPES[section])}:

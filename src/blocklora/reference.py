@@ -12,8 +12,6 @@ from .errors import ConfigError
 BENCHMARK = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
              "sun397", "dtd", "eurosat", "ucf101")
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-SHOTS = (1, 2, 4, 8, 16)
-SEEDS = (1, 2, 3)
 
 # CLIP-LoRA (Zanella & Ben Ayed, 2024), ViT-B/16, top-1 %, mean of 3 seeds, as tabulated in protocol.md ("recalled
 # from its paper and cross-checked against the curves its repository publishes; treat single cells as approximate").

@@ -168,8 +168,12 @@ def try_lock(path: Path) -> int | None:
 
 
 # -- options ---------------------------------------------------------------------------------------------------------
-def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The sweep subcommand: its own grid options plus a copy of every train option except those in OWN."""
+def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
+                     run_config: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
+    """The sweep subcommand: its own grid options plus a copy of every train option except those in OWN.
+
+    `run_config` turns parsed train options into a RunConfig (the CLI's), to validate every cell first.
+    """
     p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
                        description="Every train option given here is passed to each cell.")
     g = p.add_argument_group("sweep")
@@ -191,7 +195,7 @@ def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser) -> argpars
             p.add_argument_group(f"train: {group.title}")
         for action in actions:
             target._add_action(copy.copy(action))
-    p.set_defaults(func=cmd_sweep, train_parser=train_parser)
+    p.set_defaults(func=cmd_sweep, train_parser=train_parser, run_config=run_config)
     return p
 
 
@@ -232,8 +236,6 @@ def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], override
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .cli import _run_config
-
     train_parser = args.train_parser
     datasets = parse_datasets(args.datasets)
     cells = expand(datasets, parse_ints(args.shots, "shots"), parse_ints(args.seeds, "seeds"))
@@ -245,7 +247,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = {}
     for cell in cells:
         ns = train_parser.parse_args(cell_argv(cell, root, out, options, overrides, "start", slots[0])[1:])
-        configs[cell.dataset] = _run_config(ns)
+        configs[cell.dataset] = args.run_config(ns)
     _check_data(configs.values())
     if out.exists() and not out.is_dir():
         raise BlockLoRAError(f"--output {out} is a file: choose a directory")

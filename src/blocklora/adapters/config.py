@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 from ..errors import ConfigError
@@ -14,12 +14,16 @@ METHODS = ("block_lora", "lora")
 TOWERS = ("vision", "text")
 PROJECTIONS = ("q", "k", "v", "o")
 DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
-# CLIP-LoRA's named block ranges, defined for any depth (its tables are the 12- and 24-block cases).
-BLOCK_NAMES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
+# CLIP-LoRA's named layer ranges, defined for any depth (its tables are the 12- and 24-layer cases).
+LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
+ALIASES = {"blocks": "layers"}  # the names of earlier versions, still accepted in configs and adapter files
 
 
-def resolve_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
-    """Block indices of a tower with `depth` blocks for a name (see BLOCK_NAMES) or explicit indices."""
+def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
+    """Layer (block) indices of a tower with `depth` layers for a range name (LAYER_RANGES) or explicit indices.
+
+    Raises ConfigError for an unknown name or an index outside 0..depth-1 (negative indices count from the top).
+    """
     if isinstance(spec, str):
         third, half = depth // 3, depth // 2
         named = {
@@ -33,41 +37,42 @@ def resolve_blocks(spec: str | Sequence[int], depth: int) -> list[int]:
             "top3": range(max(0, depth - 3), depth),
         }
         if spec not in named:
-            raise ConfigError(f"unknown block range {spec!r}: use one of {', '.join(BLOCK_NAMES)} or indices")
+            raise ConfigError(f"unknown layer range {spec!r}: use one of {', '.join(LAYER_RANGES)} or indices")
         return list(named[spec])
     out = sorted({int(i) + depth if int(i) < 0 else int(i) for i in spec})
     bad = [i for i in out if not 0 <= i < depth]
     if bad:
-        raise ConfigError(f"block index {bad[0]} out of range for a tower with {depth} blocks (0..{depth - 1})")
+        raise ConfigError(f"layer index {bad[0]} out of range for a tower with {depth} layers (0..{depth - 1})")
     return out
 
 
-def _parse_blocks(value: Any) -> str | tuple[int, ...]:
+def _parse_layers(value: Any) -> str | tuple[int, ...]:
     """'all' | 'up' | '0,1,5' | '8-11' | [0, 1] -> a name or a sorted tuple of indices (negative = from the top)."""
     if isinstance(value, str):
         text = value.strip()
-        if text in BLOCK_NAMES:
+        if text in LAYER_RANGES:
             return text
         if not text or text[0].isalpha():
-            raise ConfigError(f"unknown block range {value!r}: use one of {', '.join(BLOCK_NAMES)} or indices")
+            raise ConfigError(f"unknown layer range {value!r}: use one of {', '.join(LAYER_RANGES)} or indices")
         indices: list[int] = []
         try:
             for part in text.split(","):
                 lo, sep, hi = part.strip().partition("-") if not part.strip().startswith("-") else (part, "", "")
                 indices.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
         except ValueError:
-            raise ConfigError(f"cannot read blocks {value!r}: write a name, '0,1,2' or '8-11'") from None
+            raise ConfigError(f"cannot read layers {value!r}: write a name, '0,1,2' or '8-11'") from None
         value = indices
     try:
         out = tuple(sorted({int(i) for i in value}))
     except (TypeError, ValueError):
-        raise ConfigError(f"cannot read blocks {value!r}: write a name, '0,1,2' or '8-11'") from None
+        raise ConfigError(f"cannot read layers {value!r}: write a name, '0,1,2' or '8-11'") from None
     if not out:
-        raise ConfigError("blocks is empty: name at least one block")
+        raise ConfigError("layers is empty: name at least one layer")
     return out
 
 
-def _parse_letters(value: Any, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+def _parse_names(value: Any, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """"q,v" | "qkv" | ["q", "v"] -> the names in `allowed`'s order, checked; `what` names them in errors."""
     items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
     if len(items) == 1 and what == "projection" and len(items[0]) > 1 and set(items[0]) <= set(allowed):
         items = list(items[0])  # "qkv" -> q, k, v
@@ -85,7 +90,10 @@ class AdapterConfig:
     """Block-LoRA (n_blocks > 1 shares one down-projection block) or LoRA (n_blocks = 1) on CLIP attention.
 
     Defaults are the CLIP-LoRA reference recipe (r=2, alpha=1, s=alpha/sqrt(r), dropout 0.25 on the adapter input,
-    q/k/v of every block of both towers) with Block-LoRA, n_blocks=8.
+    q/k/v of every layer of both towers) with Block-LoRA, n_blocks=8 (docs/method.md). Placement is by tower
+    ("vision", "text"), layer range (`layers`: a LAYER_RANGES name or indices; `blocks` is its former name, still
+    accepted) and projections (q, k, v, o). Every value is checked here: ConfigError names the bad one.
+    Trainable parameters per adapted (d_out, d_in) matrix: r * d_in / n_blocks + r * d_out.
     """
 
     method: str = "block_lora"
@@ -97,12 +105,17 @@ class AdapterConfig:
     fold: str = "sum"  # how the n input chunks are combined: "sum" (the paper's formulation) or "mean"
     a_init: str = "kaiming"  # fan-in of A's init: its own width d_in/n ("kaiming") or d_in ("kaiming_full")
     towers: tuple[str, ...] = TOWERS
-    blocks: str | tuple[int, ...] = "all"
+    layers: str | tuple[int, ...] = "all"
     projections: tuple[str, ...] = ("q", "k", "v")
-    extra: Mapping[str, Any] = field(default_factory=dict)  # backbone-specific placement (see backbones/)
+    blocks: InitVar[str | tuple[int, ...] | None] = None  # the former name of `layers`
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, blocks: str | tuple[int, ...] | None) -> None:
         set_ = object.__setattr__
+        if blocks is not None:
+            if self.layers not in ("all", blocks):
+                raise ConfigError(f"layers={self.layers!r} and blocks={blocks!r} disagree: blocks is the former "
+                                  "name of layers, give one")
+            set_(self, "layers", blocks)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         n = self.n_blocks
@@ -122,26 +135,24 @@ class AdapterConfig:
         for name, allowed in (("scaling", SCALINGS), ("fold", FOLDS), ("a_init", A_INITS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        set_(self, "towers", _parse_letters(self.towers, TOWERS, "tower"))
-        set_(self, "projections", _parse_letters(self.projections, PROJECTIONS, "projection"))
-        set_(self, "blocks", _parse_blocks(self.blocks))
-        set_(self, "extra", dict(self.extra))
+        set_(self, "towers", _parse_names(self.towers, TOWERS, "tower"))
+        set_(self, "projections", _parse_names(self.projections, PROJECTIONS, "projection"))
+        set_(self, "layers", _parse_layers(self.layers))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["towers"], d["projections"] = list(self.towers), list(self.projections)
-        d["blocks"] = self.blocks if isinstance(self.blocks, str) else list(self.blocks)
+        d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
         return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        """The inverse of to_dict. Also reads the files of earlier versions (`blocks`, an empty `extra`)."""
+        data = {ALIASES.get(k, k): v for k, v in data.items()}
+        if data.pop("extra", None):  # always empty in files of earlier versions: nothing ever read it
+            raise ConfigError("the adapter option 'extra' is not supported: remove it")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown adapter option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
-        return cls(**dict(data))
-
-    def replace(self, **changes: Any) -> AdapterConfig:
-        if "method" in changes and "n_blocks" not in changes:
-            changes["n_blocks"] = None  # re-derive the method's default
-        return AdapterConfig.from_dict({**self.to_dict(), **changes})
+        return cls(**data)

@@ -36,13 +36,13 @@ def fold_factor(n_blocks: int, fold: str) -> float:
     raise ConfigError(f"unknown fold {fold!r}: use one of {', '.join(FOLDS)}")
 
 
-def fold(x: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Sum the n equal chunks of the last dimension: (..., d) -> (..., d / n). Additions only."""
+def fold(x: torch.Tensor, n_blocks: int, dim: int = -1) -> torch.Tensor:
+    """Sum the n equal chunks of dimension `dim`: (..., d, ...) -> (..., d / n, ...). Additions only."""
     if n_blocks == 1:
         return x
-    d = x.shape[-1]
-    # (..., d) -> (..., n, d/n) -> (..., d/n); a view plus one reduction, no copy of x.
-    return x.unflatten(-1, (n_blocks, d // n_blocks)).sum(-2)
+    dim = dim % x.dim()
+    # (..., d, ...) -> (..., n, d/n, ...) -> (..., d/n, ...); a view plus one reduction, no copy of x.
+    return x.unflatten(dim, (n_blocks, x.shape[dim] // n_blocks)).sum(dim)
 
 
 def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, n_blocks: int, scale: float) -> torch.Tensor:
@@ -70,10 +70,9 @@ def init_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, n_blocks: int, a_in
 # A's gradient) and (b) the dropout mask, for the gradient w.r.t. x (x's gradient reaches earlier adapters).
 # F.dropout keeps its mask as a full-width tensor of x's dtype (4 bytes per element of x in float32, more than the
 # folded input itself for n >= 2). Here the mask is drawn from a private generator seeded with one number taken from
-# the global torch RNG, and drawn again in backward: nothing of x's size is kept. Runs stay reproducible and
+# the global torch RNG, and drawn again in backward: nothing of x's size is kept (measured cheapest against keeping
+# the mask as bools or packed bits: benchmarks/step_cost.py, BENCHMARKS.md "Step cost"). Runs stay reproducible and
 # resume-exact (the global RNG state, which checkpoints keep, decides every mask).
-MASK_STORAGES = ("seed", "bits", "bool")
-MASK_STORAGE = "seed"  # measured cheapest (see BENCHMARKS.md, "Step cost"); "bits"/"bool" kept for comparison
 
 
 def draw_seed() -> int:
@@ -98,77 +97,47 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, devic
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
-def _fold_dim(x: torch.Tensor, n_blocks: int, dim: int) -> torch.Tensor:
+def unfold_grad(grad_h: torch.Tensor, mask: torch.Tensor, n_blocks: int, dim: int) -> torch.Tensor:
+    """The gradient w.r.t. x of fold_n(x * mask) along `dim`: every chunk receives the folded gradient, masked.
+
+    One broadcast product, no copy: grad_h (..., d/n, ...) and mask (..., d, ...) -> (..., d, ...).
+    """
     if n_blocks == 1:
-        return x
-    dim = dim % x.dim()
-    return x.unflatten(dim, (n_blocks, x.shape[dim] // n_blocks)).sum(dim)
-
-
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = _SHIFTS.setdefault(mask.device, torch.arange(8, dtype=torch.uint8, device=mask.device))
-    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    shifts = _SHIFTS.setdefault(packed.device, torch.arange(8, dtype=torch.uint8, device=packed.device))
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(-1)[: math.prod(shape)].view(shape).bool()
+        return grad_h * mask
+    d = dim % mask.dim()
+    grad_x = mask.unflatten(d, (n_blocks, mask.shape[d] // n_blocks)) * grad_h.unsqueeze(d)
+    return grad_x.flatten(d, d + 1)
 
 
 class _FoldDropout(torch.autograd.Function):
-    """h = fold_n(dropout_p(x)) along `dim`, keeping for backward only a seed (or the mask as bits / bools)."""
+    """h = fold_n(dropout_p(x)) along `dim`, keeping for backward only the seed of the mask."""
 
     @staticmethod
-    def forward(ctx, x, p, n_blocks, dim, seed, storage):  # noqa: D401 - autograd API
+    def forward(ctx, x, p, n_blocks, dim, seed):  # noqa: D401 - autograd API
         mask = dropout_mask(x.shape, p, seed, x.device)
-        h = _fold_dim(x * mask, n_blocks, dim) * (1.0 / (1.0 - p))
-        ctx.p, ctx.n_blocks, ctx.dim, ctx.seed, ctx.storage, ctx.shape = p, n_blocks, dim, seed, storage, x.shape
-        if storage == "bits":
-            ctx.save_for_backward(_pack_bits(mask))
-        elif storage == "bool":
-            ctx.save_for_backward(mask)
-        return h
+        ctx.p, ctx.n_blocks, ctx.dim, ctx.seed, ctx.shape = p, n_blocks, dim, seed, x.shape
+        return fold(x * mask, n_blocks, dim) * (1.0 / (1.0 - p))
 
     @staticmethod
     def backward(ctx, grad_h):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        if ctx.storage == "seed":
-            mask = dropout_mask(ctx.shape, ctx.p, ctx.seed, grad_h.device)
-        elif ctx.storage == "bits":
-            mask = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
-        else:
-            mask = ctx.saved_tensors[0]
+            return None, None, None, None, None
+        mask = dropout_mask(ctx.shape, ctx.p, ctx.seed, grad_h.device)  # the forward's mask, drawn again
         g = grad_h * (1.0 / (1.0 - ctx.p))  # scaled at the folded width
-        if ctx.n_blocks == 1:
-            return g * mask, None, None, None, None, None
-        d = ctx.dim % len(ctx.shape)  # every chunk receives the folded gradient: one broadcast product, no copy
-        grad_x = mask.unflatten(d, (ctx.n_blocks, ctx.shape[d] // ctx.n_blocks)) * g.unsqueeze(d)
-        return grad_x.flatten(d, d + 1), None, None, None, None, None
+        return unfold_grad(g, mask, ctx.n_blocks, ctx.dim), None, None, None, None
 
 
 def fold_dropout(x: torch.Tensor, p: float, n_blocks: int, training: bool = True, dim: int = -1,
-                 seed: int | None = None, storage: str | None = None) -> torch.Tensor:
+                 seed: int | None = None) -> torch.Tensor:
     """fold_n(dropout_p(x)) along `dim`: (..., d) -> (..., d / n), differentiable in x.
 
     Equal to fold(F.dropout(x, p), n) with the mask dropout_mask(x.shape, p, seed, x.device); p = 0 or eval mode is
     the plain fold. `seed` defaults to a draw from the global torch RNG. The backward keeps no tensor of x's size:
-    with storage "seed" (the default) it draws the mask again; "bits" keeps it packed (d/8 bytes), "bool" as bools.
+    it draws the mask again from the seed.
     """
     if p <= 0 or not training:
-        return _fold_dim(x, n_blocks, dim)
-    storage = storage or MASK_STORAGE
-    if storage not in MASK_STORAGES:
-        raise ConfigError(f"unknown mask storage {storage!r}: use one of {', '.join(MASK_STORAGES)}")
-    return _FoldDropout.apply(x, float(p), n_blocks, dim, draw_seed() if seed is None else int(seed), storage)
+        return fold(x, n_blocks, dim)
+    return _FoldDropout.apply(x, float(p), n_blocks, dim, draw_seed() if seed is None else int(seed))
 
 
 def _autocast_on(device_type: str) -> bool:

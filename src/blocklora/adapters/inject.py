@@ -1,115 +1,105 @@
-"""Model-level operations: plan and inject adapters, list them, merge / unmerge, enable / disable, count."""
+"""Model-level operations: plan and inject adapters, list them, merge / unmerge, enable / disable, count.
+
+Where adapters go comes from a Placement (sites.py): registered by the model families, or passed in.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..backbones.sites import find_sites
 from ..errors import ConfigError
-from .config import AdapterConfig, resolve_blocks
-from .layers import (
-    AdapterLayer,
-    BlockLoRAConv1x1,
-    BlockLoRALinear,
-    BlockLoRAMultiheadAttention,
-    SharedFold,
-    check_width,
-    conv1x1_problem,
-    fused_attention_problem,
-)
+from .config import AdapterConfig, resolve_layers
+from .fused import QKV, BlockLoRAFusedQKV, BlockLoRAMultiheadAttention
+from .layers import AdapterLayer, BlockLoRAConv1x1, BlockLoRALinear, SharedFold
+from .sites import FUSED_MHA, LAYERS, Placement, Site, find_placement
 
 CONFIG_ATTR = "_blocklora_adapter_config"
-QKV = ("q", "k", "v")
+
+# The one dispatch table: target kind -> layer class. Each class owns its checks and factor shapes (layers.py).
+LAYER_CLASSES: dict[str, type[AdapterLayer]] = {
+    "fused_mha": BlockLoRAMultiheadAttention,  # a whole nn.MultiheadAttention (site kind FUSED_MHA)
+    "fused_qkv": BlockLoRAFusedQKV,  # a (3H, E) Linear whose row blocks are q, k, v (a LINEARS child under q,k,v)
+    "linear": BlockLoRALinear,  # one nn.Linear
+    "conv1x1": BlockLoRAConv1x1,  # one 1x1 nn.Conv2d (LAYERS sites only)
+}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One module that inject() will replace: a fused attention (letters q/k/v/o), one Linear (one letter, or the
-    letters that select it in a "layers" site) or one 1x1 convolution ("layers" sites only)."""
+    """One module that inject() will replace by LAYER_CLASSES[kind](module, cfg, projections)."""
 
     path: str
-    kind: str  # "fused" | "linear" | "conv1x1"
-    letters: tuple[str, ...]
+    kind: str
+    projections: tuple[str, ...]
     tower: str
-    block: int
+    layer: int
 
 
-def _fail(msg: str) -> None:
-    raise ConfigError(msg)
+def plan(model: nn.Module, cfg: AdapterConfig, placement: Placement | None = None) -> list[Target]:
+    """Every module inject(model, cfg) would adapt, after checking that all of them fit. Changes nothing.
 
-
-def plan(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
-    """Every module inject(model, cfg) would adapt, after checking that all of them fit. Changes nothing."""
+    `placement` defaults to the registered family's (sites.find_placement). Raises ConfigError naming the tower,
+    module or value that does not fit.
+    """
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        _fail("this model already carries blocklora adapters: load a fresh model, or use load_adapter on it")
-    sites = find_sites(model)
+        raise ConfigError("this model already carries blocklora adapters: load a fresh model, or use load_adapter on "
+                          "it")
+    placement = placement or find_placement(model)
     targets: list[Target] = []
     for tower in cfg.towers:
-        if tower not in sites:
-            _fail(f"this model has no {tower} tower with attention blocks (it has: {', '.join(sites) or 'none'}); "
-                  f"choose towers from {', '.join(sites)}")
-        tower_sites = sites[tower]
-        blocks = resolve_blocks(cfg.blocks, len(tower_sites))
-        if all(tower_sites[i].kind == "layers" for i in blocks):
-            found = [t for i in blocks for t in _layer_targets(model, tower_sites[i], cfg)]
-            if not found:
-                _fail(f"no layer of the {tower} tower's blocks {_span(blocks)} answers to projections "
-                      f"{','.join(cfg.projections)}: see its backbone module for what the letters select there")
-            targets.extend(found)
-            continue
-        for i in blocks:
-            site = tower_sites[i]
-            module = model.get_submodule(site.path)
-            if site.kind == "fused":
-                problem = fused_attention_problem(module)
-                if problem:
-                    _fail(f"cannot adapt {site.path}: {problem}")
-                check_width(module.in_proj_weight.shape[1], cfg.n_blocks, f"the width of {site.path}")
-                targets.append(Target(site.path, "fused", cfg.projections, tower, i))
-                continue
-            children = dict(site.linears)
-            for letter in cfg.projections:
-                if letter not in children:
-                    _fail(f"projection {letter!r} does not exist in {site.path} (it has {', '.join(children)})")
-                path = f"{site.path}.{children[letter]}"
-                linear = model.get_submodule(path)
-                if not isinstance(linear, nn.Linear):
-                    _fail(f"{path} is a {type(linear).__name__}, not an nn.Linear: cannot wrap it")
-                check_width(linear.in_features, cfg.n_blocks, f"in_features of {path}")
-                targets.append(Target(path, "linear", (letter,), tower, i))
-    if not targets:
-        _fail("the adapter selection is empty: choose at least one tower, block and projection")
+        sites = placement.sites.get(tower, ())
+        if not sites:
+            have = [t for t, s in placement.sites.items() if s]
+            raise ConfigError(f"the {tower} tower of this {placement.family} model ({placement.describe(tower)}) "
+                              f"has no attention blocks blocklora can adapt: choose towers from "
+                              f"{', '.join(have) or 'none'}")
+        layers = resolve_layers(cfg.layers, len(sites))
+        found = [t for i in layers for t in _site_targets(model, sites[i], cfg)]
+        if not found:
+            raise ConfigError(f"no module of the {tower} tower's layers {_span(layers)} answers to projections "
+                              f"{','.join(cfg.projections)}: see its backbone module for what they select there")
+        targets.extend(found)
+    for t in targets:
+        module = model.get_submodule(t.path)
+        problem = LAYER_CLASSES[t.kind].problem(module, t.projections, cfg.n_blocks)
+        if problem:
+            raise ConfigError(f"cannot adapt {t.path}: {problem}")
     return targets
 
 
-def _span(blocks: list[int]) -> str:
-    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
-def _layer_targets(model: nn.Module, site, cfg: AdapterConfig) -> list[Target]:
-    """A "layers" site (a block without attention): each child with a selected letter, once; absent letters skip."""
-    letters: dict[str, list[str]] = {}
-    for letter, child in site.linears:
-        if letter in cfg.projections:
-            letters.setdefault(child, []).append(letter)
+def _site_targets(model: nn.Module, site: Site, cfg: AdapterConfig) -> list[Target]:
+    """The targets of one site for the selected projections (see sites.Site for the kinds)."""
+    if site.kind == FUSED_MHA:
+        return [Target(site.path, "fused_mha", cfg.projections, site.tower, site.block)]
+    declared: dict[str, list[str]] = {}  # child -> every projection it stands under
+    for projection, child in site.children:
+        declared.setdefault(child, []).append(projection)
+    if site.kind != LAYERS:  # a LINEARS site has every projection: a missing one is an error
+        missing = [p for p in cfg.projections if p not in {p for p, _ in site.children}]
+        if missing:
+            raise ConfigError(f"projection {missing[0]!r} does not exist in {site.path} (it has "
+                              f"{', '.join(p for p, _ in site.children)})")
     out = []
-    for child, selected in letters.items():
-        path = f"{site.path}.{child}"
+    for child, under in declared.items():
+        selected = tuple(p for p in cfg.projections if p in under)
+        if not selected:
+            continue
+        path = f"{site.path}.{child}" if site.path else child
         module = model.get_submodule(path)
-        if isinstance(module, nn.Linear):
-            kind, width = "linear", module.in_features
+        if site.kind == LAYERS:
+            kind = "linear" if isinstance(module, nn.Linear) else "conv1x1"
         else:
-            problem = conv1x1_problem(module)
-            if problem:
-                _fail(f"cannot adapt {path}: {problem}")
-            kind, width = "conv1x1", module.in_channels
-        check_width(width, cfg.n_blocks, f"the input width of {path}")
-        out.append(Target(path, kind, tuple(selected), site.tower, site.block))
+            kind = "fused_qkv" if len(set(under) & set(QKV)) > 1 else "linear"
+        out.append(Target(path, kind, selected, site.tower, site.block))
     return out
 
 
@@ -118,30 +108,68 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
+def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Placement | None = None,
+           probe: Callable[[], object] | None = None) -> list[str]:
     """Adapt `model` in place: freeze everything, add the configured adapters. Returns the adapted module names.
 
-    Everything is validated first (plan); on any error the model is left untouched.
+    Everything is validated first (plan). With `probe` (a function running one small forward of the model, e.g.
+    Backbone.probe), every adapter must then be called by that forward: a layer its model bypasses (code that
+    reads the wrapped weight with F.linear or F.multi_head_attention_forward) would train nothing, so it is
+    refused. On any error (ConfigError naming the module and its class) the model is left as it was.
     """
     cfg = cfg or AdapterConfig()
-    targets = plan(model, cfg)
+    targets = plan(model, cfg, placement)
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     folds: dict[tuple[str, int], SharedFold] = {}
+    replaced: list[tuple[str, nn.Module]] = []
     for t in targets:
         old = model.get_submodule(t.path)
-        if t.kind == "fused":
-            new: nn.Module = BlockLoRAMultiheadAttention(old, t.letters, cfg)
-        elif t.kind == "conv1x1":
-            new = BlockLoRAConv1x1(old, cfg)
-        else:
-            new = BlockLoRALinear(old, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout, cfg.scaling, cfg.fold, cfg.a_init)
-            if set(t.letters) <= set(QKV):  # self-attention's q, k, v read one tensor: fold it once
-                new.shared_fold = folds.setdefault((t.tower, t.block), SharedFold())
+        new = LAYER_CLASSES[t.kind](old, cfg, t.projections)
+        new.tower = t.tower
+        if t.kind == "linear" and set(t.projections) <= set(QKV):  # q, k, v read one tensor: fold it once
+            new.shared_fold = folds.setdefault((t.tower, t.layer), SharedFold())
         new.train(old.training)
         _set_submodule(model, t.path, new)
+        replaced.append((t.path, old))
     setattr(model, CONFIG_ATTR, cfg)
+    if probe is not None:
+        missed = _not_called(model, probe)
+        if missed:
+            for path, old in reversed(replaced):
+                _set_submodule(model, path, old)
+            for p, flag in zip(model.parameters(), flags):
+                p.requires_grad_(flag)
+            delattr(model, CONFIG_ATTR)
+            tower = next(t.tower for t in targets if t.path == missed[0])
+            others = [t for t in cfg.towers if t != tower]
+            parent_path = missed[0].rpartition(".")[0]
+            parent = model.get_submodule(parent_path) if parent_path else model
+            raise ConfigError(
+                f"the adapter on {missed[0]} is never called: {type(parent).__name__} ({parent_path or 'the model'}) "
+                f"reads the weights of its {missed[0].rpartition('.')[2]} without calling it, so training would "
+                f"change nothing ({len(missed)} such module(s) in the {tower} tower); "
+                + (f"adapt the {others[0]} tower only (--towers {others[0]})" if others else
+                   f"the {tower} tower of this model cannot be adapted yet"))
     return [t.path for t in targets]
+
+
+@torch.no_grad()
+def _not_called(model: nn.Module, probe: Callable[[], object]) -> list[str]:
+    """Names of the adapter layers that one run of `probe` does not call (forward hooks, eval mode)."""
+    called: set[str] = set()
+    hooks = [layer.register_forward_hook(lambda *_, name=name: called.add(name))
+             for name, layer in adapter_layers(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        probe()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [name for name, _ in adapter_layers(model) if name not in called]
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
@@ -150,12 +178,14 @@ def adapter_config(model: nn.Module) -> AdapterConfig | None:
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(qualified name, layer) of every adapter layer in `model`, in module order."""
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module
 
 
 def is_adapter_param(name: str) -> bool:
+    """Whether a state-dict / parameter name is an adapter factor (`lora_A`, `lora_B`: PEFT's load-bearing prefix)."""
     return ".lora_A" in name or ".lora_B" in name or name.startswith(("lora_A", "lora_B"))
 
 
@@ -165,6 +195,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def count_trainable(model: nn.Module) -> int:
+    """Number of parameters with requires_grad (after inject: the adapter factors only)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -186,7 +217,7 @@ def is_merged(model: nn.Module) -> bool:
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the frozen model (e.g. zero-shot) without removing the adapters."""
+    """Run the frozen model (e.g. zero-shot) without removing the adapters. Raises ConfigError when merged."""
     layers = [layer for _, layer in adapter_layers(model)]
     if any(layer.merged for layer in layers):
         raise ConfigError("adapters are merged into the weights: unmerge before disabling them")
@@ -207,3 +238,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, tensor in layer.merged_tensors().items():
             state[f"{prefix}.{name}" if prefix else name] = tensor
     return state
+
+
+def expected_shapes(model: nn.Module, cfg: AdapterConfig, placement: Placement | None = None
+                    ) -> dict[str, tuple[int, ...]]:
+    """The adapter tensor names and shapes inject(model, cfg) would create, computed without changing `model`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan(model, cfg, placement):
+        cls = LAYER_CLASSES[t.kind]
+        for name, shape in cls.factor_shapes(model.get_submodule(t.path), t.projections, cfg.r, cfg.n_blocks).items():
+            shapes[f"{t.path}.{name}"] = shape
+    return shapes

@@ -1,17 +1,21 @@
-"""Adapter files: a directory with blocklora_adapter.json (config, backbone, fingerprint) and
+"""Adapter files: a directory with blocklora_adapter.json (config, backbone identity) and
 blocklora_adapter.safetensors (tensors keyed by their real module names).
 
 Our own file names on purpose: PEFT would read an adapter_config.json, drop the keys it does not know and load a
 Block-LoRA adapter as plain LoRA without a word. Only safetensors and JSON are ever read: no pickle.
+
+What identifies the frozen weights (a fingerprint, the model class, ...) is the caller's to give: the backbones
+side computes it (blocklora.backbones.fingerprint) and passes it in `backbone` when saving and `expect` when
+loading, so this module knows no model family.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._version import __version__
 from ..errors import AdapterMismatchError, BlockLoRAError
 from .config import AdapterConfig
-from .inject import adapter_config, adapter_state_dict, inject, is_adapter_param, is_merged, plan
+from .inject import adapter_config, adapter_state_dict, expected_shapes, inject
+from .sites import Placement
 
 CONFIG_FILE = "blocklora_adapter.json"
 WEIGHTS_FILE = "blocklora_adapter.safetensors"
@@ -30,35 +36,14 @@ FORMAT = "blocklora-adapter"
 FORMAT_VERSION = 1
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the frozen weights (names, shapes, and a strided sample of values rounded to fp16).
-
-    Cheap (a few thousand values per tensor), independent of fp32/fp16 storage, and different for different
-    checkpoints of one architecture. Computed on unmerged weights only.
-    """
-    if is_merged(model):
-        raise BlockLoRAError("the adapters are merged into the weights: unmerge before fingerprinting the model")
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if is_adapter_param(name):
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 2048)
-        sample = flat[::step][:2048].to("cpu", torch.float16)
-        h.update(f"{name}:{tuple(p.shape)}:".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str | None = None,
+def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mapping[str, Any] | None = None,
                  extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write the adapter of an injected model. Atomic: a complete directory or nothing."""
+    """Write the adapter of an injected model. Atomic: a complete directory or nothing.
+
+    `backbone`: what identifies the frozen weights (name, fingerprint, class, ...), stored under "backbone" and
+    compared by load_adapter's `expect`. Raises BlockLoRAError when the model has no adapter or `directory`
+    exists (unless overwrite), OSError when the disk refuses.
+    """
     cfg = adapter_config(model)
     if cfg is None:
         raise BlockLoRAError("this model carries no blocklora adapter: inject() or load_adapter() first")
@@ -69,9 +54,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "blocklora_version": _version(),
+        "blocklora_version": __version__,
         "config": cfg.to_dict(),
-        "backbone": {"name": backbone, "fingerprint": fingerprint(model), "class": type(model).__name__},
+        "backbone": {"class": type(model).__name__, **(backbone or {})},
         "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
         "trainable_params": sum(v.numel() for v in tensors.values()),
         **(extra or {}),
@@ -115,11 +100,13 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> AdapterConfig:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, expect: Mapping[str, Any] | None = None,
+                 force: bool = False, placement: Placement | None = None) -> AdapterConfig:
     """Inject the saved adapter into a fresh `model` (or fill an already-injected one with the same layout).
 
-    Refuses, naming the mismatch and changing nothing, an adapter whose modules, shapes or config do not fit,
-    or (unless force=True) one trained on other frozen weights than `model`'s.
+    Raises AdapterMismatchError, naming the mismatch and changing nothing, for an adapter whose modules, shapes or
+    config do not fit, or (unless force=True) whose recorded backbone identity differs from `expect` in any key
+    both name (e.g. {"fingerprint": ...}: trained on other frozen weights). `placement` as for inject().
     """
     directory = Path(directory)
     meta = read_adapter_meta(directory)
@@ -133,18 +120,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
         raise AdapterMismatchError(f"the model already carries an adapter with another config ({existing}); "
                                    "load into a fresh model")
     if not force:
-        saved, ours = meta.get("backbone", {}).get("fingerprint"), fingerprint(model)
-        if saved and saved != ours:
-            raise AdapterMismatchError(
-                f"{directory} was trained on other frozen weights (fingerprint {saved}, this model {ours}; backbone "
-                f"{meta['backbone'].get('name')!r}): load the same checkpoint, or force to load anyway")
+        _check_identity(meta.get("backbone") or {}, expect or {}, directory)
     if existing is None:
         try:
-            plan(model, cfg)
+            shapes = expected_shapes(model, cfg, placement)
         except BlockLoRAError as e:
             raise AdapterMismatchError(f"adapter {directory} does not fit this model: {e}") from None
-        _check_tensors(_expected_shapes(model, cfg), tensors, directory)
-        inject(model, cfg)
+        _check_tensors(shapes, tensors, directory)
+        inject(model, cfg, placement)
     else:
         _check_tensors({k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}, tensors, directory)
     with torch.no_grad():
@@ -153,22 +136,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
     return cfg
 
 
-def _expected_shapes(model: nn.Module, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    """The adapter tensor names and shapes inject(model, cfg) would create, computed without changing `model`."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for t in plan(model, cfg):
-        module = model.get_submodule(t.path)
-        if t.kind == "fused":
-            e = module.in_proj_weight.shape[1]
-            for letter in t.letters:
-                shapes[f"{t.path}.lora_A.{letter}"] = (cfg.r, e // cfg.n_blocks)
-                shapes[f"{t.path}.lora_B.{letter}"] = (e, cfg.r)
-        else:  # a Linear, or a 1x1 convolution (channels in the role of features)
-            d_in, d_out = (module.in_channels, module.out_channels) if t.kind == "conv1x1" else \
-                (module.in_features, module.out_features)
-            shapes[f"{t.path}.lora_A"] = (cfg.r, d_in // cfg.n_blocks)
-            shapes[f"{t.path}.lora_B"] = (d_out, cfg.r)
-    return shapes
+def _check_identity(saved: Mapping[str, Any], expect: Mapping[str, Any], where: Path) -> None:
+    for key, ours in expect.items():
+        theirs = saved.get(key)
+        if theirs is None or ours is None or theirs == ours:
+            continue
+        if key == "fingerprint":
+            raise AdapterMismatchError(
+                f"{where} was trained on other frozen weights (fingerprint {theirs}, this model {ours}; backbone "
+                f"{saved.get('name')!r}): load the same checkpoint, or force to load anyway")
+        raise AdapterMismatchError(f"{where} was trained on a backbone with {key} {theirs!r}, this one has "
+                                   f"{ours!r}: load the same model, or force to load anyway")
 
 
 def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: Path) -> None:

@@ -1,7 +1,12 @@
-"""Adapter layers: a wrapped Linear, a wrapped 1x1 convolution, and a drop-in replacement for
-nn.MultiheadAttention's fused q/k/v.
+"""Adapter layers on one matrix: a wrapped nn.Linear and a wrapped 1x1 convolution (fused q/k/v: fused.py).
 
-All keep the wrapped module's own Parameters under their own names (weight, bias; in_proj_weight, out_proj.*), so
+One convention for every layer class (the dispatch table is inject.LAYER_CLASSES, site kind -> class):
+  Layer.problem(module, projections, n_blocks)  why `module` cannot be adapted (None when it can): checked by
+                                                 plan() before anything changes
+  Layer.factor_shapes(module, projections, r, n_blocks)  {name relative to the module: shape} of the adapter
+                                                 tensors the layer will create (load_adapter checks files with it)
+  Layer(base, cfg, projections)                  the layer, adopting base's Parameters under their own names
+A layer keeps the wrapped module's Parameters under their stock names (weight, bias; in_proj_weight, out_proj.*), so
 a model's state dict keys stay the stock ones plus `lora_A` / `lora_B` entries, and a merged export is a plain
 stock state dict.
 """
@@ -25,7 +30,7 @@ class SharedFold:
 
     The first layer called on a tensor folds it (one dropout mask, one fold, one node in the graph); the others
     called on the very same tensor object (same version, same train/eval mode) reuse that result, so the three
-    down-projections cost one fold, as in the fused attention layer, and backward regenerates one mask instead of
+    down-projections cost one fold, as in the fused attention layers, and backward regenerates one mask instead of
     three. A different tensor (the next step, a recomputation under gradient checkpointing, a cross-attention
     input) is simply folded again: the cache can change only cost, never results. It keeps a weak reference to x
     and the small folded tensor (width d/n) until the next call.
@@ -51,18 +56,59 @@ class SharedFold:
         return h
 
 
-class AdapterLayer(nn.Module):
-    """Shared state and merge logic. Subclasses list their updates in `_deltas()`."""
+def check_width(width: int, n_blocks: int, what: str) -> str | None:
+    """Why n_blocks cannot split an input of `width` (it must divide it), or None."""
+    if width % n_blocks:
+        divisors = [d for d in range(1, min(width, 64) + 1) if width % d == 0]
+        return (f"n_blocks={n_blocks} does not divide {what} ({width}): choose one of "
+                f"{', '.join(map(str, divisors))}")
+    return None
 
-    def _setup(self, cfg: AdapterConfig) -> None:
+
+def new_factors(cfg: AdapterConfig, d_in: int, d_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """A (r, d_in / n) and B (d_out, r), initialised (core.init_factors: B = 0), on `like`'s device and dtype."""
+    a = nn.Parameter(torch.empty(cfg.r, d_in // cfg.n_blocks, device=like.device, dtype=like.dtype))
+    b = nn.Parameter(torch.empty(d_out, cfg.r, device=like.device, dtype=like.dtype))
+    init_factors(a, b, cfg.n_blocks, cfg.a_init)
+    return a, b
+
+
+class AdapterLayer(nn.Module):
+    """What every adapter layer shares: the scaling, the folded input, merge / unmerge / merged copies.
+
+    Subclasses list their updates in `_deltas()` and their matrices in `matrices()` (for cost reports).
+    `tower` is set by inject (the tower the layer sits in, for reports).
+    """
+
+    def __init__(self, base: nn.Module, cfg: AdapterConfig | None, projections: Sequence[str]) -> None:
+        """Check `base` with the class's own problem() (ConfigError naming the module), then the shared state."""
+        cfg = cfg or AdapterConfig()
+        problem = type(self).problem(base, projections, cfg.n_blocks)
+        if problem:
+            raise ConfigError(f"cannot adapt this {type(base).__name__} with {type(self).__name__}: {problem}")
+        super().__init__()
+        self.config = cfg
         self.r, self.n_blocks, self.dropout_p = cfg.r, cfg.n_blocks, cfg.dropout
+        self.projections = tuple(p for p in "qkvo" if p in projections)
         # The fold's 1/n (mean) is folded into the scalar, so the hot path is a plain sum.
         self.scaling = scaling_factor(cfg.alpha, cfg.r, cfg.scaling)
         self._scale = self.scaling * fold_factor(cfg.n_blocks, cfg.fold)
         self.merged = False
         self.adapter_enabled = True
         self.shared_fold: SharedFold | None = None  # set by inject on q, k, v Linears of one attention
+        self.tower = ""
 
+    # -- the convention ------------------------------------------------------------------------------------------
+    @classmethod
+    def problem(cls, module: nn.Module, projections: Sequence[str], n_blocks: int) -> str | None:
+        raise NotImplementedError
+
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, projections: Sequence[str], r: int, n_blocks: int
+                      ) -> dict[str, tuple[int, int]]:
+        raise NotImplementedError
+
+    # -- shared computation --------------------------------------------------------------------------------------
     def _adapter_on(self) -> bool:
         return self.adapter_enabled and not self.merged
 
@@ -76,8 +122,8 @@ class AdapterLayer(nn.Module):
             return self.shared_fold.get(x, self.training, lambda: self._fold(x, like))
         return self._fold(x, like)
 
-    def _fold(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return fold_dropout(x, self.dropout_p, self.n_blocks, self.training).to(like.dtype)
+    def _fold(self, x: torch.Tensor, like: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return fold_dropout(x, self.dropout_p, self.n_blocks, self.training, dim=dim).to(like.dtype)
 
     def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
         """(parameter name, output rows, dense update) for each adapted matrix."""
@@ -117,37 +163,36 @@ class AdapterLayer(nn.Module):
             out[name][rows] += delta.to(out[name].dtype)
         return out
 
+    def extra_repr(self) -> str:
+        return (f"projections={''.join(self.projections)}, r={self.r}, n_blocks={self.n_blocks}, "
+                f"scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+
 
 class BlockLoRALinear(AdapterLayer):
-    """y = W x + b + s * B @ A @ fold_n(drop(x)). n_blocks = 1 is plain LoRA.
+    """y = W x + b + s * B @ A @ fold_n(drop(x)) on an nn.Linear; n_blocks = 1 is plain LoRA.
 
-    Adopts `base`'s weight and bias Parameters (state dict keys `weight`, `bias` as in nn.Linear) and adds
-    trainable `lora_A` (r, in_features / n_blocks) and `lora_B` (out_features, r).
+    Shapes: x (..., in_features) -> y (..., out_features). Adopts `base`'s weight (out_features, in_features) and
+    bias (state dict keys `weight`, `bias` as in nn.Linear) and adds trainable `lora_A` (r, in_features / n) and
+    `lora_B` (out_features, r). `projections` names the role the matrix plays (q, k, v or o), for reports.
+    Raises ConfigError when n_blocks does not divide in_features. Formula: docs/method.md (Block-LoRA).
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int = 2,
-        n_blocks: int = 8,
-        alpha: float = 1.0,
-        dropout: float = 0.25,
-        scaling: str = "rslora",
-        fold: str = "sum",
-        a_init: str = "kaiming",
-    ) -> None:
-        super().__init__()
-        cfg = AdapterConfig(r=r, n_blocks=n_blocks, alpha=alpha, dropout=dropout, scaling=scaling, fold=fold,
-                            a_init=a_init)
-        check_width(base.in_features, n_blocks, "in_features of this Linear")
-        self._setup(cfg)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
-        init_factors(self.lora_A, self.lora_B, n_blocks, a_init)
+    @classmethod
+    def problem(cls, module: nn.Module, projections: Sequence[str], n_blocks: int) -> str | None:
+        if not isinstance(module, nn.Linear):
+            return f"it is a {type(module).__name__}, not an nn.Linear"
+        return check_width(module.in_features, n_blocks, "in_features")
+
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, projections: Sequence[str], r: int, n_blocks: int
+                      ) -> dict[str, tuple[int, int]]:
+        return {"lora_A": (r, module.in_features // n_blocks), "lora_B": (module.out_features, r)}
+
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig | None = None, projections: Sequence[str] = ()) -> None:
+        super().__init__(base, cfg, projections)
+        self.in_features, self.out_features, self.weight, self.bias = (base.in_features, base.out_features,
+                                                                       base.weight, base.bias)
+        self.lora_A, self.lora_B = new_factors(self.config, base.in_features, base.out_features, base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -167,8 +212,7 @@ class BlockLoRALinear(AdapterLayer):
         yield self.in_features, self.out_features, False
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
 
 
 def conv1x1_problem(module: nn.Module) -> str | None:
@@ -197,30 +241,31 @@ class BlockLoRAConv1x1(AdapterLayer):
     dimension: y = conv(x, W) + b + s * B @ A @ fold_n(drop(x)), the fold summing the n channel chunks. Adopts
     `base`'s `weight` (out, in, 1, 1) and `bias` (state dict keys as in nn.Conv2d) and adds trainable `lora_A`
     (r, in_channels / n_blocks) and `lora_B` (out_channels, r), 2-D as in BlockLoRALinear. Merge is exact.
+    Raises ConfigError for anything but a 1x1, stride 1, ungrouped, unpadded convolution (conv1x1_problem).
     """
 
-    def __init__(self, base: nn.Conv2d, cfg: AdapterConfig) -> None:
-        super().__init__()
-        problem = conv1x1_problem(base)
-        if problem:
-            raise ConfigError(f"cannot adapt {type(base).__name__}: {problem}")
-        check_width(base.in_channels, cfg.n_blocks, "in_channels of this 1x1 convolution")
-        self._setup(cfg)
-        self.in_channels, self.out_channels = base.in_channels, base.out_channels
-        self.weight = base.weight
-        self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=w.dtype))
-        init_factors(self.lora_A, self.lora_B, cfg.n_blocks, cfg.a_init)
+    @classmethod
+    def problem(cls, module: nn.Module, projections: Sequence[str], n_blocks: int) -> str | None:
+        return conv1x1_problem(module) or check_width(module.in_channels, n_blocks, "in_channels")
+
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, projections: Sequence[str], r: int, n_blocks: int
+                      ) -> dict[str, tuple[int, int]]:
+        return {"lora_A": (r, module.in_channels // n_blocks), "lora_B": (module.out_channels, r)}
+
+    def __init__(self, base: nn.Conv2d, cfg: AdapterConfig | None = None, projections: Sequence[str] = ()) -> None:
+        super().__init__(base, cfg, projections)
+        self.in_channels, self.out_channels, self.weight, self.bias = (base.in_channels, base.out_channels,
+                                                                       base.weight, base.bias)
+        self.lora_A, self.lora_B = new_factors(self.config, base.in_channels, base.out_channels, base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.conv2d(x, self.weight, self.bias)  # (N, C_out, H, W)
         if not self._adapter_on():
             return out
         # (N, C, H, W) -> (N, n, C/n, H, W) -> (N, C/n, H, W): additions only; the same node as the Linear's
-        h = fold_dropout(x, self.dropout_p, self.n_blocks, self.training, dim=1)
-        z = F.conv2d(h.to(self.lora_A.dtype), self.lora_A[:, :, None, None])  # (N, r, H, W)
+        h = self._fold(x, self.lora_A, dim=1)
+        z = F.conv2d(h, self.lora_A[:, :, None, None])  # (N, r, H, W)
         return out + (F.conv2d(z, self.lora_B[:, :, None, None]) * self._scale).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -234,188 +279,4 @@ class BlockLoRAConv1x1(AdapterLayer):
         yield self.in_channels, self.out_channels, False  # per pixel: a pixel is a token here
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, r={self.r}, "
-                f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
-
-
-def check_width(width: int, n_blocks: int, what: str) -> None:
-    if width % n_blocks:
-        divisors = [d for d in range(1, min(width, 64) + 1) if width % d == 0]
-        raise ConfigError(f"n_blocks={n_blocks} does not divide {what} ({width}): choose one of "
-                          f"{', '.join(map(str, divisors))}")
-
-
-def fused_attention_problem(module: nn.Module) -> str | None:
-    """Why `module` is not a self-attention with CLIP's fused q/k/v layout that we can replace exactly, or None."""
-    weight = getattr(module, "in_proj_weight", None)
-    if not isinstance(weight, torch.Tensor) or not isinstance(getattr(module, "out_proj", None), nn.Linear):
-        return "it has no fused in_proj_weight and out_proj Linear"
-    if weight.shape[0] != 3 * weight.shape[1] or not isinstance(getattr(module, "num_heads", None), int):
-        return "in_proj_weight is not (3E, E) (separate k/v widths are not supported)"
-    if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
-        return "bias_k / add_zero_attn are not supported"
-    for name in ("logit_scale", "head_scale"):  # open_clip Attention options that change the math
-        if getattr(module, name, None) is not None:
-            return f"its {name} option (scaled cosine / head scaling) is not supported"
-    for name in ("ln_q", "ln_k", "ln_inner"):
-        if not isinstance(getattr(module, name, nn.Identity()), nn.Identity):
-            return f"its {name} normalisation is not supported"
-    out_drop = getattr(module, "out_drop", None)
-    if isinstance(out_drop, nn.Dropout) and out_drop.p > 0:
-        return "output dropout is not supported"
-    return None
-
-
-class BlockLoRAMultiheadAttention(AdapterLayer):
-    """Drop-in for nn.MultiheadAttention (self-attention as in OpenAI CLIP / open_clip) with adapters on q, k, v, o.
-
-    Keyed on the parameter layout (in_proj_weight (3E, E), in_proj_bias, out_proj), not on the class, so it also
-    replaces modules with the same layout. Computes what the stock module computes with need_weights=False:
-    batch_first either way, additive or boolean attn_mask (the text tower's causal mask), key_padding_mask,
-    is_causal. Attention weights are never returned (the second output is None).
-
-    In self-attention q, k and v read the same input: it is dropped out and folded once (one shared dropout mask)
-    and the down-projections of all adapted letters are one (d/n -> m*r) product.
-    """
-
-    def __init__(self, mha: nn.Module, letters: Sequence[str], cfg: AdapterConfig) -> None:
-        super().__init__()
-        weight = getattr(mha, "in_proj_weight", None)
-        problem = fused_attention_problem(mha)
-        if problem:
-            raise ConfigError(f"cannot adapt {type(mha).__name__}: {problem}")
-        self.embed_dim = weight.shape[1]
-        self.num_heads = mha.num_heads
-        # nn.MultiheadAttention returns (output, weights) and may be sequence-first; open_clip's own Attention
-        # class (same parameter layout) is batch-first, is called as attn(x, attn_mask=...) and returns a tensor.
-        self.returns_tuple = isinstance(mha, nn.MultiheadAttention)
-        self.batch_first = bool(getattr(mha, "batch_first", True)) if self.returns_tuple else True
-        drop = getattr(mha, "dropout", None) if self.returns_tuple else getattr(mha, "attn_drop", None)
-        self.attn_dropout = float(drop.p if isinstance(drop, nn.Dropout) else (drop or 0.0))
-        check_width(self.embed_dim, cfg.n_blocks, "the attention width")
-        self._setup(cfg)
-        self.in_proj_weight = mha.in_proj_weight
-        self.in_proj_bias = mha.in_proj_bias
-        self.out_proj = mha.out_proj  # a Linear that, as in the stock module, is read but never called
-        self.letters = tuple(letter for letter in "qkvo" if letter in letters)
-        if not self.letters:
-            raise ConfigError("no projection selected for this attention module")
-        e, dev, dt = self.embed_dim, weight.device, weight.dtype
-        self.lora_A = nn.ParameterDict(
-            {p: nn.Parameter(torch.empty(cfg.r, e // cfg.n_blocks, device=dev, dtype=dt)) for p in self.letters})
-        self.lora_B = nn.ParameterDict(
-            {p: nn.Parameter(torch.empty(e, cfg.r, device=dev, dtype=dt)) for p in self.letters})
-        for p in self.letters:
-            init_factors(self.lora_A[p], self.lora_B[p], cfg.n_blocks, cfg.a_init)
-        self.qkv_letters = tuple(p for p in self.letters if p != "o")
-
-    # -- updates --------------------------------------------------------------------------------------------------
-    def delta_weight(self, letter: str) -> torch.Tensor:
-        """Dense (E, E) update of one projection."""
-        return delta_weight(self.lora_A[letter], self.lora_B[letter], self.n_blocks, self._scale)
-
-    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
-        e = self.embed_dim
-        for p in self.letters:
-            if p == "o":
-                yield "out_proj.weight", slice(None), self.delta_weight(p)
-            else:
-                i = "qkv".index(p)
-                yield "in_proj_weight", slice(i * e, (i + 1) * e), self.delta_weight(p)
-
-    def matrices(self) -> Iterator[tuple[int, int, bool]]:
-        for j in range(len(self.qkv_letters)):  # one fold serves q, k and v
-            yield self.embed_dim, self.embed_dim, j > 0
-        if "o" in self.letters:
-            yield self.embed_dim, self.embed_dim, False
-
-    # -- forward --------------------------------------------------------------------------------------------------
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention input projection with the q/k/v adapters: (N, L, E) -> (N, L, 3E)."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        if not self.qkv_letters or not self._adapter_on():
-            return qkv
-        a = torch.cat([self.lora_A[p] for p in self.qkv_letters])  # (m*r, E/n): all letters in one product
-        z = F.linear(self._folded_input(x, a), a)  # (N, L, m*r)
-        e, r = self.embed_dim, self.r
-        if len(self.qkv_letters) == 3:
-            up_t = torch.block_diag(*(self.lora_B[p].T for p in "qkv"))  # (3r, 3E)
-        else:  # zero columns for the projections without an adapter
-            up_t = z.new_zeros(len(self.qkv_letters) * r, 3 * e)
-            for j, p in enumerate(self.qkv_letters):
-                i = "qkv".index(p)
-                up_t[j * r:(j + 1) * r, i * e:(i + 1) * e] = self.lora_B[p].T
-        return add_up_projection(qkv, z, up_t * self._scale)
-
-    def _project(self, x: torch.Tensor, letter: str) -> torch.Tensor:
-        """One of q, k, v separately (cross-attention inputs): (N, L, E) -> (N, L, E)."""
-        i, e = "qkv".index(letter), self.embed_dim
-        bias = self.in_proj_bias[i * e:(i + 1) * e] if self.in_proj_bias is not None else None
-        out = F.linear(x, self.in_proj_weight[i * e:(i + 1) * e], bias)
-        return self._with_adapter(out, x, letter)
-
-    def _with_adapter(self, out: torch.Tensor, x: torch.Tensor, letter: str) -> torch.Tensor:
-        if letter not in self.letters or not self._adapter_on():
-            return out
-        a, b = self.lora_A[letter], self.lora_B[letter]
-        z = F.linear(self._folded_input(x, a), a)
-        return add_up_projection(out, z, (b * self._scale).T.contiguous())
-
-    def _attn_bias(self, attn_mask, key_padding_mask, n, l, s, dtype):
-        """Canonical additive mask (broadcastable to (N, H, L, S)) from MHA's mask conventions, or None."""
-        bias = None
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # MHA: True = may NOT attend
-                attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(attn_mask, float("-inf"))
-            bias = attn_mask.to(dtype)
-            if bias.dim() == 3:  # (N*H, L, S)
-                bias = bias.view(n, self.num_heads, l, s)
-        if key_padding_mask is not None:
-            kpm = key_padding_mask
-            if kpm.dtype == torch.bool:
-                kpm = torch.zeros_like(kpm, dtype=dtype).masked_fill_(kpm, float("-inf"))
-            kpm = kpm.to(dtype).view(n, 1, 1, s)
-            bias = kpm if bias is None else bias + kpm
-        return bias
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None] | torch.Tensor:
-        key = query if key is None else key
-        value = key if value is None else value
-        self_attn = query is key and key is value
-        if not self.batch_first:  # (L, N, E) -> (N, L, E); views, no copies
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        n, l, e = query.shape
-        s, h = key.shape[1], self.num_heads
-        if self_attn:
-            qkv = self._qkv(query)
-            q, k, v = qkv.view(n, l, 3, h, e // h).permute(2, 0, 3, 1, 4)  # each (N, H, L, E/H)
-        else:
-            q = self._project(query, "q").view(n, l, h, e // h).transpose(1, 2)
-            k = self._project(key, "k").view(n, s, h, e // h).transpose(1, 2)
-            v = self._project(value, "v").view(n, s, h, e // h).transpose(1, 2)
-        bias = self._attn_bias(attn_mask, key_padding_mask, n, l, s, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=bool(is_causal and bias is None))
-        out = out.transpose(1, 2).reshape(n, l, e)  # (N, L, E)
-        attn = out
-        out = F.linear(attn, self.out_proj.weight, self.out_proj.bias)
-        out = self._with_adapter(out, attn, "o")
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return (out, None) if self.returns_tuple else out
-
-    def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
-                f"letters={''.join(self.letters)}, r={self.r}, n_blocks={self.n_blocks}, "
-                f"scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, {super().extra_repr()}"

@@ -6,15 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..backbones.sites import find_sites
 from .inject import adapter_layers
-
-
-def _tower_of(name: str, prefixes: dict[str, tuple[str, ...]]) -> str:
-    for tower, pre in prefixes.items():
-        if name.startswith(pre):
-            return tower
-    return "other"
 
 
 def adapter_cost(model: nn.Module) -> dict[str, Any]:
@@ -23,11 +15,10 @@ def adapter_cost(model: nn.Module) -> dict[str, Any]:
     Per adapted matrix (d_in -> d_out, rank r, n blocks): the fold costs d_in - d_in/n additions, A costs
     r*d_in/n multiply-adds and B r*d_out. q, k and v share one fold (fused attention, or SharedFold on Linears).
     """
-    prefixes = {t: tuple(s.path for s in sites) for t, sites in find_sites(model).items()}
     towers: dict[str, dict[str, Any]] = {}
     folded: set[int] = set()  # SharedFold groups already counted: only their first layer folds
     for name, layer in adapter_layers(model):
-        t = towers.setdefault(_tower_of(name, prefixes), {"modules": [], "params": 0, "macs_per_token": 0,
+        t = towers.setdefault(layer.tower or "other", {"modules": [], "params": 0, "macs_per_token": 0,
                                                           "adds_per_token": 0})
         t["modules"].append(name)
         t["params"] += sum(p.numel() for p in layer.parameters() if p.requires_grad)

@@ -1,26 +1,37 @@
-"""Backbones: build a dual-encoder model by name. The one place that maps a --model string to a family."""
+"""Backbones: build a dual-encoder model by name, and tell inject where adapters go in each family.
+
+The one place that maps a --model string to a family. Importing this package registers every family's placement
+finder with the method library (adapters.sites), so blocklora.inject(model) works on their models.
+"""
 
 from __future__ import annotations
 
+from ..adapters.sites import register_finder
 from ..errors import BackboneError
+from . import effnet_minilm, hf, openclip
 from .base import Backbone
 
+register_finder("effnet-minilm", effnet_minilm.placement)
+register_finder("open_clip", openclip.placement)  # CLIP, CustomTextCLIP (timm towers), CoCa, OpenAI clip
+register_finder("transformers", hf.placement)  # CLIP, MetaCLIP 2, SigLIP, Chinese-CLIP, AltCLIP
 
-def load_backbone(name: str, pretrained: str | None = None, quick_gelu: str = "auto") -> Backbone:
-    """'ViT-B-16' (+ pretrained tag, file or None), 'tiny-clip', 'effnet-minilm', or 'hf:DIR_OR_ID'."""
+
+def load_backbone(name: str, pretrained: str | None = None, quick_gelu: str = "auto",
+                  tokenizer: str | None = None) -> Backbone:
+    """'ViT-B-16' (+ pretrained tag, file or None), 'tiny-clip', 'effnet-minilm', or 'hf:DIR_OR_ID'.
+
+    `tokenizer`: a local folder with the model's tokenizer, for models whose tokenizer comes from a hub (SigLIP's).
+    Raises BackboneError (one line, with the fix) for anything that cannot be built or loaded.
+    """
     if quick_gelu not in ("auto", "yes", "no"):
         raise BackboneError(f"quick_gelu must be auto, yes or no, got {quick_gelu!r}")
     if name.startswith("hf:"):
-        from . import hf
-
-        return hf.load(name[3:])
+        return hf.load(name[3:], tokenizer)
     if name == "effnet-minilm":
-        from . import effnet_minilm
-
+        if tokenizer is not None:
+            raise BackboneError("effnet-minilm's tokenizer ships with its packaged weights: drop --tokenizer")
         return effnet_minilm.load(pretrained)
-    from . import openclip
-
-    return openclip.load(name, pretrained, quick_gelu)
+    return openclip.load(name, pretrained, quick_gelu, tokenizer)
 
 
 __all__ = ["Backbone", "load_backbone"]

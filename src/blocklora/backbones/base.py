@@ -1,6 +1,6 @@
 """The one interface every model family implements: encode images, encode texts, tokenize, transforms, export.
 
-Training and evaluation code only ever talks to a Backbone; family modules (openclip.py, hf.py,
+Training and evaluation code only ever talks to a Backbone; family modules (openclip.py, timm_towers.py, hf.py,
 effnet_minilm.py) are the only code that knows a library's module names.
 """
 
@@ -8,38 +8,63 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torchvision import transforms as T
 
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import inject
+from ..adapters.sites import Placement
+from ..errors import ConfigError
+from .fingerprint import fingerprint
+from .preprocess import Preprocess
+
 
 class Backbone(ABC):
-    """A dual-encoder image-text model. `model` is the nn.Module that adapters are injected into."""
+    """A dual-encoder image-text model. `model` is the nn.Module that adapters are injected into.
+
+    Subclasses set `family`, implement the abstract methods, `placement()` (where adapters go) and
+    `tower_prefixes` (which parameter names belong to which tower), and load their tokenizer lazily in
+    `_load_tokenizer()`, so that what needs no text (`blocklora params`, the probe) needs no tokenizer.
+    """
 
     family: str = ""
+    tower_prefixes: dict[str, tuple[str, ...]] = {}
 
-    def __init__(self, name: str, model: nn.Module, pretrained: str | None, image_size: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
-        self.name, self.model, self.pretrained = name, model, pretrained
-        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+    def __init__(self, name: str, model: nn.Module, pretrained: str | None, preprocess: Preprocess) -> None:
+        self.name, self.model, self.pretrained, self.preprocess = name, model, pretrained, preprocess
         self._fingerprint: str | None = None
+        self._tokenizer: Any = None
 
     # -- identity --------------------------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        """Hash of the frozen weights, computed once (before any adapter is merged)."""
+        """Hash of the frozen weights (backbones.fingerprint), computed once (before any adapter is merged)."""
         if self._fingerprint is None:
-            from ..adapters.io import fingerprint  # adapters import backbones.sites: keep this import lazy
-
             self._fingerprint = fingerprint(self.model)
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
+        """What results.json records about the model: name, family, weights, fingerprint, preprocessing, logits."""
         return {"name": self.name, "family": self.family, "pretrained": self.pretrained,
-                "fingerprint": self.fingerprint, "image_size": self.image_size}
+                "fingerprint": self.fingerprint, "image_size": self.image_size,
+                "preprocess": self.preprocess.to_dict(), "logit_scale": self.learned_logit_scale(),
+                "logit_bias": self.learned_logit_bias()}
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocess.std
 
     @property
     def device(self) -> torch.device:
@@ -49,33 +74,81 @@ class Backbone(ABC):
         self.model.to(device)
         return self
 
+    # -- adapters --------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def placement(self) -> Placement:
+        """Where adapters go in this model: per tower, one site per attention block (adapters/sites.py)."""
+
+    def inject(self, cfg: AdapterConfig) -> list[str]:
+        """Inject adapters (adapters.inject) and prove with one probe forward that every one of them is called.
+
+        Raises ConfigError, leaving the model unchanged, when the configuration does not fit or the model bypasses
+        an adapted module (the error names the module's class). Returns the adapted module names.
+        """
+        return inject(self.model, cfg, self.placement(), probe=self.probe)
+
+    @torch.no_grad()
+    def probe(self) -> None:
+        """One forward of each tower on the smallest input: one black image, one three-token prompt (no tokenizer)."""
+        images = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+        self.encode_images(images)
+        self.encode_texts(move(self.probe_tokens(), self.device))
+
+    @abstractmethod
+    def probe_tokens(self) -> Any:
+        """A one-prompt batch in encode_texts' format, built without the tokenizer (valid ids of this model)."""
+
+    def tower_parameters(self, tower: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every parameter of one tower ("vision" or "text"), adapters included."""
+        prefixes = self.tower_prefixes.get(tower, ())
+        for name, p in self.model.named_parameters():
+            if name.startswith(prefixes):
+                yield name, p
+
+    # -- logits ----------------------------------------------------------------------------------------------------
+    def learned_logit_scale(self) -> float | None:
+        """exp(logit_scale) the checkpoint learned (train.logit_scale=auto), or None when it has none."""
+        value = getattr(self.model, "logit_scale", None)
+        return round(float(value.detach().float().exp().reshape(-1)[0]), 6) if isinstance(value, torch.Tensor) \
+            else None
+
+    def learned_logit_bias(self) -> float | None:
+        """SigLIP's learned logit bias b (its sigmoid is sigma(scale * cos + b)), or None when it has none."""
+        value = getattr(self.model, "logit_bias", None)
+        return round(float(value.detach().float().reshape(-1)[0]), 6) if isinstance(value, torch.Tensor) else None
+
     # -- images ----------------------------------------------------------------------------------------------------
     def train_transform(self, scale_min: float = 0.08, flip: bool = True) -> T.Compose:
-        """CLIP-LoRA's augmentation: RandomResizedCrop(scale (scale_min, 1), bicubic) + horizontal flip."""
-        steps: list[Any] = [T.RandomResizedCrop(self.image_size, scale=(scale_min, 1.0),
-                                                interpolation=T.InterpolationMode.BICUBIC)]
-        if flip:
-            steps.append(T.RandomHorizontalFlip(0.5))
-        return T.Compose([*steps, T.Lambda(_rgb), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        """CLIP-LoRA's augmentation with this model's interpolation and normalisation (Preprocess.train_transform)."""
+        return self.preprocess.train_transform(scale_min, flip)
 
     def eval_transform(self) -> T.Compose:
-        """Resize the short side (bicubic), center crop, normalise: CLIP's evaluation preprocessing."""
-        return T.Compose([T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
-                          T.CenterCrop(self.image_size), T.Lambda(_rgb), T.ToTensor(),
-                          T.Normalize(self.mean, self.std)])
+        """This model's own evaluation preprocessing (Preprocess.eval_transform)."""
+        return self.preprocess.eval_transform()
 
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised pixels -> (N, D) image embeddings (not L2-normalised)."""
 
     # -- texts -----------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer, loaded on first use. Raises BackboneError (one line: which tokenizer, how to get it)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
+
+    @abstractmethod
+    def _load_tokenizer(self) -> Any:
+        """Load the tokenizer (offline: from the weights' folder, a cache, or the user's --tokenizer directory)."""
+
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> Any:
         """Prompts -> whatever encode_texts takes (a tensor or a dict of tensors), on the CPU."""
 
     @abstractmethod
     def encode_texts(self, tokens: Any) -> torch.Tensor:
-        """Tokenized prompts -> (C, D) text embeddings (not L2-normalised), cut to the batch's real length."""
+        """Tokenized prompts -> (C, D) text embeddings (not L2-normalised)."""
 
     def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_texts(move(self.tokenize(texts), self.device))
@@ -84,8 +157,6 @@ class Backbone(ABC):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward (non-reentrant torch.utils.checkpoint, RNG state preserved, so
         the adapters' dropout masks are the same in the recomputation and gradients equal the plain run's)."""
-        from ..errors import ConfigError
-
         raise ConfigError(f"gradient checkpointing is not available for {self.family} models: drop "
                           "train.grad_checkpointing")
 
@@ -93,10 +164,6 @@ class Backbone(ABC):
     @abstractmethod
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
         """Write a merged state dict in the family's own format at `path`; returns the files written."""
-
-
-def _rgb(image: Any) -> Any:
-    return image.convert("RGB") if hasattr(image, "convert") and image.mode != "RGB" else image
 
 
 def move(tokens: Any, device: torch.device | str) -> Any:

@@ -25,11 +25,12 @@ Both towers always run in eval mode (BatchNorm with its running statistics, no d
 under model.train(): few-shot batches of 8 must not rewrite the frozen BatchNorm statistics, and the frozen
 weights should compute what they computed in pre-training. Only the adapters' own dropout follows train().
 
-Adapter placement (`attention_sites`):
-- text: q, k, v, o = encoder.layer.{i}.attention.self.query / key / value and attention.output.dense (6 blocks);
+Adapter placement (`placement`):
+- text: q, k, v, o = encoder.layer.{i}.attention.self.query / key / value and attention.output.dense (6 layers;
+  hf.BERT_ATTENTION, the table Chinese-CLIP and AltCLIP use too);
 - vision: EfficientNet has no attention. Its linear maps over channels are the 1x1 convolutions of each MBConv
   block (expand C -> 6C, project 6C -> C') and of the head (320 -> 1280), and the classifier Linear
-  (1280 -> 1000). Each MBConv block and the head is one site (17 "blocks", so --blocks works as on CLIP), and the
+  (1280 -> 1000). Each MBConv block and the head is one site (17 "layers", so --layers works as on CLIP), and the
   projection letters select layers in them: q, k, v -> the project conv (6C -> C', the block's widest input;
   all 16 blocks) and the head conv; o -> the expand conv (C -> 6C; blocks 1-15). The classifier is never adapted:
   in trials its update swamped ConSE's top-10 mixture and accuracy fell to chance.
@@ -53,9 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.layers import AdapterLayer
+from ..adapters.sites import LAYERS, Placement, Site
 from ..errors import BackboneError
 from .base import Backbone
-from .sites import AttentionSite
+from .hf import bert_sites
+from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,6 @@ TOP_K = 10
 BANK_TEMPLATE = "{}"
 MAX_TOKENS = 128
 
-TEXT_LINEARS = (("q", "self.query"), ("k", "self.key"), ("v", "self.value"), ("o", "output.dense"))
 # Vision sites: one per MBConv block (_blocks.{i}) and one for the head; (letter, child) pairs.
 VISION_BLOCK_LAYERS = (("q", "_project_conv"), ("k", "_project_conv"), ("v", "_project_conv"), ("o", "_expand_conv"))
 VISION_HEAD_LAYERS = (("q", "_conv_head"), ("k", "_conv_head"), ("v", "_conv_head"))
@@ -96,8 +99,6 @@ class EffnetMiniLM(nn.Module):
 
     def train(self, mode: bool = True) -> EffnetMiniLM:
         """Adapters follow `mode`; the frozen towers stay in eval mode (see the module docstring)."""
-        from ..adapters.layers import AdapterLayer  # adapters import backbones.sites: keep this import lazy
-
         super().train(mode)
         for module in self.modules():
             if module is not self and not isinstance(module, AdapterLayer):
@@ -127,18 +128,18 @@ class EffnetMiniLM(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)
 
 
-def attention_sites(model: nn.Module) -> dict[str, list[AttentionSite]] | None:
-    """text: MiniLM's 6 attention blocks; vision: EfficientNet's 16 MBConv blocks and its head (17 sites)."""
+def placement(model: nn.Module) -> Placement | None:
+    """text: MiniLM's 6 attention layers; vision: EfficientNet's 16 MBConv blocks and its head (17 sites)."""
     if not isinstance(model, EffnetMiniLM):
         return None
-    text = [AttentionSite("text", i, f"text.encoder.layer.{i}.attention", "linears", TEXT_LINEARS)
-            for i in range(len(model.text.encoder.layer))]
-    vision: list[AttentionSite] = []
+    text = bert_sites(model.text, "text", "text")
+    vision: list[Site] = []
     for i, block in enumerate(model.visual._blocks):
-        pairs = tuple((letter, child) for letter, child in VISION_BLOCK_LAYERS if hasattr(block, child))
-        vision.append(AttentionSite("vision", i, f"visual._blocks.{i}", "layers", pairs))
-    vision.append(AttentionSite("vision", len(vision), "visual", "layers", VISION_HEAD_LAYERS))
-    return {"vision": vision, "text": text}
+        pairs = tuple((p, child) for p, child in VISION_BLOCK_LAYERS if hasattr(block, child))
+        vision.append(Site("vision", i, f"visual._blocks.{i}", LAYERS, pairs))
+    vision.append(Site("vision", len(vision), "visual", LAYERS, VISION_HEAD_LAYERS))
+    return Placement("effnet-minilm", {"vision": tuple(vision), "text": text},
+                     {"vision": "EfficientNet-Lite0", "text": "MiniLM (BertModel)"})
 
 
 # -- loading ----------------------------------------------------------------------------------------------------------
@@ -196,10 +197,21 @@ def compute_class_bank(text: nn.Module, tokenizer, names: Sequence[str], templat
 
 class EffnetMiniLMBackbone(Backbone):
     family = "effnet_minilm"
+    tower_prefixes = {"vision": ("visual.",), "text": ("text.",)}
 
     def __init__(self, model: EffnetMiniLM, tokenizer, pretrained: str | None, image_size: int = IMAGE_SIZE) -> None:
-        super().__init__("effnet-minilm", model, pretrained, image_size, MEAN, STD)
-        self.tokenizer = tokenizer
+        super().__init__("effnet-minilm", model, pretrained, Preprocess(
+            image_size, MEAN, STD, "bicubic", "shortest", "EfficientNet-Lite's TensorFlow preprocessing"))
+        self._tokenizer = tokenizer  # loaded with the model: the class-name bank needs it
+
+    def placement(self) -> Placement:
+        return placement(self.model)
+
+    def _load_tokenizer(self):
+        return self._tokenizer
+
+    def probe_tokens(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([[101, 2000, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)

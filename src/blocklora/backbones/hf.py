@@ -1,54 +1,104 @@
-"""transformers CLIP (CLIPModel, CLIPVisionModel, CLIPTextModel, ...): where the attention lives.
+"""transformers dual encoders, chosen by config.model_type: where adapters go, tokenizer, preprocessing, export.
 
-vision: vision_model.encoder.layers.{i}.self_attn      text: text_model.encoder.layers.{i}.self_attn
-Each self_attn (CLIPAttention) holds four Linears: q_proj, k_proj, v_proj, out_proj.
+model_type     class              vision tower                           text tower
+clip           CLIPModel          vision_model.encoder.layers.{i}         text_model.encoder.layers.{i}.self_attn
+metaclip_2     MetaClip2Model       .self_attn: q_proj, k_proj, v_proj,   (q_proj, k_proj, v_proj, out_proj)
+siglip         SiglipModel          out_proj (CLIP_ATTENTION)             SigLIP pools the LAST position: prompts
+                                                                          are padded to the fixed length
+chinese_clip   ChineseCLIPModel                                          text_model.encoder.layer.{i}.attention (BERT)
+altclip        AltCLIPModel                                              text_model.roberta.encoder.layers.{i}
+                                                                          .attention (XLM-R; BERT_ATTENTION)
+siglip2 (NaFlex, variable resolution) is refused: its images are patch sequences with pixel_attention_mask and
+spatial_shapes, which blocklora does not build (the fixed-resolution SigLIP 2 checkpoints are model_type siglip).
+A checkpoint is only ever loaded into the class its model_type names, and one missing any weight is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import BackboneError
 from .base import Backbone
 from .network import hub_reachable
-from .sites import AttentionSite
+from .preprocess import Preprocess, from_hf_processor
 
-TOWER_PREFIXES = {"vision": "vision_model.encoder.layers", "text": "text_model.encoder.layers"}
-LINEARS = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
-
-
-def attention_sites(model: nn.Module) -> dict[str, list[AttentionSite]] | None:
-    out: dict[str, list[AttentionSite]] = {}
-    for tower, prefix in TOWER_PREFIXES.items():
-        try:
-            layers = model.get_submodule(prefix)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and all(hasattr(layer, "self_attn") for layer in layers):
-            out[tower] = [AttentionSite(tower, i, f"{prefix}.{i}.self_attn", "linears", LINEARS)
-                          for i in range(len(layers))]
-    return out or None
+CLIP_ATTENTION = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
+# A BERT / RoBERTa layer's `attention`: self.query / key / value, then output.dense (also effnet-minilm's MiniLM).
+BERT_ATTENTION = (("q", "self.query"), ("k", "self.key"), ("v", "self.value"), ("o", "output.dense"))
+BERT_LAYERS = ("encoder.layer", "encoder.layers", "roberta.encoder.layer", "roberta.encoder.layers")
+FAMILIES = {"clip": "CLIPModel", "metaclip_2": "MetaClip2Model", "siglip": "SiglipModel",
+            "chinese_clip": "ChineseCLIPModel", "altclip": "AltCLIPModel"}
+REFUSED = {"siglip2": "a SigLIP 2 NaFlex (variable-resolution) checkpoint: its images are patch sequences with "
+                      "pixel_attention_mask and spatial_shapes, which blocklora does not build; use a fixed-resolution "
+                      "SigLIP 2 checkpoint (model_type siglip, e.g. google/siglip2-base-patch16-224)"}
+PAD_TO_FIXED_LENGTH = ("siglip",)  # text towers that pool the last position (and were trained without a mask)
+POSITION_OFFSET = {"altclip": 2}  # RoBERTa position ids start after padding_idx: 2 positions are never a token
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class HFClipBackbone(Backbone):
-    """transformers CLIPModel from a local directory (config.json + weights, tokenizer, image processor) or hub id."""
+def _layers(model: nn.Module, path: str) -> nn.ModuleList | None:
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def clip_sites(model: nn.Module, prefix: str, tower: str) -> tuple[Site, ...]:
+    """CLIP-style encoder layers at `prefix` (…encoder.layers): one site per `self_attn`."""
+    layers = _layers(model, prefix)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        return ()
+    return tuple(Site(tower, i, f"{prefix}.{i}.self_attn", LINEARS, CLIP_ATTENTION) for i in range(len(layers)))
+
+
+def bert_sites(root: nn.Module, prefix: str, tower: str) -> tuple[Site, ...]:
+    """The BERT / RoBERTa layers under `root` (named `prefix` in the model): one site per layer's `attention`."""
+    for path in BERT_LAYERS:
+        layers = _layers(root, path)
+        if layers is not None and all(hasattr(getattr(layer, "attention", None), "self") for layer in layers):
+            return tuple(Site(tower, i, f"{prefix}.{path}.{i}.attention", LINEARS, BERT_ATTENTION)
+                         for i in range(len(layers)))
+    return ()
+
+
+def placement(model: nn.Module) -> Placement | None:
+    """Sites of a transformers dual encoder (or one of its towers); None for any other model."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    vision = clip_sites(model, "vision_model.encoder.layers", "vision")
+    text = clip_sites(model, "text_model.encoder.layers", "text")
+    text_model = getattr(model, "text_model", None)
+    if not text and isinstance(text_model, nn.Module):
+        text = bert_sites(text_model, "text_model", "text")
+    towers = {t: type(getattr(model, f"{t}_model", None)).__name__ for t in ("vision", "text")}
+    return Placement(f"transformers {type(model).__name__}", {"vision": vision, "text": text}, towers)
+
+
+class HFBackbone(Backbone):
+    """A transformers dual encoder from a local directory (config.json + weights, tokenizer, preprocessor config)
+    or a hub id. `tokenizer_source`: where its tokenizer is (the model's folder unless --tokenizer says otherwise)."""
 
     family = "transformers"
+    tower_prefixes = {"vision": ("vision_model.", "visual_projection."), "text": ("text_model.", "text_projection.")}
 
-    def __init__(self, name: str, model: nn.Module, tokenizer, source: str) -> None:
-        vc = model.config.vision_config
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-        processor = _image_processor(source)
-        if processor is not None:
-            mean, std = processor.image_mean, processor.image_std
-        super().__init__(name, model, source, vc.image_size, mean, std)
-        self.tokenizer = tokenizer
+    def __init__(self, name: str, model: nn.Module, source: str, preprocess: Preprocess,
+                 tokenizer_source: str) -> None:
+        super().__init__(name, model, source, preprocess)
+        self.model_type = model.config.model_type
+        self.tokenizer_source = tokenizer_source
         self.model.eval()
+
+    def placement(self) -> Placement:
+        return placement(self.model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return _tensor(self.model.get_image_features(pixel_values=images))
@@ -67,23 +117,61 @@ class HFClipBackbone(Backbone):
         else:
             m.gradient_checkpointing_disable()
 
+    # -- texts -----------------------------------------------------------------------------------------------------
+    def _text_config(self) -> Any:
+        return self.model.config.text_config
+
+    def max_tokens(self) -> int:
+        """The longest prompt the text tower's position table holds (fixed length for SigLIP)."""
+        return int(self._text_config().max_position_embeddings) - POSITION_OFFSET.get(self.model_type, 0)
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        local = os.path.isdir(self.tokenizer_source)
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
+        except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
+            raise BackboneError(f"cannot load the tokenizer of {self.name} from {self.tokenizer_source}: "
+                                f"{str(e).strip().splitlines()[0][:160]}; pass --tokenizer DIR (a folder written "
+                                "by the tokenizer's save_pretrained)") from None
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        # padding=True pads to the longest prompt of the batch: with the causal mask and pooling at the EOS
-        # token this is exact, and is the same cut as our open_clip path.
-        out = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        """SigLIP: ids padded to the fixed length, no mask (it pools the last position and was trained so).
+        Others: ids and attention mask padded to the batch's longest prompt (exact: causal towers pool at the
+        end-of-text token, BERT towers mask the padding), cut to what the position table holds."""
+        if self.model_type in PAD_TO_FIXED_LENGTH:
+            out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens(),
+                                 return_tensors="pt")
+            return {"input_ids": out["input_ids"]}
+        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens(),
+                             return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def probe_tokens(self) -> dict[str, torch.Tensor]:
+        """Three valid ids (start, a word, end) in tokenize's format, without the tokenizer."""
+        cfg = self._text_config()
+        vocab = int(cfg.vocab_size)
+        ids = [i if isinstance(i, int) and 0 <= i < vocab else j
+               for i, j in ((cfg.bos_token_id, 0), (5 % vocab, 1), (cfg.eos_token_id, vocab - 1))]
+        tokens = {"input_ids": torch.tensor([ids])}
+        if self.model_type not in PAD_TO_FIXED_LENGTH:
+            tokens["attention_mask"] = torch.ones(1, 3, dtype=torch.long)
+        return tokens
 
     def encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return _tensor(self.model.get_text_features(**tokens))
 
+    # -- export ----------------------------------------------------------------------------------------------------
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
-        """A stock transformers directory: CLIPModel.from_pretrained(path) loads it (no blocklora needed)."""
+        """A stock transformers directory: the model's own class (e.g. SiglipModel.from_pretrained(path)) loads it
+        with no blocklora; the tokenizer and preprocessor config are copied beside it."""
         path = Path(path)
         self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
-        processor = _image_processor(self.pretrained)
+        processor = _file(self.pretrained, "preprocessor_config.json")
         if processor is not None:
-            processor.save_pretrained(path)
+            (path / "preprocessor_config.json").write_text(Path(processor).read_text())
         return sorted(str(p) for p in path.iterdir())
 
 
@@ -92,20 +180,53 @@ def _tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _image_processor(source: str | None):
-    from transformers import CLIPImageProcessor
-
+def _file(source: str | None, filename: str) -> str | None:
+    """`filename` of a local model folder or of a hub id (from the hub cache, or the hub when reachable)."""
     if source is None:
         return None
+    if os.path.isdir(source):
+        path = Path(source) / filename
+        return str(path) if path.is_file() else None
+    from transformers.utils import cached_file
+
     try:
-        return CLIPImageProcessor.from_pretrained(source, local_files_only=os.path.isdir(source))
-    except (OSError, ValueError):
+        return cached_file(source, filename, local_files_only=not hub_reachable(),
+                           _raise_exceptions_for_missing_entries=False)
+    except OSError:
         return None
 
 
-def load(spec: str) -> HFClipBackbone:
-    """`spec` is a local directory or a hub id (the part after 'hf:')."""
-    from transformers import AutoTokenizer, CLIPModel
+def preprocess_of(source: str, model_type: str, image_size: int) -> Preprocess:
+    """The checkpoint's preprocessing: its preprocessor_config.json, else the family's published defaults."""
+    found = _file(source, "preprocessor_config.json")
+    if found is not None:
+        return from_hf_processor(json.loads(Path(found).read_text()), image_size, f"{found}")
+    if model_type in PAD_TO_FIXED_LENGTH:
+        return Preprocess(image_size, SIGLIP_MEAN, SIGLIP_STD, "bicubic", "squash",
+                          "SiglipImageProcessor's defaults (no preprocessor_config.json)")
+    return Preprocess(image_size, source="CLIPImageProcessor's defaults (no preprocessor_config.json)")
+
+
+def model_type_of(spec: str, local: bool) -> str:
+    """config.json's model_type, read without building anything; one-line errors for what blocklora refuses."""
+    found = _file(spec, "config.json")
+    if found is None:
+        raise BackboneError(f"{spec} has no config.json: pass a folder written by save_pretrained, or a hub id")
+    try:
+        model_type = json.loads(Path(found).read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot read {found}: {e}") from None
+    if model_type in REFUSED:
+        raise BackboneError(f"{spec} is {REFUSED[model_type]}")
+    if model_type not in FAMILIES:
+        raise BackboneError(f"{spec} is a transformers {model_type!r} model: blocklora adapts the dual encoders "
+                            f"{', '.join(FAMILIES)} (config.json's model_type)")
+    return model_type
+
+
+def load(spec: str, tokenizer: str | None = None) -> HFBackbone:
+    """`spec` is a local directory or a hub id (the part after 'hf:'); `tokenizer` an optional local folder."""
+    import transformers
 
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or os.path.sep in spec and spec.count("/") > 1):
@@ -114,10 +235,19 @@ def load(spec: str) -> HFClipBackbone:
     if not local and not hub_reachable():
         raise BackboneError(f"cannot download {spec} from the hub (no network): download it elsewhere "
                             "(save_pretrained) and pass --model hf:/path/to/dir")
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        raise BackboneError(f"tokenizer directory {tokenizer} does not exist: pass a folder written by the "
+                            "tokenizer's save_pretrained")
+    model_type = model_type_of(spec, local)
+    cls = getattr(transformers, FAMILIES[model_type])
     try:
-        model = CLIPModel.from_pretrained(spec, local_files_only=local)
-        tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise BackboneError(f"cannot load a transformers CLIP model from {spec}: {str(e).splitlines()[0][:200]}") \
-            from None
-    return HFClipBackbone(f"hf:{spec}", model, tokenizer, spec)
+        model, info = cls.from_pretrained(spec, local_files_only=local, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackboneError(f"cannot load {spec} as a transformers {cls.__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values and only warn
+        raise BackboneError(f"{spec} is not a complete {cls.__name__} checkpoint: {len(missing)} weights are missing "
+                            f"(first: {missing[0]}); pass the checkpoint of this model type")
+    preprocess = preprocess_of(spec, model_type, model.config.vision_config.image_size)
+    return HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)

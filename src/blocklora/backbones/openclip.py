@@ -1,50 +1,69 @@
-"""open_clip (and the OpenAI `clip` package): where the attention lives. Towers are ViTs of ResidualAttentionBlocks.
+"""open_clip (and the OpenAI `clip` package): where adapters go, the tokenizer, the preprocessing.
 
-vision: visual.transformer.resblocks.{i}.attn      text: transformer.resblocks.{i}.attn (CLIP)
-                                                    or text.transformer.resblocks.{i}.attn (CustomTextCLIP)
-Each `attn` is an nn.MultiheadAttention (fused in_proj_weight; out_proj never called as a module).
+vision: visual.transformer.resblocks.{i}.attn (ViT: nn.MultiheadAttention, fused in_proj_weight, out_proj never
+        called as a module), visual.trunk.* (a timm tower: SigLIP, PE-Core, EVA-02, MobileCLIP; timm_towers.py),
+        or visual.attnpool (ModifiedResNet / RN50: its AttentionPool2d passes its Linears' weights to
+        F.multi_head_attention_forward, so inject's probe refuses that tower by name)
+text:   transformer.resblocks.{i}.attn (CLIP) or text.transformer.resblocks.{i}.attn (CustomTextCLIP), or the BERT
+        layers of a transformers text tower (text.transformer: open_clip's HFTextEncoder, e.g. XLM-R)
+open_clip keeps the blocks in an nn.ModuleList with batch-first attention; OpenAI's `clip` package in an
+nn.Sequential with sequence-first attention, which BlockLoRAMultiheadAttention reproduces as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
 from ..errors import BackboneError
 from .base import Backbone, is_torchscript_archive
+from .hf import bert_sites
 from .network import hub_reachable
-from .sites import AttentionSite
+from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
+from .timm_towers import trunk_sites
 
-TOWER_PREFIXES = {"vision": ("visual.transformer.resblocks",), "text": ("transformer.resblocks",
-                                                                        "text.transformer.resblocks")}
+ATTENTION_POOL = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "c_proj"))  # ModifiedResNet.attnpool
 
 
-def _blocks(model: nn.Module, prefix: str) -> nn.ModuleList | None:
+def _resblock_sites(model: nn.Module, prefix: str, tower: str) -> tuple[Site, ...]:
     try:
         blocks = model.get_submodule(prefix)
     except AttributeError:
-        return None
-    if isinstance(blocks, nn.ModuleList) and all(hasattr(b, "attn") for b in blocks):
-        return blocks
-    return None
+        return ()
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and all(hasattr(b, "attn") for b in blocks):
+        return tuple(Site(tower, i, f"{prefix}.{i}.attn", FUSED_MHA) for i in range(len(blocks)))
+    return ()
 
 
-def attention_sites(model: nn.Module) -> dict[str, list[AttentionSite]] | None:
+def placement(model: nn.Module) -> Placement | None:
+    """Sites of an open_clip CLIP / CustomTextCLIP / CoCa (or OpenAI clip) model; None for any other model."""
     if not (hasattr(model, "visual") and hasattr(model, "encode_text")):
         return None
-    out: dict[str, list[AttentionSite]] = {}
-    for tower, prefixes in TOWER_PREFIXES.items():
-        for prefix in prefixes:
-            blocks = _blocks(model, prefix)
-            if blocks is not None:
-                out[tower] = [AttentionSite(tower, i, f"{prefix}.{i}.attn", "fused") for i in range(len(blocks))]
-                break
-    return out or None
+    visual = model.visual
+    vision = _resblock_sites(model, "visual.transformer.resblocks", "vision")
+    if not vision and isinstance(getattr(visual, "trunk", None), nn.Module):
+        vision = trunk_sites(visual.trunk, "visual.trunk", "vision")
+    if not vision and isinstance(getattr(visual, "attnpool", None), nn.Module):
+        vision = (Site("vision", 0, "visual.attnpool", LINEARS, ATTENTION_POOL),)
+    text = _resblock_sites(model, "transformer.resblocks", "text") or \
+        _resblock_sites(model, "text.transformer.resblocks", "text")
+    text_module = getattr(model, "text", model)
+    if not text and isinstance(getattr(text_module, "transformer", None), nn.Module):
+        text = bert_sites(text_module.transformer, "text.transformer", "text")
+    if not vision and not text:  # not an open_clip tree
+        return None
+    trunk = getattr(visual, "trunk", None)
+    towers = {"vision": type(visual).__name__ + (f" around a timm {type(trunk).__name__}" if trunk is not None else ""),
+              "text": type(getattr(model, "text", getattr(model, "transformer", model))).__name__}
+    return Placement("open_clip", {"vision": vision, "text": text}, towers)
 
 
 log = logging.getLogger(__name__)
@@ -59,18 +78,33 @@ TINY_CLIP = dict(
 
 
 class OpenClipBackbone(Backbone):
+    """An open_clip model. `tokenizer_name`: the model name whose tokenizer it uses; `tag`: the pretrained tag the
+    weights come from (their preprocessing); `tokenizer_dir`: a local copy of a tokenizer that comes from a hub."""
+
     family = "open_clip"
 
-    def __init__(self, name: str, model: torch.nn.Module, pretrained: str | None, tokenizer_name: str) -> None:
-        import open_clip
-
-        cfg = getattr(model.visual, "preprocess_cfg", {})
-        size = getattr(model.visual, "image_size", 224)
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        super().__init__(name, model, pretrained, size, cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                         cfg.get("std", open_clip.OPENAI_DATASET_STD))
-        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    def __init__(self, name: str, model: torch.nn.Module, pretrained: str | None, tokenizer_name: str,
+                 tag: str | None = None, tokenizer_dir: str | None = None) -> None:
+        super().__init__(name, model, pretrained, preprocess_for(name, model, tag, pretrained is not None))
+        self.tokenizer_name, self.tokenizer_dir = tokenizer_name, tokenizer_dir
+        text_root = "text." if isinstance(getattr(model, "text", None), nn.Module) else ""
+        self.tower_prefixes = {"vision": ("visual.",), "text": (text_root,) if text_root else (
+            "transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")}
         self.model.eval()
+
+    def placement(self) -> Placement:
+        return placement(self.model)
+
+    def probe_tokens(self) -> torch.Tensor:
+        """(1, context_length) ids: start, one word, end-of-text (the largest id: open_clip pools at argmax)."""
+        m = getattr(self.model, "text", self.model)
+        context, vocab = int(m.positional_embedding.shape[0]), int(self.model.vocab_size)
+        tokens = torch.zeros(1, context, dtype=torch.long)
+        tokens[0, :3] = torch.tensor([vocab - 2, 1, vocab - 1])
+        return tokens
+
+    def _load_tokenizer(self) -> Any:
+        return load_tokenizer(self.tokenizer_name, self.tokenizer_dir)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
@@ -81,6 +115,7 @@ class OpenClipBackbone(Backbone):
         self.model.set_grad_checkpointing(enabled)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """(C, context_length) ids, padded to the fixed length (SigLIP pools its last position: it needs that)."""
         return self.tokenizer(list(texts))
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -146,26 +181,31 @@ def _read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
                             "check the --model name")
 
 
-def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenClipBackbone:
-    """open_clip model `name` with weights from a tag, a local file, or none (random init)."""
+def load(name: str, pretrained: str | None, quick_gelu: str = "auto", tokenizer: str | None = None
+         ) -> OpenClipBackbone:
+    """open_clip model `name` with weights from a tag, a local file, or none (random init).
+
+    `tokenizer`: a local directory holding the model's tokenizer when it comes from a hub (SigLIP's). Raises
+    BackboneError (one line) for an unknown name or tag, a missing or mismatched file, or weights out of reach.
+    """
     import open_clip
 
     if name == "tiny-clip":
         if pretrained not in (None, "none"):
             _read_needs_file(pretrained)
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # the same random weights every time: adapters trained on it can be reloaded
-        model = open_clip.CLIP(**TINY_CLIP, quick_gelu=quick_gelu == "yes")
-        torch.random.set_rng_state(torch_state)
+        with _seeded(0):  # the same random weights every time: adapters trained on it can be reloaded
+            model = open_clip.CLIP(**TINY_CLIP, quick_gelu=quick_gelu == "yes")
         if pretrained not in (None, "none"):
             _read_checkpoint_into(model, pretrained, name)
-        return OpenClipBackbone(name, model, pretrained if pretrained not in (None, "none") else None, "ViT-B-32")
+        return OpenClipBackbone(name, model, pretrained if pretrained not in (None, "none") else None, "ViT-B-32",
+                                tokenizer_dir=tokenizer)
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
     if pretrained in (None, "none"):
-        model = open_clip.create_model(name, pretrained=None)
-        return OpenClipBackbone(name, model, None, name)
+        with _seeded(0):  # the same random weights every time: adapters trained on them can be reloaded
+            model = open_clip.create_model(name, pretrained=None)
+        return OpenClipBackbone(name, model, None, name, tokenizer_dir=tokenizer)
     if os.path.sep in pretrained or os.path.exists(pretrained) or Path(pretrained).suffix:
         _read_needs_file(pretrained)
         force = quick_gelu == "yes" or (quick_gelu == "auto" and not name.endswith("-quickgelu") and (
@@ -174,7 +214,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenCli
             log.info("using QuickGELU for %s (OpenAI weights); override with quick_gelu=no", pretrained)
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=force)
         _read_checkpoint_into(model, pretrained, name)
-        return OpenClipBackbone(name, model, str(Path(pretrained).resolve()), name)
+        return OpenClipBackbone(name, model, str(Path(pretrained).resolve()), name, tokenizer_dir=tokenizer)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise BackboneError(f"unknown pretrained tag {pretrained!r} for {name}: known tags are "
@@ -189,14 +229,25 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenCli
             "quick_gelu", False))
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
         _read_checkpoint_into(model, cached, name)
-        return OpenClipBackbone(name, model, pretrained, name)
+        return OpenClipBackbone(name, model, pretrained, name, pretrained, tokenizer)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu == "yes")
     except Exception as e:  # noqa: BLE001
         raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({str(e).splitlines()[0][:160]}): "
                             f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
                             f"/path/{name}.safetensors") from None
-    return OpenClipBackbone(name, model, pretrained, name)
+    return OpenClipBackbone(name, model, pretrained, name, pretrained, tokenizer)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Random initialisation from `seed`, the global torch RNG left as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def _cached_weights(cfg: dict) -> str | None:
@@ -224,3 +275,81 @@ def _read_needs_file(path: str) -> None:
                             "or none for random weights")
 
 
+
+
+# -- preprocessing and tokenizer ------------------------------------------------------------------------------------
+def preprocess_for(name: str, model: nn.Module, tag: str | None, has_weights: bool) -> Preprocess:
+    """The preprocessing of the weights: the tag's pretrained config; without a tag (a file, random weights), the
+    pretrained configs of `name` when all its tags agree (SigLIP: 0.5 / 0.5 and squash; MobileCLIP: no
+    normalisation), else open_clip's default for the architecture (OpenAI CLIP's)."""
+    import open_clip
+
+    size = getattr(model.visual, "image_size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    known = open_clip.list_models()
+    base = name.removesuffix("-quickgelu")
+    tags = [tag] if tag else sorted({t for n in {name, base} if n in known for t in
+                                     open_clip.list_pretrained_tags_by_model(n)})
+    found = {}
+    for t in tags:
+        for n in (name, base):
+            cfg = open_clip.get_pretrained_cfg(n, t) if n in known else {}
+            if cfg:
+                key = (tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)),
+                       cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+                found.setdefault(key, []).append(t)
+                break
+    if len(found) == 1:
+        (mean, std, interpolation, resize_mode), used = next(iter(found.items()))
+        where = f"tag {tag}" if tag else f"its {len(used)} pretrained tag(s), which all agree"
+        return Preprocess(size, mean, std, interpolation, resize_mode, f"open_clip's pretrained config of {name} "
+                                                                       f"({where})")
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    why = f"its tags disagree ({', '.join(sorted(t for ts in found.values() for t in ts))})" if found else \
+        "it has no pretrained tags"
+    if has_weights and found:
+        log.warning("%s: %s, so the weights' preprocessing is unknown: using open_clip's default for the "
+                    "architecture; pass the pretrained tag to use its own", name, why)
+    return Preprocess(size, cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD),
+                      cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
+                      f"open_clip's default for {name} ({why})")
+
+
+def load_tokenizer(model_name: str, directory: str | None = None) -> Any:
+    """open_clip's tokenizer of `model_name`; one that comes from a hub (SigLIP's) from `directory`, the hub
+    cache, or the hub. Offline with no copy, a BackboneError at once naming the tokenizer and the fix."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    hub_id = text_cfg.get("hf_tokenizer_name", "")
+    if not hub_id:
+        if directory:
+            raise BackboneError(f"{model_name}'s tokenizer ships with open_clip: drop --tokenizer {directory}")
+        return open_clip.get_tokenizer(model_name)
+    kwargs = dict(context_length=text_cfg.get("context_length", 77), tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                  **text_cfg.get("tokenizer_kwargs", {}))
+    if directory:
+        if not os.path.isdir(directory):
+            raise BackboneError(f"tokenizer directory {directory} does not exist: pass the folder that "
+                                f"AutoTokenizer.from_pretrained({hub_id!r}).save_pretrained(...) wrote")
+        return _hf_tokenizer(HFTokenizer, directory, model_name, local_files_only=True, **kwargs)
+    offline = not hub_reachable()
+    try:
+        return _hf_tokenizer(HFTokenizer, hub_id, model_name, local_files_only=offline, **kwargs)
+    except BackboneError:
+        if not offline:
+            raise
+    raise BackboneError(
+        f"{model_name} needs the tokenizer {hub_id} from the Hugging Face hub, which is out of reach (no network) "
+        f"and not in its cache: on a machine with a network run `python -c \"from transformers import "
+        f"AutoTokenizer; AutoTokenizer.from_pretrained('{hub_id}').save_pretrained('DIR')\"`, copy DIR here and "
+        f"pass --tokenizer DIR")
+
+
+def _hf_tokenizer(cls: type, source: str, model_name: str, **kwargs: Any) -> Any:
+    try:
+        return cls(source, **kwargs)
+    except (OSError, ValueError, ImportError) as e:  # a hub miss, a damaged folder, sentencepiece not installed
+        raise BackboneError(f"cannot load the tokenizer of {model_name} from {source}: "
+                            f"{str(e).strip().splitlines()[0][:200]}") from None

@@ -120,8 +120,9 @@ def zero_shot_key(backbone: Backbone, dataset: str, items: Sequence[Item], class
                   templates: Sequence[str]) -> str:
     """Everything zero-shot accuracy depends on: frozen weights, preprocessing, the exact test items, prompts."""
     h = hashlib.sha256()
-    h.update(json.dumps({"fp": backbone.fingerprint, "model": backbone.name, "size": backbone.image_size,
-                         "mean": backbone.mean, "std": backbone.std, "dataset": dataset,
+    preprocess = {k: v for k, v in backbone.preprocess.to_dict().items() if k != "source"}
+    h.update(json.dumps({"fp": backbone.fingerprint, "model": backbone.name, "preprocess": preprocess,
+                         "dataset": dataset,
                          "classnames": list(classnames), "templates": list(templates)}, sort_keys=True).encode())
     for item in items:
         h.update(f"{item.path}\0{item.label}\n".encode())

@@ -4,7 +4,8 @@
         images, labels = batch(step)                       # a pure function of (seed, step): see stream.py
         img = normalize(encode_images(images))             # (B, D)
         txt = normalize(encode_classes(classnames))        # (C, D); cached once when the text tower is frozen
-        loss = cross_entropy(logit_scale * img @ txt.T, labels)
+        loss = cross_entropy(logit_scale * img @ txt.T, labels)     # train.loss=softmax (CLIP-LoRA)
+             or sum of BCE(logit_scale * img @ txt.T + bias, one_hot(labels)) / B   # sigmoid (SigLIP)
         backward; (all-reduce grads under torchrun); AdamW step; cosine schedule step
 
 The frozen model stays in eval mode (BatchNorm statistics and the backbone's own dropout untouched); only the
@@ -37,6 +38,20 @@ class TrainingDiverged(BlockLoRAError):
     """A non-finite loss with nan_policy=stop."""
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax",
+                        bias: float | None = None) -> torch.Tensor:
+    """The loss of (B, C) logits (scale * cosine) against (B,) labels, SUMMED over the B samples.
+
+    softmax: cross-entropy over the C classes (CLIP-LoRA). sigmoid: SigLIP's loss (Zhai et al. 2023, eq. 1) with
+    the classes as the text side: -sum_j log sigma(z_j (logit_j + bias)), z_j = +1 for the true class, -1 for the
+    others, i.e. one binary cross-entropy per (image, class). The caller divides by the (global) batch.
+    """
+    if kind == "sigmoid":
+        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits + (bias or 0.0), targets, reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
 def lr_lambda(step: int, total: int, warmup: int, base_lr: float, min_lr: float, schedule: str) -> float:
     """Multiplier of base_lr at `step`: linear warm-up, then cosine from base_lr to min_lr over the rest.
 
@@ -59,9 +74,18 @@ class FitState:
 
 
 class Trainer:
+    """Trains the adapters of `backbone` on `items` with the recipe in `cfg` (see the module docstring).
+
+    `logit_scale`: the resolved cosine-to-logit scale (cfg.logit_scale, or the checkpoint's for "auto");
+    `logit_bias`: SigLIP's bias, used by cfg.loss "sigmoid". Raises BlockLoRAError when nothing is trainable.
+    """
+
     def __init__(self, backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
-                 cfg: TrainConfig, runtime: Runtime, seed: int, total_iters: int, workers: int = 0) -> None:
+                 cfg: TrainConfig, runtime: Runtime, seed: int, total_iters: int, workers: int = 0,
+                 logit_scale: float | None = None, logit_bias: float | None = None) -> None:
         self.backbone, self.items, self.reader = backbone, list(items), reader
+        self.logit_scale = float(cfg.logit_scale if logit_scale is None else logit_scale)
+        self.logit_bias = logit_bias
         self.classnames, self.cfg, self.runtime = list(classnames), cfg, runtime
         self.seed, self.total, self.workers = seed, total_iters, workers
         model = backbone.model
@@ -74,8 +98,7 @@ class Trainer:
         self.scaler = runtime.grad_scaler()
         self.state = FitState()
         # The text side only needs recomputing when it carries trainable adapters.
-        text = text_params(model)
-        self.text_trainable = any(p.requires_grad for n, p in model.named_parameters() if n in text)
+        self.text_trainable = any(p.requires_grad for _, p in backbone.tower_parameters("text"))
         self._text_cache: torch.Tensor | None = None
 
     # -- state for checkpoints ---------------------------------------------------------------------------------------
@@ -128,9 +151,8 @@ class Trainer:
                 with rt.autocast():
                     img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
                     txt = self._text_features()
-                    logits = cfg.logit_scale * img @ txt.T
-                    # Sum over this rank's samples / global batch: summed over ranks it is the global mean.
-                    loss = F.cross_entropy(logits, labels, reduction="sum") / global_batch
+                    logits = self.logit_scale * img @ txt.T  # (B, C)
+                    loss = classification_loss(logits, labels, cfg.loss, self.logit_bias) / global_batch
                 metrics = self._step(loss, logits, labels)
                 now = time.perf_counter()
                 metrics["step_s"], tick = round(now - tick, 4), now
@@ -198,11 +220,3 @@ def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
-
-
-def text_params(model: torch.nn.Module) -> set[str]:
-    """Names of the parameters inside the text tower's attention sites (by the family's site map)."""
-    from ..backbones.sites import find_sites
-
-    prefixes = tuple(site.path + "." for site in find_sites(model).get("text", []))
-    return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}

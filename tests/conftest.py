@@ -84,3 +84,12 @@ def make_hf_dir(path, seed: int = 0):
     CLIPModel(cfg).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and a shared CI core is not fought over): set, then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

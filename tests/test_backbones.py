@@ -21,6 +21,8 @@ from blocklora.errors import BackboneError
 from families import FAMILIES, register, save_hf_checkpoint, save_tokenizer
 from gen_data import make_folder_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OPEN_CLIP_TINY = {"siglip": "tiny-siglip-test", "pe_core": "tiny-pe-test", "eva02": "tiny-eva02-test",
                   "mobileclip": "tiny-mobileclip-test"}
 HF_TINY = ("hf_metaclip_2", "hf_siglip", "hf_chinese_clip", "hf_altclip")
@@ -207,16 +209,19 @@ def test_hf_preprocessing_comes_from_the_processor_config(tmp_path):
 
 
 # -- logits, the sigmoid loss and predict ----------------------------------------------------------------------------
-def test_sigmoid_loss_is_siglips():
-    from blocklora.engine.fit import classification_loss
+def test_sigmoid_loss_and_probabilities_are_siglips():
+    from blocklora.engine.logits import Logits
 
-    logits, labels, bias = torch.randn(4, 5), torch.tensor([0, 3, 3, 1]), -2.0
+    cosines, labels = torch.rand(4, 5) * 2 - 1, torch.tensor([0, 3, 3, 1])
+    sigmoid, softmax = Logits(10.0, -2.0, "sigmoid"), Logits(10.0)
     z = -torch.ones(4, 5)
     z[torch.arange(4), labels] = 1
-    expected = -torch.nn.functional.logsigmoid(z * (logits + bias)).sum()
-    torch.testing.assert_close(classification_loss(logits, labels, "sigmoid", bias), expected)
-    torch.testing.assert_close(classification_loss(logits, labels), torch.nn.functional.cross_entropy(
-        logits, labels, reduction="sum"))
+    expected = -torch.nn.functional.logsigmoid(z * (10 * cosines - 2)).sum()  # SigLIP, eq. 1
+    torch.testing.assert_close(sigmoid.loss(sigmoid(cosines), labels), expected)
+    torch.testing.assert_close(sigmoid.probabilities(sigmoid(cosines)), torch.sigmoid(10 * cosines - 2))
+    torch.testing.assert_close(softmax.loss(softmax(cosines), labels),
+                               torch.nn.functional.cross_entropy(10 * cosines, labels, reduction="sum"))
+    assert torch.allclose(softmax.probabilities(softmax(cosines)).sum(-1), torch.ones(4))
 
 
 def test_siglip_trains_with_its_own_scale_and_sigmoid_and_predict_says_so(data, tokenizer_dir, tmp_path, capsys):

@@ -22,7 +22,7 @@ def test_overrides_and_round_trip():
     c = RunConfig().with_overrides(["train.lr=1e-3", "r=4", "betas=0.8,0.95", "iters=none", "blocks=up",
                                     "adapter.towers=vision", "data.replace=false", "pretrained=none"])
     assert c.train.lr == 1e-3 and c.adapter.r == 4 and c.train.betas == (0.8, 0.95) and c.train.iters is None
-    assert c.adapter.blocks == "up" and c.adapter.towers == ("vision",) and c.data.replace is False
+    assert c.adapter.layers == c.adapter.blocks == "up" and c.adapter.towers == ("vision",) and not c.data.replace
     assert c.pretrained is None
     assert RunConfig.from_dict(c.to_dict()) == c
     assert c.hash() == RunConfig.from_dict(c.to_dict()).hash() != RunConfig().hash()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from blocklora.adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
 from blocklora.adapters.report import adapter_cost
 from conftest import randomize_adapters
 from families import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     "block_lora-qkvo": AdapterConfig(n_blocks=4, projections="qkvo", dropout=0.25),
@@ -162,6 +165,8 @@ def test_parameter_count_formula(family, config):
 def stock_reloads(tmp_path_factory):
     """Every case's merged export, reloaded in ONE process that cannot import blocklora; its outputs per case."""
     folder = tmp_path_factory.mktemp("exports")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cases = {}
     for family, config in CASES:
         model = adapted(family, config)
@@ -184,7 +189,9 @@ for key, case in json.loads(open({str(folder / 'cases.json')!r}).read()).items()
         out[key] = [t.tolist() for t in f.features(model, f.inputs(0))]
 json.dump(out, open({str(folder / 'outputs.json')!r}, 'w'))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(threads)
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = json.loads((folder / "outputs.json").read_text())
     return {key: ([torch.tensor(t) for t in outputs[key]],

@@ -48,8 +48,10 @@ from .engine import evaluate as ev
 from .engine.distributed import all_ranks
 from .engine.files import JsonlWriter, atomic_write, load_torch, run_lock, save_torch, write_json
 from .engine.fit import Trainer, TrainingDiverged
+from .engine.logits import Logits
+from .engine.logits import resolve as resolve_logits
 from .engine.runtime import Runtime, default_workers, make_runtime, seed_everything, set_deterministic
-from .errors import BlockLoRAError, ConfigError, DataError
+from .errors import BlockLoRAError, DataError
 
 log = logging.getLogger("blocklora")
 
@@ -91,7 +93,8 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         sha = None
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, cfg.tokenizer)
     backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
-    logits = resolve_logits(backbone, cfg.train)
+    logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),
+                            backbone.learned_logit_bias(), backbone.name)
     # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any
     # work. Seeded: the adapters' initial values are a function of the seed.
     seed_everything(cfg.data.seed)
@@ -123,37 +126,6 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
     return Prepared(cfg, backbone, data, fewshot, train_items, sha, eval_sets, runtime, bad, modules, logits)
 
 
-@dataclass(frozen=True)
-class Logits:
-    """How image-text cosines become logits: scale * cos (+ bias), and the loss / probabilities they feed.
-
-    kind "softmax": cross-entropy over the classes (CLIP-LoRA), softmax probabilities. kind "sigmoid": SigLIP's
-    per-class sigmoid sigma(scale * cos + bias) (Zhai et al. 2023, eq. 1), with the checkpoint's bias.
-    """
-
-    scale: float
-    bias: float | None
-    kind: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "bias": self.bias, "kind": self.kind}
-
-
-def resolve_logits(backbone: Backbone, cfg) -> Logits:
-    """train.logit_scale (a number, or "auto": the checkpoint's learned exp(logit_scale)) and train.loss."""
-    scale = backbone.learned_logit_scale() if cfg.logit_scale == "auto" else float(cfg.logit_scale)
-    if scale is None:
-        raise ConfigError(f"train.logit_scale=auto: {backbone.name} has no learned logit scale; give a number "
-                          "(CLIP-LoRA uses 100)")
-    bias = None
-    if cfg.loss == "sigmoid":
-        bias = backbone.learned_logit_bias()
-        if bias is None:
-            raise ConfigError(f"train.loss=sigmoid is SigLIP's loss and needs its learned logit bias: {backbone.name} "
-                              "has none; use train.loss=softmax")
-    return Logits(scale, bias, cfg.loss)
-
-
 def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:
     from dataclasses import replace
 
@@ -181,6 +153,8 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
               features: dict | None = None) -> dict[str, Any]:
     """Accuracy of the frozen model (adapters, if any, switched off), cached by weights + data + prompts."""
     from .adapters.inject import adapters_disabled
+
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
 
     key = ev.zero_shot_key(backbone, data.name, items, data.classnames, templates)
     cached = ev.read_cached(key) if use_cache else None
@@ -306,7 +280,7 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
         backbone.to(rt.device)
         total = cfg.train.total_iters(cfg.data.shots)
         trainer = Trainer(backbone, p.train_items, data.image_reader, data.classnames, cfg.train, rt,
-                          cfg.data.seed, total, workers, p.logits.scale, p.logits.bias)
+                          cfg.data.seed, total, workers, p.logits)
         ckpt_path = output / CHECKPOINT
         if resume and ckpt_path.exists():
             state = load_torch(ckpt_path)
@@ -414,6 +388,7 @@ def evaluate_adapter(adapter_dir: str | Path, dataset: str, root: str, split: st
                      device: str = "auto", limit: int | None = None, tokenizer: str | None = None) -> dict[str, Any]:
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer)
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
     data = load_dataset(dataset, root)
     if classes != "all":
         data = subsample_classes(data, classes)
@@ -428,13 +403,14 @@ def evaluate_adapter(adapter_dir: str | Path, dataset: str, root: str, split: st
 
 @torch.no_grad()
 def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
-            template: str, logit_scale: float = 100.0, topk: int = 5, logit_bias: float | None = None,
-            probabilities: str = "softmax") -> list[dict[str, Any]]:
-    """Top-k class names with probabilities for each image file; each row says which `probabilities` they are.
+            template: str, logit_scale: float = 100.0, topk: int = 5, logits: Logits | None = None
+            ) -> list[dict[str, Any]]:
+    """Top-k class names with probabilities for each image file; each row says which probabilities they are.
 
-    "softmax": over the classes, softmax(scale * cos) (they sum to 1). "sigmoid": SigLIP's independent per-class
-    probability sigma(scale * cos + bias), the model's own reading of "does this image show this class".
+    "softmax": over the classes, softmax(scale * cos) (they sum to 1). "sigmoid" (`logits` of kind sigmoid, as a
+    SigLIP adapter trained with train.loss=sigmoid records): each class's own sigma(scale * cos + bias).
     """
+    logits = logits or Logits(logit_scale)
     from .data.types import open_image_file
 
     txt = ev.encode_classes(backbone, classnames, [template], runtime)
@@ -451,15 +427,11 @@ def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classna
                 raise DataError(f"cannot read image {path}: {e}") from None
         with runtime.autocast():
             img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
-        logits = logit_scale * img @ txt.T
-        if probabilities == "sigmoid":
-            probs = (logits + (logit_bias or 0.0)).sigmoid().cpu()
-        else:
-            probs = logits.softmax(-1).cpu()
+        probs = logits.probabilities(logits(img @ txt.T)).cpu()
         top = probs.topk(min(topk, probs.shape[1]), dim=-1)
         for path, values, indices in zip(chunk, top.values, top.indices):
             top_k = [{"class": classnames[i], "prob": round(float(v), 6)} for v, i in zip(values, indices)]
-            out.append({"image": path, "probabilities": probabilities, "top": top_k})
+            out.append({"image": path, "probabilities": logits.kind, "top": top_k})
     return out
 
 

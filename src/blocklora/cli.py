@@ -199,13 +199,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .api import load_trained, predict
+    from .engine.logits import Logits
 
     backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, args.tokenizer)
     images = _collect_images(args.images)
     run = meta["run"]
     kind = run.get("loss", "softmax")  # the probabilities the adapter was trained for
-    out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk,
-                  run.get("logit_bias"), kind)
+    logits = Logits(run.get("logit_scale", 100.0), run.get("logit_bias"), kind)
+    out = predict(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -21,13 +21,13 @@ from typing import Any
 
 from .adapters.config import ALIASES as ADAPTER_ALIASES
 from .adapters.config import AdapterConfig
+from .engine.logits import KINDS as LOSSES
 from .errors import ConfigError
 
 SAMPLERS = ("clip-lora", "coop")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLASS_SUBSETS = ("all", "base", "new")
-LOSSES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,8 @@ class AdapterConfig:
         if unknown:
             raise ConfigError(f"unknown adapter option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
         return cls(**data)
+
+
+# Reading the former name gives the current value (the InitVar above only serves construction; dataclass has taken
+# its default already, so the class attribute is free for a read-only alias).
+AdapterConfig.blocks = property(lambda self: self.layers, doc="The former name of `layers` (read-only).")

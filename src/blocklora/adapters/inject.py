@@ -134,25 +134,27 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Placem
         _set_submodule(model, t.path, new)
         replaced.append((t.path, old))
     setattr(model, CONFIG_ATTR, cfg)
-    if probe is not None:
-        missed = _not_called(model, probe)
-        if missed:
-            for path, old in reversed(replaced):
-                _set_submodule(model, path, old)
-            for p, flag in zip(model.parameters(), flags):
-                p.requires_grad_(flag)
-            delattr(model, CONFIG_ATTR)
-            tower = next(t.tower for t in targets if t.path == missed[0])
-            others = [t for t in cfg.towers if t != tower]
-            parent_path = missed[0].rpartition(".")[0]
-            parent = model.get_submodule(parent_path) if parent_path else model
-            raise ConfigError(
-                f"the adapter on {missed[0]} is never called: {type(parent).__name__} ({parent_path or 'the model'}) "
-                f"reads the weights of its {missed[0].rpartition('.')[2]} without calling it, so training would "
-                f"change nothing ({len(missed)} such module(s) in the {tower} tower); "
-                + (f"adapt the {others[0]} tower only (--towers {others[0]})" if others else
-                   f"the {tower} tower of this model cannot be adapted yet"))
+    missed = _not_called(model, probe) if probe is not None else []
+    if missed:  # undo everything, then say which module bypasses its adapter
+        for path, old in reversed(replaced):
+            _set_submodule(model, path, old)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        delattr(model, CONFIG_ATTR)
+        raise ConfigError(_bypassed(model, missed, next(t.tower for t in targets if t.path == missed[0]), cfg))
     return [t.path for t in targets]
+
+
+def _bypassed(model: nn.Module, missed: list[str], tower: str, cfg: AdapterConfig) -> str:
+    """The one-line refusal of adapters a model never calls, naming the class whose code reads the weights."""
+    parent_path, _, child = missed[0].rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    others = [t for t in cfg.towers if t != tower]
+    fix = f"adapt the {others[0]} tower only (--towers {others[0]})" if others else \
+        f"the {tower} tower of this model cannot be adapted yet"
+    return (f"the adapter on {missed[0]} is never called: {type(parent).__name__} ({parent_path or 'the model'}) "
+            f"reads the weights of its {child} without calling it, so training would change nothing ({len(missed)} "
+            f"such module(s) in the {tower} tower); {fix}")
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ Adapter placement (`placement`):
 - vision: EfficientNet has no attention. Its linear maps over channels are the 1x1 convolutions of each MBConv
   block (expand C -> 6C, project 6C -> C') and of the head (320 -> 1280), and the classifier Linear
   (1280 -> 1000). Each MBConv block and the head is one site (17 "layers", so --layers works as on CLIP), and the
-  projection letters select layers in them: q, k, v -> the project conv (6C -> C', the block's widest input;
+  projections select layers in them: q, k, v -> the project conv (6C -> C', the block's widest input;
   all 16 blocks) and the head conv; o -> the expand conv (C -> 6C; blocks 1-15). The classifier is never adapted:
   in trials its update swamped ConSE's top-10 mixture and accuracy fell to chance.
   Why q,k,v -> project + head: at 16 shots (seed 1, 200 steps, batch 16, 2,000 test images, zero-shot 25.5%)
@@ -74,7 +74,7 @@ TOP_K = 10
 BANK_TEMPLATE = "{}"
 MAX_TOKENS = 128
 
-# Vision sites: one per MBConv block (_blocks.{i}) and one for the head; (letter, child) pairs.
+# Vision sites: one per MBConv block (_blocks.{i}) and one for the head; (projection, child) pairs.
 VISION_BLOCK_LAYERS = (("q", "_project_conv"), ("k", "_project_conv"), ("v", "_project_conv"), ("o", "_expand_conv"))
 VISION_HEAD_LAYERS = (("q", "_conv_head"), ("k", "_conv_head"), ("v", "_conv_head"))
 

@@ -4,8 +4,7 @@
         images, labels = batch(step)                       # a pure function of (seed, step): see stream.py
         img = normalize(encode_images(images))             # (B, D)
         txt = normalize(encode_classes(classnames))        # (C, D); cached once when the text tower is frozen
-        loss = cross_entropy(logit_scale * img @ txt.T, labels)     # train.loss=softmax (CLIP-LoRA)
-             or sum of BCE(logit_scale * img @ txt.T + bias, one_hot(labels)) / B   # sigmoid (SigLIP)
+        loss = cross_entropy(logit_scale * img @ txt.T, labels)   # or SigLIP's sigmoid loss: engine/logits.py
         backward; (all-reduce grads under torchrun); AdamW step; cosine schedule step
 
 The frozen model stays in eval mode (BatchNorm statistics and the backbone's own dropout untouched); only the
@@ -30,26 +29,13 @@ from ..config import TrainConfig
 from ..data.types import Item
 from ..errors import BlockLoRAError
 from .evaluate import encode_classes
+from .logits import Logits
 from .runtime import Runtime, rng_state, set_rng_state
 from .stream import train_stream
 
 
 class TrainingDiverged(BlockLoRAError):
     """A non-finite loss with nan_policy=stop."""
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax",
-                        bias: float | None = None) -> torch.Tensor:
-    """The loss of (B, C) logits (scale * cosine) against (B,) labels, SUMMED over the B samples.
-
-    softmax: cross-entropy over the C classes (CLIP-LoRA). sigmoid: SigLIP's loss (Zhai et al. 2023, eq. 1) with
-    the classes as the text side: -sum_j log sigma(z_j (logit_j + bias)), z_j = +1 for the true class, -1 for the
-    others, i.e. one binary cross-entropy per (image, class). The caller divides by the (global) batch.
-    """
-    if kind == "sigmoid":
-        targets = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits + (bias or 0.0), targets, reduction="sum")
-    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def lr_lambda(step: int, total: int, warmup: int, base_lr: float, min_lr: float, schedule: str) -> float:
@@ -76,16 +62,15 @@ class FitState:
 class Trainer:
     """Trains the adapters of `backbone` on `items` with the recipe in `cfg` (see the module docstring).
 
-    `logit_scale`: the resolved cosine-to-logit scale (cfg.logit_scale, or the checkpoint's for "auto");
-    `logit_bias`: SigLIP's bias, used by cfg.loss "sigmoid". Raises BlockLoRAError when nothing is trainable.
+    `logits`: the resolved logits and loss (engine.logits.resolve; default: cfg.logit_scale, softmax).
+    Raises BlockLoRAError when nothing is trainable.
     """
 
     def __init__(self, backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
                  cfg: TrainConfig, runtime: Runtime, seed: int, total_iters: int, workers: int = 0,
-                 logit_scale: float | None = None, logit_bias: float | None = None) -> None:
+                 logits: Logits | None = None) -> None:
         self.backbone, self.items, self.reader = backbone, list(items), reader
-        self.logit_scale = float(cfg.logit_scale if logit_scale is None else logit_scale)
-        self.logit_bias = logit_bias
+        self.logits = logits or Logits(float(cfg.logit_scale))
         self.classnames, self.cfg, self.runtime = list(classnames), cfg, runtime
         self.seed, self.total, self.workers = seed, total_iters, workers
         model = backbone.model
@@ -151,8 +136,8 @@ class Trainer:
                 with rt.autocast():
                     img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
                     txt = self._text_features()
-                    logits = self.logit_scale * img @ txt.T  # (B, C)
-                    loss = classification_loss(logits, labels, cfg.loss, self.logit_bias) / global_batch
+                    logits = self.logits(img @ txt.T)  # (B, C)
+                    loss = self.logits.loss(logits, labels) / global_batch
                 metrics = self._step(loss, logits, labels)
                 now = time.perf_counter()
                 metrics["step_s"], tick = round(now - tick, 4), now

@@ -79,7 +79,7 @@ def _span(layers: list[int]) -> str:
 def _site_targets(model: nn.Module, site: Site, cfg: AdapterConfig) -> list[Target]:
     """The targets of one site for the selected projections (see sites.Site for the kinds)."""
     if site.kind == FUSED_MHA:
-        return [Target(site.path, "fused_mha", cfg.projections, site.tower, site.block)]
+        return [Target(site.path, "fused_mha", cfg.projections, site.tower, site.layer)]
     declared: dict[str, list[str]] = {}  # child -> every projection it stands under
     for projection, child in site.children:
         declared.setdefault(child, []).append(projection)
@@ -99,7 +99,7 @@ def _site_targets(model: nn.Module, site: Site, cfg: AdapterConfig) -> list[Targ
             kind = "linear" if isinstance(module, nn.Linear) else "conv1x1"
         else:
             kind = "fused_qkv" if len(set(under) & set(QKV)) > 1 else "linear"
-        out.append(Target(path, kind, selected, site.tower, site.block))
+        out.append(Target(path, kind, selected, site.tower, site.layer))
     return out
 
 

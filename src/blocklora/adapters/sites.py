@@ -35,7 +35,7 @@ class Site:
     """
 
     tower: str
-    block: int
+    layer: int
     path: str
     kind: str
     children: tuple[tuple[str, str], ...] = ()

@@ -138,6 +138,7 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
             new = BlockLoRALinear(old, cfg.r, cfg.n_blocks, cfg.alpha, cfg.dropout, cfg.scaling, cfg.fold, cfg.a_init)
             if set(t.letters) <= set(QKV):  # self-attention's q, k, v read one tensor: fold it once
                 new.shared_fold = folds.setdefault((t.tower, t.block), SharedFold())
+        new.shared_mask = cfg.shared_dropout_mask
         new.train(old.training)
         _set_submodule(model, t.path, new)
     setattr(model, CONFIG_ATTR, cfg)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..backbones.activation import mlp_activation
 from ..errors import AdapterMismatchError, BlockLoRAError
 from .config import AdapterConfig
 from .inject import adapter_config, adapter_state_dict, inject, is_adapter_param, is_merged, plan
@@ -71,7 +72,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
         "format_version": FORMAT_VERSION,
         "blocklora_version": _version(),
         "config": cfg.to_dict(),
-        "backbone": {"name": backbone, "fingerprint": fingerprint(model), "class": type(model).__name__},
+        # The activation is part of the weights' identity that the fingerprint cannot see (same tensors).
+        "backbone": {"name": backbone, "fingerprint": fingerprint(model), "class": type(model).__name__,
+                     "activation": mlp_activation(model)},
         "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
         "trainable_params": sum(v.numel() for v in tensors.values()),
         **(extra or {}),
@@ -119,7 +122,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
     """Inject the saved adapter into a fresh `model` (or fill an already-injected one with the same layout).
 
     Refuses, naming the mismatch and changing nothing, an adapter whose modules, shapes or config do not fit,
-    or (unless force=True) one trained on other frozen weights than `model`'s.
+    or (unless force=True) one trained on other frozen weights than `model`'s or with another MLP activation.
     """
     directory = Path(directory)
     meta = read_adapter_meta(directory)
@@ -138,6 +141,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
             raise AdapterMismatchError(
                 f"{directory} was trained on other frozen weights (fingerprint {saved}, this model {ours}; backbone "
                 f"{meta['backbone'].get('name')!r}): load the same checkpoint, or force to load anyway")
+        saved, ours = meta.get("backbone", {}).get("activation"), mlp_activation(model)
+        if saved and saved != ours:
+            raise AdapterMismatchError(
+                f"{directory} was trained on a model computing {saved} in its MLPs, this model computes {ours}: build "
+                f"it with the same activation (--quick-gelu {'yes' if saved == 'quick_gelu' else 'no'}), or force "
+                "to load anyway")
     if existing is None:
         try:
             plan(model, cfg)

@@ -62,6 +62,18 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.shared_fold: SharedFold | None = None  # set by inject on q, k, v Linears of one attention
+        # q, k and v share one dropout mask (one fold) in training, or draw one each (CLIP-LoRA's per-projection
+        # nn.Dropout); out of training, or without dropout, the fold is the same either way and is shared.
+        self.shared_mask = cfg.shared_dropout_mask
+
+    @property
+    def folds_once(self) -> bool:
+        """True when the projections reading one input can share its fold while training (cost reports)."""
+        return self.shared_mask or self.dropout_p == 0
+
+    def _own_masks(self) -> bool:
+        """This step draws a dropout mask per projection (training with dropout, masks not shared)."""
+        return self.training and self.dropout_p > 0 and not self.shared_mask
 
     def _adapter_on(self) -> bool:
         return self.adapter_enabled and not self.merged
@@ -72,7 +84,7 @@ class AdapterLayer(nn.Module):
         One autograd node (core.fold_dropout) that keeps nothing of x's size for backward: the mask is drawn again
         from a seed, and the product with A keeps only the folded input (width d_in / n).
         """
-        if self.shared_fold is not None:
+        if self.shared_fold is not None and not self._own_masks():
             return self.shared_fold.get(x, self.training, lambda: self._fold(x, like))
         return self._fold(x, like)
 
@@ -144,9 +156,9 @@ class BlockLoRALinear(AdapterLayer):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
+        w, dt = base.weight, adapter_dtype(base.weight)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=dt))
         init_factors(self.lora_A, self.lora_B, n_blocks, a_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,9 +221,9 @@ class BlockLoRAConv1x1(AdapterLayer):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.weight = base.weight
         self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=w.dtype))
+        w, dt = base.weight, adapter_dtype(base.weight)
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=dt))
         init_factors(self.lora_A, self.lora_B, cfg.n_blocks, cfg.a_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,6 +248,12 @@ class BlockLoRAConv1x1(AdapterLayer):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, r={self.r}, "
                 f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The adapter factors' dtype: the frozen weight's, but fp32 under half-precision frozen weights (AdamW's
+    moments and small updates underflow or overflow in fp16; autocast still runs the products in half)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def check_width(width: int, n_blocks: int, what: str) -> None:
@@ -300,7 +318,7 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
         self.letters = tuple(letter for letter in "qkvo" if letter in letters)
         if not self.letters:
             raise ConfigError("no projection selected for this attention module")
-        e, dev, dt = self.embed_dim, weight.device, weight.dtype
+        e, dev, dt = self.embed_dim, weight.device, adapter_dtype(weight)
         self.lora_A = nn.ParameterDict(
             {p: nn.Parameter(torch.empty(cfg.r, e // cfg.n_blocks, device=dev, dtype=dt)) for p in self.letters})
         self.lora_B = nn.ParameterDict(
@@ -324,8 +342,8 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
                 yield "in_proj_weight", slice(i * e, (i + 1) * e), self.delta_weight(p)
 
     def matrices(self) -> Iterator[tuple[int, int, bool]]:
-        for j in range(len(self.qkv_letters)):  # one fold serves q, k and v
-            yield self.embed_dim, self.embed_dim, j > 0
+        for j in range(len(self.qkv_letters)):  # one fold serves q, k and v (unless each draws its own mask)
+            yield self.embed_dim, self.embed_dim, j > 0 and self.folds_once
         if "o" in self.letters:
             yield self.embed_dim, self.embed_dim, False
 
@@ -335,8 +353,11 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if not self.qkv_letters or not self._adapter_on():
             return qkv
-        a = torch.cat([self.lora_A[p] for p in self.qkv_letters])  # (m*r, E/n): all letters in one product
-        z = F.linear(self._folded_input(x, a), a)  # (N, L, m*r)
+        if self._own_masks():  # one mask (one fold) per projection, as CLIP-LoRA's separate LinearLoRA layers
+            z = torch.cat([F.linear(self._fold(x, self.lora_A[p]), self.lora_A[p]) for p in self.qkv_letters], -1)
+        else:
+            a = torch.cat([self.lora_A[p] for p in self.qkv_letters])  # (m*r, E/n): all letters in one product
+            z = F.linear(self._folded_input(x, a), a)  # (N, L, m*r)
         e, r = self.embed_dim, self.r
         if len(self.qkv_letters) == 3:
             up_t = torch.block_diag(*(self.lora_B[p].T for p in "qkv"))  # (3r, 3E)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    from .activation import Activation
 
 
 class Backbone(ABC):
@@ -26,6 +29,9 @@ class Backbone(ABC):
         self.name, self.model, self.pretrained = name, model, pretrained
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self._fingerprint: str | None = None
+        # The resolved MLP activation (activation.py) of families where it is a choice the weights do not carry
+        # (open_clip); None where the model's own config holds it.
+        self.activation: Activation | None = None
 
     # -- identity --------------------------------------------------------------------------------------------------
     @property
@@ -38,8 +44,21 @@ class Backbone(ABC):
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "pretrained": self.pretrained,
-                "fingerprint": self.fingerprint, "image_size": self.image_size}
+        from .activation import mlp_activation
+
+        out = {"name": self.name, "family": self.family, "pretrained": self.pretrained,
+               "fingerprint": self.fingerprint, "image_size": self.image_size,
+               "activation": mlp_activation(self.model), "weights_dtype": self.weights_dtype}
+        if self.activation is not None:
+            out["quick_gelu"], out["activation_source"] = self.activation.quick_gelu, self.activation.source
+        return out
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype(s) of the frozen floating-point weights, e.g. "float32" or "float16+float32"."""
+        kinds = {str(p.dtype).replace("torch.", "") for n, p in self.model.named_parameters()
+                 if p.is_floating_point() and ".lora_" not in n}
+        return "+".join(sorted(kinds))
 
     @property
     def device(self) -> torch.device:
@@ -48,6 +67,19 @@ class Backbone(ABC):
     def to(self, device: str | torch.device) -> Backbone:
         self.model.to(device)
         return self
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen weights in `dtype` (adapter factors and normalisation layers stay as they are).
+
+        This is CLIP's own half-precision mode (OpenAI's convert_weights, open_clip's convert_weights_to_lp): with
+        half weights the towers' residual streams run in half too, as CLIP-LoRA trains on GPU. Normalisation layers
+        keep fp32 parameters (CLIP computes LayerNorm in fp32 and casts back). Needs autocast of the same dtype.
+        """
+        norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+        keep = {id(p) for m in self.model.modules() if isinstance(m, norms) for p in m.parameters()}
+        for name, param in self.model.named_parameters():
+            if param.is_floating_point() and ".lora_" not in name and id(param) not in keep and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     # -- images ----------------------------------------------------------------------------------------------------
     def train_transform(self, scale_min: float = 0.08, flip: bool = True) -> T.Compose:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import BackboneError
+from ..errors import AdapterMismatchError, BackboneError
+from .activation import Activation
 from .base import Backbone
 from .network import hub_reachable
 from .sites import AttentionSite
@@ -70,7 +71,10 @@ class HFClipBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         # padding=True pads to the longest prompt of the batch: with the causal mask and pooling at the EOS
         # token this is exact, and is the same cut as our open_clip path.
-        out = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        # max_length: the position table's size. A tokenizer saved without model_max_length does not truncate
+        # with truncation=True alone, and a longer prompt would overrun the position embeddings.
+        out = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                             max_length=self.model.config.text_config.max_position_embeddings)
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,9 +107,13 @@ def _image_processor(source: str | None):
         return None
 
 
-def load(spec: str) -> HFClipBackbone:
-    """`spec` is a local directory or a hub id (the part after 'hf:')."""
-    from transformers import AutoTokenizer, CLIPModel
+def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None = None) -> HFClipBackbone:
+    """`spec` is a local directory or a hub id (the part after 'hf:').
+
+    The MLP activation is the config's hidden_act (transformers records it with the weights); --quick-gelu yes/no
+    overrides it in both towers, and an adapter's recorded activation must match it.
+    """
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
     local = os.path.isdir(spec)
     if not local and (spec.startswith((".", "/", "~")) or os.path.sep in spec and spec.count("/") > 1):
@@ -115,9 +123,32 @@ def load(spec: str) -> HFClipBackbone:
         raise BackboneError(f"cannot download {spec} from the hub (no network): download it elsewhere "
                             "(save_pretrained) and pass --model hf:/path/to/dir")
     try:
-        model = CLIPModel.from_pretrained(spec, local_files_only=local)
+        config = CLIPConfig.from_pretrained(spec, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot load a transformers CLIP model from {spec}: {str(e).splitlines()[0][:200]}") \
+            from None
+    act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
+    try:
+        model = CLIPModel.from_pretrained(spec, config=config, local_files_only=local)
         tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot load a transformers CLIP model from {spec}: {str(e).splitlines()[0][:200]}") \
             from None
-    return HFClipBackbone(f"hf:{spec}", model, tokenizer, spec)
+    backbone = HFClipBackbone(f"hf:{spec}", model, tokenizer, spec)
+    backbone.activation = act
+    return backbone
+
+
+def _activation(config, spec: str, request: str, recorded: bool | None) -> Activation:
+    """The towers' hidden_act as QuickGELU or not, after the request; sets it on `config`."""
+    towers = (config.text_config, config.vision_config)
+    stored = all(t.hidden_act == "quick_gelu" for t in towers)
+    act = Activation(stored, f"{spec}/config.json (hidden_act)")
+    if recorded is not None and recorded != stored:
+        raise AdapterMismatchError(f"the adapter was trained with {'QuickGELU' if recorded else 'GELU'}, but "
+                                   f"{act.source} says {towers[0].hidden_act}: pass the model it was trained on")
+    if request in ("yes", "no") and (request == "yes") != stored:
+        act = Activation(request == "yes", f"--quick-gelu {request} (the config says {towers[0].hidden_act})")
+        for t in towers:
+            t.hidden_act = "quick_gelu" if act.quick_gelu else "gelu"
+    return act

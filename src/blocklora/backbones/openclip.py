@@ -7,6 +7,7 @@ Each `attn` is an nn.MultiheadAttention (fused in_proj_weight; out_proj never ca
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
+from .activation import export_metadata, local_dir_config, resolve
 from .base import Backbone, is_torchscript_archive
 from .network import hub_reachable
 from .sites import AttentionSite
@@ -109,16 +111,41 @@ class OpenClipBackbone(Backbone):
         return x @ m.text_projection if m.text_projection is not None else x
 
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
-        """A plain open_clip state dict: `open_clip.create_model(name, pretrained=path)` loads it."""
+        """Stock open_clip weights that carry their activation (activation.export_metadata), by `path`'s form:
+
+        NAME.safetensors   a state dict, the activation in the safetensors metadata
+        NAME.pt / other    torch.save({"state_dict": ..., "blocklora_export": metadata}); open_clip reads "state_dict"
+        DIR (no suffix)    open_clip's local-dir format: open_clip_config.json (model_cfg with quick_gelu,
+                           preprocess_cfg) + open_clip_model.safetensors; `open_clip.create_model("local-dir:DIR")`
+                           builds the right activation with no flag at all
+        For the two files, stock open_clip needs the -quickgelu name or force_quick_gelu (export_metadata's hint).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        meta = export_metadata(self.name, self.activation.quick_gelu)
         if path.suffix == ".safetensors":
-            save_file(tensors, str(path))
-        else:
-            torch.save(tensors, path)
-        return [str(path)]
+            save_file(tensors, str(path), metadata=meta)
+            return [str(path)]
+        if path.suffix:
+            torch.save({"state_dict": tensors, "blocklora_export": meta}, path)
+            return [str(path)]
+        path.mkdir(parents=True)
+        config = {"model_cfg": {**self.model_config(), "quick_gelu": self.activation.quick_gelu},
+                  "preprocess_cfg": dict(getattr(self.model.visual, "preprocess_cfg", {}))}
+        (path / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(path / "open_clip_model.safetensors"), metadata=meta)
+        return sorted(str(p) for p in path.iterdir())
+
+    def model_config(self) -> dict:
+        """The architecture as open_clip's model_cfg (its JSON config of the name; TINY_CLIP for tiny-clip)."""
+        import copy
+
+        import open_clip
+
+        cfg = TINY_CLIP if self.name == "tiny-clip" else open_clip.get_model_config(self.name)
+        return copy.deepcopy(dict(cfg))
 
 
 def _read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
@@ -146,57 +173,79 @@ def _read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
                             "check the --model name")
 
 
-def load(name: str, pretrained: str | None, quick_gelu: str = "auto") -> OpenClipBackbone:
-    """open_clip model `name` with weights from a tag, a local file, or none (random init)."""
+def load(name: str, pretrained: str | None, quick_gelu: str = "auto",
+         recorded_quick_gelu: bool | None = None) -> OpenClipBackbone:
+    """open_clip model `name` with weights from a tag, a local file or export folder, or none (random init).
+
+    The MLP activation is resolved once (activation.resolve: the request, what the weights say, the model name) and
+    built explicitly, whatever open_clip's own default for the name is; `recorded_quick_gelu` (an adapter's record)
+    must agree with the weights.
+    """
     import open_clip
 
-    if name == "tiny-clip":
-        if pretrained not in (None, "none"):
-            _read_needs_file(pretrained)
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # the same random weights every time: adapters trained on it can be reloaded
-        model = open_clip.CLIP(**TINY_CLIP, quick_gelu=quick_gelu == "yes")
-        torch.random.set_rng_state(torch_state)
-        if pretrained not in (None, "none"):
-            _read_checkpoint_into(model, pretrained, name)
-        return OpenClipBackbone(name, model, pretrained if pretrained not in (None, "none") else None, "ViT-B-32")
-    if name not in open_clip.list_models():
+    none = pretrained in (None, "none")
+    if name != "tiny-clip" and name not in open_clip.list_models():
         raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
-    if pretrained in (None, "none"):
-        model = open_clip.create_model(name, pretrained=None)
-        return OpenClipBackbone(name, model, None, name)
-    if os.path.sep in pretrained or os.path.exists(pretrained) or Path(pretrained).suffix:
+    weights, preprocess = (None, {}) if none else _weights_file(name, pretrained)
+    act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)
+    log.info("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
+    if name == "tiny-clip":
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the same random weights every time: adapters trained on it can be reloaded
+        model = open_clip.CLIP(**TINY_CLIP, quick_gelu=act.quick_gelu)
+        torch.random.set_rng_state(torch_state)
+        tokenizer = "ViT-B-32"
+    else:
+        # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
+        # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=act.quick_gelu,
+                                       force_preprocess_cfg=preprocess, quick_gelu=act.quick_gelu)
+        tokenizer = name
+    if weights is not None:
+        _read_checkpoint_into(model, weights, name)
+    source = None if none else (str(Path(pretrained).resolve()) if weights == pretrained or os.path.isdir(pretrained)
+                                else pretrained)
+    backbone = OpenClipBackbone(name, model, source, tokenizer)
+    backbone.activation = act
+    return backbone
+
+
+def _weights_file(name: str, pretrained: str) -> tuple[str, dict]:
+    """The checkpoint file behind `pretrained` (the file itself, an export folder's weights, or a tag's download)
+    and the preprocessing its source declares (a tag's or the folder's mean, std, interpolation, resize mode)."""
+    import open_clip
+
+    if os.path.isdir(pretrained):
+        found = next((pretrained + os.sep + f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                      if os.path.isfile(os.path.join(pretrained, f))), None)
+        if found is None:
+            raise BackboneError(f"{pretrained} is a folder without open_clip_model.safetensors: pass a checkpoint "
+                                "file, a folder written by `blocklora export`, or a pretrained tag")
+        return found, (local_dir_config(Path(pretrained)) or {}).get("preprocess_cfg", {})
+    if os.path.sep in pretrained or os.path.exists(pretrained) or Path(pretrained).suffix or name == "tiny-clip":
         _read_needs_file(pretrained)
-        force = quick_gelu == "yes" or (quick_gelu == "auto" and not name.endswith("-quickgelu") and (
-            "openai" in Path(pretrained).name.lower() or is_torchscript_archive(pretrained)))
-        if force:
-            log.info("using QuickGELU for %s (OpenAI weights); override with quick_gelu=no", pretrained)
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=force)
-        _read_checkpoint_into(model, pretrained, name)
-        return OpenClipBackbone(name, model, str(Path(pretrained).resolve()), name)
+        return pretrained, {}
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise BackboneError(f"unknown pretrained tag {pretrained!r} for {name}: known tags are "
                             f"{', '.join(tags) or 'none'}, or pass a local checkpoint file")
-    if not hub_reachable():  # no network: a cached copy or a clear error now, not minutes of retries
-        cached = _cached_weights(open_clip.get_pretrained_cfg(name, pretrained))
-        if cached is None:
-            raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} (no network, not in the cache): "
-                                f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
-                                f"/path/{name}.safetensors")
-        qg = quick_gelu == "yes" or (quick_gelu == "auto" and open_clip.get_pretrained_cfg(name, pretrained).get(
-            "quick_gelu", False))
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
-        _read_checkpoint_into(model, cached, name)
-        return OpenClipBackbone(name, model, pretrained, name)
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    cached = _cached_weights(cfg)
+    if cached is not None:
+        return cached, cfg
+    if not hub_reachable():  # no network: a clear error now, not minutes of retries
+        raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} (no network, not in the cache): "
+                            f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
+                            f"/path/{name}.safetensors")
+    from open_clip.pretrained import download_pretrained
+
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu == "yes")
+        return download_pretrained(cfg), cfg
     except Exception as e:  # noqa: BLE001
         raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({str(e).splitlines()[0][:160]}): "
                             f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "
                             f"/path/{name}.safetensors") from None
-    return OpenClipBackbone(name, model, pretrained, name)
 
 
 def _cached_weights(cfg: dict) -> str | None:

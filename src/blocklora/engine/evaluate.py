@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset
-from ..data.types import Item
+from ..data.types import DatasetSplits, Item, open_image_file
 from .runtime import Runtime, eval_mode
 
 TEXT_CHUNK = 1000  # prompts per text-tower pass (bounds memory for large class sets)
@@ -116,16 +116,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BLOCKLORA_CACHE", Path.home() / ".cache" / "blocklora"))
 
 
-def zero_shot_key(backbone: Backbone, dataset: str, items: Sequence[Item], classnames: Sequence[str],
+def zero_shot_key(backbone: Backbone, runtime: Runtime, data: DatasetSplits, split: str, items: Sequence[Item],
                   templates: Sequence[str]) -> str:
-    """Everything zero-shot accuracy depends on: frozen weights, preprocessing, the exact test items, prompts."""
+    """Every input of a zero-shot accuracy, hashed: a changed input is a cache miss, never an old number.
+
+    The weights (fingerprint, MLP activation, dtype), the arithmetic (autocast dtype, device type), the
+    preprocessing (size, mean, std, the transform itself), the data (dataset, root, split name, each item's path,
+    label, size and modification time, or the source files' for datasets held in arrays) and the prompts.
+    """
+    from ..backbones.activation import mlp_activation
+
     h = hashlib.sha256()
-    h.update(json.dumps({"fp": backbone.fingerprint, "model": backbone.name, "size": backbone.image_size,
-                         "mean": backbone.mean, "std": backbone.std, "dataset": dataset,
-                         "classnames": list(classnames), "templates": list(templates)}, sort_keys=True).encode())
+    h.update(json.dumps({
+        "fp": backbone.fingerprint, "model": backbone.name, "family": backbone.family,
+        "activation": mlp_activation(backbone.model), "weights_dtype": backbone.weights_dtype,
+        "autocast": runtime.precision, "device": runtime.device.type, "size": backbone.image_size,
+        "mean": backbone.mean, "std": backbone.std, "transform": repr(backbone.eval_transform()),
+        "dataset": data.name, "root": str(data.root), "split": split, "classnames": list(data.classnames),
+        "templates": list(templates), "prompts": [prompts(data.classnames, t) for t in templates],
+    }, sort_keys=True).encode())
+    file_based = data.image_reader is open_image_file
     for item in items:
-        h.update(f"{item.path}\0{item.label}\n".encode())
+        h.update(f"{item.path}\0{item.label}\0{_stamp(item.path) if file_based else ''}\n".encode())
+    if not file_based:  # images decoded from files under the root (e.g. Fashion-MNIST's idx files)
+        root = Path(data.root)
+        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
+            h.update(f"{f.name}\0{_stamp(str(f))}\n".encode())
     return h.hexdigest()[:24]
+
+
+def _stamp(path: str) -> str:
+    """Size and modification time (ns): an image replaced in place changes it without a decode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def read_cached(key: str) -> dict[str, Any] | None:

@@ -34,6 +34,15 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def frozen_dtype(self, choice: str) -> torch.dtype:
+        """The frozen weights' dtype for train.frozen_dtype `choice`: "autocast" = the autocast dtype (fp32 without
+        autocast), "fp32" = float32. "auto" must have been resolved (RunConfig.resolved) before."""
+        if choice == "autocast":
+            return self.amp_dtype or torch.float32
+        if choice == "fp32":
+            return torch.float32
+        raise ConfigError(f"unresolved or unknown frozen_dtype {choice!r}: use fp32 or autocast")
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A real scaler for fp16 on CUDA (the recipe); a disabled one (a no-op with the same API) otherwise."""
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)

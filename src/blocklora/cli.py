@@ -242,9 +242,7 @@ def _collect_images(paths: Sequence[str]) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export
-
-    from .api import export_load_hint
+    from .api import export, export_load_hint
 
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite)
     print(f"merged checkpoint written: {', '.join(files)}")

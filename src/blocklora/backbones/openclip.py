@@ -2,7 +2,9 @@
 
 vision: visual.transformer.resblocks.{i}.attn      text: transformer.resblocks.{i}.attn (CLIP)
                                                     or text.transformer.resblocks.{i}.attn (CustomTextCLIP)
-Each `attn` is an nn.MultiheadAttention (fused in_proj_weight; out_proj never called as a module).
+Each `attn` is an nn.MultiheadAttention (fused in_proj_weight; out_proj never called as a module). open_clip keeps
+the blocks in an nn.ModuleList with batch-first attention; OpenAI's `clip` package (clip.model.CLIP) in an
+nn.Sequential with sequence-first attention, which BlockLoRAMultiheadAttention reproduces as well.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ TOWER_PREFIXES = {"vision": ("visual.transformer.resblocks",), "text": ("transfo
                                                                         "text.transformer.resblocks")}
 
 
-def _blocks(model: nn.Module, prefix: str) -> nn.ModuleList | None:
+def _blocks(model: nn.Module, prefix: str) -> nn.Module | None:
     try:
         blocks = model.get_submodule(prefix)
     except AttributeError:
         return None
-    if isinstance(blocks, nn.ModuleList) and all(hasattr(b, "attn") for b in blocks):
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and all(hasattr(b, "attn") for b in blocks):
         return blocks
     return None
 

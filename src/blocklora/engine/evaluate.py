@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset
 from ..data.types import DatasetSplits, Item, open_image_file
 from .runtime import Runtime, eval_mode
+
+log = logging.getLogger("blocklora")
 
 TEXT_CHUNK = 1000  # prompts per text-tower pass (bounds memory for large class sets)
 
@@ -38,6 +41,7 @@ def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Seq
     per_template = []
     for template in templates:
         texts = prompts(classnames, template)
+        warn_if_prompts_collide(backbone, texts)
         chunks = []
         for i in range(0, len(texts), TEXT_CHUNK):
             tokens = move(backbone.tokenize(texts[i:i + TEXT_CHUNK]), runtime.device)
@@ -47,6 +51,32 @@ def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Seq
     if len(per_template) == 1:
         return per_template[0]
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+def warn_if_prompts_collide(backbone: Backbone, texts: Sequence[str]) -> None:
+    """Warn (once per backbone and prompt list) when distinct prompts tokenize identically.
+
+    Every family cuts a prompt to its text context (77 tokens for CLIP); two class names that differ only past
+    that point give the same tokens, the same text embedding, and classes the model cannot tell apart.
+    """
+    seen = backbone.__dict__.setdefault("_checked_prompts", set())
+    key = hash(tuple(texts))
+    if key in seen:
+        return
+    seen.add(key)
+    tokens = backbone.tokenize(texts)
+    ids = tokens["input_ids"] if isinstance(tokens, dict) else tokens
+    first: dict[tuple[int, ...], str] = {}
+    same: list[tuple[str, str]] = []
+    for text, row in zip(texts, ids.tolist()):
+        other = first.setdefault(tuple(row), text)
+        if other != text:
+            same.append((other, text))
+    if same:
+        a, b = same[0]
+        log.warning("%d class prompt(s) become identical to another once cut to %s's text context (e.g. %r and %r): "
+                    "the model cannot tell those classes apart; shorten the class names", len(same), backbone.name,
+                    a[:80], b[:80])
 
 
 @torch.no_grad()

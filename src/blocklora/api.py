@@ -30,6 +30,7 @@ from .config import RunConfig
 from .cross import PREFIX as CROSS
 from .cross import evaluate_targets, load_targets
 from .data import (
+    DATASETS,
     DatasetSplits,
     Item,
     evenly_spaced,
@@ -83,8 +84,16 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
         cfg = cfg.resolved()
         return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
     header = read_split_header(cfg.data.split_file)
-    draw = {k: header[k] for k in ("dataset", "shots", "seed", "sampler", "replace")}
-    full = load_dataset(cfg.resolved(draw).data.dataset, cfg.data.root)  # a conflicting --dataset fails first
+    draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
+    cfg.resolved(draw)  # a conflicting option fails before any dataset is read
+    # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.
+    key = cfg.data.dataset or (header["dataset"] if header["dataset"] in DATASETS else
+                               "csv" if Path(cfg.data.root).is_file() else "folder")
+    full = load_dataset(key, cfg.data.root)
+    if full.name != header["dataset"]:
+        raise DataError(f"the split file {cfg.data.split_file} was drawn from dataset {header['dataset']!r}, not "
+                        f"{full.name!r}: use the split file of this dataset, or the matching --dataset/--root")
+    draw["dataset"] = key
     subset = next((c for c in ("all", "base", "new") if subsample_classes(full, c).classnames == header["classnames"]),
                   None)  # None: read_split_file names the first differing class
     return cfg.resolved({**draw, **({"classes": subset} if subset else {})}), full
@@ -374,7 +383,7 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
                         "dataset": data.name, "classnames": data.classnames, "template": cfg.train.template,
                         "logit_scale": cfg.train.logit_scale, "split_sha256": sha}
             save_adapter(backbone.model, output / ADAPTER, backbone=backbone.name, extra={"run": run_meta},
-                         overwrite=True)
+                         overwrite=True, weights_fingerprint=backbone.fingerprint)  # of the weights as loaded
             write_json(output / RESULTS, results)
             if ckpt_path.exists():
                 ckpt_path.unlink()  # the run is complete: results and adapter replace the resumable state

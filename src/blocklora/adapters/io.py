@@ -58,8 +58,12 @@ def _version() -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str | None = None,
-                 extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write the adapter of an injected model. Atomic: a complete directory or nothing."""
+                 extra: dict[str, Any] | None = None, overwrite: bool = False,
+                 weights_fingerprint: str | None = None) -> Path:
+    """Write the adapter of an injected model. Atomic: a complete directory or nothing.
+
+    `weights_fingerprint`: the frozen weights' fingerprint as loaded, when the model now holds them in another
+    dtype (Backbone.cast_frozen to bf16 rounds differently from the fingerprint's fp16 sample)."""
     cfg = adapter_config(model)
     if cfg is None:
         raise BlockLoRAError("this model carries no blocklora adapter: inject() or load_adapter() first")
@@ -73,7 +77,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
         "blocklora_version": _version(),
         "config": cfg.to_dict(),
         # The activation is part of the weights' identity that the fingerprint cannot see (same tensors).
-        "backbone": {"name": backbone, "fingerprint": fingerprint(model), "class": type(model).__name__,
+        "backbone": {"name": backbone, "fingerprint": weights_fingerprint or fingerprint(model),
+                     "class": type(model).__name__,
                      "activation": mlp_activation(model)},
         "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
         "trainable_params": sum(v.numel() for v in tensors.values()),

@@ -75,6 +75,7 @@ class Backbone(ABC):
         half weights the towers' residual streams run in half too, as CLIP-LoRA trains on GPU. Normalisation layers
         keep fp32 parameters (CLIP computes LayerNorm in fp32 and casts back). Needs autocast of the same dtype.
         """
+        _ = self.fingerprint  # of the weights as loaded (a bf16 copy would sample other values)
         norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
         keep = {id(p) for m in self.model.modules() if isinstance(m, norms) for p in m.parameters()}
         for name, param in self.model.named_parameters():

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from blocklora.api import zero_shot
 from blocklora.backbones import load_backbone
 from blocklora.cli import main
 from blocklora.data import load_dataset

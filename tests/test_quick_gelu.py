@@ -135,3 +135,20 @@ def test_a_reload_that_would_change_the_activation_is_an_error(quick_run):
     with pytest.raises(AdapterMismatchError, match="quick_gelu in its MLPs"):
         load_adapter(gelu.model, out / "adapter")
     load_adapter(gelu.model, out / "adapter", force=True)
+
+
+def test_resume_keeps_the_recorded_activation(quick_run, tmp_path):
+    """A resumed run reuses config.json's activation; weights that now say otherwise stop it before any work."""
+    tmp, weights, out = quick_run
+    data = tmp / "data"
+    args = ["train", "--model", "tiny-clip", "--dataset", "folder", "--root", str(data), "--shots", "1", "--iters",
+            "2", "--batch-size", "2", "--workers", "0", "--no-zero-shot", "--resume"]
+    moved = tmp_path / "weights.safetensors"  # the run's request names this path; first the weights as trained
+    moved.write_bytes(weights.read_bytes())
+    for label, expected in (("true", 0), ("false", 2)):
+        run = tmp_path / f"run-{label}"
+        assert main([*args, "--pretrained", str(moved), "--output", str(run), "--quick-gelu", "yes"]) == 0
+        (run / "results.json").unlink()  # as if interrupted before the end
+        save_file(load_file(str(weights)), str(moved), metadata={EXPORT_KEY: label})
+        assert main([*args, "--pretrained", str(moved), "--output", str(run), "--quick-gelu", "yes"]) == expected
+        save_file(load_file(str(weights)), str(moved))

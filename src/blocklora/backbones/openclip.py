@@ -243,7 +243,10 @@ def _weights_file(name: str, pretrained: str) -> tuple[str, dict]:
     from open_clip.pretrained import download_pretrained
 
     try:
-        return download_pretrained(cfg), cfg
+        path = download_pretrained(cfg)
+        if not path:
+            raise RuntimeError("open_clip found no download source")
+        return path, cfg
     except Exception as e:  # noqa: BLE001
         raise BackboneError(f"cannot get pretrained weights {name}/{pretrained} ({str(e).splitlines()[0][:160]}): "
                             f"download the checkpoint elsewhere and pass the local file, e.g. --pretrained "

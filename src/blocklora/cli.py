@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format")
     p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True, help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, "
-                        "which records the activation); transformers: a folder")
+    p.add_argument("--output", required=True,
+                   help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "
+                        "records the activation); transformers: a folder")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--force", action="store_true")
     p.add_argument("--overwrite", action="store_true")

@@ -114,3 +114,15 @@ def test_a_flat_imagenet_val_folder_says_how_to_sort_it(tmp_path):
 
     with pytest.raises(DataError, match="one folder per wnid.*ILSVRC2012_validation_ground_truth.txt"):
         load_dataset("imagenet", tmp_path)
+
+
+def test_an_unextracted_imagenet_train_folder_says_how_to_extract_it(tmp_path):
+    from blocklora.errors import DataError
+
+    train = tmp_path / "imagenet" / "train"  # the official training archive: one tar per class
+    train.mkdir(parents=True)
+    (tmp_path / "imagenet" / "val").mkdir()
+    for wnid in ("n01440764", "n01443537"):
+        (train / f"{wnid}.tar").write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 \.tar files there.*extract each"):
+        load_dataset("imagenet", tmp_path)

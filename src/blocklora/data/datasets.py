@@ -424,8 +424,12 @@ def _read_imagenet(key: str, root: Path) -> DatasetSplits:
                             f"per wnid ({COOP_DATASETS_MD})")
     wnids = _subfolders(base / "train")
     if not wnids:
+        with os.scandir(base / "train") as it:
+            tars = sum(1 for e in it if e.is_file() and e.name.endswith(".tar"))
+        unpack = (f" ({tars} .tar files there: the official training archive holds one tar per class; extract "
+                  "each n*.tar into train/<wnid>/)" if tars else "")
         raise DataError(f"imagenet: {base / 'train'} has no class folders: expected one folder per wnid "
-                        "(n01440764/, ...)")
+                        f"(n01440764/, ...){unpack}")
     table = _imagenet_table([ddir / "classnames.txt"])
     for w in wnids:
         if w not in table.names:

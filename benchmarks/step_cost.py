@@ -66,11 +66,14 @@ R, ALPHA, DROPOUT, N_BLOCKS = 2, 1.0, 0.25, 8
 
 # -- models -------------------------------------------------------------------------------------------------------
 def hf_config(open_clip_name: str):
-    """A transformers CLIPConfig with the architecture of an open_clip ViT model (QuickGELU, as OpenAI's CLIP)."""
+    """A transformers CLIPConfig with the architecture of an open_clip ViT model (QuickGELU, as OpenAI's CLIP);
+    "tiny-clip" is blocklora's tiny test architecture."""
     import open_clip
     from transformers import CLIPConfig
 
-    oc = open_clip.get_model_config(open_clip_name)
+    from blocklora.backbones.openclip import TINY_CLIP
+
+    oc = TINY_CLIP if open_clip_name == "tiny-clip" else open_clip.get_model_config(open_clip_name)
     v, t = oc["vision_cfg"], oc["text_cfg"]
     vw, tw = v["width"], t["width"]
     return CLIPConfig(
@@ -164,23 +167,45 @@ def _add_input_scalars(towers) -> list:
     return scalars
 
 
-def build(family: str, config: str, model_name: str, device: str):
-    """(model, encode_images, encode_texts(tokens), tokens for prompts fn, trainable params, info)."""
+def base_model(family: str, model_name: str, pretrained: str | None = None):
+    """The frozen model every configuration of a family starts from, built once on the CPU (build() copies it).
+
+    "open_clip": a blocklora Backbone of an open_clip architecture (or tiny-clip), random weights;
+    "backbone": any model blocklora.load_backbone knows, with `pretrained` (e.g. the demo's effnet-minilm);
+    "transformers": a CLIPModel with the open_clip architecture's shapes (hf_config), random weights.
+    """
+    import torch
+
+    torch.manual_seed(0)
+    if family == "transformers":
+        from transformers import CLIPModel
+
+        return CLIPModel(hf_config(model_name))
+    from blocklora.backbones import load_backbone
+
+    return load_backbone(model_name, pretrained if family == "backbone" else None)
+
+
+def build(family: str, config: str, model_name: str, device: str, base=None, pretrained: str | None = None):
+    """(model, encode_images, encode_texts(tokens), tokens for prompts fn, trainable params, info).
+
+    `base`: a base_model() to copy instead of building one (building ViT-L/14 takes seconds, a copy a fraction).
+    The "backbone" family knows block_lora, lora and vision_only only (the others reach into open_clip modules).
+    """
     import torch
 
     from blocklora.adapters.config import AdapterConfig
     from blocklora.adapters.inject import adapter_layers, inject
 
+    if base is None:
+        base = base_model(family, model_name, pretrained)
     torch.manual_seed(0)
     info: dict[str, Any] = {}
-    if family == "open_clip":
-        import open_clip
-
-        from blocklora.backbones.openclip import OpenClipBackbone
-
-        model = open_clip.create_model(model_name, pretrained=None)
-        bb = OpenClipBackbone(model_name, model, None, model_name)
-        towers = [model.visual.transformer.resblocks[0], model.transformer.resblocks[0]]
+    if family in ("open_clip", "backbone"):
+        if family == "backbone" and config not in ("block_lora", "lora", "vision_only"):
+            raise ValueError(f"config {config} needs an open_clip model (family open_clip)")
+        bb = copy.copy(base)  # the Backbone's tokenizer and preprocessing, shared; its model, copied
+        bb.model = model = copy.deepcopy(base.model)
         if config == "dense_lora":
             cls = _dense_lora_attention_cls()
             for p in model.parameters():
@@ -207,19 +232,21 @@ def build(family: str, config: str, model_name: str, device: str):
                         if p is not None:
                             p.requires_grad_(True)
         model.to(device)
-        scalars = _add_input_scalars(towers) if config == "floor" else []
+        towers = [model.visual.transformer.resblocks[0], model.transformer.resblocks[0]] if config == "floor" else []
+        scalars = _add_input_scalars(towers)
         tokenize = bb.tokenize
         encode_images, encode_texts = bb.encode_images, bb.encode_texts
-        info["attention"] = "blocklora MHA replacement (scaled_dot_product_attention)" if config != "dense_lora" \
-            else "CLIP-LoRA-style separate q/k/v (scaled_dot_product_attention)"
+        info["image_size"] = bb.image_size
+        if family == "open_clip":
+            info["attention"] = "CLIP-LoRA-style separate q/k/v (scaled_dot_product_attention)" \
+                if config == "dense_lora" else "blocklora MHA replacement (scaled_dot_product_attention)"
     else:
         import open_clip
-        from transformers import CLIPModel
 
         from blocklora.backbones.hf import _tensor
 
-        model = CLIPModel(hf_config(model_name))
-        oc_tok = open_clip.get_tokenizer(model_name)
+        model = copy.deepcopy(base)
+        oc_tok = open_clip.get_tokenizer("ViT-B-32" if model_name == "tiny-clip" else model_name)
         eos = model.config.text_config.eos_token_id
 
         def tokenize(texts):  # what the tokenizer gives with padding=True: cut after the longest prompt
@@ -254,6 +281,7 @@ def build(family: str, config: str, model_name: str, device: str):
             return _tensor(model.get_text_features(**{k: v.to(device) for k, v in tok.items()}))
 
         info["attention"] = f"transformers CLIPAttention ({model.config._attn_implementation})"
+        info["image_size"] = model.config.vision_config.image_size
     params = [p for p in model.parameters() if p.requires_grad] + scalars
     info["trainable"] = sum(p.numel() for p in params)
     return model, encode_images, encode_texts, tokenize, params, info
@@ -273,38 +301,46 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def prepare(spec: dict):
-    """Build one configuration and its training step: (step function, info)."""
+def prepare(spec: dict, base=None):
+    """Build one configuration and its training step: (step function, info).
+
+    spec["precision"] (default fp32) runs the step as the project's training loop does: forward and loss under
+    Runtime.autocast(), backward through Runtime.grad_scaler() (a real scaler for fp16 on CUDA, a no-op otherwise).
+    """
     import torch
     import torch.nn.functional as F
 
+    from blocklora.engine.runtime import make_runtime
+
     device, classes, batch = spec["device"], spec["classes"], spec["batch_size"]
-    model, enc_img, enc_txt, tokenize, params, info = build(spec["family"], spec["config"], spec["model"], device)
+    rt = make_runtime(device, spec.get("precision", "fp32"))
+    scaler = rt.grad_scaler()
+    model, enc_img, enc_txt, tokenize, params, info = build(spec["family"], spec["config"], spec["model"], device,
+                                                            base, spec.get("pretrained"))
     model.train()
-    if spec["family"] == "transformers":
-        size = model.config.vision_config.image_size
-    else:
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
+    size = info["image_size"]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)
     tokens = tokenize(prompts(classes))
     tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-    info["text_length"] = int((tokens["input_ids"] if isinstance(tokens, dict) else tokens).shape[1]) \
-        if spec["family"] == "transformers" else int(tokens.argmax(-1).max()) + 1
+    info["text_length"] = int(tokens["input_ids"].shape[1]) if isinstance(tokens, dict) \
+        else int(tokens.argmax(-1).max()) + 1
+    info["precision"] = rt.precision
     opt = torch.optim.AdamW(params, lr=1e-5)
     cached = None
     if spec["config"] == "vision_only":  # text features computed once (no graph), reused every step
-        with torch.no_grad():
-            cached = F.normalize(enc_txt(tokens), dim=-1)
+        with torch.no_grad(), rt.autocast():
+            cached = F.normalize(enc_txt(tokens).float(), dim=-1)
 
     def step():
-        img = F.normalize(enc_img(images), dim=-1)
-        txt = cached if cached is not None else F.normalize(enc_txt(tokens), dim=-1)
-        loss = F.cross_entropy(100.0 * img @ txt.T, labels)
-        loss.backward()
-        opt.step()
+        with rt.autocast():
+            img = F.normalize(enc_img(images).float(), dim=-1)
+            txt = cached if cached is not None else F.normalize(enc_txt(tokens).float(), dim=-1)
+            loss = F.cross_entropy(100.0 * img @ txt.T, labels)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()

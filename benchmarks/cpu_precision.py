@@ -7,7 +7,8 @@ Step time: per model, the training step of benchmarks/step_cost.py (Block-LoRA d
 and loss under Runtime.autocast(), backward through the runtime's GradScaler, AdamW) built once per precision in
 ONE process and stepped in turn (round-robin: load changes on a shared machine hit both alike), median of --rounds
 steps after --warmup. Models: ViT-B/16 (open_clip, random weights, 224 px, batch 8, 100 class prompts) and the
-demo's model with its packaged weights (blocklora.demo: batch 8, its dataset's 10 classes).
+demo's model with its packaged weights (blocklora.demo: batch 8, its dataset's 10 classes). Also one matrix product
+alone in fp32 and bf16 (does this CPU's bf16 GEMM pay at all?).
 
 Accuracy (--accuracy-seeds): the demo's run (blocklora.demo.demo_config: model, dataset, shots, steps, test subset)
 once per seed and precision, zero-shot skipped; top-1 mean and standard deviation per precision, and the training
@@ -47,6 +48,30 @@ def cpu_info() -> dict[str, Any]:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "amx_bf16": " amx_bf16" in flags, "avx512_bf16": " avx512_bf16" in flags}
+
+
+def gemm_times(threads: int, reps: int = 5) -> dict[str, Any]:
+    """One matrix product alone, fp32 against bf16 operands, in turn: ViT-B/16's fused q/k/v projection at batch 8
+    ((8 x 197, 768) @ (768, 2304): 5.6 GFLOP). Tells whether the CPU's bf16 GEMM is faster at all."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8 * 197, 768, generator=g), torch.randn(2304, 768, generator=g)
+    operands = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+    times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for i in range(reps + 1):
+        for precision, (a, b) in operands.items():
+            t = time.perf_counter()
+            F.linear(a, b)
+            if i:
+                times[precision].append(time.perf_counter() - t)
+    med = {p: statistics.median(v) for p, v in times.items()}
+    flop = 2 * x.shape[0] * x.shape[1] * w.shape[0]
+    return {"shape": [list(x.shape), list(w.shape)], "ms": {p: round(1e3 * v, 2) for p, v in med.items()},
+            "gflop_per_s": {p: round(flop / v / 1e9, 1) for p, v in med.items()},
+            "bf16_vs_fp32": round(med["bf16"] / med["fp32"], 3)}
 
 
 def step_times(models: list[dict[str, Any]], threads: int, warmup: int, rounds: int) -> list[dict[str, Any]]:
@@ -115,6 +140,9 @@ def table(result: dict[str, Any]) -> str:
         lines += [f"| {r['model']} | {r['batch']} | {r['classes']} | {r['step_s']['fp32']:.3f} | "
                   f"{r['step_s']['bf16']:.3f} | {r['bf16_vs_fp32']:.2f} | {r['load_average'][0]}, "
                   f"{r['load_average'][1]} |" for r in result["step_time"]["rows"]]
+        g = result["step_time"]["gemm"]
+        lines.append(f"| one GEMM {g['shape'][0]} x {g['shape'][1]}^T | | | {g['ms']['fp32'] / 1e3:.3f} | "
+                     f"{g['ms']['bf16'] / 1e3:.3f} | {g['bf16_vs_fp32']:.2f} | |")
     if "accuracy" in result:
         s = result["accuracy"]["summary"]
         lines += ["", "| precision | top-1 mean | std | training s (mean) |", "|---|---|---|---|"]
@@ -147,10 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "pretrained": "packaged" if demo else None, "batch_size": BATCH if demo else 8,
                            "classes": 10 if demo else 100})
         t0 = time.perf_counter()
+        gemm = gemm_times(args.threads)
         rows = step_times(models, args.threads, args.warmup, args.rounds)
         result["step_time"] = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "warmup": args.warmup,
                                "rounds": args.rounds, "config": "block_lora (n 8, r 2, q/k/v, both towers)",
-                               "wall_s": round(time.perf_counter() - t0, 1), "rows": rows}
+                               "wall_s": round(time.perf_counter() - t0, 1), "gemm": gemm, "rows": rows}
     if args.accuracy_seeds:
         seeds = [int(s) for s in args.accuracy_seeds.split(",") if s.strip()]
         result["accuracy"] = {"date": time.strftime("%Y-%m-%d"), **accuracy(seeds, Path(args.work))}

@@ -4,8 +4,11 @@
     .venv/bin/python benchmarks/gpu_check.py --dry-run --output /tmp/gpu     # here: the same code, CPU, tiny sizes
 
 Writes OUTPUT/gpu_check.json (rewritten after every section, so a killed run keeps what it measured) and
-OUTPUT/gpu_check.md (the tables). Sections, in priority order; each is skipped with a note when the budget left is
-shorter than what it needs, so the run never outlasts --budget-s by more than one section's overrun:
+OUTPUT/gpu_check.md (the tables, also printed last). Sections, in priority order; each is skipped with a note when
+the budget left is shorter than what it needs (a cost section also checks before each configuration), so the run
+outlasts --budget-s by at most one section's overrun (gpu_check.sh adds a hard `timeout`). Exit status 1 when a
+check fails or a section breaks (its traceback is in the JSON; the other sections still run), 2 on bad arguments:
+
 
   env          torch / CUDA / GPU versions, TF32 and attention-kernel settings, the CUDA context's memory
   train_amp    30 steps of the real training loop (engine.fit.Trainer) on ViT-B/16 with random weights, both towers,
@@ -16,7 +19,7 @@ shorter than what it needs, so the run never outlasts --budget-s by more than on
                (||g - g32|| / ||g32||), within TOLERANCES (calibrated on the CPU: fp16 5e-4 / 3e-3, bf16 5e-3 / 3e-2)
   merge        image and text features with adapters merged into the weights == unmerged (fp32, and under the
                autocast dtype), and unmerge restores the frozen weights
-  deterministic  `blocklora train --deterministic` twice in fresh processes: adapters bit-identical
+  deterministic  `blocklora train --deterministic` twice, at once, in fresh processes: adapters bit-identical
   cost_<model> one training step (median of 10 after 3 warm-up, synchronized) and peak allocated / reserved memory,
                side by side, via benchmarks/step_cost.py's configurations: floor, block_lora, lora, dense_lora
                (CLIP-LoRA's formulation), full (attention fine-tuning) on open_clip, and floor, block_lora, peft_lora
@@ -48,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT / "src"), str(HERE)]
 
+import gpu_cost  # noqa: E402
 import gpu_report  # noqa: E402
 import gpu_sections as sec  # noqa: E402
 import step_cost  # noqa: E402  (the configurations and the training step, shared with the CPU step-cost benchmark)
@@ -143,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     plan = DRY if args.dry_run else GPU
+    if args.dry_run:
+        torch.set_num_threads(1)  # tiny sizes gain nothing from threads; a shared CI machine loses to spinning
+    import gc
+
+    import open_clip  # noqa: F401 - the libraries every section uses, imported before the freeze below
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import blocklora.api  # noqa: F401
+
+    gc.freeze()  # the libraries' objects stay out of every later gc.collect (free() runs one per configuration)
     if args.models:
         plan = Plan(**{**asdict(plan), "models": tuple(m.strip() for m in args.models.split(",") if m.strip())})
     check = Check(Path(args.output), args.budget_s, plan, args.dry_run)
@@ -161,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         ("merge", NEEDS["merge"], lambda: sec.merge_section(plan, base(first))),
         ("deterministic", NEEDS["deterministic"], lambda: sec.deterministic_section(plan, check.left))]
     for model in plan.models:
-        runs.append((f"cost_{model}", NEEDS["cost"], lambda m=model: sec.cost_section(plan, m, check.left, base(m))))
-        runs.append((f"eval_{model}", NEEDS["eval"], lambda m=model: sec.eval_section(plan, m, base(m))))
+        runs.append((f"cost_{model}", NEEDS["cost"],
+                     lambda m=model: gpu_cost.cost_section(plan, m, check.left, base(m))))
+        runs.append((f"eval_{model}", NEEDS["eval"], lambda m=model: gpu_cost.eval_section(plan, m, base(m))))
     runs.append(("projection", 0, lambda: gpu_report.projection(check.result)))
     for name, needs, fn in runs:
         if (name.split("_")[0] if name.startswith(("cost_", "eval_")) else name) in wanted:

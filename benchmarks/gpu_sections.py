@@ -1,5 +1,5 @@
-"""The sections of benchmarks/gpu_check.py (its docstring says what each checks and why); each returns a dict
-for the JSON with "status": pass / fail (a check), done / partial (a measurement)."""
+"""The correctness sections of benchmarks/gpu_check.py (its docstring says what each checks and why) and the
+helpers gpu_cost.py shares. Each section returns a dict for the JSON with "status": pass / fail, or done (env)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import gpu_report
-import step_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,131 +285,54 @@ def merge_section(plan, base) -> dict[str, Any]:
 
 
 def deterministic_section(plan, left: Callable[[], float]) -> dict[str, Any]:
-    """`blocklora train --deterministic` twice, each in a fresh process (CUBLAS_WORKSPACE_CONFIG must be set
-    before the process's first cuBLAS call): adapters bit-identical."""
+    """`blocklora train --deterministic` twice, at once, each in a fresh process (CUBLAS_WORKSPACE_CONFIG must be
+    set before a process's first cuBLAS call, and blocklora must set it: it is removed from their environment):
+    adapters bit-identical."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-det-") as tmp:
+        work = Path(tmp)
+        n_classes, shots = 10, 4
+        for split, n in (("train", shots), ("test", 1)):
+            for c in range(n_classes):
+                folder = work / "data" / split / f"class{c:02d}"
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    NoiseImages(64)(f"{split}/{c}/{i}").save(folder / f"{i}.png")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [
+            os.environ.get("PYTHONPATH")])]), TQDM_DISABLE="1")
+        env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        if plan.device == "cpu":
+            env["OMP_NUM_THREADS"] = "1"
+        procs, t = {}, time.monotonic()
+        for name in ("a", "b"):
+            cmd = [sys.executable, "-m", "blocklora", "train", "--model", plan.models[0], "--pretrained", "none",
+                   "--dataset", "folder", "--root", str(work / "data"), "--shots", str(shots), "--iters",
+                   str(plan.det_iters), "--batch-size", str(plan.batch), "--precision", plan.amp, "--device",
+                   plan.device, "--workers", str(min(plan.workers, 2)), "--no-zero-shot", "--deterministic",
+                   "--output", str(work / name), "eval.limit=10"]
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs = []
+        for proc in procs.values():
+            try:
+                _, err = proc.communicate(timeout=max(10.0, left() - 5))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            runs.append({"rc": proc.returncode, "wall_s": round(time.monotonic() - t, 1),
+                         "stderr_tail": err[-1500:] if proc.returncode else ""})
+        if any(r["rc"] for r in runs):
+            return {"status": "fail", "runs": runs, "note": "a run failed (see its stderr_tail)"}
+        a, b = (load_adapter_tensors(work / n) for n in ("a", "b"))
+        losses = [[json.loads(x)["loss"] for x in (work / n / "metrics.jsonl").read_text().splitlines()]
+                  for n in ("a", "b")]
     import torch
-    from safetensors.torch import load_file
 
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-det-"))
-    n_classes, shots = 10, 4
-    for split, n in (("train", shots), ("test", 1)):
-        for c in range(n_classes):
-            folder = work / "data" / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                NoiseImages(64)(f"{split}/{c}/{i}").save(folder / f"{i}.png")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [
-        os.environ.get("PYTHONPATH")])]), TQDM_DISABLE="1")
-    env.pop("CUBLAS_WORKSPACE_CONFIG", None)  # blocklora must set it itself
-    runs = []
-    for name in ("a", "b"):
-        cmd = [sys.executable, "-m", "blocklora", "train", "--model", plan.models[0], "--pretrained", "none",
-               "--dataset", "folder", "--root", str(work / "data"), "--shots", str(shots), "--iters",
-               str(plan.det_iters), "--batch-size", str(plan.batch), "--precision", plan.amp, "--device",
-               plan.device, "--workers", str(min(plan.workers, 2)), "--no-zero-shot", "--deterministic",
-               "--output", str(work / name), "eval.limit=10"]
-        t = time.monotonic()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=max(30.0, left() - 5))
-        runs.append({"rc": proc.returncode, "wall_s": round(time.monotonic() - t, 1),
-                     "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""})
-        if proc.returncode:
-            return {"status": "fail", "runs": runs, "note": "a run failed"}
-    a, b = (load_file(str(work / n / "adapter" / "blocklora_adapter.safetensors")) for n in ("a", "b"))
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     diff = max((float((a[k].float() - b[k].float()).abs().max()) for k in a if k in b), default=0.0)
-    losses = [[json.loads(x)["loss"] for x in (work / n / "metrics.jsonl").read_text().splitlines()]
-              for n in ("a", "b")]
     return {"status": "pass" if same else "fail", "bit_identical": same, "tensors": len(a), "max_abs_diff": diff,
             "losses": losses, "runs": runs, "model": plan.models[0], "precision": plan.amp, "iters": plan.det_iters}
 
 
-def cost_section(plan, model: str, left: Callable[[], float], open_clip_base) -> dict[str, Any]:
-    """Every configuration's step time and peak memory, one after the other in this process (peak statistics
-    reset after each configuration's warm-up; freed in between). Projection-critical rows first."""
-    c_small, c_large = plan.classes
-    rows = [("open_clip", cfg, c) for c in (c_small, c_large) for cfg in ("floor", "block_lora")]
-    rows += [(fam, cfg, c) for c in (c_small, c_large) for fam, cfg in (
-        ("open_clip", "lora"), ("open_clip", "dense_lora"), ("open_clip", "full"), ("transformers", "floor"),
-        ("transformers", "block_lora"), ("transformers", "peft_lora"))]
-    bases: dict[str, Any] = {"open_clip": open_clip_base}
-    results: list[dict[str, Any]] = []
-    per_row = None
-    for family, config, classes in rows:
-        if per_row is not None and left() < per_row * 1.5 + 5:
-            results.append({"family": family, "config": config, "classes": classes, "skipped": "budget"})
-            continue
-        t = time.monotonic()
-        if family not in bases:
-            bases[family] = step_cost.base_model(family, model)
-        results.append({"family": family, "config": config, "classes": classes,
-                        **measure(plan, model, family, config, classes, bases[family])})
-        per_row = max(per_row or 0.0, time.monotonic() - t)
-    gpu_report.add_floor_ratios(results)
-    missing = sum("step_ms" not in r for r in results)
-    return {"status": "partial" if missing else "done", "model": model, "batch": plan.batch, "precision": plan.amp,
-            "warmup": plan.warmup, "timed": plan.timed, "rows": results,
-            **({"note": f"{missing} of {len(results)} rows not measured (budget or error)"} if missing else {})}
+def load_adapter_tensors(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
 
-
-def measure(plan, model: str, family: str, config: str, classes: int, base) -> dict[str, Any]:
-    import torch
-
-    free(plan.device)
-    spec = {"family": family, "config": config, "model": model, "device": plan.device, "classes": classes,
-            "batch_size": plan.batch, "precision": plan.amp}
-    try:
-        step, info = step_cost.prepare(spec, base)
-        for _ in range(plan.warmup):
-            step()
-        cuda = plan.device == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(plan.timed):
-            t = time.perf_counter()
-            loss = step()  # synchronizes on CUDA
-            times.append(time.perf_counter() - t)
-        out: dict[str, Any] = {"step_ms": round(1e3 * statistics.median(times), 2),
-                               "times_ms": [round(1e3 * x, 2) for x in times], "trainable": info["trainable"],
-                               "text_length": info["text_length"], "finite": bool(torch.isfinite(torch.tensor(loss)))}
-        if cuda:
-            out.update(peak_alloc_mib=round(torch.cuda.max_memory_allocated() / 2**20),
-                       peak_reserved_mib=round(torch.cuda.max_memory_reserved() / 2**20))
-        del step
-    except torch.OutOfMemoryError:
-        out = {"error": "out of memory"}
-    free(plan.device)
-    return out
-
-
-def eval_section(plan, model: str, base) -> dict[str, Any]:
-    import torch
-
-    from blocklora.adapters.inject import adapters_disabled, merge, unmerge
-    from blocklora.engine.runtime import make_runtime
-
-    bb = adapted(base, plan.device)
-    bb.model.eval()
-    rt = make_runtime(plan.device, plan.amp)
-    images = torch.randn(plan.eval_batch, 3, bb.image_size, bb.image_size, device=plan.device)
-
-    def images_per_s() -> float:
-        times = []
-        with torch.no_grad(), rt.autocast():
-            for i in range(2 + plan.eval_reps):
-                t = time.perf_counter()
-                bb.encode_images(images)
-                sync(plan.device)
-                if i >= 2:
-                    times.append(time.perf_counter() - t)
-        return round(plan.eval_batch / statistics.median(times), 1)
-
-    out: dict[str, Any] = {"status": "done", "model": model, "batch": plan.eval_batch, "precision": plan.amp}
-    with adapters_disabled(bb.model):
-        out["frozen"] = images_per_s()
-    out["block_lora"] = images_per_s()
-    merge(bb.model)
-    out["block_lora_merged"] = images_per_s()
-    unmerge(bb.model)
-    return out
+    return load_file(str(run_dir / "adapter" / "blocklora_adapter.safetensors"))

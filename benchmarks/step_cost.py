@@ -2,7 +2,8 @@
 
 CLIP ViT-B/16 architecture with random weights (no download), 224 px, batch 8 images, C class prompts
 ("a photo of a {}." over open_clip's IMAGENET_CLASSNAMES), both towers adapted on q, k, v of every block.
-One step = forward of both towers + cross-entropy over the C classes + backward + AdamW step. The time is the
+One step = forward of both towers + cross-entropy over the C classes + backward + AdamW step (forward and loss under
+--precision's autocast, backward through the runtime's GradScaler, as the training loop runs them). The time is the
 median over --steps steps after --warmup steps; peak memory is the peak RSS (CPU) or max allocated (CUDA) of a
 fresh process per configuration.
 
@@ -24,7 +25,8 @@ branch keeps for backward (counted with torch.autograd.graph.saved_tensors_hooks
 Usage:
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --threads 1 --output benchmarks/results/step_cost.json
   .venv/bin/python benchmarks/step_cost.py --only floor,block_lora --classes 100 --steps 1   # a quick look
-  .venv/bin/python benchmarks/step_cost.py --device cuda --model ViT-L-14
+  .venv/bin/python benchmarks/step_cost.py --device cuda --precision fp16 --model ViT-L-14
+(benchmarks/gpu_check.py measures these configurations on a GPU inside one time budget, from prepare() below.)
 """
 
 from __future__ import annotations
@@ -648,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16", help="open_clip architecture (random weights)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                    help="autocast dtype of the step (fp16: CUDA, with GradScaler), as train.precision")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--classes", default="", help="comma list of class counts for every config (default: plan)")
@@ -673,7 +677,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
-    config = {"model": args.model, "device": args.device, "threads": args.threads, "batch_size": args.batch_size,
+    config = {"model": args.model, "device": args.device, "precision": args.precision, "threads": args.threads,
+              "batch_size": args.batch_size,
               "image_size": 224, "steps": args.steps, "steps_at_1000": args.steps_1000, "warmup": args.warmup,
               "r": R, "alpha": ALPHA, "dropout": DROPOUT, "n_blocks": N_BLOCKS, "template": TEMPLATE,
               "adapted": "q,k,v of every block of both towers", "torch": torch.__version__,
@@ -691,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i, (family, cfg, c) in enumerate(jobs, 1):
         spec = {"family": family, "config": cfg, "classes": c, "model": args.model, "device": args.device,
                 "threads": args.threads, "batch_size": args.batch_size, "warmup": args.warmup,
-                "steps": args.steps_1000 if c >= 1000 else args.steps}
+                "steps": args.steps_1000 if c >= 1000 else args.steps, "precision": args.precision}
         print(f"[{i}/{len(jobs)}] {family} {cfg} C={c} ({time.perf_counter() - t_start:.0f} s elapsed)",
               file=sys.stderr, flush=True)
         res = run_in_subprocess("step", spec)
@@ -709,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict:
             res = run_in_subprocess("interleaved", {
                 "family": family, "configs": cfgs, "classes": c, "model": args.model, "device": args.device,
                 "threads": args.threads, "batch_size": args.batch_size, "warmup": args.warmup,
-                "steps": args.interleaved_rounds})
+                "steps": args.interleaved_rounds, "precision": args.precision})
             extras["time_interleaved"][family] = res
             if "time_vs_floor" in res:
                 print(f"    -> time x floor: {res['time_vs_floor']}", file=sys.stderr, flush=True)

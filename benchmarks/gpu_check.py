@@ -114,13 +114,20 @@ class Check:
         self.write()
 
     def write(self) -> None:
+        """The JSON first (whatever happens to the tables), then the tables; each replaced atomically."""
         self.result["meta"]["wall_s"] = round(time.monotonic() - self.t0, 1)
         self.output.mkdir(parents=True, exist_ok=True)
-        for name, text in (("gpu_check.json", json.dumps(self.result, indent=1) + "\n"),
-                           ("gpu_check.md", gpu_report.markdown(self.result))):
-            tmp = self.output / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.output / name)
+        self._replace("gpu_check.json", json.dumps(self.result, indent=1) + "\n")
+        try:
+            table = gpu_report.markdown(self.result)
+        except Exception:  # noqa: BLE001 - a table bug must not cost the run its results
+            table = f"# GPU check\n\nthe tables could not be built:\n\n    {traceback.format_exc()[-1500:]}\n"
+        self._replace("gpu_check.md", table)
+
+    def _replace(self, name: str, text: str) -> None:
+        tmp = self.output / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.output / name)
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
@@ -137,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
-    if unknown:
-        print(f"error: unknown section(s) {', '.join(unknown)}: use {', '.join(SECTIONS)}", file=sys.stderr)
+    if unknown or not wanted:
+        what = f"unknown section(s) {', '.join(unknown)}" if unknown else "no section given"
+        print(f"error: {what}: use {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     import torch
 
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         plan = Plan(**{**asdict(plan), "models": tuple(m.strip() for m in args.models.split(",") if m.strip())})
     check = Check(Path(args.output), args.budget_s, plan, args.dry_run)
+    check.write()  # the output folder is writable, and a run killed in its first section still leaves both files
     bases: dict[str, Any] = {}
 
     def base(model: str):  # the open_clip Backbone with random weights, built once per architecture
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             check.run(name, needs, fn)
         if name in ("deterministic",) or name.startswith("eval_"):
             bases.clear()  # a model whose sections are done: give its CPU copy back
-    print(gpu_report.markdown(check.result))
+    print((check.output / "gpu_check.md").read_text())
     statuses = [s.get("status") for s in check.result["sections"].values()]
     return 1 if any(s in ("fail", "error") for s in statuses) else 0
 

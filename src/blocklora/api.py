@@ -49,7 +49,7 @@ from .engine import evaluate as ev
 from .engine.distributed import all_ranks
 from .engine.files import JsonlWriter, atomic_write, load_torch, run_lock, save_torch, write_json
 from .engine.fit import Trainer, TrainingDiverged
-from .engine.runtime import Runtime, default_workers, make_runtime, seed_everything, set_deterministic
+from .engine.runtime import Runtime, default_workers, deterministic, make_runtime, seed_everything
 from .errors import BlockLoRAError, DataError
 
 log = logging.getLogger("blocklora")
@@ -198,7 +198,6 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
         rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train an adapter on K shots and report accuracy. Writes output/{results.json, adapter/, split.json, ...}."""
     output = Path(output)
-    main = rank == 0
     if output.exists() and not output.is_dir():
         raise BlockLoRAError(f"--output {output} is a file: choose a directory path")
     if output.exists() and not (overwrite or resume):
@@ -214,7 +213,13 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
         if (output / RESULTS).exists():
             log.info("%s is complete: nothing to resume", output)
             return json.loads((output / RESULTS).read_text())
-    set_deterministic(cfg.train.deterministic)
+    with deterministic(cfg.train.deterministic):  # the process's own settings come back afterwards
+        return _prepare_and_run(cfg, output, overwrite, resume, rank, world_size)
+
+
+def _prepare_and_run(cfg: RunConfig, output: Path, overwrite: bool, resume: bool, rank: int,
+                     world_size: int) -> dict[str, Any]:
+    main = rank == 0
     t0 = time.perf_counter()
     # every user error surfaces here, before anything is written; a resumed run keeps its recorded activation
     p = prepare(cfg, rank, world_size, saved.get("quick_gelu"))

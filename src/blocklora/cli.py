@@ -130,11 +130,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import run
     from .engine.distributed import process_group
+    from .engine.runtime import deterministic
 
     if not args.dataset and not args.split_file:
         raise BlockLoRAError("train needs --dataset (or --split-file, whose dataset it then uses)")
     cfg = _run_config(args)
-    with process_group(cfg.device) as launch:  # under torchrun: data parallel, rank 0 writes and prints
+    # Deterministic mode first: the NCCL process group reads it when it is made (runtime.set_deterministic).
+    with deterministic(cfg.train.deterministic), process_group(cfg.device) as launch:
+        # under torchrun: data parallel, rank 0 writes and prints
         results = run(cfg, args.output, overwrite=args.overwrite, resume=args.resume, rank=launch.rank,
                       world_size=launch.world_size)
     if launch.is_main:

@@ -149,7 +149,7 @@ def train_amp_section(plan, base) -> dict[str, Any]:
     import torch
 
     from blocklora.adapters.inject import adapter_state_dict
-    from blocklora.config import TrainConfig
+    from blocklora.config import RunConfig, TrainConfig
     from blocklora.data.types import Item
     from blocklora.engine.fit import Trainer
     from blocklora.engine.runtime import make_runtime
@@ -158,7 +158,9 @@ def train_amp_section(plan, base) -> dict[str, Any]:
     bb = adapted(base, plan.device)
     c = plan.classes[0]
     items = [Item(f"synthetic/{i}", i % c) for i in range(2 * c)]
-    cfg = TrainConfig(batch_size=plan.batch, iters=plan.train_steps, checkpoint_every=0, template=TEMPLATE)
+    # the recipe keys the method decides (drop_last, frozen_dtype, ...) come from RunConfig.resolved()
+    train = TrainConfig(batch_size=plan.batch, iters=plan.train_steps, checkpoint_every=0, template=TEMPLATE)
+    cfg = RunConfig(train=train).resolved().train
     rt = make_runtime(plan.device, plan.amp)
     trainer = Trainer(bb, items, NoiseImages(), classnames(c), cfg, rt, seed=1, total_iters=plan.train_steps,
                       workers=plan.workers)

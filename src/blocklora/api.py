@@ -214,11 +214,11 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
             log.info("%s is complete: nothing to resume", output)
             return json.loads((output / RESULTS).read_text())
     with deterministic(cfg.train.deterministic):  # the process's own settings come back afterwards
-        return _prepare_and_run(cfg, output, overwrite, resume, rank, world_size)
+        return _prepare_and_run(cfg, output, overwrite, resume, rank, world_size, saved)
 
 
 def _prepare_and_run(cfg: RunConfig, output: Path, overwrite: bool, resume: bool, rank: int,
-                     world_size: int) -> dict[str, Any]:
+                     world_size: int, saved: dict[str, Any]) -> dict[str, Any]:
     main = rank == 0
     t0 = time.perf_counter()
     # every user error surfaces here, before anything is written; a resumed run keeps its recorded activation

@@ -142,6 +142,11 @@ def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classn
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------
+# Part of every key: bump it whenever the cached result's layout changes, so that a cache written by another
+# version of blocklora (or another checkout sharing ~/.cache/blocklora) is a miss, never a misread.
+CACHE_FORMAT = 2
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BLOCKLORA_CACHE", Path.home() / ".cache" / "blocklora"))
 
@@ -158,7 +163,7 @@ def zero_shot_key(backbone: Backbone, runtime: Runtime, data: DatasetSplits, spl
 
     h = hashlib.sha256()
     h.update(json.dumps({
-        "fp": backbone.fingerprint, "model": backbone.name, "family": backbone.family,
+        "format": CACHE_FORMAT, "fp": backbone.fingerprint, "model": backbone.name, "family": backbone.family,
         "activation": mlp_activation(backbone.model), "weights_dtype": backbone.weights_dtype,
         "autocast": runtime.precision, "device": runtime.device.type, "size": backbone.image_size,
         "mean": backbone.mean, "std": backbone.std, "transform": repr(backbone.eval_transform()),

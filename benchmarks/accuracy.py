@@ -19,6 +19,12 @@ Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, th
   fan-in ("kaiming_full") instead of the block's.
 Every adapter cell is an ordinary `blocklora train` run (api.run) in --work DIR; a rerun skips finished cells.
 Writes benchmarks/results/accuracy.{json,md,png}.
+
+Recipe choices are measured as variants: `--variant NAME=METHOD,key=value,...` adds a row NAME that runs METHOD's
+overrides plus the given config keys over the same shots and seeds (e.g. the Block-LoRA recipe keys of
+docs/recipe.md: `--variant n8_keep_last=block_lora_n8,train.drop_last=false`, `--variant
+n8_own_masks=block_lora_n8,adapter.dropout_mask=per_projection`; `train.frozen_dtype` matters on GPU only).
+A cell is reused only when the recipe it recorded is the one the current code resolves for it.
 """
 
 from __future__ import annotations
@@ -126,7 +132,7 @@ def probe_cells(seeds, shots, work: Path) -> dict[str, dict[str, Any]]:
     todo = [(k, s) for s in seeds for k in shots if f"K{k}_s{s}" not in done]
     if not todo:
         return done
-    cfg = demo_config()
+    cfg = demo_config().resolved()
     data = load_dataset(cfg.data.dataset, cfg.data.root)
     backbone = load_backbone(cfg.model, cfg.pretrained)
     rt = make_runtime("cpu")
@@ -145,6 +151,21 @@ def probe_cells(seeds, shots, work: Path) -> dict[str, dict[str, Any]]:
 
 
 # -- adapter runs ---------------------------------------------------------------------------------------------------
+# The recipe keys whose values a cell records (config.METHOD_DEFAULTS), and what every cell measured before those
+# keys existed ran: the last partial batch dropped, one shared dropout mask, fp32 frozen weights.
+RECIPE_KEYS = ("train.drop_last", "adapter.dropout_mask", "train.frozen_dtype")
+LEGACY_RECIPE = {"train.drop_last": True, "adapter.dropout_mask": "shared", "train.frozen_dtype": "fp32"}
+
+
+def recipe_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The RECIPE_KEYS values of a resolved config dict (results.json's "config")."""
+    return {key: config[key.split(".")[0]][key.split(".")[1]] for key in RECIPE_KEYS}
+
+
+def expected_recipe(overrides: tuple[str, ...]) -> dict[str, Any]:
+    return recipe_of(demo_config(overrides=overrides).resolved().to_dict())
+
+
 def adapter_cell(work: Path, name: str, overrides: tuple[str, ...], k: int, seed: int) -> dict[str, Any]:
     out = work / f"{name}_K{k}_s{seed}"
     if (out / "results.json").exists():
@@ -161,7 +182,7 @@ def adapter_cell(work: Path, name: str, overrides: tuple[str, ...], k: int, seed
               f"({r['trainable_params']} params, {r['wall_time_s']['total']:.0f} s)", flush=True)
     return {"top1": r["top1"], "zero_shot_top1": r["zero_shot_top1"], "trainable_params": r["trainable_params"],
             "wall_s": r["wall_time_s"]["total"], "train_s": r["wall_time_s"]["train"], "iters": r["iters"],
-            "n_test": r["n_test"], "split_sha256": r["split_sha256"]}
+            "n_test": r["n_test"], "split_sha256": r["split_sha256"], "recipe": recipe_of(r["config"])}
 
 
 def committed_cells(name: str = "accuracy") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -189,7 +210,8 @@ def collect(work: Path, seeds, shots, with_ablations: bool, run_missing: bool, m
     for name, ov, k, s in jobs:
         key = f"{name}_K{k}_s{s}"
         done = (work / key / "results.json").exists()
-        if not done and key in previous:
+        fresh = key in previous and previous[key].get("recipe", LEGACY_RECIPE) == expected_recipe(ov)
+        if not done and fresh:
             cells[key] = previous[key]
         elif done or run_missing:
             cells[key] = {"method": name, "shots": k, "seed": s, **adapter_cell(work, name, ov, k, s)}
@@ -212,7 +234,7 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
         lp = [v["top1"] for v in probe.values() if v["shots"] == k]
         if lp:
             row["linear_probe"] = {**_stats(lp), "params": next(v["params"] for v in probe.values())}
-        for name in (*METHODS, *ABLATIONS, *DIAGNOSTICS):
+        for name in dict.fromkeys((*METHODS, *ABLATIONS, *DIAGNOSTICS, *(c["method"] for c in cells.values()))):
             runs = [c for c in cells.values() if c["method"] == name and c["shots"] == k]
             if runs:
                 row[name] = {**_stats([c["top1"] for c in runs]), "params": runs[0]["trainable_params"],
@@ -223,7 +245,8 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
 
 
 def markdown(table: dict[str, Any], shots) -> str:
-    names = ["zero_shot", "linear_probe", *METHODS, *ABLATIONS, *DIAGNOSTICS]
+    names = list(dict.fromkeys(["zero_shot", "linear_probe", *METHODS, *ABLATIONS, *DIAGNOSTICS,
+                                *(n for row in table.values() for n in row)]))
     label = {"zero_shot": "zero-shot", "linear_probe": "linear probe", "lora": "LoRA r=2",
              "block_lora_n2": "Block-LoRA n=2", "block_lora_n4": "Block-LoRA n=4", "block_lora_n8": "Block-LoRA n=8",
              "block_lora_n16": "Block-LoRA n=16",
@@ -239,7 +262,7 @@ def markdown(table: dict[str, Any], shots) -> str:
         params = next(r["params"] for r in rows if r)
         cells = [f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "" for r in rows]
         wall = next((r.get("wall_s") for r in reversed(rows) if r and r.get("wall_s")), None)
-        lines.append(f"| {label[name]} | {params:,} | " + " | ".join(cells) + f" | {wall if wall else ''} |")
+        lines.append(f"| {label.get(name, name)} | {params:,} | " + " | ".join(cells) + f" | {wall if wall else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,10 +302,19 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="tables from finished runs; run nothing")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"adapter rows to run, among {', '.join(METHODS)}")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD,key=value,...",
+                   help="an extra row, run like --methods': METHOD's overrides plus these config keys (repeatable)")
     p.add_argument("--name", default="accuracy",
                    help="output benchmarks/results/NAME.{json,md,png}; only NAME.json's cells are reused")
     args = p.parse_args(argv)
-    methods = tuple(args.methods.split(","))
+    for spec in args.variant:
+        name, sep, rest = spec.partition("=")
+        base, *keys = rest.split(",")
+        if not sep or base not in METHODS or not all("=" in k for k in keys):
+            p.error(f"bad --variant {spec!r}: write NAME=METHOD,key=value,... with METHOD among {', '.join(METHODS)}")
+        METHODS[name] = (*METHODS[base], *keys)
+    methods = tuple(args.methods.split(",")) + tuple(s.partition("=")[0] for s in args.variant
+                                                      if s.partition("=")[0] not in args.methods.split(","))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}: use {', '.join(METHODS)}")
@@ -307,7 +339,7 @@ def main(argv=None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     config = {"model": "effnet-minilm (packaged)", "dataset": "fashion-mnist", "test_images": TEST_IMAGES,
               "test_subset": "evenly spaced through the test file (eval.limit)", "shots": shots, "seeds": seeds,
-              "iters": ITERS, "batch_size": BATCH, "lr": LR, "recipe": demo_config().to_dict(),
+              "iters": ITERS, "batch_size": BATCH, "lr": LR, "recipe": demo_config().resolved().to_dict(),
               "probe_penalties": PENALTIES, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d")}
     write_json(OUT / f"{args.name}.json", {"config": config, "table": table, "cells": cells, "linear_probe": probe})

@@ -2,7 +2,8 @@
 
 CLIP ViT-B/16 architecture with random weights (no download), 224 px, batch 8 images, C class prompts
 ("a photo of a {}." over open_clip's IMAGENET_CLASSNAMES), both towers adapted on q, k, v of every block.
-One step = forward of both towers + cross-entropy over the C classes + backward + AdamW step. The time is the
+One step = forward of both towers + cross-entropy over the C classes + backward + AdamW step (forward and loss under
+--precision's autocast, backward through the runtime's GradScaler, as the training loop runs them). The time is the
 median over --steps steps after --warmup steps; peak memory is the peak RSS (CPU) or max allocated (CUDA) of a
 fresh process per configuration.
 
@@ -24,7 +25,8 @@ branch keeps for backward (counted with torch.autograd.graph.saved_tensors_hooks
 Usage:
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --threads 1 --output benchmarks/results/step_cost.json
   .venv/bin/python benchmarks/step_cost.py --only floor,block_lora --classes 100 --steps 1   # a quick look
-  .venv/bin/python benchmarks/step_cost.py --device cuda --model ViT-L-14
+  .venv/bin/python benchmarks/step_cost.py --device cuda --precision fp16 --model ViT-L-14
+(benchmarks/gpu_check.py measures these configurations on a GPU inside one time budget, from prepare() below.)
 """
 
 from __future__ import annotations
@@ -66,11 +68,14 @@ R, ALPHA, DROPOUT, N_BLOCKS = 2, 1.0, 0.25, 8
 
 # -- models -------------------------------------------------------------------------------------------------------
 def hf_config(open_clip_name: str):
-    """A transformers CLIPConfig with the architecture of an open_clip ViT model (QuickGELU, as OpenAI's CLIP)."""
+    """A transformers CLIPConfig with the architecture of an open_clip ViT model (QuickGELU, as OpenAI's CLIP);
+    "tiny-clip" is blocklora's tiny test architecture."""
     import open_clip
     from transformers import CLIPConfig
 
-    oc = open_clip.get_model_config(open_clip_name)
+    from blocklora.backbones.openclip import TINY_CLIP
+
+    oc = TINY_CLIP if open_clip_name == "tiny-clip" else open_clip.get_model_config(open_clip_name)
     v, t = oc["vision_cfg"], oc["text_cfg"]
     vw, tw = v["width"], t["width"]
     return CLIPConfig(
@@ -164,23 +169,45 @@ def _add_input_scalars(towers) -> list:
     return scalars
 
 
-def build(family: str, config: str, model_name: str, device: str):
-    """(model, encode_images, encode_texts(tokens), tokens for prompts fn, trainable params, info)."""
+def base_model(family: str, model_name: str, pretrained: str | None = None):
+    """The frozen model every configuration of a family starts from, built once on the CPU (build() copies it).
+
+    "open_clip": a blocklora Backbone of an open_clip architecture (or tiny-clip), random weights;
+    "backbone": any model blocklora.load_backbone knows, with `pretrained` (e.g. the demo's effnet-minilm);
+    "transformers": a CLIPModel with the open_clip architecture's shapes (hf_config), random weights.
+    """
+    import torch
+
+    torch.manual_seed(0)
+    if family == "transformers":
+        from transformers import CLIPModel
+
+        return CLIPModel(hf_config(model_name))
+    from blocklora.backbones import load_backbone
+
+    return load_backbone(model_name, pretrained if family == "backbone" else None)
+
+
+def build(family: str, config: str, model_name: str, device: str, base=None, pretrained: str | None = None):
+    """(model, encode_images, encode_texts(tokens), tokens for prompts fn, trainable params, info).
+
+    `base`: a base_model() to copy instead of building one (building ViT-L/14 takes seconds, a copy a fraction).
+    The "backbone" family knows block_lora, lora and vision_only only (the others reach into open_clip modules).
+    """
     import torch
 
     from blocklora.adapters.config import AdapterConfig
     from blocklora.adapters.inject import adapter_layers, inject
 
+    if base is None:
+        base = base_model(family, model_name, pretrained)
     torch.manual_seed(0)
     info: dict[str, Any] = {}
-    if family == "open_clip":
-        import open_clip
-
-        from blocklora.backbones.openclip import OpenClipBackbone
-
-        model = open_clip.create_model(model_name, pretrained=None)
-        bb = OpenClipBackbone(model_name, model, None, model_name)
-        towers = [model.visual.transformer.resblocks[0], model.transformer.resblocks[0]]
+    if family in ("open_clip", "backbone"):
+        if family == "backbone" and config not in ("block_lora", "lora", "vision_only"):
+            raise ValueError(f"config {config} needs an open_clip model (family open_clip)")
+        bb = copy.copy(base)  # the Backbone's tokenizer and preprocessing, shared; its model, copied
+        bb.model = model = copy.deepcopy(base.model)
         if config == "dense_lora":
             cls = _dense_lora_attention_cls()
             for p in model.parameters():
@@ -207,19 +234,21 @@ def build(family: str, config: str, model_name: str, device: str):
                         if p is not None:
                             p.requires_grad_(True)
         model.to(device)
-        scalars = _add_input_scalars(towers) if config == "floor" else []
+        towers = [model.visual.transformer.resblocks[0], model.transformer.resblocks[0]] if config == "floor" else []
+        scalars = _add_input_scalars(towers)
         tokenize = bb.tokenize
         encode_images, encode_texts = bb.encode_images, bb.encode_texts
-        info["attention"] = "blocklora MHA replacement (scaled_dot_product_attention)" if config != "dense_lora" \
-            else "CLIP-LoRA-style separate q/k/v (scaled_dot_product_attention)"
+        info["image_size"] = bb.image_size
+        if family == "open_clip":
+            info["attention"] = "CLIP-LoRA-style separate q/k/v (scaled_dot_product_attention)" \
+                if config == "dense_lora" else "blocklora MHA replacement (scaled_dot_product_attention)"
     else:
         import open_clip
-        from transformers import CLIPModel
 
         from blocklora.backbones.hf import _tensor
 
-        model = CLIPModel(hf_config(model_name))
-        oc_tok = open_clip.get_tokenizer(model_name)
+        model = copy.deepcopy(base)
+        oc_tok = open_clip.get_tokenizer("ViT-B-32" if model_name == "tiny-clip" else model_name)
         eos = model.config.text_config.eos_token_id
 
         def tokenize(texts):  # what the tokenizer gives with padding=True: cut after the longest prompt
@@ -254,6 +283,7 @@ def build(family: str, config: str, model_name: str, device: str):
             return _tensor(model.get_text_features(**{k: v.to(device) for k, v in tok.items()}))
 
         info["attention"] = f"transformers CLIPAttention ({model.config._attn_implementation})"
+        info["image_size"] = model.config.vision_config.image_size
     params = [p for p in model.parameters() if p.requires_grad] + scalars
     info["trainable"] = sum(p.numel() for p in params)
     return model, encode_images, encode_texts, tokenize, params, info
@@ -273,38 +303,46 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def prepare(spec: dict):
-    """Build one configuration and its training step: (step function, info)."""
+def prepare(spec: dict, base=None):
+    """Build one configuration and its training step: (step function, info).
+
+    spec["precision"] (default fp32) runs the step as the project's training loop does: forward and loss under
+    Runtime.autocast(), backward through Runtime.grad_scaler() (a real scaler for fp16 on CUDA, a no-op otherwise).
+    """
     import torch
     import torch.nn.functional as F
 
+    from blocklora.engine.runtime import make_runtime
+
     device, classes, batch = spec["device"], spec["classes"], spec["batch_size"]
-    model, enc_img, enc_txt, tokenize, params, info = build(spec["family"], spec["config"], spec["model"], device)
+    rt = make_runtime(device, spec.get("precision", "fp32"))
+    scaler = rt.grad_scaler()
+    model, enc_img, enc_txt, tokenize, params, info = build(spec["family"], spec["config"], spec["model"], device,
+                                                            base, spec.get("pretrained"))
     model.train()
-    if spec["family"] == "transformers":
-        size = model.config.vision_config.image_size
-    else:
-        size = model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
+    size = info["image_size"]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)
     tokens = tokenize(prompts(classes))
     tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-    info["text_length"] = int((tokens["input_ids"] if isinstance(tokens, dict) else tokens).shape[1]) \
-        if spec["family"] == "transformers" else int(tokens.argmax(-1).max()) + 1
+    info["text_length"] = int(tokens["input_ids"].shape[1]) if isinstance(tokens, dict) \
+        else int(tokens.argmax(-1).max()) + 1
+    info["precision"] = rt.precision
     opt = torch.optim.AdamW(params, lr=1e-5)
     cached = None
     if spec["config"] == "vision_only":  # text features computed once (no graph), reused every step
-        with torch.no_grad():
-            cached = F.normalize(enc_txt(tokens), dim=-1)
+        with torch.no_grad(), rt.autocast():
+            cached = F.normalize(enc_txt(tokens).float(), dim=-1)
 
     def step():
-        img = F.normalize(enc_img(images), dim=-1)
-        txt = cached if cached is not None else F.normalize(enc_txt(tokens), dim=-1)
-        loss = F.cross_entropy(100.0 * img @ txt.T, labels)
-        loss.backward()
-        opt.step()
+        with rt.autocast():
+            img = F.normalize(enc_img(images).float(), dim=-1)
+            txt = cached if cached is not None else F.normalize(enc_txt(tokens).float(), dim=-1)
+            loss = F.cross_entropy(100.0 * img @ txt.T, labels)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -664,6 +702,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16", help="open_clip architecture (random weights)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                    help="autocast dtype of the step (fp16: CUDA, with GradScaler), as train.precision")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--classes", default="", help="comma list of class counts for every config (default: plan)")
@@ -689,7 +729,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
-    config = {"model": args.model, "device": args.device, "threads": args.threads, "batch_size": args.batch_size,
+    config = {"model": args.model, "device": args.device, "precision": args.precision, "threads": args.threads,
+              "batch_size": args.batch_size,
               "image_size": 224, "steps": args.steps, "steps_at_1000": args.steps_1000, "warmup": args.warmup,
               "r": R, "alpha": ALPHA, "dropout": DROPOUT, "n_blocks": N_BLOCKS, "template": TEMPLATE,
               "adapted": "q,k,v of every block of both towers", "torch": torch.__version__,
@@ -707,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i, (family, cfg, c) in enumerate(jobs, 1):
         spec = {"family": family, "config": cfg, "classes": c, "model": args.model, "device": args.device,
                 "threads": args.threads, "batch_size": args.batch_size, "warmup": args.warmup,
-                "steps": args.steps_1000 if c >= 1000 else args.steps}
+                "steps": args.steps_1000 if c >= 1000 else args.steps, "precision": args.precision}
         print(f"[{i}/{len(jobs)}] {family} {cfg} C={c} ({time.perf_counter() - t_start:.0f} s elapsed)",
               file=sys.stderr, flush=True)
         res = run_in_subprocess("step", spec)
@@ -725,7 +766,7 @@ def main(argv: list[str] | None = None) -> dict:
             res = run_in_subprocess("interleaved", {
                 "family": family, "configs": cfgs, "classes": c, "model": args.model, "device": args.device,
                 "threads": args.threads, "batch_size": args.batch_size, "warmup": args.warmup,
-                "steps": args.interleaved_rounds})
+                "steps": args.interleaved_rounds, "precision": args.precision})
             extras["time_interleaved"][family] = res
             if "time_vs_floor" in res:
                 print(f"    -> time x floor: {res['time_vs_floor']}", file=sys.stderr, flush=True)

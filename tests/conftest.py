@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from families import make_clip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """The suite never reads or writes the user's ~/.cache/blocklora (nor another checkout's): one cache per session,
+    inherited by the CLI subprocesses the tests start."""
+    old = os.environ.get("BLOCKLORA_CACHE")
+    os.environ["BLOCKLORA_CACHE"] = str(tmp_path_factory.mktemp("blocklora-cache"))
+    yield
+    if old is None:
+        os.environ.pop("BLOCKLORA_CACHE", None)
+    else:
+        os.environ["BLOCKLORA_CACHE"] = old
 
 
 def make_openclip(seed: int = 0, batch_first: bool = True, quick_gelu: bool = False):

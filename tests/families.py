@@ -171,6 +171,33 @@ def make_clip(seed: int = 0, batch_first: bool = True, quick_gelu: bool = False,
     return model.eval()
 
 
+class Unavailable(Exception):
+    """The family's library is not installed (the tests skip it)."""
+
+
+def openai_clip_module():
+    """clip/model.py of OpenAI's `clip` package (clip-anytorch on PyPI), loaded by path: the package's __init__
+    imports pkg_resources (setuptools), which recent environments no longer ship; the model module needs only torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise Unavailable("OpenAI's clip package (clip-anytorch) is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "model.py"
+    module_spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def make_openai_clip(seed: int = 0) -> torch.nn.Module:
+    """A tiny clip.model.CLIP: blocks in an nn.Sequential, sequence-first nn.MultiheadAttention, QuickGELU."""
+    torch.manual_seed(seed)
+    # embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length, vocab_size,
+    # transformer_width, transformer_heads, transformer_layers (clip.model.CLIP's positional signature)
+    return openai_clip_module().CLIP(32, 32, 2, 64, 8, CONTEXT, VOCAB, 48, 4, 2).eval()
+
+
 VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
               patch_size=8)
 CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
@@ -251,6 +278,7 @@ _effnet_cache: list = []
 FAMILIES = {f.name: f for f in [
     Family("open_clip", "open_clip", make_clip, 32),
     Family("openai_seq_first", "open_clip", lambda seed: make_clip(seed, batch_first=False), 32),
+    Family("openai_clip_package", "open_clip", make_openai_clip, 32),
     Family("siglip", "open_clip", _open_clip("tiny-siglip-test"), 32),
     Family("pe_core", "open_clip", _open_clip("tiny-pe-test"), 32),
     Family("eva02", "open_clip", _open_clip("tiny-eva02-test"), 32),

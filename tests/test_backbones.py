@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from blocklora.backbones import hf, load_backbone, openclip
+from blocklora.backbones import hf, load_backbone
 from blocklora.backbones.network import hub_reachable
+from blocklora.backbones.openclip_sources import load_tokenizer, preprocess_for
 from blocklora.cli import main
 from blocklora.errors import BackboneError
 from families import FAMILIES, register, save_hf_checkpoint, save_tokenizer
@@ -96,7 +97,7 @@ def test_a_hub_tokenizer_offline_fails_at_once_naming_it_and_the_fix(monkeypatch
     hub_reachable.cache_clear()
     try:
         with pytest.raises(BackboneError) as err:
-            openclip.load_tokenizer("ViT-B-16-SigLIP")
+            load_tokenizer("ViT-B-16-SigLIP")
     finally:
         hub_reachable.cache_clear()
     message = str(err.value)
@@ -105,7 +106,7 @@ def test_a_hub_tokenizer_offline_fails_at_once_naming_it_and_the_fix(monkeypatch
     assert attempts[0] == "huggingface.co" and len(attempts) <= 2
     assert "\n" not in message and "timm/ViT-B-16-SigLIP" in message and "--tokenizer DIR" in message
     with pytest.raises(BackboneError, match="ships with open_clip: drop --tokenizer"):
-        openclip.load_tokenizer("ViT-B-16", "/some/dir")
+        load_tokenizer("ViT-B-16", "/some/dir")
 
 
 def test_train_without_the_tokenizer_is_one_line_and_writes_nothing(offline, data, tmp_path, capsys):
@@ -185,7 +186,11 @@ class _Model:
                             "shortest")),
 ])
 def test_open_clip_preprocessing_comes_from_the_pretrained_config(name, tag, expected):
-    p = openclip.preprocess_for(name, _Model(), tag, has_weights=False)
+    """A tag's own config when the weights come from a tag; for a file or random weights, what all tags agree on."""
+    import open_clip
+
+    declared = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    p = preprocess_for(name, _Model(), declared, f"{name}/{tag}" if tag else None, has_weights=False)
     assert (p.mean, p.std, p.interpolation, p.resize_mode) == expected and name in p.source
 
 

@@ -10,7 +10,7 @@ from blocklora.engine.fit import lr_lambda
 
 
 def test_defaults_are_the_clip_lora_recipe():
-    c = RunConfig()
+    c = RunConfig().resolved()
     t = c.train
     assert (t.lr, t.weight_decay, t.betas, t.min_lr, t.warmup_iters) == (2e-4, 1e-2, (0.9, 0.999), 1e-6, 0)
     assert (t.iters_per_shot, t.batch_size, t.logit_scale, t.template) == (500, 32, 100.0, "a photo of a {}.")

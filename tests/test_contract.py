@@ -29,7 +29,7 @@ from blocklora.adapters.fused import BlockLoRAFusedQKV, BlockLoRAMultiheadAttent
 from blocklora.adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
 from blocklora.adapters.report import adapter_cost
 from conftest import randomize_adapters
-from families import FAMILIES
+from families import FAMILIES, Unavailable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,6 +40,7 @@ CONFIGS = {
 CASES = [(f, c) for f in FAMILIES for c in CONFIGS]
 LAYER_KINDS = {  # family -> the layer classes its towers get with q, k, v, o (vision + text)
     "open_clip": {BlockLoRAMultiheadAttention}, "openai_seq_first": {BlockLoRAMultiheadAttention},
+    "openai_clip_package": {BlockLoRAMultiheadAttention},
     "siglip": {BlockLoRAFusedQKV, BlockLoRALinear, BlockLoRAMultiheadAttention},
     "pe_core": {BlockLoRAFusedQKV, BlockLoRALinear, BlockLoRAMultiheadAttention},
     "mobileclip": {BlockLoRAFusedQKV, BlockLoRALinear, BlockLoRAMultiheadAttention},
@@ -54,7 +55,10 @@ _built: dict[str, torch.nn.Module] = {}
 def fresh(family: str) -> torch.nn.Module:
     """A new copy of the family's tiny model (built once per session)."""
     if family not in _built:
-        _built[family] = FAMILIES[family].build(0)
+        try:
+            _built[family] = FAMILIES[family].build(0)
+        except Unavailable as e:
+            pytest.skip(str(e))
     return copy.deepcopy(_built[family])
 
 
@@ -169,7 +173,10 @@ def stock_reloads(tmp_path_factory):
     torch.set_num_threads(1)
     cases = {}
     for family, config in CASES:
-        model = adapted(family, config)
+        try:
+            model = adapted(family, config)
+        except pytest.skip.Exception:
+            continue
         model.eval()
         path = folder / (f"{family}-{config}" + ("" if FAMILIES[family].library == "transformers" else ".safetensors"))
         FAMILIES[family].save_stock(blocklora.merged_state_dict(model), model, path)
@@ -180,7 +187,7 @@ def stock_reloads(tmp_path_factory):
 import json, sys, torch
 sys.modules['blocklora'] = None  # the exports must load with the stock libraries alone
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from families import FAMILIES
+from families import FAMILIES, Unavailable
 out = {{}}
 for key, case in json.loads(open({str(folder / 'cases.json')!r}).read()).items():
     f = FAMILIES[case['family']]
@@ -200,5 +207,7 @@ json.dump(out, open({str(folder / 'outputs.json')!r}, 'w'))
 
 @pytest.mark.parametrize(("family", "config"), CASES)
 def test_merged_export_loads_into_the_stock_model_without_blocklora(family, config, stock_reloads):
+    if f"{family}/{config}" not in stock_reloads:
+        fresh(family)  # skips with the reason
     stock, expected = stock_reloads[f"{family}/{config}"]
     assert_close(stock, expected, 2e-5)

@@ -22,7 +22,8 @@ def test_the_file_records_config_identity_and_version(tmp_path):
     save_adapter(model, tmp_path / "a", backbone="tiny")
     meta = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
     assert meta["config"]["n_blocks"] == 4 and meta["config"]["layers"] == [1, 2]
-    assert meta["backbone"] == {"class": "CLIP", "name": "tiny", "fingerprint": blocklora.fingerprint(make_openclip())}
+    assert meta["backbone"] == {"class": "CLIP", "name": "tiny", "fingerprint": blocklora.fingerprint(make_openclip()),
+                                "activation": "gelu"}
     assert meta["blocklora_version"] == blocklora.__version__
     assert meta["trainable_params"] == blocklora.count_trainable(model)
 

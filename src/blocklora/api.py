@@ -31,12 +31,14 @@ from .config import RunConfig
 from .cross import PREFIX as CROSS
 from .cross import evaluate_targets, load_targets
 from .data import (
+    DATASETS,
     DatasetSplits,
     Item,
     evenly_spaced,
     limit_split,
     load_dataset,
     read_split_file,
+    read_split_header,
     sample_few_shot,
     subsample_classes,
     subsample_fewshot,
@@ -50,7 +52,7 @@ from .engine.files import JsonlWriter, atomic_write, load_torch, run_lock, save_
 from .engine.fit import Trainer, TrainingDiverged
 from .engine.logits import Logits
 from .engine.logits import resolve as resolve_logits
-from .engine.runtime import Runtime, default_workers, make_runtime, seed_everything, set_deterministic
+from .engine.runtime import Runtime, default_workers, deterministic, make_runtime, seed_everything
 from .errors import BlockLoRAError, DataError
 
 log = logging.getLogger("blocklora")
@@ -63,7 +65,8 @@ RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, ADAPTER = (
 class Prepared:
     """Everything a run needs, built and validated before anything is written."""
 
-    cfg: RunConfig
+    cfg: RunConfig  # resolved (RunConfig.resolved): what the run uses and records
+    request: RunConfig  # as asked (None = unset): what --resume compares
     backbone: Backbone
     data: DatasetSplits  # classes as trained (all, or the base half)
     fewshot: Any  # data.fewshot.FewShotSplit as drawn (or read from the split file)
@@ -76,10 +79,37 @@ class Prepared:
     logits: Logits
 
 
-def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
-    """Build backbone, data and few-shot split and check that the adapter fits: every user error surfaces here."""
+def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
+    """The config the run uses (RunConfig.resolved: the split file's draw, the method's recipe) and the full dataset.
+
+    With a split file its dataset, shots, seed, sampler, replace and class subset (found by comparing its class
+    names with the dataset's halves) are the run's; an explicit option that contradicts them is an error.
+    """
+    if not cfg.data.split_file:
+        cfg = cfg.resolved()
+        return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
+    header = read_split_header(cfg.data.split_file)
+    draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
+    cfg.resolved(draw)  # a conflicting option fails before any dataset is read
+    # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.
+    key = cfg.data.dataset or (header["dataset"] if header["dataset"] in DATASETS else
+                               "csv" if Path(cfg.data.root).is_file() else "folder")
+    full = load_dataset(key, cfg.data.root)
+    if full.name != header["dataset"]:
+        raise DataError(f"the split file {cfg.data.split_file} was drawn from dataset {header['dataset']!r}, not "
+                        f"{full.name!r}: use the split file of this dataset, or the matching --dataset/--root")
+    draw["dataset"] = key
+    subset = next((c for c in ("all", "base", "new") if subsample_classes(full, c).classnames == header["classnames"]),
+                  None)  # None: read_split_file names the first differing class
+    return cfg.resolved({**draw, **({"classes": subset} if subset else {})}), full
+
+
+def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_gelu: bool | None = None) -> Prepared:
+    """Resolve the config, build backbone, data and few-shot split and check that the adapter fits: every user
+    error surfaces here. `recorded_quick_gelu`: the activation a resumed run started with."""
     runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
-    full = load_dataset(cfg.data.dataset, cfg.data.root)
+    request = cfg
+    cfg, full = resolve(cfg)
     data = subsample_classes(full, cfg.data.classes) if cfg.data.classes != "all" else full
     eval_sets = {"": limit_split(data, cfg.eval.split, cfg.eval.limit)}
     if cfg.data.classes == "base":  # base-to-new: the same adapter is also tested on the unseen half
@@ -91,7 +121,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, cfg.tokenizer)
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer)
     backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
     logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),
                             backbone.learned_logit_bias(), backbone.name)
@@ -123,7 +153,8 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
             eval_sets[name] = _without(s, bad_paths)
         if not train_items:
             raise DataError("every training image is unreadable: nothing to train on")
-    return Prepared(cfg, backbone, data, fewshot, train_items, sha, eval_sets, runtime, bad, modules, logits)
+    return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, eval_sets, runtime, bad, modules,
+                    logits)
 
 
 def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:
@@ -150,13 +181,16 @@ def _log_to(directory: Path, append: bool) -> logging.Handler:
 
 def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], templates: Sequence[str],
               runtime: Runtime, batch_size: int, workers: int, use_cache: bool = True,
-              features: dict | None = None) -> dict[str, Any]:
-    """Accuracy of the frozen model (adapters, if any, switched off), cached by weights + data + prompts."""
+              features: dict | None = None, split: str = "test") -> dict[str, Any]:
+    """Accuracy of the frozen model (adapters, if any, switched off) on `items` of `split`, cached by every input
+    (ev.zero_shot_key). No items is an error: an accuracy over nothing is not 0%."""
     from .adapters.inject import adapters_disabled
 
+    if not items:
+        raise DataError(f"dataset {data.name} at {data.root} has no {split} images: check --root and the "
+                        f"dataset's layout, or choose another --split")
     backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
-
-    key = ev.zero_shot_key(backbone, data.name, items, data.classnames, templates)
+    key = ev.zero_shot_key(backbone, runtime, data, split, items, templates)
     cached = ev.read_cached(key) if use_cache else None
     if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
         cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
@@ -177,23 +211,35 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
         rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Train an adapter on K shots and report accuracy. Writes output/{results.json, adapter/, split.json, ...}."""
     output = Path(output)
-    main = rank == 0
     if output.exists() and not output.is_dir():
         raise BlockLoRAError(f"--output {output} is a file: choose a directory path")
     if output.exists() and not (overwrite or resume):
         raise BlockLoRAError(f"{output} already exists: choose another --output, --resume it, or --overwrite")
     resume = resume and (output / CONFIG).exists()  # --resume on a run that never started: start it
+    saved: dict[str, Any] = {}
     if resume:
-        saved = RunConfig.from_dict(json.loads((output / CONFIG).read_text())["config"])
-        if saved.hash() != cfg.hash():
-            raise BlockLoRAError(f"{output} was started with another configuration (hash {saved.hash()} vs "
+        saved = json.loads((output / CONFIG).read_text())
+        asked = saved.get("request_hash", saved.get("config_hash"))
+        if asked != cfg.hash():
+            raise BlockLoRAError(f"{output} was started with another configuration (hash {asked} vs "
                                  f"{cfg.hash()}): resume with the same options")
         if (output / RESULTS).exists():
             log.info("%s is complete: nothing to resume", output)
             return json.loads((output / RESULTS).read_text())
-    set_deterministic(cfg.train.deterministic)
+    with deterministic(cfg.train.deterministic):  # the process's own settings come back afterwards
+        return _prepare_and_run(cfg, output, overwrite, resume, rank, world_size, saved)
+
+
+def _prepare_and_run(cfg: RunConfig, output: Path, overwrite: bool, resume: bool, rank: int,
+                     world_size: int, saved: dict[str, Any]) -> dict[str, Any]:
+    main = rank == 0
     t0 = time.perf_counter()
-    p = prepare(cfg, rank, world_size)  # every user error surfaces here, before anything is written
+    # every user error surfaces here, before anything is written; a resumed run keeps its recorded activation
+    p = prepare(cfg, rank, world_size, saved.get("quick_gelu"))
+    if saved and saved.get("config_hash") != p.cfg.hash():
+        raise BlockLoRAError(f"{output} resolves to another configuration now (hash {saved.get('config_hash')} vs "
+                             f"{p.cfg.hash()}: blocklora's defaults changed since it started): start it again with "
+                             "--overwrite")
     _barrier(world_size)  # every rank has looked at `output` before rank 0 creates it
     created = not output.exists()
     if main:
@@ -244,7 +290,10 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
     try:
         workers = cfg.data.workers if cfg.data.workers >= 0 else default_workers()
         if main:
+            act = backbone.activation
             write_json(output / CONFIG, {"config": cfg.to_dict(), "config_hash": cfg.hash(),
+                                         "request": p.request.to_dict(), "request_hash": p.request.hash(),
+                                         "quick_gelu": act.quick_gelu if act else None,
                                          "blocklora_version": __version__})
             split_path = output / SPLIT
             if p.split_sha256 is None:  # the drawn split, byte-identical for the same seed: its hash names it
@@ -259,24 +308,27 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
             sha = p.split_sha256 or hashlib.sha256(split_file_bytes(data, p.fewshot)).hexdigest()
         results: dict[str, Any] = {"blocklora_version": __version__}
         test_items = getattr(p.eval_sets[""], cfg.eval.split)  # limited to eval.limit, unreadable files dropped
+        backbone.to(rt.device)
+        backbone.cast_frozen(rt.frozen_dtype(cfg.train.frozen_dtype))  # before zero-shot: it runs the same model
         # 1. zero-shot on the frozen model (cached per backbone fingerprint + dataset + prompts)
         features: dict[str, Any] = {}
         vision_adapted = "vision" in cfg.adapter.towers
         t_eval = time.perf_counter()
         if cfg.eval.zero_shot:
             zs = zero_shot(backbone, data, test_items, [cfg.train.template], rt, cfg.eval.batch_size, workers,
-                           features=None if vision_adapted else features)
+                           features=None if vision_adapted else features, split=cfg.eval.split)
             results["zero_shot_top1"] = zs["top1"]
             results["zero_shot_per_class"] = zs["per_class"]
             if cfg.eval.dataset_templates and data.template != cfg.train.template:
                 zs2 = zero_shot(backbone, data, test_items, [data.template], rt, cfg.eval.batch_size, workers,
-                                features=None if vision_adapted or "frozen" in features else features)
+                                features=None if vision_adapted or "frozen" in features else features,
+                                split=cfg.eval.split)
                 results["zero_shot_dataset_template_top1"] = zs2["top1"]
             log.info("zero-shot top-1 %.2f%%%s", zs["top1"], " (cached)" if zs.get("cached") else "")
         eval_s = time.perf_counter() - t_eval
         # 2. train the adapters (injected by prepare); the training RNG starts from the seed, cached zero-shot or not
         seed_everything(cfg.data.seed)
-        modules = p.modules
+        modules = p.modules  # the factors are fp32 (injected before cast_frozen, which leaves them alone)
         backbone.to(rt.device)
         total = cfg.train.total_iters(cfg.data.shots)
         trainer = Trainer(backbone, p.train_items, data.image_reader, data.classnames, cfg.train, rt,
@@ -331,6 +383,7 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
         results.update(
             trainable_params=count_trainable(backbone.model), adapted_modules=len(modules),
             split_sha256=sha, split_file=str(output / SPLIT), shots=cfg.data.shots, seed=cfg.data.seed,
+            sampler=cfg.data.sampler,
             iters=trainer.state.step, skipped_steps=trainer.state.skipped, final_loss=trainer.state.last_loss,
             dataset={"name": data.name, "root": str(data.root), "classes": len(data.classnames),
                      "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": adapted["n"]},
@@ -341,12 +394,15 @@ def _run_locked(p: Prepared, output: Path, resume: bool, t0: float) -> dict[str,
             peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(), logits=p.logits.to_dict(),
         )
         if main:
-            run_meta = {"model": cfg.model, "pretrained": backbone.pretrained, "quick_gelu": cfg.quick_gelu,
+            # the RESOLVED activation and precision mode: every reload (eval, predict, export) reproduces them
+            quick_gelu = backbone.activation.flag if backbone.activation else cfg.quick_gelu
+            run_meta = {"model": cfg.model, "pretrained": backbone.pretrained, "quick_gelu": quick_gelu,
+                        "frozen_dtype": cfg.train.frozen_dtype,
                         "dataset": data.name, "classnames": data.classnames, "template": cfg.train.template,
                         "logit_scale": p.logits.scale, "logit_bias": p.logits.bias, "loss": p.logits.kind,
                         "tokenizer": cfg.tokenizer, "split_sha256": sha}
             save_adapter(backbone.model, output / ADAPTER, backbone=backbone.name, extra={"run": run_meta},
-                         overwrite=True)
+                         overwrite=True, weights_fingerprint=backbone.fingerprint)  # of the weights as loaded
             write_json(output / RESULTS, results)
             if ckpt_path.exists():
                 ckpt_path.unlink()  # the run is complete: results and adapter replace the resumable state
@@ -374,11 +430,17 @@ def load_trained(adapter_dir: str | Path, pretrained: str | None = None, force: 
         raise BlockLoRAError(f"{adapter_dir} does not record its backbone: load it with the Python API "
                              "(load_adapter) on the model it was trained for")
     weights = pretrained if pretrained is not None else run_meta.get("pretrained")
-    backbone = load_backbone(run_meta["model"], weights, run_meta.get("quick_gelu", "auto"),
-                             tokenizer or run_meta.get("tokenizer"))
+    recorded = run_meta.get("quick_gelu")
+    tokenizer = tokenizer or run_meta.get("tokenizer")
+    if recorded in ("yes", "no"):  # the activation training resolved: the weights must not say otherwise
+        backbone = load_backbone(run_meta["model"], weights, recorded_quick_gelu=recorded == "yes",
+                                 tokenizer=tokenizer)
+    else:  # adapters written before the activation was recorded
+        backbone = load_backbone(run_meta["model"], weights, recorded or "auto", tokenizer=tokenizer)
     load_adapter(backbone.model, adapter_dir, force=force)
     runtime = make_runtime(device)
     backbone.to(runtime.device)
+    backbone.cast_frozen(runtime.frozen_dtype(run_meta.get("frozen_dtype", "fp32")))
     return backbone, meta, runtime
 
 
@@ -457,3 +519,16 @@ def export(adapter_dir: str | Path, output: str | Path, pretrained: str | None =
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         raise
     return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir())
+
+
+def export_load_hint(adapter_dir: str | Path, output: str | Path) -> str | None:
+    """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
+    from .backbones.activation import stock_load_hint
+
+    run_meta = read_adapter_meta(adapter_dir).get("run", {})
+    model = run_meta.get("model", "")
+    if model.startswith("hf:") or model == "effnet-minilm" or run_meta.get("quick_gelu") not in ("yes", "no"):
+        return None
+    if Path(output).is_dir():
+        return f"open_clip.create_model('local-dir:{output}')"
+    return stock_load_hint(model, run_meta["quick_gelu"] == "yes", str(output))

@@ -30,7 +30,9 @@ def _model_options(p: argparse.ArgumentParser, default_model: str = "ViT-B-16", 
     g.add_argument("--pretrained", default=default_pretrained,
                    help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or none")
     g.add_argument("--quick-gelu", default="auto", choices=("auto", "yes", "no"),
-                   help="QuickGELU activation (auto: on for OpenAI weights loaded from a file)")
+                   help="QuickGELU MLP activation (OpenAI's CLIP weights need it). auto: from the tag's pretrained "
+                        "config, an OpenAI TorchScript archive, a blocklora export's metadata, a -quickgelu model "
+                        "name, else GELU (a file named *openai* is guessed QuickGELU, with a warning)")
     _tokenizer_option(g)
 
 
@@ -113,7 +115,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     cfg = RunConfig().with_overrides(_adapter_overrides(args)).adapter
     assert isinstance(cfg, AdapterConfig)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, args.tokenizer)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, tokenizer=args.tokenizer)
     modules = backbone.inject(cfg)  # with the probe forward: no tokenizer, no text needed
     cost = adapter_cost(backbone.model)
     report = {"model": args.model, "config": cfg.to_dict(), "trainable_params": cost["total"]["params"],
@@ -137,9 +139,14 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import run
     from .engine.distributed import process_group
+    from .engine.runtime import deterministic
 
+    if not args.dataset and not args.split_file:
+        raise BlockLoRAError("train needs --dataset (or --split-file, whose dataset it then uses)")
     cfg = _run_config(args)
-    with process_group(cfg.device) as launch:  # under torchrun: data parallel, rank 0 writes and prints
+    # Deterministic mode first: the NCCL process group reads it when it is made (runtime.set_deterministic).
+    with deterministic(cfg.train.deterministic), process_group(cfg.device) as launch:
+        # under torchrun: data parallel, rank 0 writes and prints
         results = run(cfg, args.output, overwrite=args.overwrite, resume=args.resume, rank=launch.rank,
                       world_size=launch.world_size)
     if launch.is_main:
@@ -184,13 +191,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from .engine.runtime import default_workers, make_runtime
 
     data = load_dataset(args.dataset, args.root)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, args.tokenizer)
+    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, tokenizer=args.tokenizer)
     rt = make_runtime(args.device)
     backbone.to(rt.device)
     items = evenly_spaced(getattr(data, args.split), args.limit)
     templates = [data.template] if args.dataset_template else [args.template]
     workers = args.workers if args.workers >= 0 else default_workers()
-    result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache)
+    result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache,
+                       split=args.split)
     result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result}
     _emit(result, args.json, f"{data.name} {args.split}: zero-shot top-1 {result['top1']:.2f}% (n={result['n']}"
                              f"{', cached' if result.get('cached') else ''})")
@@ -251,17 +259,21 @@ def _collect_images(paths: Sequence[str]) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export
+    from .api import export, export_load_hint
 
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
     print(f"merged checkpoint written: {', '.join(files)}")
+    hint = export_load_hint(args.adapter, args.output)
+    if hint:  # a plain model name would build the default activation: say which call gives the trained one
+        print(f"stock open_clip loads it with: {hint}")
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import RunConfig
 
-    print(json.dumps(RunConfig().with_overrides(args.overrides or []).to_dict(), indent=2))
+    # resolved: what a run with these overrides uses (unset fields at their defaults; see RunConfig.resolved)
+    print(json.dumps(RunConfig().with_overrides(args.overrides or []).resolved().to_dict(), indent=2))
     return 0
 
 
@@ -287,12 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an adapter on K shots per class and report accuracy")
     _model_options(p)
     _adapter_options(p)
-    _data_options(p)
+    _data_options(p, required=False)  # required unless --split-file names it
     g = p.add_argument_group("run")
-    g.add_argument("--shots", type=int, default=None, help="images per class (default 16)")
-    g.add_argument("--seed", type=int, default=None, help="sampling and training seed (default 1)")
-    g.add_argument("--sampler", choices=("clip-lora", "coop"), default=None, help="which peer's draw order")
-    g.add_argument("--split-file", default=None, help="reuse a drawn split (a split.json of an earlier run)")
+    g.add_argument("--shots", type=int, default=None, help="images per class (default 16; a split file's K)")
+    g.add_argument("--seed", type=int, default=None, help="sampling and training seed (default 1; a split file's)")
+    g.add_argument("--sampler", choices=("clip-lora", "coop"), default=None,
+                   help="which peer's draw order (default clip-lora; a split file's)")
+    g.add_argument("--split-file", default=None,
+                   help="reuse a drawn split (the split.json of an earlier run): its dataset, shots, seed, sampler "
+                        "and classes are the run's, and the default schedule follows its K")
     g.add_argument("--classes", choices=("all", "base", "new"), default=None,
                    help="base: base-to-new protocol (train on the base half, test base and new)")
     g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
@@ -348,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format")
     p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True, help="open_clip: a .safetensors or .pt file; transformers: a folder")
+    p.add_argument("--output", required=True,
+                   help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "
+                        "records the activation); transformers: a folder")
     p.add_argument("--pretrained", default=None)
     _tokenizer_option(p)
     p.add_argument("--force", action="store_true")

@@ -6,6 +6,10 @@
       data:    DataConfig      (dataset, root, shots, seed, sampler, split file)
       train:   TrainConfig     (the CLIP-LoRA recipe: AdamW, cosine, 500 x K iterations, batch 32, fp16 AMP)
       eval:    EvalConfig
+
+A config is a request: None (or "auto") means "not asked". RunConfig.resolved() fills those from a split file (the
+truth about the images it lists: dataset, shots, seed, sampler, classes) and from the method's recipe defaults
+(METHOD_DEFAULTS); runs, results.json and config.json hold the resolved config. docs/recipe.md lists every constant.
 """
 
 from __future__ import annotations
@@ -28,27 +32,40 @@ SAMPLERS = ("clip-lora", "coop")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLASS_SUBSETS = ("all", "base", "new")
+FROZEN_DTYPES = ("auto", "fp32", "autocast")
+# What an unset data field means without a split file.
+DATA_DEFAULTS: dict[str, Any] = {"dataset": "folder", "shots": 16, "seed": 1, "sampler": "clip-lora", "replace": True,
+                                 "classes": "all"}
+# Recipe constants whose default depends on the method. LoRA: CLIP-LoRA's values (MaxZanella/CLIP-LoRA: drop_last=False
+# in datasets/utils.py, an nn.Dropout per LinearLoRA in loralib/layers.py, clip.load's fp16 weights on GPU). Block-LoRA
+# has no reference code: its values are provisional until measured (benchmarks/accuracy.py --variant).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"train.drop_last": False, "train.frozen_dtype": "autocast", "adapter.dropout_mask": "per_projection"},
+    "block_lora": {"train.drop_last": True, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "shared"},
+}
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "folder"
+    # None: the split file's value (split_file), else DATA_DEFAULTS's; an explicit value must agree with the file.
+    dataset: str | None = None  # default "folder"
     root: str = ""
-    shots: int = 16
-    seed: int = 1
-    sampler: str = "clip-lora"  # which peer's draw order to reproduce (protocol.md)
-    split_file: str | None = None  # reuse a drawn split instead of sampling
-    replace: bool = True  # classes with fewer than `shots` images: draw with replacement (peers) or fail
-    classes: str = "all"  # base-to-new protocol: train on "base" (first half of sorted labels), "new", or "all"
+    shots: int | None = None  # default 16
+    seed: int | None = None  # default 1; the draw's seed and the training seed
+    sampler: str | None = None  # which peer's draw order to reproduce (README, "Sampling"); default "clip-lora"
+    split_file: str | None = None  # reuse a drawn split instead of sampling: it decides the fields above
+    replace: bool | None = None  # classes with fewer than `shots` images: draw with replacement (peers, the
+    # default) or fail
+    classes: str | None = None  # base-to-new: train on "base" (first half of sorted labels), "new", or "all" (default)
     skip_bad_images: bool = False  # drop unreadable images (recorded in results) instead of stopping
     workers: int = -1  # data-loading processes; -1 = min(8, cores - 1)
 
     def __post_init__(self) -> None:
-        if self.shots < 1:
+        if self.shots is not None and self.shots < 1:
             raise ConfigError(f"shots must be >= 1, got {self.shots}")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if self.classes not in CLASS_SUBSETS:
+        if self.classes is not None and self.classes not in CLASS_SUBSETS:
             raise ConfigError(f"unknown class subset {self.classes!r}: use one of {', '.join(CLASS_SUBSETS)}")
 
 
@@ -63,7 +80,14 @@ class TrainConfig:
     iters_per_shot: int = 500  # total iterations = iters_per_shot * shots unless `iters` is set
     iters: int | None = None
     batch_size: int = 32  # the global batch (split across processes under torchrun)
-    precision: str = "auto"  # auto: fp16 autocast + grad scaler on CUDA, fp32 on CPU
+    # The epoch's last partial batch: dropped (True) or kept as a smaller step (False, CLIP-LoRA: drop_last=False
+    # in its build_data_loader). None: the method's default (METHOD_DEFAULTS).
+    drop_last: bool | None = None
+    precision: str = "auto"  # autocast: auto = fp16 autocast + grad scaler on CUDA, fp32 on CPU
+    # The frozen weights' dtype, which is also the residual streams' under autocast: "fp32", or "autocast" = the
+    # autocast dtype (CLIP-LoRA on GPU: OpenAI's fp16 weights, fp16 residual streams); a no-op without autocast.
+    # "auto": the method's default (METHOD_DEFAULTS).
+    frozen_dtype: str = "auto"
     # Cosine-to-logit scale: a number (CLIP-LoRA uses 100 for CLIP), or "auto": the checkpoint's own learned
     # exp(logit_scale) (e.g. about 100 for OpenAI CLIP, about 110 for SigLIP; with train.loss=sigmoid, SigLIP's).
     logit_scale: float | str = 100.0
@@ -97,6 +121,8 @@ class TrainConfig:
             object.__setattr__(self, "logit_scale", float(self.logit_scale))
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ConfigError(f"unknown frozen_dtype {self.frozen_dtype!r}: use one of {', '.join(FROZEN_DTYPES)}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
         if self.batch_size < 1 or self.lr <= 0 or (self.iters is not None and self.iters < 1):
@@ -163,6 +189,33 @@ class RunConfig:
             else:
                 raise ConfigError(f"unknown config key {key!r}")
         return cls(**kwargs)
+
+    def resolved(self, split: Mapping[str, Any] | None = None) -> RunConfig:
+        """The config a run uses: unset data fields from `split` (a split file's header: dataset, shots, seed,
+        sampler, replace and, when known, classes) or DATA_DEFAULTS, unset recipe keys from METHOD_DEFAULTS.
+
+        Raises ConfigError when an explicitly set data field contradicts the split file: the file lists the images,
+        so its K, seed and sampler are what the run is.
+        """
+        data = {}
+        for key, default in DATA_DEFAULTS.items():
+            asked = getattr(self.data, key)
+            if split is not None and key in split:
+                if asked is not None and asked != split[key]:
+                    raise ConfigError(f"the split file {self.data.split_file} was drawn with {key} {split[key]}, "
+                                      f"but {key} {asked} was asked (data.{key}): drop that option (the split file "
+                                      "decides) or draw a new split without --split-file")
+                data[key] = split[key]
+            else:
+                data[key] = asked if asked is not None else default
+        fill: dict[str, dict[str, Any]] = {"train": {}, "adapter": {}}
+        for dotted, value in METHOD_DEFAULTS[self.adapter.method].items():
+            section, _, name = dotted.partition(".")
+            if getattr(getattr(self, section), name) in (None, "auto"):
+                fill[section][name] = value
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, **data),
+                                   train=dataclasses.replace(self.train, **fill["train"]),
+                                   adapter=dataclasses.replace(self.adapter, **fill["adapter"]))
 
     def hash(self) -> str:
         """sha256 of the canonical JSON of everything that decides the result (not where it is written)."""

@@ -17,6 +17,9 @@ DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablati
 # CLIP-LoRA's named layer ranges, defined for any depth (its tables are the 12- and 24-layer cases).
 LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
 ALIASES = {"blocks": "layers"}  # the names of earlier versions, still accepted in configs and adapter files
+# Dropout masks of the projections that read one input (self-attention's q, k, v): one mask per projection
+# (CLIP-LoRA: an nn.Dropout inside each LinearLoRA) or one shared mask (one fold of the input serves all three).
+DROPOUT_MASKS = ("auto", "per_projection", "shared")
 
 
 def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
@@ -101,6 +104,7 @@ class AdapterConfig:
     n_blocks: int | None = None  # None: 8 for block_lora, 1 for lora
     alpha: float = 1.0
     dropout: float = 0.25
+    dropout_mask: str = "auto"  # DROPOUT_MASKS; auto: per_projection for lora (CLIP-LoRA), shared for block_lora
     scaling: str = "rslora"  # alpha / sqrt(r); "standard" is alpha / r
     fold: str = "sum"  # how the n input chunks are combined: "sum" (the paper's formulation) or "mean"
     a_init: str = "kaiming"  # fan-in of A's init: its own width d_in/n ("kaiming") or d_in ("kaiming_full")
@@ -132,12 +136,20 @@ class AdapterConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         set_(self, "alpha", float(self.alpha))
         set_(self, "dropout", float(self.dropout))
-        for name, allowed in (("scaling", SCALINGS), ("fold", FOLDS), ("a_init", A_INITS)):
+        for name, allowed in (("scaling", SCALINGS), ("fold", FOLDS), ("a_init", A_INITS),
+                              ("dropout_mask", DROPOUT_MASKS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         set_(self, "towers", _parse_names(self.towers, TOWERS, "tower"))
         set_(self, "projections", _parse_names(self.projections, PROJECTIONS, "projection"))
         set_(self, "layers", _parse_layers(self.layers))
+
+    @property
+    def shared_dropout_mask(self) -> bool:
+        """Whether q, k and v (one input) share one dropout mask; "auto" follows the method (config.METHOD_DEFAULTS)."""
+        if self.dropout_mask == "auto":
+            return self.method == "block_lora"
+        return self.dropout_mask == "shared"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

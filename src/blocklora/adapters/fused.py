@@ -55,15 +55,18 @@ class QKVAdapters(AdapterLayer):
             yield name, slice(i * h, (i + 1) * h), self.delta_weight(p)
 
     def _qkv_matrices(self) -> Iterator[tuple[int, int, bool]]:
-        for j in range(len(self.qkv_projections)):  # one fold serves q, k and v
-            yield self.in_width, self.rows, j > 0
+        for j in range(len(self.qkv_projections)):  # one fold serves q, k and v (unless each draws its own mask)
+            yield self.in_width, self.rows, j > 0 and self.folds_once
 
     def _add_qkv(self, qkv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """qkv (..., 3H), the frozen projection of x (..., E), plus the q/k/v updates: one fold, one product."""
         if not self.qkv_projections or not self._adapter_on():
             return qkv
-        a = torch.cat([self.lora_A[p] for p in self.qkv_projections])  # (m*r, E/n): all projections in one product
-        z = F.linear(self._folded_input(x, a), a)  # (..., m*r)
+        if self._own_masks():  # one mask (one fold) per projection, as CLIP-LoRA's separate LinearLoRA layers
+            z = torch.cat([F.linear(self._fold(x, self.lora_A[p]), self.lora_A[p]) for p in self.qkv_projections], -1)
+        else:
+            a = torch.cat([self.lora_A[p] for p in self.qkv_projections])  # (m*r, E/n): one product for all
+            z = F.linear(self._folded_input(x, a), a)  # (..., m*r)
         h, r = self.rows, self.r
         if len(self.qkv_projections) == 3:
             up_t = torch.block_diag(*(self.lora_B[p].T for p in QKV))  # (3r, 3H)

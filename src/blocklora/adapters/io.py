@@ -4,9 +4,9 @@ blocklora_adapter.safetensors (tensors keyed by their real module names).
 Our own file names on purpose: PEFT would read an adapter_config.json, drop the keys it does not know and load a
 Block-LoRA adapter as plain LoRA without a word. Only safetensors and JSON are ever read: no pickle.
 
-What identifies the frozen weights (a fingerprint, the model class, ...) is the caller's to give: the backbones
-side computes it (blocklora.backbones.fingerprint) and passes it in `backbone` when saving and `expect` when
-loading, so this module knows no model family.
+What identifies the frozen weights (a fingerprint, the MLP activation, ...) is the caller's to give and to check:
+the backbones side computes it (blocklora.backbones.fingerprint), passes it in `backbone` when saving and compares
+it before loading, so this module knows no model family.
 """
 
 from __future__ import annotations
@@ -100,13 +100,13 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, expect: Mapping[str, Any] | None = None,
-                 force: bool = False, placement: Placement | None = None) -> AdapterConfig:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Placement | None = None
+                 ) -> AdapterConfig:
     """Inject the saved adapter into a fresh `model` (or fill an already-injected one with the same layout).
 
     Raises AdapterMismatchError, naming the mismatch and changing nothing, for an adapter whose modules, shapes or
-    config do not fit, or (unless force=True) whose recorded backbone identity differs from `expect` in any key
-    both name (e.g. {"fingerprint": ...}: trained on other frozen weights). `placement` as for inject().
+    config do not fit. `placement` as for inject(). Whether the frozen weights are the ones it was trained on is
+    the backbones side's check (backbones.fingerprint.load_adapter, which blocklora exports).
     """
     directory = Path(directory)
     meta = read_adapter_meta(directory)
@@ -119,8 +119,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, expect: Mapping
     if existing is not None and existing != cfg:
         raise AdapterMismatchError(f"the model already carries an adapter with another config ({existing}); "
                                    "load into a fresh model")
-    if not force:
-        _check_identity(meta.get("backbone") or {}, expect or {}, directory)
     if existing is None:
         try:
             shapes = expected_shapes(model, cfg, placement)
@@ -134,19 +132,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, expect: Mapping
         for name, value in tensors.items():
             model.get_parameter(name).copy_(value)
     return cfg
-
-
-def _check_identity(saved: Mapping[str, Any], expect: Mapping[str, Any], where: Path) -> None:
-    for key, ours in expect.items():
-        theirs = saved.get(key)
-        if theirs is None or ours is None or theirs == ours:
-            continue
-        if key == "fingerprint":
-            raise AdapterMismatchError(
-                f"{where} was trained on other frozen weights (fingerprint {theirs}, this model {ours}; backbone "
-                f"{saved.get('name')!r}): load the same checkpoint, or force to load anyway")
-        raise AdapterMismatchError(f"{where} was trained on a backbone with {key} {theirs!r}, this one has "
-                                   f"{ours!r}: load the same model, or force to load anyway")
 
 
 def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: Path) -> None:

@@ -65,10 +65,18 @@ def check_width(width: int, n_blocks: int, what: str) -> str | None:
     return None
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The adapter factors' dtype: the frozen weight's, but fp32 under half-precision frozen weights (AdamW's
+    moments and small updates underflow or overflow in fp16; autocast still runs the products in half)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
 def new_factors(cfg: AdapterConfig, d_in: int, d_out: int, like: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-    """A (r, d_in / n) and B (d_out, r), initialised (core.init_factors: B = 0), on `like`'s device and dtype."""
-    a = nn.Parameter(torch.empty(cfg.r, d_in // cfg.n_blocks, device=like.device, dtype=like.dtype))
-    b = nn.Parameter(torch.empty(d_out, cfg.r, device=like.device, dtype=like.dtype))
+    """A (r, d_in / n) and B (d_out, r), initialised (core.init_factors: B = 0), on `like`'s device, in
+    adapter_dtype(like)."""
+    dtype = adapter_dtype(like)
+    a = nn.Parameter(torch.empty(cfg.r, d_in // cfg.n_blocks, device=like.device, dtype=dtype))
+    b = nn.Parameter(torch.empty(d_out, cfg.r, device=like.device, dtype=dtype))
     init_factors(a, b, cfg.n_blocks, cfg.a_init)
     return a, b
 
@@ -96,6 +104,9 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.shared_fold: SharedFold | None = None  # set by inject on q, k, v Linears of one attention
+        # q, k and v share one dropout mask (one fold) in training, or draw one each (CLIP-LoRA's per-projection
+        # nn.Dropout); out of training, or without dropout, the fold is the same either way and is shared.
+        self.shared_mask = cfg.shared_dropout_mask
         self.tower = ""
 
     # -- the convention ------------------------------------------------------------------------------------------
@@ -109,6 +120,15 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     # -- shared computation --------------------------------------------------------------------------------------
+    @property
+    def folds_once(self) -> bool:
+        """True when the projections reading one input can share its fold while training (cost reports)."""
+        return self.shared_mask or self.dropout_p == 0
+
+    def _own_masks(self) -> bool:
+        """This step draws a dropout mask per projection (training with dropout, masks not shared)."""
+        return self.training and self.dropout_p > 0 and not self.shared_mask
+
     def _adapter_on(self) -> bool:
         return self.adapter_enabled and not self.merged
 
@@ -118,7 +138,7 @@ class AdapterLayer(nn.Module):
         One autograd node (core.fold_dropout) that keeps nothing of x's size for backward: the mask is drawn again
         from a seed, and the product with A keeps only the folded input (width d_in / n).
         """
-        if self.shared_fold is not None:
+        if self.shared_fold is not None and not self._own_masks():
             return self.shared_fold.get(x, self.training, lambda: self._fold(x, like))
         return self._fold(x, like)
 

@@ -13,7 +13,8 @@ def adapter_cost(model: nn.Module) -> dict[str, Any]:
     """Per tower: adapted modules, trainable adapter parameters, multiply-adds and additions per token.
 
     Per adapted matrix (d_in -> d_out, rank r, n blocks): the fold costs d_in - d_in/n additions, A costs
-    r*d_in/n multiply-adds and B r*d_out. q, k and v share one fold (fused attention, or SharedFold on Linears).
+    r*d_in/n multiply-adds and B r*d_out. q, k and v share one fold (fused attention, or SharedFold on Linears)
+    unless each draws its own dropout mask in training (dropout_mask per_projection).
     """
     towers: dict[str, dict[str, Any]] = {}
     folded: set[int] = set()  # SharedFold groups already counted: only their first layer folds
@@ -23,7 +24,7 @@ def adapter_cost(model: nn.Module) -> dict[str, Any]:
         t["modules"].append(name)
         t["params"] += sum(p.numel() for p in layer.parameters() if p.requires_grad)
         r, n = layer.r, layer.n_blocks
-        group = layer.shared_fold
+        group = layer.shared_fold if layer.folds_once else None
         counted = group is not None and id(group) in folded
         if group is not None:
             folded.add(id(group))

@@ -17,21 +17,26 @@ register_finder("transformers", hf.placement)  # CLIP, MetaCLIP 2, SigLIP, Chine
 
 
 def load_backbone(name: str, pretrained: str | None = None, quick_gelu: str = "auto",
-                  tokenizer: str | None = None) -> Backbone:
-    """'ViT-B-16' (+ pretrained tag, file or None), 'tiny-clip', 'effnet-minilm', or 'hf:DIR_OR_ID'.
+                  recorded_quick_gelu: bool | None = None, tokenizer: str | None = None) -> Backbone:
+    """'ViT-B-16' (+ pretrained tag, file, export folder or None), 'tiny-clip', 'effnet-minilm', or 'hf:DIR_OR_ID'.
 
-    `tokenizer`: a local folder with the model's tokenizer, for models whose tokenizer comes from a hub (SigLIP's).
+    `quick_gelu` is the user's request (auto, yes, no; backbones/activation.py says how auto decides);
+    `recorded_quick_gelu` the activation an adapter was trained with, which a reload must reproduce; `tokenizer` a
+    local folder with the model's tokenizer, for models whose tokenizer comes from a hub (SigLIP's).
     Raises BackboneError (one line, with the fix) for anything that cannot be built or loaded.
     """
     if quick_gelu not in ("auto", "yes", "no"):
         raise BackboneError(f"quick_gelu must be auto, yes or no, got {quick_gelu!r}")
     if name.startswith("hf:"):
-        return hf.load(name[3:], tokenizer)
+        return hf.load(name[3:], quick_gelu, recorded_quick_gelu, tokenizer)
     if name == "effnet-minilm":
+        if quick_gelu != "auto":
+            raise BackboneError("--quick-gelu does not apply to effnet-minilm (EfficientNet + MiniLM have no CLIP "
+                                "MLP to switch): leave it at auto")
         if tokenizer is not None:
             raise BackboneError("effnet-minilm's tokenizer ships with its packaged weights: drop --tokenizer")
         return effnet_minilm.load(pretrained)
-    return openclip.load(name, pretrained, quick_gelu, tokenizer)
+    return openclip.load(name, pretrained, quick_gelu, recorded_quick_gelu, tokenizer)
 
 
 __all__ = ["Backbone", "load_backbone"]

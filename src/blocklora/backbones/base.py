@@ -19,6 +19,7 @@ from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject
 from ..adapters.sites import Placement
 from ..errors import ConfigError
+from .activation import Activation, mlp_activation
 from .fingerprint import fingerprint
 from .preprocess import Preprocess
 
@@ -38,6 +39,9 @@ class Backbone(ABC):
         self.name, self.model, self.pretrained, self.preprocess = name, model, pretrained, preprocess
         self._fingerprint: str | None = None
         self._tokenizer: Any = None
+        # The resolved MLP activation (activation.py) of families where it is a choice the weights do not carry
+        # (open_clip); None where the model's own config holds it.
+        self.activation: Activation | None = None
 
     # -- identity --------------------------------------------------------------------------------------------------
     @property
@@ -48,11 +52,23 @@ class Backbone(ABC):
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        """What results.json records about the model: name, family, weights, fingerprint, preprocessing, logits."""
-        return {"name": self.name, "family": self.family, "pretrained": self.pretrained,
-                "fingerprint": self.fingerprint, "image_size": self.image_size,
-                "preprocess": self.preprocess.to_dict(), "logit_scale": self.learned_logit_scale(),
-                "logit_bias": self.learned_logit_bias()}
+        """What results.json records about the model: name, family, weights and their identity, activation, dtype,
+        preprocessing and learned logit scale / bias."""
+        out = {"name": self.name, "family": self.family, "pretrained": self.pretrained,
+               "fingerprint": self.fingerprint, "image_size": self.image_size,
+               "activation": mlp_activation(self.model), "weights_dtype": self.weights_dtype,
+               "preprocess": self.preprocess.to_dict(), "logit_scale": self.learned_logit_scale(),
+               "logit_bias": self.learned_logit_bias()}
+        if self.activation is not None:
+            out["quick_gelu"], out["activation_source"] = self.activation.quick_gelu, self.activation.source
+        return out
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype(s) of the frozen floating-point weights, e.g. "float32" or "float16+float32"."""
+        kinds = {str(p.dtype).replace("torch.", "") for n, p in self.model.named_parameters()
+                 if p.is_floating_point() and ".lora_" not in n}
+        return "+".join(sorted(kinds))
 
     @property
     def image_size(self) -> int:
@@ -73,6 +89,20 @@ class Backbone(ABC):
     def to(self, device: str | torch.device) -> Backbone:
         self.model.to(device)
         return self
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen weights in `dtype` (adapter factors and normalisation layers stay as they are).
+
+        This is CLIP's own half-precision mode (OpenAI's convert_weights, open_clip's convert_weights_to_lp): with
+        half weights the towers' residual streams run in half too, as CLIP-LoRA trains on GPU. Normalisation layers
+        keep fp32 parameters (CLIP computes LayerNorm in fp32 and casts back). Needs autocast of the same dtype.
+        """
+        _ = self.fingerprint  # of the weights as loaded (a bf16 copy would sample other values)
+        norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+        keep = {id(p) for m in self.model.modules() if isinstance(m, norms) for p in m.parameters()}
+        for name, param in self.model.named_parameters():
+            if param.is_floating_point() and ".lora_" not in name and id(param) not in keep and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
     # -- adapters --------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -171,13 +201,3 @@ def move(tokens: Any, device: torch.device | str) -> Any:
     if isinstance(tokens, dict):
         return {k: v.to(device) for k, v in tokens.items()}
     return tokens.to(device)
-
-
-def is_torchscript_archive(path: str | os.PathLike) -> bool:
-    """OpenAI's original CLIP checkpoints are TorchScript archives (a zip holding constants.pkl and code/)."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()[:200])

@@ -1,7 +1,7 @@
 """The identity of a model's frozen weights, and the adapter save / load that record and check it.
 
-adapters/io.py stores whatever identity it is given and compares what it is asked to: this module is where the
-identity is computed (a hash of the weights), so that an adapter trained on one checkpoint is refused on another.
+adapters/io.py stores whatever identity it is given: this module computes it (a hash of the weights, the MLP
+activation) and checks it on reload, so that an adapter trained on one checkpoint is refused on another.
 `save_adapter` / `load_adapter` here are the ones blocklora exports.
 """
 
@@ -18,7 +18,8 @@ from torch import nn
 from ..adapters import io
 from ..adapters.config import AdapterConfig
 from ..adapters.inject import is_adapter_param, is_merged
-from ..errors import BlockLoRAError
+from ..errors import AdapterMismatchError, BlockLoRAError
+from .activation import mlp_activation
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -42,22 +43,39 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def identity(model: nn.Module, weights_fingerprint: str | None = None) -> dict[str, Any]:
+    """What an adapter records about the frozen weights it was trained on, and what a reload must match.
+
+    fingerprint: of the weights as loaded (`weights_fingerprint` when the model now holds them in another dtype,
+    Backbone.cast_frozen); activation: the MLP activation the modules compute, which the fingerprint cannot see
+    (the same tensors under QuickGELU or GELU compute other features).
+    """
+    return {"fingerprint": weights_fingerprint or fingerprint(model), "activation": mlp_activation(model)}
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str | None = None,
                  extra: dict[str, Any] | None = None, overwrite: bool = False,
-                 identity: dict[str, Any] | None = None) -> Path:
-    """adapters.io.save_adapter recording the weights' fingerprint (and `backbone`, the model's name).
-
-    `identity` adds keys a reload must match (e.g. the MLP activation). Atomic: a complete directory or nothing.
+                 weights_fingerprint: str | None = None) -> Path:
+    """adapters.io.save_adapter recording the backbone's name and identity(); atomic: a complete directory or nothing.
     """
-    ident = {"name": backbone, "fingerprint": fingerprint(model), **(identity or {})}
-    return io.save_adapter(model, directory, backbone=ident, extra=extra, overwrite=overwrite)
+    record = {"name": backbone, **identity(model, weights_fingerprint)}
+    return io.save_adapter(model, directory, backbone=record, extra=extra, overwrite=overwrite)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False,
-                 identity: dict[str, Any] | None = None) -> AdapterConfig:
-    """adapters.io.load_adapter refusing (unless force) an adapter trained on other frozen weights than `model`'s.
-
-    Raises AdapterMismatchError naming the mismatch; `model` is left unchanged then.
-    """
-    expect = None if force else {"fingerprint": fingerprint(model), **(identity or {})}
-    return io.load_adapter(model, directory, expect=expect, force=force)
+def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> AdapterConfig:
+    """adapters.io.load_adapter refusing (unless force) an adapter trained on other frozen weights than `model`'s
+    or with another MLP activation. Raises AdapterMismatchError naming the mismatch; `model` is left unchanged."""
+    if not force:
+        saved = io.read_adapter_meta(directory).get("backbone") or {}
+        ours = identity(model)
+        if saved.get("fingerprint") and saved["fingerprint"] != ours["fingerprint"]:
+            raise AdapterMismatchError(
+                f"{directory} was trained on other frozen weights (fingerprint {saved['fingerprint']}, this model "
+                f"{ours['fingerprint']}; backbone {saved.get('name')!r}): load the same checkpoint, or force to load "
+                "anyway")
+        if saved.get("activation") and saved["activation"] != ours["activation"]:
+            raise AdapterMismatchError(
+                f"{directory} was trained on a model computing {saved['activation']} in its MLPs, this model computes "
+                f"{ours['activation']}: build it with the same activation (--quick-gelu "
+                f"{'yes' if saved['activation'] == 'quick_gelu' else 'no'}), or force to load anyway")
+    return io.load_adapter(model, directory)

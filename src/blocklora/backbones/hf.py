@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..adapters.sites import LINEARS, Placement, Site
-from ..errors import BackboneError
+from ..errors import AdapterMismatchError, BackboneError
+from .activation import Activation
 from .base import Backbone
 from .network import hub_reachable
 from .preprocess import Preprocess, from_hf_processor
@@ -224,8 +225,13 @@ def model_type_of(spec: str, local: bool) -> str:
     return model_type
 
 
-def load(spec: str, tokenizer: str | None = None) -> HFBackbone:
-    """`spec` is a local directory or a hub id (the part after 'hf:'); `tokenizer` an optional local folder."""
+def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None = None,
+         tokenizer: str | None = None) -> HFBackbone:
+    """`spec` is a local directory or a hub id (the part after 'hf:'); `tokenizer` an optional local folder.
+
+    The MLP activation is the config's hidden_act (transformers records it with the weights); --quick-gelu yes/no
+    overrides it in both towers, and an adapter's recorded activation must match it.
+    """
     import transformers
 
     local = os.path.isdir(spec)
@@ -241,7 +247,13 @@ def load(spec: str, tokenizer: str | None = None) -> HFBackbone:
     model_type = model_type_of(spec, local)
     cls = getattr(transformers, FAMILIES[model_type])
     try:
-        model, info = cls.from_pretrained(spec, local_files_only=local, output_loading_info=True)
+        config = cls.config_class.from_pretrained(spec, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
+                            f"{str(e).strip().splitlines()[0][:200]}") from None
+    act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
+    try:
+        model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise BackboneError(f"cannot load {spec} as a transformers {cls.__name__}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -250,4 +262,21 @@ def load(spec: str, tokenizer: str | None = None) -> HFBackbone:
         raise BackboneError(f"{spec} is not a complete {cls.__name__} checkpoint: {len(missing)} weights are missing "
                             f"(first: {missing[0]}); pass the checkpoint of this model type")
     preprocess = preprocess_of(spec, model_type, model.config.vision_config.image_size)
-    return HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
+    backbone = HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
+    backbone.activation = act
+    return backbone
+
+
+def _activation(config, spec: str, request: str, recorded: bool | None) -> Activation:
+    """The towers' hidden_act as QuickGELU or not, after the request; sets it on `config`."""
+    towers = (config.text_config, config.vision_config)
+    stored = all(t.hidden_act == "quick_gelu" for t in towers)
+    act = Activation(stored, f"{spec}/config.json (hidden_act)")
+    if recorded is not None and recorded != stored:
+        raise AdapterMismatchError(f"the adapter was trained with {'QuickGELU' if recorded else 'GELU'}, but "
+                                   f"{act.source} says {towers[0].hidden_act}: pass the model it was trained on")
+    if request in ("yes", "no") and (request == "yes") != stored:
+        act = Activation(request == "yes", f"--quick-gelu {request} (the config says {towers[0].hidden_act})")
+        for t in towers:
+            t.hidden_act = "quick_gelu" if act.quick_gelu else "gelu"
+    return act

@@ -15,6 +15,7 @@ from .fewshot import (
     file_sha256,
     group_by_label,
     read_split_file,
+    read_split_header,
     sample_few_shot,
     write_split_file,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "open_image_file",
     "prompt_name",
     "read_split_file",
+    "read_split_header",
     "sample_few_shot",
     "subsample_classes",
     "evenly_spaced",

@@ -424,13 +424,18 @@ def _read_imagenet(key: str, root: Path) -> DatasetSplits:
                             f"per wnid ({COOP_DATASETS_MD})")
     wnids = _subfolders(base / "train")
     if not wnids:
+        with os.scandir(base / "train") as it:
+            tars = sum(1 for e in it if e.is_file() and e.name.endswith(".tar"))
+        unpack = (f" ({tars} .tar files there: the official training archive holds one tar per class; extract "
+                  "each n*.tar into train/<wnid>/)" if tars else "")
         raise DataError(f"imagenet: {base / 'train'} has no class folders: expected one folder per wnid "
-                        "(n01440764/, ...)")
+                        f"(n01440764/, ...){unpack}")
     table = _imagenet_table([ddir / "classnames.txt"])
     for w in wnids:
         if w not in table.names:
             raise _unknown_wnid(base / "train" / w, table)
     labels = {w: i for i, w in enumerate(wnids)}  # CoOp: enumerate(sorted train folders)
+    _check_val_sorted(base / "val")
     for w in _subfolders(base / "val"):
         if w not in labels:
             raise DataError(f"imagenet: class folder {base / 'val' / w} has no train folder {base / 'train' / w}: "
@@ -438,6 +443,20 @@ def _read_imagenet(key: str, root: Path) -> DatasetSplits:
     train = _scan_classes(base / "train", labels, key)
     test = _scan_classes(base / "val", labels, key)
     return DatasetSplits(key, ddir, [prompt_name(table.names[w]) for w in wnids], train, [], test, TEMPLATES[key])
+
+
+def _check_val_sorted(val: Path) -> None:
+    """The official ILSVRC2012 validation archive unpacks flat (val/ILSVRC2012_val_00000001.JPEG, ...); both peers
+    read val/<wnid>/ folders. Flat, it would read as zero test images: say how to sort it instead."""
+    with os.scandir(val) as it:
+        flat = sum(1 for e in it if e.is_file() and _is_image(e.name))
+    if flat and not _subfolders(val):
+        raise DataError(
+            f"imagenet: {val} holds {flat} images directly instead of one folder per wnid (the official validation "
+            "archive's flat layout): sort them into val/<wnid>/ class folders first, using each image's label from "
+            "the devkit's ILSVRC2012_validation_ground_truth.txt (ILSVRC2012_devkit_t12.tar.gz); torchvision does "
+            "it: put ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz in a folder and run "
+            "torchvision.datasets.ImageNet(folder, split='val'), then use its val/ folder")
 
 
 def _find_variant(root: Path, spec: VariantSpec) -> tuple[Path, Path] | None:

@@ -208,16 +208,47 @@ def _bad_file(path: Path, why: str) -> DataError:
     return DataError(f"split file {path} {why}")
 
 
-def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:
-    """Read and validate a split file written by write_split_file against the dataset; returns it and its sha256."""
-    path = Path(path).expanduser()
+def _load_split_json(path: Path) -> dict:
     if not path.is_file():
         raise _bad_file(path, "does not exist: give the split.json of an earlier run, or leave data.split_file unset "
                               "to draw a new split")
-    raw = path.read_bytes()
     data = load_json(path, "split file")
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise _bad_file(path, f'is not a blocklora split file (no "format": "{SPLIT_FORMAT}")')
+    return data
+
+
+def _draw_params(data: dict, path: Path) -> dict:
+    params = {}
+    for key, kind in (("dataset", str), ("shots", int), ("seed", int), ("order", str), ("replace", bool)):
+        value = data.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _bad_file(path, f'has no valid "{key}" ({kind.__name__})')
+        params[key] = value
+    if params["order"] not in ORDERS or params["shots"] < 1:
+        raise _bad_file(path, f"has an invalid draw (shots {params['shots']}, order {params['order']!r})")
+    if not isinstance(data.get("classnames"), list):
+        raise _bad_file(path, 'has no "classnames" list')
+    return params
+
+
+def read_split_header(path: str | os.PathLike) -> dict:
+    """How a split file's images were drawn, checked: {dataset, classnames, shots, seed, sampler, replace}.
+
+    A split file is the truth about its run (RunConfig.resolved takes these values from it)."""
+    path = Path(path).expanduser()
+    data = _load_split_json(path)
+    params = _draw_params(data, path)
+    params["sampler"] = params.pop("order")
+    return {**params, "classnames": list(data["classnames"])}
+
+
+def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:
+    """Read and validate a split file written by write_split_file against the dataset; returns it and its sha256."""
+    path = Path(path).expanduser()
+    data = _load_split_json(path)
+    raw = path.read_bytes()
+    params = _draw_params(data, path)
     if data.get("dataset") != splits.name:
         raise _bad_file(path, f"was drawn from dataset {data.get('dataset')!r}, not {splits.name!r}: use the split "
                               "file of this dataset")
@@ -230,12 +261,6 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
                   else f"it has {len(names)} classes, the dataset {len(splits.classnames)}")
         raise _bad_file(path, f"does not match the classes of {splits.name} ({detail}): was it drawn for another "
                               "class subset (data.classes) or another copy of the dataset?")
-    params = {}
-    for key, kind in (("shots", int), ("seed", int), ("order", str), ("replace", bool)):
-        value = data.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise _bad_file(path, f'has no valid "{key}" ({kind.__name__})')
-        params[key] = value
     parts = {}
     for part in ("train", "val"):
         if not isinstance(data.get(part), list):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,8 +20,10 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset
-from ..data.types import Item
+from ..data.types import DatasetSplits, Item, open_image_file
 from .runtime import Runtime, eval_mode
+
+log = logging.getLogger("blocklora")
 
 TEXT_CHUNK = 1000  # prompts per text-tower pass (bounds memory for large class sets)
 
@@ -38,6 +41,7 @@ def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Seq
     per_template = []
     for template in templates:
         texts = prompts(classnames, template)
+        warn_if_prompts_collide(backbone, texts)
         chunks = []
         for i in range(0, len(texts), TEXT_CHUNK):
             tokens = move(backbone.tokenize(texts[i:i + TEXT_CHUNK]), runtime.device)
@@ -47,6 +51,32 @@ def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Seq
     if len(per_template) == 1:
         return per_template[0]
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+def warn_if_prompts_collide(backbone: Backbone, texts: Sequence[str]) -> None:
+    """Warn (once per backbone and prompt list) when distinct prompts tokenize identically.
+
+    Every family cuts a prompt to its text context (77 tokens for CLIP); two class names that differ only past
+    that point give the same tokens, the same text embedding, and classes the model cannot tell apart.
+    """
+    seen = backbone.__dict__.setdefault("_checked_prompts", set())
+    key = hash(tuple(texts))
+    if key in seen:
+        return
+    seen.add(key)
+    tokens = backbone.tokenize(texts)
+    ids = tokens["input_ids"] if isinstance(tokens, dict) else tokens
+    first: dict[tuple[int, ...], str] = {}
+    same: list[tuple[str, str]] = []
+    for text, row in zip(texts, ids.tolist()):
+        other = first.setdefault(tuple(row), text)
+        if other != text:
+            same.append((other, text))
+    if same:
+        a, b = same[0]
+        log.warning("%d class prompt(s) become identical to another once cut to %s's text context (e.g. %r and %r): "
+                    "the model cannot tell those classes apart; shorten the class names", len(same), backbone.name,
+                    a[:80], b[:80])
 
 
 @torch.no_grad()
@@ -112,21 +142,52 @@ def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classn
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------
+# Part of every key: bump it whenever the cached result's layout changes, so that a cache written by another
+# version of blocklora (or another checkout sharing ~/.cache/blocklora) is a miss, never a misread.
+CACHE_FORMAT = 2
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BLOCKLORA_CACHE", Path.home() / ".cache" / "blocklora"))
 
 
-def zero_shot_key(backbone: Backbone, dataset: str, items: Sequence[Item], classnames: Sequence[str],
+def zero_shot_key(backbone: Backbone, runtime: Runtime, data: DatasetSplits, split: str, items: Sequence[Item],
                   templates: Sequence[str]) -> str:
-    """Everything zero-shot accuracy depends on: frozen weights, preprocessing, the exact test items, prompts."""
+    """Every input of a zero-shot accuracy, hashed: a changed input is a cache miss, never an old number.
+
+    The weights (fingerprint, MLP activation, dtype), the arithmetic (autocast dtype, device type), the
+    preprocessing (size, mean, std, the transform itself), the data (dataset, root, split name, each item's path,
+    label, size and modification time, or the source files' for datasets held in arrays) and the prompts.
+    """
+    from ..backbones.activation import mlp_activation
+
     h = hashlib.sha256()
-    preprocess = {k: v for k, v in backbone.preprocess.to_dict().items() if k != "source"}
-    h.update(json.dumps({"fp": backbone.fingerprint, "model": backbone.name, "preprocess": preprocess,
-                         "dataset": dataset,
-                         "classnames": list(classnames), "templates": list(templates)}, sort_keys=True).encode())
+    h.update(json.dumps({
+        "format": CACHE_FORMAT, "fp": backbone.fingerprint, "model": backbone.name, "family": backbone.family,
+        "activation": mlp_activation(backbone.model), "weights_dtype": backbone.weights_dtype,
+        "autocast": runtime.precision, "device": runtime.device.type, "size": backbone.image_size,
+        "mean": backbone.mean, "std": backbone.std, "transform": repr(backbone.eval_transform()),
+        "preprocess": {k: v for k, v in backbone.preprocess.to_dict().items() if k != "source"},
+        "dataset": data.name, "root": str(data.root), "split": split, "classnames": list(data.classnames),
+        "templates": list(templates), "prompts": [prompts(data.classnames, t) for t in templates],
+    }, sort_keys=True).encode())
+    file_based = data.image_reader is open_image_file
     for item in items:
-        h.update(f"{item.path}\0{item.label}\n".encode())
+        h.update(f"{item.path}\0{item.label}\0{_stamp(item.path) if file_based else ''}\n".encode())
+    if not file_based:  # images decoded from files under the root (e.g. Fashion-MNIST's idx files)
+        root = Path(data.root)
+        for f in sorted(root.iterdir()) if root.is_dir() else [root]:
+            h.update(f"{f.name}\0{_stamp(str(f))}\n".encode())
     return h.hexdigest()[:24]
+
+
+def _stamp(path: str) -> str:
+    """Size and modification time (ns): an image replaced in place changes it without a decode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def read_cached(key: str) -> dict[str, Any] | None:

@@ -120,9 +120,12 @@ class Trainer:
         every cfg.checkpoint_every steps (and by the caller at the end)."""
         rt, cfg, model = self.runtime, self.cfg, self.backbone.model
         transform = self.backbone.train_transform(cfg.aug_scale_min, cfg.flip)
+        if cfg.drop_last is None:
+            raise BlockLoRAError("train.drop_last is unset: train with RunConfig.resolved()'s TrainConfig")
         loader = train_stream(self.items, transform, self.reader, cfg.batch_size, self.seed, self.state.step,
-                              self.total, self.workers, rt.rank, rt.world_size, rt.device.type == "cuda")
-        global_batch = self._global_batch = loader.batch_sampler.batch  # type: ignore[union-attr]
+                              self.total, self.workers, rt.rank, rt.world_size, rt.device.type == "cuda",
+                              cfg.drop_last)
+        sampler = loader.batch_sampler
         model.eval()
         for _, layer in adapter_layers(model):
             layer.train()
@@ -136,8 +139,11 @@ class Trainer:
                 with rt.autocast():
                     img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
                     txt = self._text_features()
-                    logits = self.logits(img @ txt.T)  # (B, C)
-                    loss = self.logits.loss(logits, labels) / global_batch
+                    logits = self.logits(img @ txt.T)  # (B, C): scale * cos (+ SigLIP's bias)
+                    # Sum over this rank's samples / this step's global batch (smaller for a kept last partial
+                    # batch): summed over ranks it is the global mean, CLIP-LoRA's cross-entropy over its batch.
+                    self._global_batch = sampler.global_size(self.state.step)  # type: ignore[union-attr]
+                    loss = self.logits.loss(logits, labels) / self._global_batch
                 metrics = self._step(loss, logits, labels)
                 now = time.perf_counter()
                 metrics["step_s"], tick = round(now - tick, 4), now

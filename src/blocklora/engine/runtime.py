@@ -34,6 +34,15 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def frozen_dtype(self, choice: str) -> torch.dtype:
+        """The frozen weights' dtype for train.frozen_dtype `choice`: "autocast" = the autocast dtype (fp32 without
+        autocast), "fp32" = float32. "auto" must have been resolved (RunConfig.resolved) before."""
+        if choice == "autocast":
+            return self.amp_dtype or torch.float32
+        if choice == "fp32":
+            return torch.float32
+        raise ConfigError(f"unresolved or unknown frozen_dtype {choice!r}: use fp32 or autocast")
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A real scaler for fp16 on CUDA (the recipe); a disabled one (a no-op with the same API) otherwise."""
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
@@ -63,14 +72,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# cuBLAS's reproducible workspace settings (NVIDIA cuBLAS docs, "Results reproducibility"; torch accepts these two).
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
 def set_deterministic(enabled: bool) -> None:
-    """Bit-identical reruns: deterministic kernels, no cuDNN autotuning, fixed cuBLAS workspace."""
+    """Bit-identical reruns: deterministic kernels, no cuDNN autotuning, a fixed cuBLAS workspace.
+
+    Strict mode (torch.use_deterministic_algorithms(True), not warn_only): only then do the CUDA attention kernels
+    (flash and memory-efficient scaled_dot_product_attention, used by every adapted attention) run their
+    deterministic backward; with warn_only=True they warn once and stay non-deterministic (torch's
+    aten/src/ATen/native/transformers/cuda/attention_backward.cu). An op with no deterministic implementation then
+    raises instead of silently breaking the promise. Under torchrun this must come before the NCCL process group
+    is made: ProcessGroupNCCL reads the mode when it is built (it then excludes NCCL's NVLS all-reduce).
+
+    CUBLAS_WORKSPACE_CONFIG is set to :4096:8 when unset. torch reads it at the first cuBLAS call of the process,
+    so it must be set before any CUDA matrix product (the CLI does so); a value cuBLAS does not document as
+    reproducible raises ConfigError.
+    """
     if not enabled:
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+    elif config not in DETERMINISTIC_CUBLAS:
+        raise ConfigError(f"deterministic runs need CUBLAS_WORKSPACE_CONFIG={DETERMINISTIC_CUBLAS[0]} or "
+                          f"{DETERMINISTIC_CUBLAS[1]} (it is {config!r}): unset it or set one of those")
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """set_deterministic(enabled) for the duration; the process's previous settings come back afterwards (a
+    deterministic run leaves no strict mode behind in a notebook, a test session or the next run)."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    set_deterministic(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def rng_state() -> dict:

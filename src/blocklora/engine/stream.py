@@ -28,12 +28,20 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
     """Yields, for steps start..total-1, this rank's share of the global batch as (item index, sample seed)."""
 
     def __init__(self, n_items: int, batch_size: int, seed: int, start: int, total: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
         self.n, self.seed, self.start, self.total = n_items, seed, start, total
-        # Dassl / CLIP-LoRA: drop the last partial batch, unless the whole set is smaller than one batch.
+        # An epoch is one permutation of the items cut into batches. Its last partial batch is either dropped
+        # (CoOp: Dassl's build_data_loader sets drop_last when training on at least one batch of images) or kept
+        # as a smaller step (CLIP-LoRA: its build_data_loader passes drop_last=False, so DTD 1-shot, 47 images,
+        # alternates steps of 32 and 15). A set smaller than one batch is one batch either way.
         self.batch = min(batch_size, n_items)
-        self.per_epoch = max(1, n_items // self.batch)
+        self.per_epoch = max(1, n_items // self.batch if drop_last else -(-n_items // self.batch))
         self.rank, self.world = rank, world_size
+
+    def global_size(self, step: int) -> int:
+        """Images in the global batch of `step` (the batch size, or less for a kept last partial batch)."""
+        pos = step % self.per_epoch
+        return min(self.batch, self.n - pos * self.batch)
 
     def global_batch(self, step: int) -> list[tuple[int, int]]:
         epoch, pos = divmod(step, self.per_epoch)
@@ -69,8 +77,8 @@ class AugmentedImages(Dataset):
 
 def train_stream(items: Sequence[Item], transform: Callable, reader: Callable, batch_size: int, seed: int,
                  start: int, total: int, workers: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> DataLoader:
-    sampler = StepBatches(len(items), batch_size, seed, start, total, rank, world_size)
+                 pin_memory: bool = False, drop_last: bool = True) -> DataLoader:
+    sampler = StepBatches(len(items), batch_size, seed, start, total, rank, world_size, drop_last)
     # A private generator: making the loader's iterator must not draw from the global RNG, which the adapters'
     # dropout reads (a resumed run would otherwise see shifted masks). Augmentation is seeded per sample.
     return DataLoader(AugmentedImages(items, transform, reader), batch_sampler=sampler, num_workers=workers,

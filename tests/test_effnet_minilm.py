@@ -25,8 +25,8 @@ from blocklora.errors import BackboneError
 from conftest import randomize_adapters
 
 N_ZERO_SHOT = 500  # the first 500 test images
-ZERO_SHOT_FLOOR = 0.18  # measured MEASURE on these 500 at 128 px (chance 0.10)
-PROBE_FLOOR = 60.0  # measured MEASURE (seed 1, 16 shots); the ConSE embedding gave about 50
+ZERO_SHOT_FLOOR = 0.18  # measured 0.214 on these 500 at 128 px (0.250 on the demo's 2,000; chance 0.10)
+PROBE_FLOOR = 68.0  # measured 78.2 (seed 1, 16 shots, these 500); the ConSE embedding gave about 50
 
 
 @pytest.fixture(scope="module")
@@ -343,12 +343,12 @@ def test_conse_version_adapters_and_exports_are_refused_clearly(backbone, tmp_pa
 # -- few-shot training ---------------------------------------------------------------------------------------------
 def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypatch):
     """The real training path (api.run, the demo's recipe) on 4 real shots per class, 120 steps of 8 images, default
-    Block-LoRA (n=8): accuracy on 500 held-out real test images rises clearly above zero-shot.
+    Block-LoRA (n=8): accuracy on 500 held-out real test images rises far above zero-shot, and above what any
+    adapter reached on the ConSE embedding even at 16 shots (about 50%).
 
-    Measured: 26.8% -> 47.4% (seed 1, 51 s on 2 cores). In benchmarks/accuracy.py (2,000 images) this cell gave
-    46.2 / 36.0 / 42.3% over seeds 1-3 against 25.5% zero-shot: the 8-point margin held for every seed measured.
-    (A hand-rolled loop at a constant lr of 2e-3 for 60 steps was not reliable: 15-37% over four initialisations
-    of A; the recipe's cosine decay is what makes the last iterate good.)
+    Measured: 22.2% -> 65.4% (seed 1, 1 thread). The ConSE version of this test measured 26.8% -> 47.4% and
+    asserted an 8-point margin. (A hand-rolled loop at a constant lr for 60 steps was not reliable: 15-37% over four
+    initialisations of A on the ConSE model; the recipe's cosine decay is what makes the last iterate good.)
     """
     from blocklora.api import run
     from blocklora.demo import demo_config
@@ -358,7 +358,7 @@ def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypat
     r = run(cfg, tmp_path / "run")
     print(f"zero-shot {r['zero_shot_top1']:.2f}% -> 4-shot Block-LoRA {r['top1']:.2f}%")
     assert (r["n_test"], r["shots"], r["iters"], r["trainable_params"]) == (500, 4, 120, 25_136)
-    assert r["top1"] >= r["zero_shot_top1"] + 8
+    assert r["top1"] >= r["zero_shot_top1"] + 30 and r["top1"] >= 55
 
 
 def test_grad_checkpointing_is_refused_clearly(backbone):

@@ -4,26 +4,21 @@
     .venv/bin/python benchmarks/accuracy.py --fresh          # the same, measuring every cell again
     .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the cells that can be reused
 
-A cell (one method, K and seed; or one linear probe) is reused instead of measured only when it was measured with
-the same recipe (the hash of its run config, or of the probe's settings) AND the same code (CODE_FILES below,
-hashed, with the torch version): from its run directory in --work, or from the committed
-benchmarks/results/NAME.json. The run says how many cells it reused and when they were measured; --fresh measures
-all of them. Every cell records its recipe, code version, machine and date; the written JSON holds nothing else
-that changes from run to run, so a run that reuses every cell rewrites the committed file byte for byte.
+A cell (one method, K and seed; or one linear probe) is reused only when it was measured with the same recipe (the
+hash of its run config, or of the probe's settings) AND the same code (code_version: the package source, the probe,
+the torch version): from its run directory in --work, or from the committed RESULTS/NAME.json. The run says how
+many cells it reuses and when they were measured; --fresh measures all. Each cell records its recipe, code,
+machine and date, and the JSON nothing else that varies, so a run that measures nothing leaves it as it is.
 
 Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, the same for every run), for K in
 {1, 4, 16} shots per class and seeds 1-6:
 - zero-shot (the frozen model, prompts "a photo of a {}.");
-- a linear probe: multinomial logistic regression on the frozen model's L2-normalised image features of the K-shot
-  training images, L2 penalty chosen by 2-fold cross-validation on those shots (K >= 2; K = 1 uses the grid's
-  middle value), as CoOp's linear-probe baseline does with a validation split;
+- a linear probe (probe.py) on the frozen model's L2-normalised image features of the same K-shot draws;
 - LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8}: every adapter method runs the same recipe
   (demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget per K. n = 32 and more do not divide the 144- and 240-channel widths;
-- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A initialised with the full input width's
-  fan-in ("kaiming_full") instead of the block's.
-Every adapter cell is an ordinary `blocklora train` run (api.run) in --work DIR.
-Writes benchmarks/results/NAME.{json,md,png} (--results, --name).
+- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A's init with the full width's fan-in.
+Every adapter cell is a `blocklora train` run (api.run) in --work DIR; writes RESULTS/NAME.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -109,8 +104,7 @@ def matches(cell: dict[str, Any] | None, recipe: str, code: str) -> bool:
 
 
 class Grid:
-    """Where each cell's result comes from: a run directory or the committed file when recipe and code match, else
-    a new measurement. Counts both, so the run can say what it reused and from when."""
+    """Each cell from a run directory or the committed file when recipe and code match, else measured; counted."""
 
     def __init__(self, work: Path, committed: dict[str, Any], iters: dict[int, int], test_images: int,
                  fresh: bool, run_missing: bool) -> None:
@@ -351,6 +345,10 @@ def main(argv=None) -> int:
     planned = len(collect(plan, seeds, shots, ablations, methods)) + len(plan.probes(seeds, shots, committed_probe))
     planned += plan.missing
     print(f"plan: {plan.summary(planned, planning=True)}", flush=True)
+    stale = len(committed) + len(committed_probe) - len(plan.reused["committed"])
+    if stale and not args.fresh:
+        print(f"plan: {stale} cells of the committed {results / f'{args.name}.json'} were measured with another "
+              "recipe or code version (or record none) and are not reused", flush=True)
 
     grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
     probe = grid.probes(seeds, shots, committed_probe)

@@ -82,6 +82,7 @@ def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     from .api import load_trained
     from .data import limit_split, load_dataset
     from .engine import evaluate as ev
+    from .engine.runtime import make_runtime
 
     data = load_dataset(cfg.data.dataset, cfg.data.root)
     items = getattr(limit_split(data, cfg.eval.split, cfg.eval.limit), cfg.eval.split)
@@ -91,7 +92,9 @@ def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     chosen = [first[c] for c in sorted(first)]
     batch = cfg.eval.batch_size
     prefix = items[:(max(chosen) // batch + 1) * batch]  # whole evaluation batches: the same arithmetic
-    backbone, meta, rt = load_trained(output / "adapter", device=cfg.device)
+    backbone, meta, _ = load_trained(output / "adapter", device=cfg.device)
+    rt = make_runtime(cfg.device, cfg.train.precision)  # the evaluation's device and precision (autocast)
+    backbone.to(rt.device)
     run = meta["run"]
 
     def top1(desc: str) -> tuple[list[int], list[float]]:

@@ -142,6 +142,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
                                    "load into a fresh model")
     if not force:
         saved, ours = meta.get("backbone", {}).get("fingerprint"), fingerprint(model)
+        retired = getattr(model, "retired_fingerprints", {}).get(saved)
+        if retired:  # a model family that changed under the same name says what the adapter was trained on
+            raise AdapterMismatchError(f"{directory} was trained on {retired}; it does not apply to this model "
+                                       f"(fingerprint {ours}): train the adapter again")
         if saved and saved != ours:
             raise AdapterMismatchError(
                 f"{directory} was trained on other frozen weights (fingerprint {saved}, this model {ours}; backbone "

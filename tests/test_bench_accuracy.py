@@ -1,0 +1,103 @@
+"""benchmarks/accuracy.py measures: a cell is reused only when its recipe and code match, the run says what it
+reused and from when, --fresh reuses nothing, and committed results are never rewritten unless something was
+measured. A one-cell grid (K = 1, seed 1, 2 steps, 40 test images) on the real packaged model and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--methods", "block_lora_n8", "--shots", "1", "--seeds", "1", "--no-ablations", "--iters", "2",
+        "--test-images", "40"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    from blocklora.backbones import effnet_minilm
+    from blocklora.data import fashion_mnist
+    from blocklora.errors import BlockLoRAError
+
+    try:
+        effnet_minilm._packages()
+        fashion_mnist.load()
+    except BlockLoRAError as e:
+        pytest.skip(str(e))
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def measured(bench, tmp_path_factory):
+    """The grid measured once: its results folder, work folder and output."""
+    tmp = tmp_path_factory.mktemp("bench")
+    results, work = tmp / "results", tmp / "work"
+    with pytest.MonkeyPatch.context() as mp:  # the script points the zero-shot cache at its work folder otherwise
+        mp.setenv("BLOCKLORA_CACHE", str(tmp / "cache"))
+        out = _main(bench, TINY + ["--results", str(results), "--work", str(work)])
+        yield results, work, out
+
+
+def _main(bench, argv) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert bench.main(argv) == 0
+    return buffer.getvalue()
+
+
+def test_a_first_run_measures_and_records_recipe_code_and_date(measured):
+    results, work, out = measured
+    assert "plan: 2 cells: 0 to reuse, 2 to measure" in out
+    assert "2 cells: measured 2, reused 0" in out
+    data = json.loads((results / "accuracy.json").read_text())
+    cell, probe = data["cells"]["block_lora_n8_K1_s1"], data["linear_probe"]["K1_s1"]
+    for c in (cell, probe):
+        assert len(c["recipe"]) == 16 and len(c["code"]) == 16 and c["measured"][:2] == "20" and c["machine"]
+    assert cell["iters"] == 2 and cell["n_test"] == 40 and probe["n_test"] == 40
+    assert "date" not in data["config"]  # no run-level date: only the cells' own
+    assert (work / "block_lora_n8_K1_s1" / "results.json").is_file()
+
+
+def test_a_rerun_reuses_says_so_and_rewrites_nothing(bench, measured):
+    results, work, _ = measured
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
+    out = _main(bench, TINY + ["--results", str(results), "--work", str(work)])
+    assert "2 cells: measured 0, reused 2 (2 from run directories in" in out and "--fresh" in out
+    assert "nothing measured" in out
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before
+
+
+def test_committed_cells_are_reused_on_a_fresh_checkout(bench, measured, tmp_path):
+    results, _, _ = measured
+    measured_at = json.loads((results / "accuracy.json").read_text())["cells"]["block_lora_n8_K1_s1"]["measured"]
+    before = (results / "accuracy.json").read_bytes()
+    out = _main(bench, TINY + ["--results", str(results), "--work", str(tmp_path / "new")])
+    assert "reused 2 (2 from the committed results file; measured" in out and measured_at in out
+    assert not list((tmp_path / "new").glob("block_lora*"))  # nothing was run
+    assert (results / "accuracy.json").read_bytes() == before
+
+
+def test_other_code_or_recipe_is_not_reused(bench, measured, tmp_path, monkeypatch):
+    results, work, _ = measured
+    before = (results / "accuracy.json").read_bytes()
+    args = TINY + ["--results", str(results), "--work", str(work), "--report-only"]
+    longer = [a if a != "2" else "3" for a in args]  # --iters 3: the adapter cell's recipe changed, the probe's not
+    assert "plan: 2 cells: 1 to reuse, 1 to measure" in _main(bench, longer)
+    monkeypatch.setattr(bench, "code_version", lambda: "another-version")
+    out = _main(bench, args)
+    assert "plan: 2 cells: 0 to reuse, 2 to measure" in out and "2 missing" in out
+    assert (results / "accuracy.json").read_bytes() == before  # report-only with nothing reusable: left alone
+
+
+def test_fresh_reuses_nothing(bench, measured):
+    results, work, _ = measured
+    out = _main(bench, TINY + ["--results", str(results), "--work", str(work), "--report-only", "--fresh"])
+    assert "plan: 2 cells: 0 to reuse, 2 to measure" in out

@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .errors import BlockLoRAError
 
 log = logging.getLogger("blocklora")
@@ -113,7 +115,7 @@ def cmd_params(args: argparse.Namespace) -> int:
               "towers": {t: {k: v for k, v in c.items() if k != "modules"} | {"modules": len(c["modules"])}
                          for t, c in cost["towers"].items()}}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(_json(report))
         return 0
     print(f"{args.model}: {cfg.method} r={cfg.r} n_blocks={cfg.n_blocks} projections={','.join(cfg.projections)} "
           f"blocks={cfg.blocks} towers={','.join(cfg.towers)}")
@@ -158,13 +160,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
         result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                   args.batch_size, args.workers, args.classes, force=args.force, device=args.device,
-                                  limit=args.limit)
+                                  limit=args.limit, skip_bad_images=args.skip_bad_images)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
                   f"(mean per class {result['mean_per_class']:.2f}%, n={result['n']})")
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        print(_json(results[0] if len(results) == 1 else results))
     return 0
 
 
@@ -172,17 +174,28 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from .api import zero_shot
     from .backbones import load_backbone
     from .data import evenly_spaced, load_dataset
-    from .engine.runtime import default_workers, make_runtime
+    from .data.protocols import check_classes
+    from .engine.evaluate import prompt_collisions
+    from .engine.runtime import compute_dtype, default_workers, make_runtime
+    from .trained import checked_items, drop_unreadable
 
     data = load_dataset(args.dataset, args.root)
+    check_classes(data, "zero-shot classification")
+    items = evenly_spaced(getattr(data, args.split), args.limit)
+    items, skipped = checked_items(items, data.image_reader, args.skip_bad_images)
+    templates = [data.template] if args.dataset_template else [args.template]
+    for warning in prompt_collisions(data.classnames, templates[0]):
+        log.warning("warning: %s", warning)
     backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
     rt = make_runtime(args.device)
     backbone.to(rt.device)
-    items = evenly_spaced(getattr(data, args.split), args.limit)
-    templates = [data.template] if args.dataset_template else [args.template]
+    backbone.model.to(compute_dtype(backbone.model, rt))
     workers = args.workers if args.workers >= 0 else default_workers()
     result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache)
-    result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result}
+    unreadable = result.pop("unreadable")  # found by the decode of the pass itself (a truncated file)
+    drop_unreadable(items, unreadable, args.skip_bad_images)
+    result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result,
+              "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
     _emit(result, args.json, f"{data.name} {args.split}: zero-shot top-1 {result['top1']:.2f}% (n={result['n']}"
                              f"{', cached' if result.get('cached') else ''})")
     return 0
@@ -196,7 +209,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = meta["run"]
     out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(_json(out))
         return 0
     for row in out:
         best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
@@ -221,14 +234,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _collect_images(paths: Sequence[str]) -> list[str]:
-    from .data.datasets import IMAGE_EXTENSIONS
+    from .data.datasets import list_image_files
 
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(str(p))
+            out += list_image_files(p)
+        elif os.path.lexists(p):
+            out.append(str(p))  # the image opener names what is wrong with a special file
         else:
             raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
     if not out:
@@ -247,12 +260,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import RunConfig
 
-    print(json.dumps(RunConfig().with_overrides(args.overrides or []).to_dict(), indent=2))
+    print(_json(RunConfig().with_overrides(args.overrides or []).to_dict()))
     return 0
 
 
+def _json(data: Any) -> str:
+    from .engine.files import to_json  # strictly valid JSON: no bare NaN
+
+    return to_json(data)
+
+
 def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
-    print(json.dumps(result, indent=2) if as_json else line)
+    print(_json(result) if as_json else line)
 
 
 # -- parser ----------------------------------------------------------------------------------------------------------
@@ -316,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _data_options(p)
     _eval_options(p, pretrained=False, force=False)
-    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--template", default="a photo of a {}.", type=checks.arg(checks.template, "--template"))
     p.add_argument("--dataset-template", action="store_true", help="use the dataset's hand-made template (CoOp)")
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_zeroshot)
@@ -324,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k class names for images with a trained adapter")
     p.add_argument("--adapter", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_int_arg("--topk", 1, 100_000), default=5)
     p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
     p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -365,24 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_arg(name: str, lo: int, hi: int | None = None):
+    return checks.arg(checks.number, name, checks.Range(lo, hi, integer=True), convert=int)
+
+
+_positive_int = _int_arg("value", 1)
 
 
 def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bool = True) -> None:
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=_int_arg("--batch-size", 1, 65536), default=128)
+    p.add_argument("--limit", type=_int_arg("--limit", 1), default=None,
                    help="test on a fixed subset of N images, evenly spaced through the split (default: all)")
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=_int_arg("--workers", -1, 256), default=-1)
+    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in the output)")
     if pretrained:
         p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
     if force:
@@ -390,28 +407,46 @@ def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG, format="%(message)s",
-                        stream=sys.stderr)
-    for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import signals
+
+    debug = False
     try:
+        signals.install()  # first: Ctrl-C from here on is one line, not a traceback
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s",
+                            stream=sys.stderr)
+        for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # blocklora refuses images over PIL's pixel limit itself (data/decode.py): PIL's own warning would be noise
+        warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return int(args.func(args) or 0)
     except BlockLoRAError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
-        if args.debug:
+        if debug:
             raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where} (check free space, permissions and paths)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (a run with checkpoints continues with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signals.report()
+        return signals.exit_code(e)
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of a user error; for one re-raised by a DataLoader worker ("Caught DataError in DataLoader
+    worker process 0.\nOriginal Traceback ...\nblocklora.errors.DataError: the message"), the original message."""
+    text = str(e)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from typing import Any
 
 from .config import RunConfig
 from .engine.files import atomic_write, write_json
+from .engine.rundir import RunDir
 from .errors import BlockLoRAError
+from .ownership import mark
 
 MODEL = "effnet-minilm"
 DATASET = "fashion-mnist"
@@ -51,10 +53,11 @@ def run_demo(output: str | Path | None = None, overwrite: bool = False, n_exampl
     output = Path(output) if output is not None else default_output()
     cfg = demo_config(**kwargs)
     results = run(cfg, output, overwrite=overwrite)
-    examples = _predict_examples(output, cfg, n_examples)
+    rd = RunDir(output)
+    examples = _predict_examples(rd, cfg, n_examples)
     results["examples"] = examples
-    write_json(output / "results.json", results)  # the run's results plus the example predictions
-    _plot(output, results)
+    write_json(rd.results, results)  # the run's results plus the example predictions
+    _plot(rd, results)
     return results
 
 
@@ -66,7 +69,7 @@ def _check_plotting() -> None:
                              "which installs it)") from None
 
 
-def _predict_examples(output: Path, cfg: RunConfig, n: int) -> list[dict[str, Any]]:
+def _predict_examples(rd: RunDir, cfg: RunConfig, n: int) -> list[dict[str, Any]]:
     """Save one real test image per class (the first n classes) as PNG and predict it before and after training."""
     from .adapters.inject import adapters_disabled
     from .api import load_trained, predict
@@ -77,15 +80,16 @@ def _predict_examples(output: Path, cfg: RunConfig, n: int) -> list[dict[str, An
     for item in data.test:
         first.setdefault(item.label, item)
     chosen = [first[c] for c in sorted(first)][:n]
-    folder = output / "examples"
+    folder = rd.examples
     folder.mkdir(exist_ok=True)
+    mark(folder, "examples")  # --overwrite may clear it
     paths = []
     for item in chosen:
         path = folder / f"{item.path.replace('/', '-')}.png"  # e.g. test-17.png: index in the original file
         image = data.image_reader(item.path).resize((112, 112), resample=0)  # 4x, nearest: the real pixels
         atomic_write(path, lambda fh, im=image: im.save(fh, format="PNG"))
         paths.append(str(path))
-    backbone, meta, rt = load_trained(output / "adapter")
+    backbone, meta, rt = load_trained(rd.adapter)
     run = meta["run"]
     after = predict(backbone, rt, paths, run["classnames"], run["template"], run["logit_scale"], topk=1)
     with adapters_disabled(backbone.model):
@@ -95,32 +99,33 @@ def _predict_examples(output: Path, cfg: RunConfig, n: int) -> list[dict[str, An
             for p, item, b, a in zip(paths, chosen, before, after)]
 
 
-def _plot(output: Path, results: dict[str, Any]) -> None:
+def _plot(rd: RunDir, results: dict[str, Any]) -> None:
     """demo.png: per-class accuracy before and after, and the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = list(results["per_class"])
-    losses = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    classes = [c["class"] for c in results["per_class"]]
+    losses = [json.loads(line) for line in rd.metrics.read_text().splitlines() if line.strip()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     x = range(len(classes))
-    ax1.bar([i - 0.2 for i in x], [results["zero_shot_per_class"][c] for c in classes], 0.4,
+    ax1.bar([i - 0.2 for i in x], [c["top1"] or 0.0 for c in results["zero_shot_per_class"]], 0.4,
             label=f"zero-shot ({results['zero_shot_top1']:.1f}%)", color="#999999")
-    ax1.bar([i + 0.2 for i in x], [results["per_class"][c] for c in classes], 0.4,
+    ax1.bar([i + 0.2 for i in x], [c["top1"] or 0.0 for c in results["per_class"]], 0.4,
             label=f"Block-LoRA, {results['shots']} shots ({results['top1']:.1f}%)", color="#1f77b4")
     ax1.set_xticks(list(x), classes, rotation=30, ha="right")
     ax1.set_ylabel("top-1 accuracy (%)")
     ax1.set_ylim(0, 100)
     ax1.set_title(f"Fashion-MNIST, {results['n_test']} test images, effnet-minilm")
     ax1.legend(loc="upper left")
+    losses = [m for m in losses if m["loss"] is not None]  # a skipped step (nan_policy=skip) has no loss
     ax2.plot([m["step"] for m in losses], [m["loss"] for m in losses], color="#1f77b4")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss")
     ax2.set_title(f"{results['trainable_params']:,} trainable parameters")
     fig.tight_layout()
-    atomic_write(output / "demo.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
+    atomic_write(rd.plot, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -131,13 +136,14 @@ def summary_lines(results: dict[str, Any], output: Path) -> list[str]:
              f"({results['dataset']['n_train']} training images), {results['iters']} steps, "
              f"{results['trainable_params']:,} trainable parameters",
              "", f"{'class':<12} {'zero-shot':>10} {'Block-LoRA':>11}"]
-    for c in results["per_class"]:
-        lines.append(f"{c:<12} {results['zero_shot_per_class'][c]:>9.1f}% {results['per_class'][c]:>10.1f}%")
+    for zero, adapted in zip(results["zero_shot_per_class"], results["per_class"]):
+        lines.append(f"{adapted['class']:<12} {zero['top1'] or 0.0:>9.1f}% {adapted['top1'] or 0.0:>10.1f}%")
     lines += [f"{'top-1':<12} {zs:>9.1f}% {top1:>10.1f}%   ({top1 - zs:+.1f} points)", ""]
     for e in results.get("examples", []):
         mark = "ok" if e["adapted"] == e["true"] else "wrong"
         lines.append(f"{Path(e['image']).name:<16} true {e['true']:<11} zero-shot {e['zero_shot']:<11} "
                      f"adapted {e['adapted']:<11} {100 * e['adapted_prob']:5.1f}%  {mark}")
-    lines += ["", f"results: {output / 'results.json'}   plot: {output / 'demo.png'}   adapter: {output / 'adapter'}",
-              f"next: blocklora predict --adapter {output / 'adapter'} {output / 'examples'}"]
+    rd = RunDir(output)
+    lines += ["", f"results: {rd.results}   plot: {rd.plot}   adapter: {rd.adapter}",
+              f"next: blocklora predict --adapter {rd.adapter} {rd.examples}"]
     return lines

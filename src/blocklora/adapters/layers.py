@@ -20,6 +20,14 @@ from .config import AdapterConfig
 from .core import add_up_projection, delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The adapters' dtype: float32 at least, whatever the frozen weights' (a float16 or bfloat16 checkpoint).
+
+    AdamW on half-precision parameters loses small updates and divides by an epsilon (1e-8) that float16 rounds to
+    zero: NaN within steps. The adapter branch casts its input to this dtype and its output back (see forward)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class SharedFold:
     """The folded input of Linears that read the same tensor (self-attention's q, k and v), computed once.
 
@@ -144,9 +152,9 @@ class BlockLoRALinear(AdapterLayer):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=w.dtype))
+        w, dt = base.weight, adapter_dtype(base.weight)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features // n_blocks, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=dt))
         init_factors(self.lora_A, self.lora_B, n_blocks, a_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,9 +217,9 @@ class BlockLoRAConv1x1(AdapterLayer):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.weight = base.weight
         self.bias = base.bias
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=w.dtype))
+        w, dt = base.weight, adapter_dtype(base.weight)
+        self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_channels // cfg.n_blocks, device=w.device, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(base.out_channels, cfg.r, device=w.device, dtype=dt))
         init_factors(self.lora_A, self.lora_B, cfg.n_blocks, cfg.a_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +308,7 @@ class BlockLoRAMultiheadAttention(AdapterLayer):
         self.letters = tuple(letter for letter in "qkvo" if letter in letters)
         if not self.letters:
             raise ConfigError("no projection selected for this attention module")
-        e, dev, dt = self.embed_dim, weight.device, weight.dtype
+        e, dev, dt = self.embed_dim, weight.device, adapter_dtype(weight)
         self.lora_A = nn.ParameterDict(
             {p: nn.Parameter(torch.empty(cfg.r, e // cfg.n_blocks, device=dev, dtype=dt)) for p in self.letters})
         self.lora_B = nn.ParameterDict(

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, collate_reported
 from ..data.types import Item
 from .runtime import Runtime, eval_mode
 
@@ -49,23 +49,43 @@ def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Seq
     return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
+class Features(NamedTuple):
+    """Image features of an evaluation pass: (N, D) L2-normalised fp32, (N,) labels, and the images left out."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    bad: list[tuple[str, str]]
+
+
 @torch.no_grad()
 def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, runtime: Runtime,
-                   batch_size: int = 128, workers: int = 0, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (N_local, D) fp32 features and labels of this rank's shard of `items` (all of them on 1 rank)."""
+                   batch_size: int = 128, workers: int = 0, desc: str = "eval") -> Features:
+    """L2-normalised (N_local, D) fp32 features and labels of this rank's shard of `items` (all of them on 1 rank).
+
+    Each image is decoded once. One that cannot be read is left out and listed in `bad` (gathered from every rank,
+    so all ranks see the same list); the caller decides whether that is an error."""
     shard = list(items)[runtime.rank::runtime.world_size]
-    loader = DataLoader(ImageDataset(shard, backbone.eval_transform(), reader), batch_size=batch_size,
-                        num_workers=workers, pin_memory=runtime.device.type == "cuda")
-    feats, labels = [], []
+    loader = DataLoader(ImageDataset(shard, backbone.eval_transform(), reader, report=True), batch_size=batch_size,
+                        num_workers=workers, pin_memory=runtime.device.type == "cuda", collate_fn=collate_reported)
+    feats, labels, bad = [], [], []
     with eval_mode(backbone.model):
-        for images, y in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+        for images, y, unreadable in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+            bad += unreadable
+            if images is None:
+                continue
             with runtime.autocast():
                 f = backbone.encode_images(images.to(runtime.device, non_blocking=True))
             feats.append(F.normalize(f.float(), dim=-1).cpu())
             labels.append(y)
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        shards: list[list[tuple[str, str]]] = [[] for _ in range(runtime.world_size)]
+        dist.all_gather_object(shards, bad)
+        bad = [b for s in shards for b in s]
     if not feats:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
+        return Features(torch.empty(0, 0), torch.empty(0, dtype=torch.long), bad)
+    return Features(torch.cat(feats), torch.cat(labels), bad)
 
 
 def class_counts(img: torch.Tensor, labels: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,24 +111,39 @@ def reduce_counts(correct: torch.Tensor, total: torch.Tensor, runtime: Runtime) 
 
 
 def summarize(correct: torch.Tensor, total: torch.Tensor, classnames: Sequence[str]) -> dict[str, Any]:
+    """top1, n, mean_per_class and per_class: one entry per class index (two classes may share a name), with its
+    name, top-1 (None without test images) and number of test images."""
     n = int(total.sum())
-    per_class = {c: (round(100.0 * int(k) / int(t), 4) if int(t) else None)
-                 for c, k, t in zip(classnames, correct, total)}
-    valid = [v for v in per_class.values() if v is not None]
+    per_class = [{"index": i, "class": c, "top1": round(100.0 * int(k) / int(t), 4) if int(t) else None, "n": int(t)}
+                 for i, (c, k, t) in enumerate(zip(classnames, correct, total))]
+    valid = [r["top1"] for r in per_class if r["top1"] is not None]
     return {"top1": round(100.0 * int(correct.sum()) / max(n, 1), 4), "n": n,
             "mean_per_class": round(sum(valid) / max(len(valid), 1), 4), "per_class": per_class}
 
 
 def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
              templates: Sequence[str], runtime: Runtime, batch_size: int = 128, workers: int = 0,
-             desc: str = "eval", features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images."""
+             desc: str = "eval", features: Features | None = None) -> dict[str, Any]:
+    """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images.
+
+    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted."""
     with torch.no_grad(), eval_mode(backbone.model):
         txt = encode_classes(backbone, classnames, templates, runtime)
-    img, labels = features if features is not None else image_features(
-        backbone, items, reader, runtime, batch_size, workers, desc)
-    correct, total = reduce_counts(*class_counts(img, labels, txt), runtime)
-    return summarize(correct, total, classnames)
+    if features is None:
+        features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
+    correct, total = reduce_counts(*class_counts(features.feats, features.labels, txt), runtime)
+    return {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+
+
+def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:
+    """One line per group of classes whose prompts are identical (the model cannot tell them apart): e.g. "red_apple"
+    and "red apple", or ImageNet's two "missile" classes in CLIP's list."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, text in enumerate(prompts(classnames, template)):
+        by_prompt.setdefault(" ".join(text.split()).casefold(), []).append(i)  # as CLIP tokenizers see it
+    return [f"classes {' and '.join(f'{i} ({classnames[i]!r})' for i in group)} have the same prompt "
+            f"{prompts([classnames[group[0]]], template)[0]!r}: they are scored separately but the model cannot tell "
+            "them apart; rename one" for group in by_prompt.values() if len(group) > 1]
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------

@@ -57,6 +57,16 @@ def make_runtime(device: str = "auto", precision: str = "auto", rank: int = 0, w
     return Runtime(dev, amp, rank, world_size)
 
 
+def compute_dtype(model: torch.nn.Module, runtime: Runtime) -> torch.dtype:
+    """The dtype to run the frozen weights in: float32 on the CPU when they are stored in float16 / bfloat16 (CPU
+    half-precision kernels are slow and accumulate in half precision, which overflows); as stored elsewhere (CUDA
+    autocast computes in half precision either way). Adapters are float32 in any case (adapters/layers.py)."""
+    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if runtime.device.type == "cpu" and stored in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return stored
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

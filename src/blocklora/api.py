@@ -158,8 +158,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _resume(rd: RunDir, trainer: Trainer, sha: str, backbone: Backbone) -> None:
     """Load the checkpoint into `trainer`, or refuse on one line: a damaged or foreign file, another K-shot split,
     other frozen weights (the fingerprint), non-finite tensors."""
-    state = load_torch(rd.checkpoint)
     fix = "start the run again with --overwrite"
+    try:
+        state = load_torch(rd.checkpoint)
+    except BlockLoRAError as e:
+        raise BlockLoRAError(f"{e}: {fix}") from None
     missing = [k for k in ("step", "adapter", "optimizer", "scheduler", "rng")
                if not isinstance(state, dict) or k not in state]
     if missing:

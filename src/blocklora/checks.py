@@ -92,7 +92,9 @@ def seed(name: str, value: Any) -> int:
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ConfigError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        short = name.rpartition(".")[2]
+        where = f" for {name}" if short != name else ""
+        raise ConfigError(f"unknown {short} {value!r}{where}: use one of {', '.join(allowed)}")
     return value
 
 

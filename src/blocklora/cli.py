@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -410,14 +409,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import signals
 
     debug = False
+    previous = signals.install()  # first: Ctrl-C from here on is one line, not a traceback
     try:
-        signals.install()  # first: Ctrl-C from here on is one line, not a traceback
         args = build_parser().parse_args(argv)
         debug = args.debug
         logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s",
                             stream=sys.stderr)
-        for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):
+        for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):  # "root": open_clip logs through it
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        # ours keeps its own level (it would inherit the root's ERROR): warnings before a run's log file opens show
+        logging.getLogger("blocklora").setLevel(logging.INFO if not debug else logging.DEBUG)
         # blocklora refuses images over PIL's pixel limit itself (data/decode.py): PIL's own warning would be noise
         warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -436,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         signals.report()
         return signals.exit_code(e)
+    finally:
+        if argv is not None:  # called in process (tests, a program): give its handlers back. Not for the command
+            signals.restore(previous)  # itself: a second Ctrl-C right after the first must stay one line
 
 
 def _one_line(e: BaseException) -> str:

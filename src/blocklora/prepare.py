@@ -74,8 +74,8 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
     """Build backbone, data and few-shot split and check that the adapter fits: every user error surfaces here."""
     runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
     full = load_dataset(cfg.data.dataset, cfg.data.root)
+    check_classes(full, "training", cfg.data.classes)
     data = subsample_classes(full, cfg.data.classes) if cfg.data.classes != "all" else full
-    check_classes(data, "training")
     eval_sets = {"": limit_split(data, cfg.eval.split, cfg.eval.limit)}
     if cfg.data.classes == "base":  # base-to-new: the same adapter is also tested on the unseen half
         eval_sets["new"] = limit_split(subsample_classes(full, "new"), cfg.eval.split, cfg.eval.limit)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 MESSAGE = "error: interrupted (a run with checkpoints continues with --resume)"
 
@@ -33,14 +34,24 @@ _first: int | None = None
 _reported = False
 
 
-def install() -> None:
-    """Handle SIGINT and SIGTERM in this (main) thread. A SIGINT ignored at start-up (nohup, `cmd &` in a script)
-    stays ignored, as Python itself does."""
+def install() -> dict[int, object]:
+    """Handle SIGINT and SIGTERM in this (main) thread; returns the handlers they replace (see restore). A SIGINT
+    ignored at start-up (nohup, `cmd &` in a script) stays ignored, as Python itself does."""
     global _first, _reported
     _first, _reported = None, False
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers; Python's default KeyboardInterrupt applies there
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN or sig == signal.SIGTERM:
+            signal.signal(sig, _handler)
+    return previous
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers install() replaced (for a program that calls the CLI's main in process)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _handler(signum: int, frame: object) -> None:

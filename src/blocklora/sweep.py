@@ -287,7 +287,7 @@ def _read_options(out: Path) -> dict[str, Any] | None:
 def _check_data(configs) -> None:
     """Each dataset (and cross-dataset target) opens under the root and fits the class protocol: one bad path must
     not fail 165 cells."""
-    from .data import load_dataset, subsample_classes
+    from .data import load_dataset
     from .data.protocols import check_classes
 
     seen: set[str] = set()
@@ -297,7 +297,7 @@ def _check_data(configs) -> None:
                 seen.add(name)
                 data = load_dataset(name, cfg.data.root)
                 if name == cfg.data.dataset:
-                    check_classes(subsample_classes(data, cfg.data.classes), "training")
+                    check_classes(data, "training", cfg.data.classes)
 
 
 class Sweep:

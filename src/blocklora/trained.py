@@ -6,6 +6,7 @@ run's own record: backbone, class names, template, logit scale), so a damaged or
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from . import checks
 from .adapters.inject import merged_state_dict
@@ -104,9 +106,9 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, sp
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device)
     template = checks.template("template", template or meta["run"]["template"])
     data = load_dataset(dataset, root)
+    check_classes(data, "evaluation", classes)
     if classes != "all":
         data = subsample_classes(data, classes)
-    check_classes(data, "evaluation")
     items = evenly_spaced(getattr(data, split), limit)
     if not items:
         raise DataError(f"dataset {dataset} at {root} has no {split} images")
@@ -174,7 +176,13 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     tmp = Path(tmp_name)
     tmp.unlink()
     try:
-        backbone.export(state, tmp)
+        try:
+            backbone.export(state, tmp)
+        except (SafetensorError, RuntimeError) as e:  # how safetensors and torch.save report a failed write
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"cannot write the export ({str(e).splitlines()[0][:120]}): disk full or "
+                                     "not writable?", str(output)) from None
         if tmp.is_dir():
             mark(tmp, EXPORT)
         fix_modes(tmp)

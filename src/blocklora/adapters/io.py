@@ -176,10 +176,10 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise AdapterMismatchError(f"{path} was written by a newer blocklora ({meta.get('blocklora_version')}): "
                                    "upgrade blocklora to read it")
-    for key, kinds in (("config", (dict,)), ("backbone", (dict, type(None))), ("tensors", (dict, type(None)))):
-        if not isinstance(meta.get(key), kinds) or (key == "config" and key not in meta):
+    for key, kinds in (("config", (dict,)), ("backbone", (dict,)), ("tensors", (dict, type(None)))):
+        if not isinstance(meta.get(key), kinds):
             raise AdapterMismatchError(f"{path}: {key!r} is missing or not a JSON object; the file is damaged")
-    fp = (meta.get("backbone") or {}).get("fingerprint")
+    fp = meta["backbone"].get("fingerprint")
     if fp is not None and not isinstance(fp, str):
         raise AdapterMismatchError(f"{path}: backbone.fingerprint is not a string; the file is damaged")
     try:
@@ -213,7 +213,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
         raise AdapterMismatchError(f"the model already carries an adapter with another config ({existing}); "
                                    "load into a fresh model")
     if not force:
-        saved, ours = (meta.get("backbone") or {}).get("fingerprint"), fingerprint(model)
+        saved, ours = meta["backbone"].get("fingerprint"), fingerprint(model)
         if saved and saved != ours:
             raise AdapterMismatchError(
                 f"{directory} was trained on other frozen weights (fingerprint {saved}, this model {ours}; backbone "

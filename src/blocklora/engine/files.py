@@ -7,6 +7,7 @@ NaN or Infinity that strict parsers reject).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -70,7 +71,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+    """torch.save, atomically. Serialised in memory first (a checkpoint holds adapters: megabytes), so a failing
+    write is the OSError it is (disk full, file too large) and not torch's RuntimeError about zip positions."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(Path(path), lambda fh: fh.write(data))
 
 
 def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +142,8 @@ class Trainer:
                     on_step(metrics)
                 bar.update(1)
                 if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.1f}")
+                    loss_text = "skipped" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+                    bar.set_postfix(loss=loss_text, acc=f"{metrics['acc']:.1f}")
                 if checkpoint is not None and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     checkpoint(self)
         finally:
@@ -183,7 +185,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped += 1
             self.state.step += 1
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the step count, taken or skipped
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             return {"step": self.state.step, "loss": None, "acc": 0.0, "skipped": True,
                     "lr": self.scheduler.get_last_lr()[0]}
         if cfg.grad_clip:

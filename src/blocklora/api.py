@@ -14,7 +14,6 @@ import logging
 import resource
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,17 @@ from .backbones import Backbone
 from .config import RESUMABLE, RunConfig
 from .cross import PREFIX as CROSS
 from .cross import evaluate_targets
-from .data import DatasetSplits, Item, write_split_file
+from .data import write_split_file
 from .data.fewshot import split_file_bytes
 from .engine import evaluate as ev
-from .engine.distributed import all_ranks
+from .engine.evaluate import zero_shot
 from .engine.files import JsonlWriter, atomic_write, load_torch, save_torch, write_json
 from .engine.fit import Trainer, TrainingDiverged
 from .engine.rundir import RunDir
 from .engine.runtime import Runtime, default_workers, seed_everything, set_deterministic
 from .errors import BlockLoRAError
 from .prepare import Prepared, prepare, run_inputs
-from .trained import evaluate_adapter, export, load_trained, predict  # noqa: F401 - the API's other actions
+from .trained import evaluate_adapter, evaluate_zero_shot, export, load_trained, predict  # noqa: F401 - re-exported
 
 log = logging.getLogger("blocklora")
 
@@ -55,37 +54,6 @@ def _log_to(path: Path, append: bool) -> logging.Handler:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     return handler
-
-
-def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], templates: Sequence[str],
-              runtime: Runtime, batch_size: int, workers: int, use_cache: bool = True,
-              features: dict | None = None, need_features: bool = False) -> dict[str, Any]:
-    """Accuracy of the frozen model (adapters, if any, switched off), cached by weights + data + prompts.
-
-    `features`, a dict, shares the frozen image features (under "frozen") between calls on the same items, so
-    several prompt sets decode the images once; with need_features they are computed even on a cache hit (a
-    text-only adapter's evaluation reuses them). The result's "unreadable" lists images the pass could not decode."""
-    from .adapters.inject import adapters_disabled
-
-    key = ev.zero_shot_key(backbone, data.name, items, data.classnames, templates)
-    cached = ev.read_cached(key) if use_cache else None
-    if cached is not None and not isinstance(cached.get("per_class"), list):
-        cached = None  # an entry of an older format (per-class results keyed by name)
-    if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
-        cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
-    if cached is not None and not need_features:
-        return {"unreadable": [], **cached, "cached": True}
-    with adapters_disabled(backbone.model):
-        feats = features.get("frozen") if features is not None else None
-        if feats is None:
-            feats = ev.image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
-            if features is not None:
-                features["frozen"] = feats
-        result = ev.accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime,
-                             features=feats)
-    if runtime.is_main:
-        ev.write_cached(key, result)
-    return {**result, "cached": False}
 
 
 def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: bool = False,

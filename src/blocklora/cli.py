@@ -170,41 +170,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .api import zero_shot
-    from .backbones import load_backbone
-    from .data import evenly_spaced, load_dataset
-    from .data.protocols import check_classes
-    from .engine.evaluate import prompt_collisions
-    from .engine.runtime import compute_dtype, default_workers, make_runtime
-    from .trained import checked_items, drop_unreadable
+    from .data import load_dataset
+    from .trained import evaluate_zero_shot
 
-    data = load_dataset(args.dataset, args.root)
-    check_classes(data, "zero-shot classification")
-    items = evenly_spaced(getattr(data, args.split), args.limit)
-    items, skipped = checked_items(items, data.image_reader, args.skip_bad_images)
-    templates = [data.template] if args.dataset_template else [args.template]
-    for warning in prompt_collisions(data.classnames, templates[0]):
-        log.warning("warning: %s", warning)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu)
-    rt = make_runtime(args.device)
-    backbone.to(rt.device)
-    backbone.model.to(compute_dtype(backbone.model, rt))
-    workers = args.workers if args.workers >= 0 else default_workers()
-    result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache)
-    unreadable = result.pop("unreadable")  # found by the decode of the pass itself (a truncated file)
-    drop_unreadable(items, unreadable, args.skip_bad_images)
-    result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result,
-              "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
-    _emit(result, args.json, f"{data.name} {args.split}: zero-shot top-1 {result['top1']:.2f}% (n={result['n']}"
-                             f"{', cached' if result.get('cached') else ''})")
+    template = load_dataset(args.dataset, args.root).template if args.dataset_template else args.template
+    result = evaluate_zero_shot(args.model, args.pretrained, args.dataset, args.root, args.split, template,
+                                args.quick_gelu, args.batch_size, args.workers, args.device, args.limit,
+                                use_cache=not args.no_cache, skip_bad_images=args.skip_bad_images)
+    _emit(result, args.json, f"{result['dataset']} {args.split}: zero-shot top-1 {result['top1']:.2f}% "
+                             f"(n={result['n']}{', cached' if result.get('cached') else ''})")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import load_trained, predict
+    from .trained import image_paths, load_trained, predict
 
+    images = image_paths(args.images)
     backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device)
-    images = _collect_images(args.images)
     run = meta["run"]
     out = predict(backbone, rt, images, run["classnames"], run["template"], run.get("logit_scale", 100.0), args.topk)
     if args.json:
@@ -230,22 +212,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
     print("\n".join(summary_lines(results, output)))
     return 0
-
-
-def _collect_images(paths: Sequence[str]) -> list[str]:
-    from .data.datasets import list_image_files
-
-    out: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += list_image_files(p)
-        elif os.path.lexists(p):
-            out.append(str(p))  # the image opener names what is wrong with a special file
-        else:
-            raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
-    if not out:
-        raise BlockLoRAError(f"no images found in {', '.join(paths)}")
-    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:

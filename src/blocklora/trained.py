@@ -124,6 +124,52 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, sp
             "skipped_images": [{"path": p, "reason": r} for p, r in skipped]}
 
 
+def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",
+                       template: str = "a photo of a {}.", quick_gelu: str = "auto", batch_size: int = 128,
+                       workers: int = -1, device: str = "auto", limit: int | None = None, use_cache: bool = True,
+                       skip_bad_images: bool = False) -> dict[str, Any]:
+    """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (cached: engine/evaluate.zero_shot)."""
+    batch_size = checks.number("batch_size", batch_size, checks.Range(1, 65536, integer=True))
+    workers = checks.number("workers", workers, checks.Range(-1, 256, integer=True))
+    checks.choice("split", split, ("test", "val", "train"))
+    template = checks.template("template", template)
+    data = load_dataset(dataset, root)
+    check_classes(data, "zero-shot classification")
+    items = evenly_spaced(getattr(data, split), limit)
+    if not items:
+        raise DataError(f"dataset {dataset} at {root} has no {split} images")
+    items, skipped = checked_items(items, data.image_reader, skip_bad_images)
+    for warning in ev.prompt_collisions(data.classnames, template):
+        log.warning("warning: %s", warning)
+    backbone = load_backbone(model, pretrained, quick_gelu)
+    rt = make_runtime(checks.device("--device", device))
+    backbone.to(rt.device)
+    backbone.model.to(compute_dtype(backbone.model, rt))
+    workers = workers if workers >= 0 else default_workers()
+    result = ev.zero_shot(backbone, data, items, [template], rt, batch_size, workers, use_cache=use_cache)
+    unreadable = result.pop("unreadable")  # found by the pass's own decode (a truncated file)
+    drop_unreadable(items, unreadable, skip_bad_images)
+    return {"model": model, "dataset": data.name, "split": split, "templates": [template], **result,
+            "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
+
+
+def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
+    from .data.datasets import list_image_files
+
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += list_image_files(p)
+        elif os.path.lexists(p):
+            out.append(str(p))  # the image opener names what is wrong with a special file
+        else:
+            raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
+    if not out:
+        raise BlockLoRAError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
 @torch.no_grad()
 def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
             template: str, logit_scale: float = 100.0, topk: int = 5) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset, collate_reported
-from ..data.types import Item
+from ..data.types import DatasetSplits, Item
 from .runtime import Runtime, eval_mode
 
 TEXT_CHUNK = 1000  # prompts per text-tower pass (bounds memory for large class sets)
@@ -144,6 +144,39 @@ def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:
     return [f"classes {' and '.join(f'{i} ({classnames[i]!r})' for i in group)} have the same prompt "
             f"{prompts([classnames[group[0]]], template)[0]!r}: they are scored separately but the model cannot tell "
             "them apart; rename one" for group in by_prompt.values() if len(group) > 1]
+
+
+# -- zero-shot: the frozen model, cached -------------------------------------------------------------------------------
+def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], templates: Sequence[str],
+              runtime: Runtime, batch_size: int, workers: int, use_cache: bool = True,
+              features: dict | None = None, need_features: bool = False) -> dict[str, Any]:
+    """Accuracy of the frozen model (adapters, if any, switched off), cached by weights + data + prompts.
+
+    `features`, a dict, shares the frozen image features (under "frozen") between calls on the same items, so
+    several prompt sets decode the images once; with need_features they are computed even on a cache hit (a
+    text-only adapter's evaluation reuses them). The result's "unreadable" lists images the pass could not decode."""
+    from ..adapters.inject import adapters_disabled
+    from .distributed import all_ranks
+
+    key = zero_shot_key(backbone, data.name, items, data.classnames, templates)
+    cached = read_cached(key) if use_cache else None
+    if cached is not None and not isinstance(cached.get("per_class"), list):
+        cached = None  # an entry of an older format (per-class results keyed by name)
+    if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
+        cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
+    if cached is not None and not need_features:
+        return {"unreadable": [], **cached, "cached": True}
+    with adapters_disabled(backbone.model):
+        feats = features.get("frozen") if features is not None else None
+        if feats is None:
+            feats = image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
+            if features is not None:
+                features["frozen"] = feats
+        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime,
+                             features=feats)
+    if runtime.is_main:
+        write_cached(key, result)
+    return {**result, "cached": False}
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ class Trainer:
             self.state.skipped += 1
             self.state.step += 1
             with warnings.catch_warnings():  # the schedule follows the step count, taken or skipped
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 self.scheduler.step()
             return {"step": self.state.step, "loss": None, "acc": 0.0, "skipped": True,
                     "lr": self.scheduler.get_last_lr()[0]}

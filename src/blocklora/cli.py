@@ -170,10 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .data import load_dataset
     from .trained import evaluate_zero_shot
 
-    template = load_dataset(args.dataset, args.root).template if args.dataset_template else args.template
+    template = None if args.dataset_template else args.template  # None: the dataset's own (CoOp's)
     result = evaluate_zero_shot(args.model, args.pretrained, args.dataset, args.root, args.split, template,
                                 args.quick_gelu, args.batch_size, args.workers, args.device, args.limit,
                                 use_cache=not args.no_cache, skip_bad_images=args.skip_bad_images)

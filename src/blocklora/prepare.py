@@ -96,14 +96,16 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> Prepared:
     test_items = [i for s in eval_sets.values() for i in getattr(s, cfg.eval.split)]
     if not test_items:
         raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")
-    # The few training shots are decoded in full (each is read many times). Test images are checked by header only:
-    # the evaluation pass decodes each once anyway and reports what only a full decode finds (skip_unreadable).
-    bad = verify_images(fewshot.train, data.image_reader, full=True)
-    bad += verify_images(test_items, data.image_reader, full=False)
-    # cross-dataset / DG test sets (eval.datasets), checked like the rest
+    # The few training shots are decoded in full (each is read many times). Test images are decoded once, by the
+    # first evaluation pass, which reports every image it cannot use (skip_unreadable): when that pass is the
+    # zero-shot one, before training, a file check is enough here; without it, headers are read before training.
+    bad = verify_images(fewshot.train, data.image_reader, level="decode")
+    test_level = "file" if cfg.eval.zero_shot else "header"
+    bad += verify_images(test_items, data.image_reader, level=test_level)
+    # cross-dataset / DG test sets (eval.datasets), first decoded after training: headers now
     targets = {k: limit_split(t, cfg.eval.split, cfg.eval.limit) for k, t in load_targets(cfg).items()}
     for target in targets.values():
-        bad += verify_images(getattr(target, cfg.eval.split), target.image_reader, full=False)
+        bad += verify_images(getattr(target, cfg.eval.split), target.image_reader, level="header")
     eval_sets.update(targets)
     train_items = list(fewshot.train)
     if bad:

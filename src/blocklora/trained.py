@@ -24,7 +24,7 @@ from . import checks
 from .adapters.inject import merged_state_dict
 from .adapters.io import load_adapter, read_adapter_meta
 from .backbones import Backbone, load_backbone
-from .data import evenly_spaced, load_dataset, subsample_classes
+from .data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
 from .data.images import verify_images
 from .data.protocols import check_classes
 from .engine import evaluate as ev
@@ -73,9 +73,9 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
 
 
 def checked_items(items: list, reader: Any, skip_bad_images: bool) -> tuple[list, list[tuple[str, str]]]:
-    """Items whose headers read (missing, special and non-image files, bombs found without decoding), or a
-    DataError naming the first bad one unless skip_bad_images."""
-    bad = verify_images(items, reader, full=False)
+    """Items that are regular files, or a DataError naming the first bad one unless skip_bad_images. The one pass
+    that follows decodes each image and reports what else is wrong (_finish)."""
+    bad = verify_images(items, reader, level="file")
     return drop_unreadable(items, bad, skip_bad_images)
 
 
@@ -93,20 +93,21 @@ def drop_unreadable(items: list, bad: list[tuple[str, str]], skip_bad_images: bo
     return [i for i in items if i.path not in paths], bad
 
 
-def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, split: str = "test",
-                     pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
-                     classes: str = "all", template: str | None = None, force: bool = False,
-                     device: str = "auto", limit: int | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
-    """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
+def _eval_options(batch_size: int, workers: int, split: str, limit: int | None) -> tuple[int, int]:
+    """The evaluation options of eval and zeroshot, checked; -1 workers becomes the default count."""
     batch_size = checks.number("batch_size", batch_size, checks.Range(1, 65536, integer=True))
     workers = checks.number("workers", workers, checks.Range(-1, 256, integer=True))
     checks.choice("split", split, ("test", "val", "train"))
     if limit is not None:
         checks.number("limit", limit, checks.Range(1, integer=True))
-    backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device)
-    template = checks.template("template", template or meta["run"]["template"])
+    return batch_size, workers if workers >= 0 else default_workers()
+
+
+def _test_set(dataset: str, root: str, classes: str, split: str, limit: int | None, template: str,
+              skip_bad_images: bool, what: str) -> tuple[DatasetSplits, list, list[tuple[str, str]]]:
+    """(dataset, its evaluated items, the (path, reason) skipped): classes, headers and prompts checked."""
     data = load_dataset(dataset, root)
-    check_classes(data, "evaluation", classes)
+    check_classes(data, what, classes)
     if classes != "all":
         data = subsample_classes(data, classes)
     items = evenly_spaced(getattr(data, split), limit)
@@ -115,42 +116,51 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, sp
     items, skipped = checked_items(items, data.image_reader, skip_bad_images)
     for warning in ev.prompt_collisions(data.classnames, template):
         log.warning("warning: %s", warning)
-    workers = workers if workers >= 0 else default_workers()
-    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
-    unreadable = result.pop("unreadable")  # what only a full decode finds (a truncated file)
+    return data, items, skipped
+
+
+def _finish(items: list, result: dict[str, Any], skipped: list[tuple[str, str]], skip_bad_images: bool,
+            ) -> dict[str, Any]:
+    """An evaluation pass's result, with the images only its full decode found unreadable (a truncated file):
+    an error naming the first, or listed with the skipped ones."""
+    unreadable = result.pop("unreadable")
     drop_unreadable(items, unreadable, skip_bad_images)
-    skipped += unreadable
-    return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes, **result,
-            "skipped_images": [{"path": p, "reason": r} for p, r in skipped]}
+    return {**result, "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
+
+
+def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, split: str = "test",
+                     pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
+                     classes: str = "all", template: str | None = None, force: bool = False,
+                     device: str = "auto", limit: int | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
+    """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
+    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device)
+    template = checks.template("template", template or meta["run"]["template"])
+    data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation")
+    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
+    return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
+            **_finish(items, result, skipped, skip_bad_images)}
 
 
 def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",
-                       template: str = "a photo of a {}.", quick_gelu: str = "auto", batch_size: int = 128,
+                       template: str | None = "a photo of a {}.", quick_gelu: str = "auto", batch_size: int = 128,
                        workers: int = -1, device: str = "auto", limit: int | None = None, use_cache: bool = True,
                        skip_bad_images: bool = False) -> dict[str, Any]:
-    """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (cached: engine/evaluate.zero_shot)."""
-    batch_size = checks.number("batch_size", batch_size, checks.Range(1, 65536, integer=True))
-    workers = checks.number("workers", workers, checks.Range(-1, 256, integer=True))
-    checks.choice("split", split, ("test", "val", "train"))
-    template = checks.template("template", template)
-    data = load_dataset(dataset, root)
-    check_classes(data, "zero-shot classification")
-    items = evenly_spaced(getattr(data, split), limit)
-    if not items:
-        raise DataError(f"dataset {dataset} at {root} has no {split} images")
-    items, skipped = checked_items(items, data.image_reader, skip_bad_images)
-    for warning in ev.prompt_collisions(data.classnames, template):
-        log.warning("warning: %s", warning)
+    """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (None: the dataset's own, CoOp's);
+    cached (engine/evaluate.zero_shot)."""
+    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    if template is not None:
+        checks.template("template", template)
+    data, items, skipped = _test_set(dataset, root, "all", split, limit, template or "{}", skip_bad_images,
+                                     "zero-shot classification")
+    template = template or data.template
     backbone = load_backbone(model, pretrained, quick_gelu)
     rt = make_runtime(checks.device("--device", device))
     backbone.to(rt.device)
     backbone.model.to(compute_dtype(backbone.model, rt))
-    workers = workers if workers >= 0 else default_workers()
     result = ev.zero_shot(backbone, data, items, [template], rt, batch_size, workers, use_cache=use_cache)
-    unreadable = result.pop("unreadable")  # found by the pass's own decode (a truncated file)
-    drop_unreadable(items, unreadable, skip_bad_images)
-    return {"model": model, "dataset": data.name, "split": split, "templates": [template], **result,
-            "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
+    return {"model": model, "dataset": data.name, "split": split, "templates": [template],
+            **_finish(items, result, skipped, skip_bad_images)}
 
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -86,6 +86,14 @@ def open_image_file(path: str) -> Image.Image:
         raise _fail(path, e) from None
 
 
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be an image file, from its metadata alone (missing, a folder, a FIFO, ...), or None."""
+    try:
+        return _not_regular(os.stat(path).st_mode)
+    except OSError as e:
+        return reason(e)
+
+
 def header_problem(path: str) -> str | None:
     """Why `path` cannot be used as an image, from its header alone (no pixel decode), or None.
 

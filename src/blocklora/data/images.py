@@ -1,9 +1,10 @@
 """Images for the model: a torch Dataset over Items, and checks that every image can be used.
 
-Two checks, by cost: `verify_images(items, full=True)` decodes every image (for the few training shots, read many
-times); `full=False` reads headers only (for large test sets: missing files, non-images, special files, bombs,
-unsupported modes), and the evaluation pass, which decodes each test image once anyway, reports what only a full
-decode finds (truncation) through `ImageDataset(report=True)` instead of failing the pass.
+`verify_images(items, level)` at three costs: "decode" decodes every image (the few training shots, each read many
+times); "header" reads headers only (missing files, special files, non-images, bombs, unsupported modes; a test set
+whose first decode would come after training); "file" only looks for a regular file (a test set whose first decode,
+the evaluation pass, comes next anyway). The evaluation pass decodes each image once and reports every image it
+cannot use (truncation included) through `ImageDataset(report=True)` instead of failing the pass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .decode import header_problem, open_image_file, reason
+from .decode import file_problem, header_problem, open_image_file, reason
 from .types import Item
 
 CHUNK = 4096  # images handed to the thread pool at a time (bounds the number of pending futures)
@@ -71,10 +72,18 @@ def read_image(reader: Callable[[str], Image.Image], path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {reason(e)}") from None
 
 
-def _check(reader: Callable[[str], Image.Image], path: str, full: bool) -> str | None:
-    """None if the image can be used (decodes completely, with full), else why not."""
-    if reader is open_image_file and not full:
+LEVELS = ("file", "header", "decode")
+
+
+def _check(reader: Callable[[str], Image.Image], path: str, level: str) -> str | None:
+    """None if the image passes the check at `level`, else why not. Only "decode" applies to custom readers (images
+    held in memory: reading one is the cheap part)."""
+    if reader is open_image_file and level == "file":
+        return file_problem(path)
+    if reader is open_image_file and level == "header":
         return header_problem(path)
+    if level != "decode":
+        return None
     try:
         image = read_image(reader, path)
         image.load()  # readers may return lazily loaded images; force the full decode
@@ -84,12 +93,15 @@ def _check(reader: Callable[[str], Image.Image], path: str, full: bool) -> str |
 
 
 def verify_images(items: Iterable[Item], reader: Callable[[str], Image.Image] = open_image_file,
-                  workers: int | None = None, full: bool = True) -> list[tuple[str, str]]:
-    """(path, reason) for every image that cannot be used: missing, special file, not an image, too many pixels,
-    unsupported mode and, with full=True, corrupt or truncated (full decode; else header only).
+                  workers: int | None = None, level: str = "decode") -> list[tuple[str, str]]:
+    """(path, reason) for every image that fails the check at `level` (see the module docstring): "file" finds
+    missing and special files, "header" also non-images, too many pixels and unsupported modes, "decode" also
+    corrupt and truncated files.
 
     Each distinct path is checked once, in a thread pool (PIL releases the GIL while decoding); the result follows
     the order of first appearance. PIL's ImageFile.LOAD_TRUNCATED_IMAGES, if a program sets it, hides truncation."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     paths = list(dict.fromkeys(i.path for i in items))
     if not paths:
         return []
@@ -98,7 +110,7 @@ def verify_images(items: Iterable[Item], reader: Callable[[str], Image.Image] = 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify-images") as pool:
         for start in range(0, len(paths), CHUNK):
             chunk = paths[start:start + CHUNK]
-            for path, why in zip(chunk, pool.map(lambda p: _check(reader, p, full), chunk)):
+            for path, why in zip(chunk, pool.map(lambda p: _check(reader, p, level), chunk)):
                 if why is not None:
                     bad.append((path, why))
     return bad

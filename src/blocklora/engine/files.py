@@ -1,4 +1,4 @@
-"""Files that must never be half-written: atomic JSON / torch saves, a run-directory lock, JSONL metrics.
+"""Files that must never be half-written: atomic JSON / torch saves, JSONL metrics (a run folder's lock: rundir.py).
 
 Every JSON blocklora writes goes through `to_json`: valid JSON only (a non-finite float becomes null, never a bare
 NaN or Infinity that strict parsers reject).
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,24 +115,3 @@ class JsonlWriter:
 
     def close(self) -> None:
         self.fh.close()
-
-
-@contextlib.contextmanager
-def run_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock on a run directory: a second run into the same directory refuses instead of interleaving.
-
-    flock on DIR/.lock: the kernel drops it when the holder exits, even on kill -9. The file itself stays (deleting
-    it would let a third process lock a fresh inode while the first still runs).
-    """
-    import fcntl
-
-    fh = open(Path(directory) / ".lock", "a")  # noqa: SIM115 - "a": never truncate a file another run holds
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BlockLoRAError(f"another blocklora run is writing to {directory} right now: wait for it or "
-                                 "choose another --output") from None
-        yield
-    finally:
-        fh.close()

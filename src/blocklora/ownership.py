@@ -27,7 +27,8 @@ from .errors import BlockLoRAError
 MARKER = ".blocklora"
 TEMP_TAG = ".blocklora-"
 TEMP_SUFFIX = ".tmp"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.blocklora-(?P<pid>\d+)-[^/]*\.tmp$")
+# .<name>.blocklora-<pid>-<random>.tmp, optionally followed by the name's own suffix (an export's format follows it)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.blocklora-(?P<pid>\d+)-[^/]*?\.tmp(\.\w+)?$")
 
 
 # -- the marker ------------------------------------------------------------------------------------------------------

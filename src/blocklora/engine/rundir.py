@@ -61,7 +61,7 @@ class RunDir:
     # -- state ---------------------------------------------------------------------------------------------------
     @property
     def made_by_blocklora(self) -> bool:
-        return self.path.is_dir() and not self.path.is_symlink() and marker_kind(self.path) == KIND
+        return self.path.is_dir() and marker_kind(self.path) == KIND  # a link to a run folder is that folder
 
     @property
     def legacy(self) -> bool:

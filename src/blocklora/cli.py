@@ -140,6 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(r: dict[str, Any], output: str) -> None:
+    from .engine.rundir import RunDir
+
     zs = r.get("zero_shot_top1")
     line = f"top-1 {r['top1']:.2f}%"
     if zs is not None:
@@ -149,7 +151,7 @@ def _print_results(r: dict[str, Any], output: str) -> None:
     if "harmonic_mean" in r:
         line += f" | base {r['base_top1']:.2f} new {r['new_top1']:.2f} HM {r['harmonic_mean']:.2f}"
     print(f"{line} | {r['trainable_params']:,} trainable params | {r['wall_time_s']['total']:.1f}s | "
-          f"results: {Path(output) / 'results.json'}")
+          f"results: {RunDir(output).results}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

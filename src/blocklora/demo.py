@@ -82,7 +82,7 @@ def _predict_examples(rd: RunDir, cfg: RunConfig, n: int) -> list[dict[str, Any]
     chosen = [first[c] for c in sorted(first)][:n]
     folder = rd.examples
     folder.mkdir(exist_ok=True)
-    mark(folder, "examples")  # --overwrite may clear it
+    mark(folder, RunDir.OWNED_DIRS[RunDir.EXAMPLES])  # made here: --overwrite may clear it
     paths = []
     for item in chosen:
         path = folder / f"{item.path.replace('/', '-')}.png"  # e.g. test-17.png: index in the original file

@@ -224,7 +224,7 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False)
     state = merged_state_dict(backbone.model)
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output.parent, name=output.name)
+    remove_stale_temps(output.parent)  # leftovers of killed writes here (their process is gone)
     # a temporary name with the output's suffix (the format follows it), removed on any failure
     fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(output.name), suffix=f"{TEMP_SUFFIX}{output.suffix}",
                                     dir=output.parent)

@@ -109,7 +109,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str |
     except (TypeError, ValueError) as e:
         raise ConfigError(f"save_adapter(extra=...) must hold finite JSON values: {e}") from None
     directory.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(directory.parent, name=directory.name)  # leftovers of a killed save of this adapter
+    remove_stale_temps(directory.parent)  # leftovers of killed writes here (their process is gone)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
     try:
         try:

@@ -26,7 +26,7 @@ def atomic_write(path: Path, write) -> None:
 
     The file gets the mode the umask allows, as open() would give it (mkstemp alone makes it private)."""
     path = Path(path)
-    remove_stale_temps(path.parent, name=path.name)  # of an earlier write of this file that a kill interrupted
+    remove_stale_temps(path.parent)  # leftovers of writes here that a kill interrupted (their process is gone)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -20,6 +20,14 @@ from .config import AdapterConfig
 from .core import add_up_projection, delta_weight, fold_dropout, fold_factor, init_factors, scaling_factor
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The adapters' dtype: float32 at least, whatever the frozen weights' (a float16 or bfloat16 checkpoint).
+
+    AdamW on half-precision parameters loses small updates and divides by an epsilon (1e-8) that float16 rounds to
+    zero: NaN within steps. The adapter branch casts its input to this dtype and its output back (see forward)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class SharedFold:
     """The folded input of Linears that read the same tensor (self-attention's q, k and v), computed once.
 
@@ -248,12 +256,6 @@ class BlockLoRAConv1x1(AdapterLayer):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, r={self.r}, "
                 f"n_blocks={self.n_blocks}, scaling={self.scaling:.4g}, dropout={self.dropout_p}")
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The adapter factors' dtype: the frozen weight's, but fp32 under half-precision frozen weights (AdamW's
-    moments and small updates underflow or overflow in fp16; autocast still runs the products in half)."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def check_width(width: int, n_blocks: int, what: str) -> None:

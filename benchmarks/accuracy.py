@@ -191,12 +191,12 @@ class Grid:
         backbone = load_backbone(cfg.model, cfg.pretrained)
         rt = make_runtime("cpu")
         test = evenly_spaced(data.test, self.test_images)
-        test_x, test_y = image_features(backbone, test, data.image_reader, rt, 100, 0, "probe: test features")
+        test_x, test_y, _ = image_features(backbone, test, data.image_reader, rt, 100, 0, "probe: test features")
         out = {}
         for k, s, key, recipe in todo:
             t0 = time.perf_counter()
             train = sample_few_shot(data, k, s, cfg.data.sampler, cfg.data.replace).train
-            x, y = image_features(backbone, train, data.image_reader, rt, 100, 0, "probe: train features")
+            x, y, _ = image_features(backbone, train, data.image_reader, rt, 100, 0, "probe: train features")
             result = linear_probe(x, y, test_x, test_y, len(data.classnames), s)
             out[key] = {**result, "shots": k, "seed": s, "wall_s": round(time.perf_counter() - t0, 1),
                         "n_test": len(test), "params": (x.shape[1] + 1) * len(data.classnames),

@@ -31,8 +31,8 @@ def test_overrides_and_round_trip():
 @pytest.mark.parametrize(("override", "message"), [
     ("lr=abc", "bad value 'abc' for lr"), ("nope=1", "unknown config key 'nope'"), ("lr", "write key=value"),
     ("batch_size=4", "ambiguous"), ("train.schedule=linear", "unknown schedule"),
-    ("adapter.n_blocks=0", "n_blocks must be a positive integer"), ("data.sampler=x", "unknown sampler"),
-    ("train.template=photo", "no '{}'"), ("data.shots=0", "shots must be >= 1"),
+    ("adapter.n_blocks=0", "adapter.n_blocks must be an integer >= 1"), ("data.sampler=x", "unknown sampler"),
+    ("train.template=photo", "no '{}'"), ("data.shots=0", "data.shots must be an integer >= 1"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ConfigError, match=message):

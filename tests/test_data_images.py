@@ -80,7 +80,7 @@ def test_verify_images_custom_reader():
             raise DataError("no such key")
         return Image.new("RGB", (1, 1))
 
-    assert verify_images([Item("ok", 0), Item("bad", 0)], reader) == [("bad", "DataError: no such key")]
+    assert verify_images([Item("ok", 0), Item("bad", 0)], reader) == [("bad", "no such key")]
 
 
 def test_verify_images_is_fast(tmp_path):
@@ -94,3 +94,84 @@ def test_verify_images_is_fast(tmp_path):
     t = time.perf_counter()
     assert verify_images([Item(str(p), 0) for p in paths]) == []
     assert time.perf_counter() - t < 5
+
+
+# -- the safe opener: high bit depths, special files, bombs; the three check levels ------------------------------
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from blocklora.data import open_image_file
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "g16.png")
+    got = np.asarray(open_image_file(str(tmp_path / "g16.png")))
+    assert got.shape == (64, 64, 3) and (got[..., 0] == got[..., 2]).all()
+    stored = ramp.astype(np.uint16).astype(np.float64)
+    assert np.array_equal(got[..., 0], np.rint(stored * 255 / 65535).astype(np.uint8))
+    unit = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(unit).save(tmp_path / "f.tif")
+    assert np.array_equal(np.asarray(open_image_file(str(tmp_path / "f.tif")))[..., 0],
+                          np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    Image.fromarray((unit * 200).astype(np.float32)).save(tmp_path / "f255.tif")  # already in 8-bit range: as is
+    assert np.asarray(open_image_file(str(tmp_path / "f255.tif"))).max() == 200
+    Image.fromarray(unit * 2 - 1).save(tmp_path / "signed.tif")
+    with pytest.raises(DataError, match=r"signed\.tif: F image with values in \[-1, 1\]"):
+        open_image_file(str(tmp_path / "signed.tif"))
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match="NaN"):
+        open_image_file(str(tmp_path / "nan.tif"))
+
+
+def test_special_files_and_bombs_are_refused_without_opening(tmp_path, monkeypatch):
+    import os
+
+    from blocklora.data import open_image_file
+    from blocklora.data.decode import header_problem
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would block forever
+    assert header_problem(str(tmp_path / "pipe.png")) == "not a regular file: it is a FIFO (named pipe)"
+    assert header_problem("/dev/null") == "not a regular file: it is a character device"
+    with pytest.raises(DataError, match="FIFO"):
+        open_image_file(str(tmp_path / "pipe.png"))
+    write_image(tmp_path / "big.png", size=(60, 60))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's warning (the CLI silences it): refused anyway
+        assert "decompression bomb" in header_problem(str(tmp_path / "big.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: PIL's own error, same words
+    assert "decompression bomb" in header_problem(str(tmp_path / "big.png"))
+
+
+def test_check_levels_find_what_they_promise(tmp_path):
+    import os
+
+    good = write_image(tmp_path / "good.png", size=(20, 20))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    os.mkfifo(tmp_path / "pipe.png")
+    items = [Item(str(p), 0) for p in (good, truncated, text, tmp_path / "pipe.png", tmp_path / "missing.png")]
+    found = {level: [p.rsplit("/", 1)[1] for p, _ in verify_images(items, level=level)]
+             for level in ("file", "header", "decode")}
+    assert found == {"file": ["pipe.png", "missing.png"], "header": ["text.png", "pipe.png", "missing.png"],
+                     "decode": ["truncated.png", "text.png", "pipe.png", "missing.png"]}
+    ds = ImageDataset(items, to_tensor, report=True)  # an evaluation pass: reports, never raises
+    assert [ds[i][3] is None for i in range(len(items))] == [True, False, False, False, False]
+
+
+def test_folder_walk_follows_links_once_and_refuses_undecodable_names(tmp_path):
+    import os
+
+    from blocklora.data.datasets import list_image_files
+
+    write_image(tmp_path / "c" / "a.png")
+    write_image(tmp_path / "c" / "sub" / "b.png")
+    (tmp_path / "c" / "loop").symlink_to(".")
+    (tmp_path / "c" / "sub" / "up").symlink_to("..")
+    (tmp_path / "other").mkdir()
+    write_image(tmp_path / "other" / "x.png")
+    (tmp_path / "c" / "linked").symlink_to(tmp_path / "other")  # a link to a real folder elsewhere: followed
+    assert [p.removeprefix(str(tmp_path / "c")) for p in list_image_files(tmp_path / "c")] == [
+        "/a.png", "/linked/x.png", "/sub/b.png"]
+    with open(os.fsencode(tmp_path / "c") + b"/caf\xe9.png", "wb") as fh:
+        fh.write((tmp_path / "c" / "a.png").read_bytes())
+    with pytest.raises(DataError, match=r"caf\\xe9\.png is not valid UTF-8"):
+        list_image_files(tmp_path / "c")

@@ -56,7 +56,7 @@ def _evaluated(out: Path):
     def predictions() -> torch.Tensor:
         with torch.no_grad():
             txt = ev.encode_classes(backbone, data.classnames, [meta["run"]["template"]], rt)
-        feats, _ = ev.image_features(backbone, items, data.image_reader, rt, 128)
+        feats = ev.image_features(backbone, items, data.image_reader, rt, 128).feats
         return (feats @ txt.T).argmax(-1)
 
     after = predictions()

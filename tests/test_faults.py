@@ -180,18 +180,20 @@ def test_kill_during_checkpoint_write(data, tmp_path, uninterrupted):
     """The process dies half-way through writing its second checkpoint: the first one must survive intact."""
     out = tmp_path / "run"
     script = f"""
-import os, torch
+import os
 import blocklora.engine.files as files
 calls = [0]
-real_save = torch.save
-def dying_save(obj, fh, *a, **k):
-    calls[0] += 1
+real_write = files.atomic_write
+def dying_write(path, write):
+    calls[0] += path.name == "checkpoint.pt"
     if calls[0] == 2:
-        fh.write(b"half a checkpoint")
-        fh.flush()
-        os._exit(137)  # killed mid-write
-    return real_save(obj, fh, *a, **k)
-files.torch.save = dying_save
+        def half(fh):
+            fh.write(b"half a checkpoint")
+            fh.flush()
+            os._exit(137)  # killed mid-write
+        return real_write(path, half)
+    return real_write(path, write)
+files.atomic_write = dying_write
 from blocklora.cli import main
 main({_long_run(data, out)!r})
 """

@@ -25,7 +25,7 @@ TINY = ["--model", "tiny-clip", "--pretrained", "none", "--workers", "0"]
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    return make_folder_dataset(tmp_path_factory.mktemp("data") / "colours", n_classes=3, train_per_class=3,
+    return make_folder_dataset(tmp_path_factory.mktemp("data") / "colours", n_classes=4, train_per_class=3,
                                test_per_class=2)
 
 

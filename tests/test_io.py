@@ -13,6 +13,7 @@ import torch
 import blocklora
 from blocklora import AdapterConfig, AdapterMismatchError, inject, load_adapter, save_adapter
 from blocklora.adapters.io import CONFIG_FILE, WEIGHTS_FILE
+from blocklora.ownership import MARKER
 from conftest import make_hf, make_openclip, randomize_adapters
 
 
@@ -111,7 +112,7 @@ def test_save_refuses_overwrite_and_leaves_no_temp(tmp_path):
         save_adapter(model, tmp_path / "a")
     save_adapter(model, tmp_path / "a", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [MARKER, CONFIG_FILE, WEIGHTS_FILE]
 
 
 def test_fingerprint_is_dtype_independent_and_weight_sensitive():

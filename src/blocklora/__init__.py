@@ -3,6 +3,8 @@
 The public names below are loaded on first use (PEP 562), together with blocklora.backbones, which registers where
 adapters go in each supported model family. So `blocklora.inject(model)` works on open_clip, transformers and
 effnet-minilm models, while `import blocklora.adapters...` alone loads the method library and no model family.
+`import blocklora` and the command line start without loading torch, so Ctrl-C during start-up reaches the
+CLI's handler instead of interrupting an import.
 """
 
 from __future__ import annotations

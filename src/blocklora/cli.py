@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .errors import BlockLoRAError
 
 log = logging.getLogger("blocklora")
@@ -124,7 +125,7 @@ def cmd_params(args: argparse.Namespace) -> int:
               "towers": {t: {k: v for k, v in c.items() if k != "modules"} | {"modules": len(c["modules"])}
                          for t, c in cost["towers"].items()}}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(_json(report))
         return 0
     print(f"{args.model}: {cfg.method} r={cfg.r} n_blocks={cfg.n_blocks} projections={','.join(cfg.projections)} "
           f"layers={cfg.layers} towers={','.join(cfg.towers)}")
@@ -155,6 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(r: dict[str, Any], output: str) -> None:
+    from .engine.rundir import RunDir
+
     zs = r.get("zero_shot_top1")
     line = f"top-1 {r['top1']:.2f}%"
     if zs is not None:
@@ -164,7 +167,7 @@ def _print_results(r: dict[str, Any], output: str) -> None:
     if "harmonic_mean" in r:
         line += f" | base {r['base_top1']:.2f} new {r['new_top1']:.2f} HM {r['harmonic_mean']:.2f}"
     print(f"{line} | {r['trainable_params']:,} trainable params | {r['wall_time_s']['total']:.1f}s | "
-          f"results: {Path(output) / 'results.json'}")
+          f"results: {RunDir(output).results}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -174,49 +177,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
         result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                   args.batch_size, args.workers, args.classes, force=args.force, device=args.device,
-                                  limit=args.limit, tokenizer=args.tokenizer)
+                                  limit=args.limit, skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
                   f"(mean per class {result['mean_per_class']:.2f}%, n={result['n']})")
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        print(_json(results[0] if len(results) == 1 else results))
     return 0
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .api import zero_shot
-    from .backbones import load_backbone
-    from .data import evenly_spaced, load_dataset
-    from .engine.runtime import default_workers, make_runtime
+    from .trained import evaluate_zero_shot
 
-    data = load_dataset(args.dataset, args.root)
-    backbone = load_backbone(args.model, args.pretrained, args.quick_gelu, tokenizer=args.tokenizer)
-    rt = make_runtime(args.device)
-    backbone.to(rt.device)
-    items = evenly_spaced(getattr(data, args.split), args.limit)
-    templates = [data.template] if args.dataset_template else [args.template]
-    workers = args.workers if args.workers >= 0 else default_workers()
-    result = zero_shot(backbone, data, items, templates, rt, args.batch_size, workers, use_cache=not args.no_cache,
-                       split=args.split)
-    result = {"model": args.model, "dataset": data.name, "split": args.split, "templates": templates, **result}
-    _emit(result, args.json, f"{data.name} {args.split}: zero-shot top-1 {result['top1']:.2f}% (n={result['n']}"
-                             f"{', cached' if result.get('cached') else ''})")
+    template = None if args.dataset_template else args.template  # None: the dataset's own (CoOp's)
+    result = evaluate_zero_shot(args.model, args.pretrained, args.dataset, args.root, args.split, template,
+                                args.quick_gelu, args.batch_size, args.workers, args.device, args.limit,
+                                use_cache=not args.no_cache, skip_bad_images=args.skip_bad_images,
+                                tokenizer=args.tokenizer)
+    _emit(result, args.json, f"{result['dataset']} {args.split}: zero-shot top-1 {result['top1']:.2f}% "
+                             f"(n={result['n']}{', cached' if result.get('cached') else ''})")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import load_trained, predict
     from .engine.logits import Logits
+    from .trained import image_paths, load_trained, predict
 
-    backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, args.tokenizer)
-    images = _collect_images(args.images)
+    images = image_paths(args.images)
+    backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, tokenizer=args.tokenizer)
     run = meta["run"]
     kind = run.get("loss", "softmax")  # the probabilities the adapter was trained for
     logits = Logits(run.get("logit_scale", 100.0), run.get("logit_bias"), kind)
     out = predict(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(_json(out))
         return 0
     print("probabilities: " + ("SigLIP's per-class sigmoid (each class on its own; they need not sum to 1)"
                                if kind == "sigmoid" else "softmax over the classes"))
@@ -242,22 +237,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect_images(paths: Sequence[str]) -> list[str]:
-    from .data.datasets import IMAGE_EXTENSIONS
-
-    out: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            out.append(str(p))
-        else:
-            raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
-    if not out:
-        raise BlockLoRAError(f"no images found in {', '.join(paths)}")
-    return out
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import export, export_load_hint
 
@@ -273,12 +252,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     from .config import RunConfig
 
     # resolved: what a run with these overrides uses (unset fields at their defaults; see RunConfig.resolved)
-    print(json.dumps(RunConfig().with_overrides(args.overrides or []).resolved().to_dict(), indent=2))
+    print(_json(RunConfig().with_overrides(args.overrides or []).resolved().to_dict()))
     return 0
 
 
+def _json(data: Any) -> str:
+    from .engine.files import to_json  # strictly valid JSON: no bare NaN
+
+    return to_json(data)
+
+
 def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
-    print(json.dumps(result, indent=2) if as_json else line)
+    print(_json(result) if as_json else line)
 
 
 # -- parser ----------------------------------------------------------------------------------------------------------
@@ -345,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _data_options(p)
     _eval_options(p, pretrained=False, force=False)
-    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--template", default="a photo of a {}.", type=checks.arg(checks.template, "--template"))
     p.add_argument("--dataset-template", action="store_true", help="use the dataset's hand-made template (CoOp)")
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_zeroshot)
@@ -353,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k class names for images with a trained adapter")
     p.add_argument("--adapter", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_int_arg("--topk", 1, 100_000), default=5)
     p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
     _tokenizer_option(p)
     p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -398,24 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_arg(name: str, lo: int, hi: int | None = None):
+    return checks.arg(checks.number, name, checks.Range(lo, hi, integer=True), convert=int)
+
+
+_positive_int = _int_arg("value", 1)
 
 
 def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bool = True) -> None:
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=_int_arg("--batch-size", 1, 65536), default=128)
+    p.add_argument("--limit", type=_int_arg("--limit", 1), default=None,
                    help="test on a fixed subset of N images, evenly spaced through the split (default: all)")
-    p.add_argument("--workers", type=int, default=-1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=_int_arg("--workers", -1, 256), default=-1)
+    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in the output)")
     if pretrained:
         p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
         _tokenizer_option(p)
@@ -424,28 +407,51 @@ def _eval_options(p: argparse.ArgumentParser, pretrained: bool = True, force: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG, format="%(message)s",
-                        stream=sys.stderr)
-    for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import signals
+
+    debug = False
+    previous = signals.install()  # first: Ctrl-C from here on is one line, not a traceback
     try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        logging.basicConfig(level=logging.INFO if not debug else logging.DEBUG, format="%(message)s",
+                            stream=sys.stderr)
+        for noisy in ("open_clip", "root", "httpx", "huggingface_hub"):  # "root": open_clip logs through it
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # ours keeps its own level (it would inherit the root's ERROR): warnings before a run's log file opens show
+        logging.getLogger("blocklora").setLevel(logging.INFO if not debug else logging.DEBUG)
+        # blocklora refuses images over PIL's pixel limit itself (data/decode.py): PIL's own warning would be noise
+        warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return int(args.func(args) or 0)
     except BlockLoRAError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
-        if args.debug:
+        if debug:
             raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where} (check free space, permissions and paths)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (a run with checkpoints continues with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signals.report()
+        return signals.exit_code(e)
+    finally:
+        if argv is not None:  # called in process (tests, a program): give its handlers back. Not for the command
+            signals.restore(previous)  # itself: a second Ctrl-C right after the first must stay one line
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of a user error; for one re-raised by a DataLoader worker ("Caught DataError in DataLoader
+    worker process 0.\nOriginal Traceback ...\nblocklora.errors.DataError: the message"), the original message."""
+    text = str(e)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

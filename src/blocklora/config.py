@@ -23,12 +23,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import checks as c
 from .adapters.config import ALIASES as ADAPTER_ALIASES
 from .adapters.config import AdapterConfig
 from .engine.logits import KINDS as LOSSES
 from .errors import ConfigError
 
 SAMPLERS = ("clip-lora", "coop")
+MAX_SHOTS = 10_000  # images per class: beyond this "few-shot" is a typo (and 500 x K steps would never end)
+MAX_ITERS = 10**9
+# Options a resumed run may change: they do not change what is computed (the batches are a pure function of seed and
+# step whatever the number of loader workers, engine/stream.py; evaluation accuracy does not depend on its batch) or
+# only how progress is shown and how often the resumable state is saved.
+RESUMABLE = ("device", "data.workers", "eval.batch_size", "train.log_every", "train.checkpoint_every")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLASS_SUBSETS = ("all", "base", "new")
@@ -61,12 +68,12 @@ class DataConfig:
     workers: int = -1  # data-loading processes; -1 = min(8, cores - 1)
 
     def __post_init__(self) -> None:
-        if self.shots is not None and self.shots < 1:
-            raise ConfigError(f"shots must be >= 1, got {self.shots}")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
-        if self.classes is not None and self.classes not in CLASS_SUBSETS:
-            raise ConfigError(f"unknown class subset {self.classes!r}: use one of {', '.join(CLASS_SUBSETS)}")
+        c.apply(self, "data", {
+            "dataset": c.maybe(c.text(empty=False)), "root": c.text(),
+            "shots": c.num(1, MAX_SHOTS, integer=True, optional=True), "seed": c.maybe(c.seed),
+            "sampler": c.maybe(c.one_of(*SAMPLERS)), "split_file": c.text(optional=True),
+            "replace": c.maybe(c.boolean), "classes": c.maybe(c.one_of(*CLASS_SUBSETS)),
+            "skip_bad_images": c.boolean, "workers": c.num(-1, 256, integer=True)})
 
 
 @dataclass(frozen=True)
@@ -107,32 +114,38 @@ class TrainConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
-        if self.logit_scale != "auto":
-            try:
-                ok = float(self.logit_scale) > 0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ConfigError(f"train.logit_scale must be a positive number or auto, got {self.logit_scale!r}")
-            object.__setattr__(self, "logit_scale", float(self.logit_scale))
-        if self.loss not in LOSSES:
-            raise ConfigError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
-        if self.frozen_dtype not in FROZEN_DTYPES:
-            raise ConfigError(f"unknown frozen_dtype {self.frozen_dtype!r}: use one of {', '.join(FROZEN_DTYPES)}")
-        if self.nan_policy not in ("stop", "skip"):
-            raise ConfigError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
-        if self.batch_size < 1 or self.lr <= 0 or (self.iters is not None and self.iters < 1):
-            raise ConfigError("batch_size and iters must be >= 1 and lr > 0")
-        if "{}" not in self.template:
-            raise ConfigError(f"template {self.template!r} has no '{{}}' where the class name goes")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        c.apply(self, "train", {
+            "lr": c.num(0, lo_open=True), "weight_decay": c.num(0), "betas": _betas,
+            "schedule": c.one_of(*SCHEDULES), "min_lr": c.num(0), "warmup_iters": c.num(0, MAX_ITERS, integer=True),
+            "iters_per_shot": c.num(1, MAX_ITERS, integer=True),
+            "iters": c.num(1, MAX_ITERS, integer=True, optional=True), "batch_size": c.num(1, 65536, integer=True),
+            "drop_last": c.maybe(c.boolean), "frozen_dtype": c.one_of(*FROZEN_DTYPES),
+            "precision": c.one_of(*PRECISIONS), "logit_scale": _logit_scale,
+            "loss": c.one_of(*LOSSES), "template": c.template,
+            "aug_scale_min": c.num(0, 1, lo_open=True), "flip": c.boolean,
+            # a negative clip would make clip_grad_norm_ flip every gradient; 0 would zero them: training nothing
+            "grad_clip": c.num(0, lo_open=True, optional=True), "log_every": c.num(1, integer=True),
+            "checkpoint_every": c.num(0, integer=True), "nan_policy": c.one_of("stop", "skip"),
+            "deterministic": c.boolean, "grad_checkpointing": c.boolean})
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr:g}) is above train.lr ({self.lr:g}): the cosine schedule "
+                              "would raise the learning rate; lower min_lr")
 
     def total_iters(self, shots: int) -> int:
         return self.iters if self.iters is not None else self.iters_per_shot * shots
+
+
+def _logit_scale(name: str, value: Any) -> float | str:
+    """A positive number, or "auto": the checkpoint's own learned scale (engine/logits.py)."""
+    return value if value == "auto" else float(c.number(name, value, c.Range(0, 1e4, lo_open=True)))
+
+
+def _betas(name: str, value: Any) -> tuple[float, float]:
+    """AdamW's (beta1, beta2), each in [0, 1)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ConfigError(f"{name} must be two numbers such as 0.9,0.999, got {value!r}")
+    return tuple(c.number(name, float(b) if isinstance(b, int) and not isinstance(b, bool) else b,
+                          c.Range(0, 1, hi_open=True)) for b in value)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -149,10 +162,11 @@ class EvalConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.split not in ("test", "val"):
-            raise ConfigError(f"eval split must be test or val, got {self.split!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"eval.limit must be a positive number of images (or none for all), got {self.limit}")
+        c.apply(self, "eval", {"zero_shot": c.boolean, "dataset_templates": c.boolean,
+                               "batch_size": c.num(1, 65536, integer=True), "split": c.one_of("test", "val"),
+                               "limit": c.num(1, integer=True, optional=True)})
+        if isinstance(self.datasets, str) or not isinstance(self.datasets, Sequence):
+            raise ConfigError(f"eval.datasets must be a list of dataset names, got {self.datasets!r}")
         names = tuple(str(d).strip() for d in self.datasets if str(d).strip())
         if len(set(names)) != len(names):
             raise ConfigError(f"eval.datasets lists a dataset twice: {','.join(names)}")
@@ -170,6 +184,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        c.apply(self, "", {"model": c.text(empty=False), "pretrained": c.text(optional=True),
+                           "quick_gelu": c.one_of("auto", "yes", "no"), "device": c.device})
+        # unset shots (a split file's or the default) are checked when resolved() rebuilds the config with them
+        total = self.train.total_iters(self.data.shots) if self.data.shots is not None else None
+        if total is not None and self.train.warmup_iters >= total:
+            raise ConfigError(f"train.warmup_iters ({self.train.warmup_iters}) is not below the {total} training steps:"
+                              " the learning rate would never leave warm-up; lower it")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -221,6 +244,12 @@ class RunConfig:
         """sha256 of the canonical JSON of everything that decides the result (not where it is written)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def differences(self, other: RunConfig, ignore: Sequence[str] = RESUMABLE) -> list[tuple[str, Any, Any]]:
+        """(key, this value, other value) for every key outside `ignore` whose values differ, in key order."""
+        mine, theirs = _flat(self.to_dict()), _flat(other.to_dict())
+        return [(k, mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs))
+                if k not in ignore and mine.get(k) != theirs.get(k)]
+
     def with_overrides(self, overrides: Sequence[str]) -> RunConfig:
         """Apply "section.key=value" or "key=value" (when the key is unique across sections) strings."""
         tree = self.to_dict()
@@ -233,6 +262,18 @@ class RunConfig:
             target = tree[section] if section else tree
             target[name] = _coerce(raw.strip(), _field_type(section, name), key)
         return RunConfig.from_dict(tree)
+
+
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and k in _SECTION_TYPES:
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 _SECTION_TYPES = {"adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}

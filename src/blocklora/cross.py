@@ -7,6 +7,7 @@ A and R are scored over their 200 classes). Targets are read under the run's dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .backbones import Backbone
@@ -35,8 +36,10 @@ def load_targets(cfg: RunConfig) -> dict[str, DatasetSplits]:
 
 
 def evaluate_targets(backbone: Backbone, eval_sets: dict[str, DatasetSplits], cfg: RunConfig, runtime: Runtime,
-                     workers: int) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """({target name: top-1}, {target name: n, classes, mean_per_class}) for the PREFIX entries of eval_sets."""
+                     workers: int, on_unreadable: Callable[[list[tuple[str, str]]], None] = lambda found: None,
+                     ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """({target name: top-1}, {target name: n, classes, mean_per_class}) for the PREFIX entries of eval_sets.
+    `on_unreadable` gets the (path, reason) of the images each pass could not decode (it may raise)."""
     top1: dict[str, float] = {}
     detail: dict[str, dict[str, Any]] = {}
     for key, data in eval_sets.items():
@@ -44,6 +47,7 @@ def evaluate_targets(backbone: Backbone, eval_sets: dict[str, DatasetSplits], cf
             continue
         result = ev.accuracy(backbone, getattr(data, cfg.eval.split), data.image_reader, data.classnames,
                              [cfg.train.template], runtime, cfg.eval.batch_size, workers, f"eval {data.name}")
+        on_unreadable(result["unreadable"])
         top1[data.name] = result["top1"]
         detail[data.name] = {"n": result["n"], "classes": len(data.classnames),
                              "mean_per_class": result["mean_per_class"]}

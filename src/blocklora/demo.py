@@ -17,7 +17,9 @@ from typing import Any
 
 from .config import RunConfig
 from .engine.files import atomic_write, write_json
+from .engine.rundir import RunDir
 from .errors import BlockLoRAError
+from .ownership import mark
 
 MODEL = "effnet-minilm"
 DATASET = "fashion-mnist"
@@ -52,10 +54,11 @@ def run_demo(output: str | Path | None = None, overwrite: bool = False, **kwargs
     output = Path(output) if output is not None else default_output()
     cfg = demo_config(**kwargs)
     results = run(cfg, output, overwrite=overwrite)
-    examples = _predict_examples(output, cfg)
+    rd = RunDir(output)
+    examples = _predict_examples(rd, cfg)
     results["examples"] = examples
-    write_json(output / "results.json", results)  # the run's results plus the example predictions
-    _plot(output, results)
+    write_json(rd.results, results)  # the run's results plus the example predictions
+    _plot(rd, results)
     return results
 
 
@@ -67,7 +70,7 @@ def _check_plotting() -> None:
                              "which installs it)") from None
 
 
-def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
+def _predict_examples(rd: RunDir, cfg: RunConfig) -> list[dict[str, Any]]:
     """One evaluated test image per class, saved as a lossless PNG at its real size, with the zero-shot and adapted
     predictions the evaluation made for it.
 
@@ -92,7 +95,7 @@ def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     chosen = [first[c] for c in sorted(first)]
     batch = cfg.eval.batch_size
     prefix = items[:(max(chosen) // batch + 1) * batch]  # whole evaluation batches: the same arithmetic
-    backbone, meta, _ = load_trained(output / "adapter", device=cfg.device)
+    backbone, meta, _ = load_trained(rd.adapter, device=cfg.device)
     rt = make_runtime(cfg.device, cfg.train.precision)  # the evaluation's device and precision (autocast)
     backbone.to(rt.device)
     run = meta["run"]
@@ -100,15 +103,16 @@ def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     def top1(desc: str) -> tuple[list[int], list[float]]:
         with torch.no_grad():
             txt = ev.encode_classes(backbone, run["classnames"], [run["template"]], rt).cpu()
-        feats, _ = ev.image_features(backbone, prefix, data.image_reader, rt, batch, 0, desc)
+        feats = ev.image_features(backbone, prefix, data.image_reader, rt, batch, 0, desc).feats
         prob, pred = (run["logit_scale"] * feats[chosen] @ txt.T).softmax(-1).max(-1)
         return pred.tolist(), prob.tolist()
 
     after, after_prob = top1("examples")
     with adapters_disabled(backbone.model):
         before, _ = top1("examples, zero-shot")
-    folder = output / "examples"
+    folder = rd.examples
     folder.mkdir(exist_ok=True)
+    mark(folder, RunDir.OWNED_DIRS[RunDir.EXAMPLES])  # made here: --overwrite may clear it
     out = []
     for i, b, a, prob in zip(chosen, before, after, after_prob):
         item = items[i]
@@ -121,32 +125,33 @@ def _predict_examples(output: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _plot(output: Path, results: dict[str, Any]) -> None:
+def _plot(rd: RunDir, results: dict[str, Any]) -> None:
     """demo.png: per-class accuracy before and after, and the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = list(results["per_class"])
-    losses = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    classes = [c["class"] for c in results["per_class"]]
+    losses = [json.loads(line) for line in rd.metrics.read_text().splitlines() if line.strip()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     x = range(len(classes))
-    ax1.bar([i - 0.2 for i in x], [results["zero_shot_per_class"][c] for c in classes], 0.4,
+    ax1.bar([i - 0.2 for i in x], [c["top1"] or 0.0 for c in results["zero_shot_per_class"]], 0.4,
             label=f"zero-shot ({results['zero_shot_top1']:.1f}%)", color="#999999")
-    ax1.bar([i + 0.2 for i in x], [results["per_class"][c] for c in classes], 0.4,
+    ax1.bar([i + 0.2 for i in x], [c["top1"] or 0.0 for c in results["per_class"]], 0.4,
             label=f"Block-LoRA, {results['shots']} shots ({results['top1']:.1f}%)", color="#1f77b4")
     ax1.set_xticks(list(x), classes, rotation=30, ha="right")
     ax1.set_ylabel("top-1 accuracy (%)")
     ax1.set_ylim(0, 100)
     ax1.set_title(f"Fashion-MNIST, {results['n_test']} test images, effnet-minilm")
     ax1.legend(loc="upper left")
+    losses = [m for m in losses if m["loss"] is not None]  # a skipped step (nan_policy=skip) has no loss
     ax2.plot([m["step"] for m in losses], [m["loss"] for m in losses], color="#1f77b4")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss")
     ax2.set_title(f"{results['trainable_params']:,} trainable parameters")
     fig.tight_layout()
-    atomic_write(output / "demo.png", lambda fh: fig.savefig(fh, format="png", dpi=110))
+    atomic_write(rd.plot, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -157,8 +162,8 @@ def summary_lines(results: dict[str, Any], output: Path) -> list[str]:
              f"({results['dataset']['n_train']} training images), {results['iters']} steps, "
              f"{results['trainable_params']:,} trainable parameters",
              "", f"{'class':<12} {'zero-shot':>10} {'Block-LoRA':>11}"]
-    for c in results["per_class"]:
-        lines.append(f"{c:<12} {results['zero_shot_per_class'][c]:>9.1f}% {results['per_class'][c]:>10.1f}%")
+    for zero, adapted in zip(results["zero_shot_per_class"], results["per_class"]):
+        lines.append(f"{adapted['class']:<12} {zero['top1'] or 0.0:>9.1f}% {adapted['top1'] or 0.0:>10.1f}%")
     lines += [f"{'top-1':<12} {zs:>9.1f}% {top1:>10.1f}%   ({top1 - zs:+.1f} points)", ""]
     examples = results.get("examples", [])
     if examples:
@@ -169,8 +174,9 @@ def summary_lines(results: dict[str, Any], output: Path) -> list[str]:
         mark = "ok" if e["adapted"] == e["true"] else "wrong"
         lines.append(f"  {Path(e['image']).name:<14} true {e['true']:<11} zero-shot {e['zero_shot']:<11} "
                      f"adapted {e['adapted']:<11} {100 * e['adapted_prob']:5.1f}%  {mark}")
-    lines += ["", f"results: {output / 'results.json'}   plot: {output / 'demo.png'}   adapter: {output / 'adapter'}"]
+    rd = RunDir(output)
+    lines += ["", f"results: {rd.results}   plot: {rd.plot}   adapter: {rd.adapter}"]
     if examples:
-        lines.append(f"next: blocklora predict --adapter {output / 'adapter'} {output / 'examples'}   "
+        lines.append(f"next: blocklora predict --adapter {rd.adapter} {rd.examples}   "
                      "(predicts the saved example files)")
     return lines

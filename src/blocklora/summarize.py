@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine.rundir import RunDir
 from .errors import BlockLoRAError
 from .reference import BENCHMARK, DG_TARGETS, REFERENCE_TITLES, REFERENCES, reference
 
@@ -73,10 +74,10 @@ def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
         raise BlockLoRAError(f"{directory} is not a folder: pass the sweep's --output (or a folder of runs)")
     runs: dict[tuple, Run] = {}
     warnings: list[str] = []
-    for path in sorted(directory.rglob("results.json")):
+    for path in sorted(directory.rglob(RunDir.RESULTS)):
         try:
             run = _read(path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (BlockLoRAError, KeyError, TypeError, ValueError) as e:
             warnings.append(f"skipped {path}: not a blocklora results file ({type(e).__name__}: {e})")
             continue
         key = (run.dataset, run.subset, run.shots, run.seed)
@@ -93,7 +94,7 @@ def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
 
 
 def _read(path: Path) -> Run:
-    r = json.loads(path.read_text())
+    r = RunDir(path.parent).read_results()
     ds = r["dataset"]
     cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("device", "eval")}
     cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _CELL_KEYS}

@@ -142,14 +142,12 @@ def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> li
 
 
 def cell_action(run_dir: Path) -> str:
-    """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint)."""
-    if (run_dir / "results.json").exists():
-        return "skip"
-    if not run_dir.exists():
-        return "start"
-    if run_dir.is_dir() and (run_dir / "checkpoint.pt").exists():
-        return "resume"
-    return "overwrite" if run_dir.is_dir() else "start"  # a file there: train names the problem
+    """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint; train
+    clears them only if blocklora made the folder, and names the problem otherwise)."""
+    from .engine.rundir import RunDir
+
+    return {"complete": "skip", "absent": "start", "resumable": "resume", "leftover": "overwrite",
+            "other": "start"}[RunDir(run_dir).state()]  # "other" (a file there): train names the problem
 
 
 # -- locks -----------------------------------------------------------------------------------------------------------
@@ -289,15 +287,19 @@ def _read_options(out: Path) -> dict[str, Any] | None:
 
 
 def _check_data(configs) -> None:
-    """Each dataset (and cross-dataset target) opens under the root: one bad path must not fail 165 cells."""
+    """Each dataset (and cross-dataset target) opens under the root and fits the class protocol: one bad path must
+    not fail 165 cells."""
     from .data import load_dataset
+    from .data.protocols import check_classes
 
     seen: set[str] = set()
     for cfg in configs:
         for name in (cfg.data.dataset, *cfg.eval.datasets):
             if name not in seen:
                 seen.add(name)
-                load_dataset(name, cfg.data.root)
+                data = load_dataset(name, cfg.data.root)
+                if name == cfg.data.dataset:
+                    check_classes(data, "training", cfg.data.classes)
 
 
 class Sweep:
@@ -315,23 +317,22 @@ class Sweep:
         self.left = 0
         self.running: dict[str, subprocess.Popen] = {}
         self.started = time.monotonic()
-        self.interrupted = False
+        self.interrupted = 0  # the exit status an interrupt asks for (130 Ctrl-C, 143 SIGTERM), 0 when none
 
     def run(self) -> list[Outcome]:
         threads = [threading.Thread(target=self._worker, args=(slot,), name=slot.name, daemon=True)
                    for slot in self.slots]
         self.left = len(threads)
-        previous = None
-        if threading.current_thread() is threading.main_thread():  # a job scheduler's SIGTERM: stop like Ctrl-C
-            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             for t in threads:
                 t.start()
             # An Event, not Thread.join: an interrupted join can mark a live thread as finished (CPython 3.11).
             while not self.all_done.wait(0.2):
                 pass
-        except KeyboardInterrupt:
-            self.interrupted = True
+        except KeyboardInterrupt as e:  # Ctrl-C, or a job scheduler's SIGTERM (signals.py)
+            from .signals import exit_code
+
+            self.interrupted = exit_code(e)
             self.stop.set()
             with self.lock:
                 for proc in self.running.values():
@@ -340,9 +341,6 @@ class Sweep:
             with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: report now
                 while not self.all_done.wait(0.2):
                     pass
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
         return self.outcomes
 
     def _take(self) -> Cell | None:
@@ -409,18 +407,16 @@ class Sweep:
             print(f"[{n:>{len(str(len(self.cells)))}}/{len(self.cells)}] {_progress(o)}", flush=True)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
 def _top1(run_dir: Path) -> float | None:
+    from .engine.rundir import RunDir
+
     try:
-        return float(json.loads((run_dir / "results.json").read_text())["top1"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return float(RunDir(run_dir).read_results()["top1"])
+    except (BlockLoRAError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -454,7 +450,7 @@ def _progress(o: Outcome) -> str:
     return f"{head}  exit {o.returncode}: {o.error or '?'} (log: {o.log})"
 
 
-def _report(outcomes: list[Outcome], total: int, out: Path, seconds: float, interrupted: bool) -> int:
+def _report(outcomes: list[Outcome], total: int, out: Path, seconds: float, interrupted: int) -> int:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed", "interrupted")}
     counts["not started"] = total - len(outcomes)
     parts = [f"{n} {s}" for s, n in counts.items() if n]
@@ -466,5 +462,5 @@ def _report(outcomes: list[Outcome], total: int, out: Path, seconds: float, inte
         for o in failed:
             print(f"  {o.cell.label}: exit {o.returncode}: {o.error or '?'} (log: {o.log})")
     if interrupted:
-        return 130
+        return interrupted
     return 1 if counts["failed"] else 0

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, dataclass
 from typing import Any
 
+from .. import checks as c
 from ..errors import ConfigError
 from .core import A_INITS, FOLDS, SCALINGS
 
@@ -76,6 +77,8 @@ def _parse_layers(value: Any) -> str | tuple[int, ...]:
 
 def _parse_names(value: Any, allowed: Sequence[str], what: str) -> tuple[str, ...]:
     """"q,v" | "qkv" | ["q", "v"] -> the names in `allowed`'s order, checked; `what` names them in errors."""
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(i, str) for i in value):
+        raise ConfigError(f"{what}s must be names such as {','.join(allowed)}, got {value!r}")
     items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
     if len(items) == 1 and what == "projection" and len(items[0]) > 1 and set(items[0]) <= set(allowed):
         items = list(items[0])  # "qkv" -> q, k, v
@@ -120,26 +123,20 @@ class AdapterConfig:
                 raise ConfigError(f"layers={self.layers!r} and blocks={blocks!r} disagree: blocks is the former "
                                   "name of layers, give one")
             set_(self, "layers", blocks)
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        c.apply(self, "adapter", {"method": c.one_of(*METHODS), "r": c.num(1, 4096, integer=True),
+                                  "n_blocks": c.num(1, 4096, integer=True, optional=True),
+                                  # alpha 0 (or NaN) would train nothing, or nothing finite
+                                  "alpha": c.num(0, lo_open=True), "dropout": c.num(0, 1, hi_open=True),
+                                  "scaling": c.one_of(*SCALINGS), "fold": c.one_of(*FOLDS),
+                                  "a_init": c.one_of(*A_INITS), "dropout_mask": c.one_of(*DROPOUT_MASKS)})
         n = self.n_blocks
         if n is None:
             n = DEFAULT_N_BLOCKS if self.method == "block_lora" else 1
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n_blocks must be a positive integer, got {self.n_blocks!r}")
         if self.method == "lora" and n != 1:
             raise ConfigError(f"method 'lora' means n_blocks=1, got n_blocks={n}: use method 'block_lora'")
         set_(self, "n_blocks", n)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         set_(self, "alpha", float(self.alpha))
         set_(self, "dropout", float(self.dropout))
-        for name, allowed in (("scaling", SCALINGS), ("fold", FOLDS), ("a_init", A_INITS),
-                              ("dropout_mask", DROPOUT_MASKS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         set_(self, "towers", _parse_names(self.towers, TOWERS, "tower"))
         set_(self, "projections", _parse_names(self.projections, PROJECTIONS, "projection"))
         set_(self, "layers", _parse_layers(self.layers))
@@ -160,6 +157,8 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
         """The inverse of to_dict. Also reads the files of earlier versions (`blocks`, an empty `extra`)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"an adapter config must be a mapping of options, got {type(data).__name__}")
         data = {ALIASES.get(k, k): v for k, v in data.items()}
         if data.pop("extra", None):  # always empty in files of earlier versions: nothing ever read it
             raise ConfigError("the adapter option 'extra' is not supported: remove it")

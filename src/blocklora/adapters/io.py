@@ -7,6 +7,9 @@ Block-LoRA adapter as plain LoRA without a word. Only safetensors and JSON are e
 What identifies the frozen weights (a fingerprint, the MLP activation, ...) is the caller's to give and to check:
 the backbones side computes it (blocklora.backbones.fingerprint), passes it in `backbone` when saving and compares
 it before loading, so this module knows no model family.
+
+The directory also holds blocklora's ownership marker (ownership.py): save_adapter(overwrite=True) replaces only an
+adapter directory blocklora made, holding nothing but these files. Non-finite tensors are never saved or loaded.
 """
 
 from __future__ import annotations
@@ -25,15 +28,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
-from ..errors import AdapterMismatchError, BlockLoRAError
+from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
+from ..ownership import (
+    MARKER,
+    TEMP_SUFFIX,
+    check_deletable,
+    fix_modes,
+    mark,
+    marker_kind,
+    protected,
+    remove_stale_temps,
+    temp_prefix,
+)
 from .config import AdapterConfig
-from .inject import adapter_config, adapter_state_dict, expected_shapes, inject
+from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
 from .sites import Placement
 
 CONFIG_FILE = "blocklora_adapter.json"
 WEIGHTS_FILE = "blocklora_adapter.safetensors"
 FORMAT = "blocklora-adapter"
 FORMAT_VERSION = 1
+KIND = "adapter"  # the ownership marker's kind
+# save_adapter's own metadata: `extra` may add keys, never replace these
+RESERVED = ("format", "format_version", "blocklora_version", "config", "backbone", "tensors", "trainable_params")
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mapping[str, Any] | None = None,
@@ -41,16 +58,25 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
     """Write the adapter of an injected model. Atomic: a complete directory or nothing.
 
     `backbone`: what identifies the frozen weights (name, fingerprint, class, ...), stored under "backbone" and
-    compared by load_adapter's `expect`. Raises BlockLoRAError when the model has no adapter or `directory`
-    exists (unless overwrite), OSError when the disk refuses.
+    compared by the backbones side (backbones.fingerprint.load_adapter). `extra` adds JSON keys (not those in
+    RESERVED). With overwrite=True an existing directory is replaced only if blocklora made it as an adapter
+    directory and it holds nothing else. Raises BlockLoRAError (no adapter, non-finite tensors, a directory that may
+    not be replaced), ConfigError (extra) and OSError when the disk refuses.
     """
     cfg = adapter_config(model)
     if cfg is None:
         raise BlockLoRAError("this model carries no blocklora adapter: inject() or load_adapter() first")
+    clash = sorted(set(extra or {}) & set(RESERVED))
+    if clash:
+        raise ConfigError(f"save_adapter(extra=...) may not set {clash[0]!r}: blocklora writes the adapter's own "
+                          f"{', '.join(RESERVED)}; use another key")
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise BlockLoRAError(f"{directory} already exists: choose another path or pass overwrite")
+    if directory.exists() or directory.is_symlink():
+        if not overwrite:
+            raise BlockLoRAError(f"{directory} already exists: choose another path or pass overwrite")
+        _check_replaceable(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    _check_finite(tensors, "refusing to save the adapter", "training diverged: lower the learning rate")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -61,17 +87,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
         "trainable_params": sum(v.numel() for v in tensors.values()),
         **(extra or {}),
     }
+    try:
+        text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"save_adapter(extra=...) must hold finite JSON values: {e}") from None
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    remove_stale_temps(directory.parent)  # leftovers of killed writes here (their process is gone)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
     try:
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         except SafetensorError as e:  # e.g. a full disk: report it as the OS error it is
             raise OSError(f"cannot write {directory / WEIGHTS_FILE}: {e}") from None
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(text)
+        mark(tmp, KIND)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fix_modes(tmp)  # mkdtemp makes a private folder; the user's umask decides
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -81,22 +114,61 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
     return directory
 
 
+def _check_replaceable(directory: Path) -> None:
+    """Refuse, on one line, to replace anything but an adapter directory blocklora wrote and nothing else."""
+    check_deletable(directory, protected(), "directory")
+    if directory.is_symlink() or not directory.is_dir():
+        raise BlockLoRAError(f"{directory} is not an adapter directory: refusing to replace it; choose another path")
+    if marker_kind(directory) != KIND:
+        why = ("was written by an earlier blocklora version, which did not mark its folders"
+               if (directory / CONFIG_FILE).is_file() else "is not an adapter directory blocklora made")
+        raise BlockLoRAError(f"{directory} {why} (no {MARKER} marker): blocklora replaces only what it made; "
+                             "delete it yourself or choose another path")
+    foreign = sorted(set(os.listdir(directory)) - {CONFIG_FILE, WEIGHTS_FILE, MARKER})
+    if foreign:
+        raise BlockLoRAError(f"{directory} holds files blocklora did not write ({', '.join(foreign[:3])}): move "
+                             "them away or choose another path")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    bad = [k for k, v in tensors.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterMismatchError(f"{what}: {bad[0]} holds NaN or infinite values ({len(bad)} of {len(tensors)} "
+                                   f"tensors): {hint}")
+
+
 def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON half of an adapter directory, checked for format."""
+    """The JSON half of an adapter directory, checked for format, types and a valid adapter config.
+
+    Raises AdapterMismatchError naming the file for anything missing, damaged or of the wrong type."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         hint = " (a PEFT adapter? blocklora reads only its own format)" if (Path(directory) /
                                                                           "adapter_config.json").exists() else ""
         raise AdapterMismatchError(f"no adapter at {directory}: {path.name} is missing{hint}")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterMismatchError(f"cannot read {path}: {e}; the adapter directory is damaged") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise AdapterMismatchError(f"cannot read {path}: {reason}; the adapter directory is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterMismatchError(f"{path} is not a blocklora adapter file")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise AdapterMismatchError(f"{path}: format_version {version!r} is not a version number; the file is damaged")
+    if version > FORMAT_VERSION:
         raise AdapterMismatchError(f"{path} was written by a newer blocklora ({meta.get('blocklora_version')}): "
                                    "upgrade blocklora to read it")
+    for key, kinds in (("config", (dict,)), ("backbone", (dict,)), ("tensors", (dict, type(None)))):
+        if not isinstance(meta.get(key), kinds):
+            raise AdapterMismatchError(f"{path}: {key!r} is missing or not a JSON object; the file is damaged")
+    fp = meta["backbone"].get("fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise AdapterMismatchError(f"{path}: backbone.fingerprint is not a string; the file is damaged")
+    try:
+        AdapterConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise AdapterMismatchError(f"{path}: bad adapter config ({e}); the file is damaged") from None
     return meta
 
 
@@ -109,12 +181,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Plac
     the backbones side's check (backbones.fingerprint.load_adapter, which blocklora exports).
     """
     directory = Path(directory)
+    if is_merged(model):  # copying into merged weights would leave the old update in them for good
+        raise AdapterMismatchError("the model's adapters are merged into its weights: unmerge(model) before loading "
+                                   "another adapter into it")
     meta = read_adapter_meta(directory)
     cfg = AdapterConfig.from_dict(meta["config"])
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
-    except (OSError, SafetensorError) as e:
-        raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged or missing file
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {reason}; the adapter directory is "
+                                   "damaged") from None
+    _check_finite(tensors, f"adapter {directory}", "the adapter is damaged or was saved from a diverged run")
     existing = adapter_config(model)
     if existing is not None and existing != cfg:
         raise AdapterMismatchError(f"the model already carries an adapter with another config ({existing}); "

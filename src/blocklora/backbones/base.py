@@ -91,18 +91,28 @@ class Backbone(ABC):
         return self
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
-        """Store the frozen weights in `dtype` (adapter factors and normalisation layers stay as they are).
+        """Store the frozen weights in `dtype` (adapter factors stay float32; normalisation layers float32).
 
-        This is CLIP's own half-precision mode (OpenAI's convert_weights, open_clip's convert_weights_to_lp): with
-        half weights the towers' residual streams run in half too, as CLIP-LoRA trains on GPU. Normalisation layers
-        keep fp32 parameters (CLIP computes LayerNorm in fp32 and casts back). Needs autocast of the same dtype.
+        A half `dtype` is CLIP's own half-precision mode (OpenAI's convert_weights, open_clip's
+        convert_weights_to_lp): with half weights the towers' residual streams run in half too, as CLIP-LoRA trains
+        on GPU; normalisation layers keep fp32 parameters (CLIP computes LayerNorm in fp32 and casts back). Needs
+        autocast of the same dtype. float32 also lifts a checkpoint stored in float16 / bfloat16 (parameters and
+        buffers, e.g. BatchNorm statistics): CPU half kernels are slow and accumulate in half, which overflows.
         """
         _ = self.fingerprint  # of the weights as loaded (a bf16 copy would sample other values)
+        half = (torch.float16, torch.bfloat16)
         norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
         keep = {id(p) for m in self.model.modules() if isinstance(m, norms) for p in m.parameters()}
         for name, param in self.model.named_parameters():
-            if param.is_floating_point() and ".lora_" not in name and id(param) not in keep and param.dtype != dtype:
-                param.data = param.data.to(dtype)
+            if not param.is_floating_point() or ".lora_" in name:
+                continue
+            target = torch.float32 if id(param) in keep or dtype == torch.float32 else dtype
+            if param.dtype != target and (dtype != torch.float32 or param.dtype in half):
+                param.data = param.data.to(target)
+        if dtype == torch.float32:
+            for buf in self.model.buffers():
+                if buf.dtype in half:
+                    buf.data = buf.data.to(torch.float32)
 
     # -- adapters --------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -36,7 +36,8 @@ Custom data:
 - "folder": root/train/<class>/<images>, root/test/<class>/<images>, optional root/val/<class>/<images> (searched
   recursively, in sorted order); classes = the sorted train folder names.
 - "csv": root is a CSV file with header columns path,label,split (label = a class name, split = train|val|test, paths
-  relative to the CSV's folder); classes = the sorted distinct labels.
+  relative to the CSV's folder); classes = the sorted distinct labels. A row repeated exactly is read once (counted in
+  a warning); an image listed with two labels or in two splits is an error.
 - "fashion-mnist": data/fashion_mnist.py.
 """
 
@@ -46,6 +47,7 @@ import csv
 import difflib
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ from pathlib import Path
 from ..errors import DataError
 from .types import DatasetSplits, Item
 
+log = logging.getLogger("blocklora")
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's extensions (matched case-insensitively), so folder scans list the files it lists
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -191,19 +194,61 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Image files under `folder`, recursively, in torchvision ImageFolder's order (sorted walk, sorted names)."""
-    out = []
-    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+def list_image_files(folder: str | os.PathLike) -> list[str]:
+    """Image files under `folder`, recursively, in torchvision ImageFolder's order (sorted walk, sorted names).
+
+    Symbolic links to folders are followed (datasets are often assembled from links), but each real folder is
+    walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. A file name that is not
+    valid UTF-8 is an error naming it (it could not be written to split files, JSON results or logs).
+    """
+    folder = Path(folder)
+    out, seen = [], set()
+
+    def real(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # a broken link: os.walk skips it too
+        return st.st_dev, st.st_ino
+
+    seen.add(real(str(folder)))
+    walk = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            key = real(os.path.join(dirpath, d))
+            if key is not None and key not in seen:
+                seen.add(key)
+                keep.append(d)
+        dirnames[:] = keep
+        walk.append((dirpath, filenames))
+    for dirpath, filenames in sorted(walk):
         if any(part.startswith(".") for part in Path(dirpath).relative_to(folder).parts):
             continue
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    _check_utf8(out, folder)
     return out
+
+
+def _check_utf8(paths: Sequence[str], folder: Path) -> None:
+    """Names that are not valid UTF-8 (os.fsdecode turns their bytes into lone surrogates) are refused."""
+    bad = []
+    for p in paths:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(p)
+    if bad:
+        shown = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
+        raise DataError(f"file name {shown} is not valid UTF-8 ({len(bad)} such in {folder}): rename it (e.g. "
+                        "convmv -f latin1 -t utf8 -r --notest FOLDER)")
 
 
 def _subfolders(folder: Path) -> list[str]:
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    _check_utf8([str(folder / n) for n in names], folder)
+    return names
 
 
 def _scan_classes(folder: Path, labels: dict[str, int], key: str) -> list[Item]:
@@ -212,7 +257,7 @@ def _scan_classes(folder: Path, labels: dict[str, int], key: str) -> list[Item]:
     for name in _subfolders(folder):
         if name not in labels:
             continue
-        files = _list_images(folder / name)
+        files = list_image_files(folder / name)
         if not files:
             raise DataError(f"{key}: class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")
@@ -588,11 +633,26 @@ def _read_csv(key: str, path: Path) -> DatasetSplits:
     base = path.parent
     parts: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
     absent = []
+    first: dict[str, tuple[int, str, str]] = {}  # image -> (line, label, split) of its first row
+    repeats = []
     for line, file, label, split in rows:
         full = os.path.normpath(os.path.join(str(base), file))
-        if not os.path.isfile(full):
+        if full in first:
+            line0, label0, split0 = first[full]
+            if (label0, split0) == (label, split):
+                repeats.append((line, line0))
+                continue  # the same row again: counted below, read once
+            what = (f"labels it {label!r}, line {line0} {label0!r}" if label0 != label else
+                    f"puts it in {split}, line {line0} in {split0} (an image in two splits leaks test data)")
+            raise DataError(f"csv dataset {path} line {line}: image {full} is listed twice: this row {what}; keep "
+                            "one row per image")
+        first[full] = (line, label, split)
+        if not os.path.exists(full):
             absent.append((line, full))
         parts[split].append(Item(full, labels[label]))
+    if repeats:
+        log.warning("csv dataset %s: %d repeated row(s) read once (line %d repeats line %d)", path, len(repeats),
+                    *repeats[0])
     if absent:
         line, full = absent[0]
         raise DataError(f"csv dataset {path} line {line}: image {full} does not exist ({len(absent)} missing in all; "

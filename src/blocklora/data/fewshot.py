@@ -39,9 +39,7 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,36 +169,16 @@ def split_file_bytes(splits: DatasetSplits, fewshot: FewShotSplit) -> bytes:
     return text.encode("utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder + fsync + os.replace: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with suppress(OSError):  # make the rename itself durable
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-
 def write_split_file(path: str | os.PathLike, splits: DatasetSplits, fewshot: FewShotSplit) -> str:
     """Write the drawn split as canonical JSON, atomically; returns the sha256 of the bytes written.
 
     Paths are stored relative to splits.root when they lie under it, so the file moves with the dataset. The same
     dataset, shots, seed and order give a byte-identical file and hash."""
+    from ..engine.files import atomic_write
+
     data = split_file_bytes(splits, fewshot)
-    _atomic_write(Path(path), data)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda fh: fh.write(data))
     return hashlib.sha256(data).hexdigest()
 
 

@@ -32,6 +32,19 @@ def _relabel(items: list[Item], mapping: dict[int, int]) -> list[Item]:
     return [Item(i.path, mapping[i.label]) for i in items if i.label in mapping]
 
 
+def check_classes(splits: DatasetSplits, what: str, which: str = "all") -> None:
+    """Raise a ConfigError unless the whole dataset `splits` has at least 2 classes or, for a class subset (which =
+    "base" or "new", the base-to-new protocol), each half has: with 1 class, classification is trivially 100%."""
+    n = len(splits.classnames)
+    if which != "all":
+        m = math.ceil(n / 2)
+        if n - m < 2:
+            raise ConfigError(f"base-to-new needs at least 2 classes on each side, and {splits.name} has {n} "
+                              f"({m} base, {n - m} new): use data.classes=all, or a dataset with 4 classes or more")
+    elif n < 2:
+        raise ConfigError(f"{what} needs at least 2 classes, and {splits.name} has {n}: add classes")
+
+
 def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     """The dataset restricted to the base or new half of its classes, relabelled 0..m-1 ("all": unchanged)."""
     kept = class_subset(len(splits.classnames), which)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from .decode import open_image_file
+
+__all__ = ["DatasetSplits", "Item", "open_image_file"]
+
 
 @dataclass(frozen=True)
 class Item:
@@ -16,13 +20,6 @@ class Item:
 
     path: str
     label: int
-
-
-def open_image_file(path: str) -> Image.Image:
-    """Open an image file fully (so corrupt files fail here, not later in a worker), as RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 @dataclass

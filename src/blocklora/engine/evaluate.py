@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, collate_reported
 from ..data.types import DatasetSplits, Item, open_image_file
+from ..errors import DataError
 from .runtime import Runtime, eval_mode
 
 log = logging.getLogger("blocklora")
@@ -79,23 +80,43 @@ def warn_if_prompts_collide(backbone: Backbone, texts: Sequence[str]) -> None:
                     a[:80], b[:80])
 
 
+class Features(NamedTuple):
+    """Image features of an evaluation pass: (N, D) L2-normalised fp32, (N,) labels, and the images left out."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    bad: list[tuple[str, str]]
+
+
 @torch.no_grad()
 def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, runtime: Runtime,
-                   batch_size: int = 128, workers: int = 0, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised (N_local, D) fp32 features and labels of this rank's shard of `items` (all of them on 1 rank)."""
+                   batch_size: int = 128, workers: int = 0, desc: str = "eval") -> Features:
+    """L2-normalised (N_local, D) fp32 features and labels of this rank's shard of `items` (all of them on 1 rank).
+
+    Each image is decoded once. One that cannot be read is left out and listed in `bad` (gathered from every rank,
+    so all ranks see the same list); the caller decides whether that is an error."""
     shard = list(items)[runtime.rank::runtime.world_size]
-    loader = DataLoader(ImageDataset(shard, backbone.eval_transform(), reader), batch_size=batch_size,
-                        num_workers=workers, pin_memory=runtime.device.type == "cuda")
-    feats, labels = [], []
+    loader = DataLoader(ImageDataset(shard, backbone.eval_transform(), reader, report=True), batch_size=batch_size,
+                        num_workers=workers, pin_memory=runtime.device.type == "cuda", collate_fn=collate_reported)
+    feats, labels, bad = [], [], []
     with eval_mode(backbone.model):
-        for images, y in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+        for images, y, unreadable in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+            bad += unreadable
+            if images is None:
+                continue
             with runtime.autocast():
                 f = backbone.encode_images(images.to(runtime.device, non_blocking=True))
             feats.append(F.normalize(f.float(), dim=-1).cpu())
             labels.append(y)
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        shards: list[list[tuple[str, str]]] = [[] for _ in range(runtime.world_size)]
+        dist.all_gather_object(shards, bad)
+        bad = [b for s in shards for b in s]
     if not feats:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
+        return Features(torch.empty(0, 0), torch.empty(0, dtype=torch.long), bad)
+    return Features(torch.cat(feats), torch.cat(labels), bad)
 
 
 def class_counts(img: torch.Tensor, labels: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,30 +142,79 @@ def reduce_counts(correct: torch.Tensor, total: torch.Tensor, runtime: Runtime) 
 
 
 def summarize(correct: torch.Tensor, total: torch.Tensor, classnames: Sequence[str]) -> dict[str, Any]:
+    """top1, n, mean_per_class and per_class: one entry per class index (two classes may share a name), with its
+    name, top-1 (None without test images) and number of test images."""
     n = int(total.sum())
-    per_class = {c: (round(100.0 * int(k) / int(t), 4) if int(t) else None)
-                 for c, k, t in zip(classnames, correct, total)}
-    valid = [v for v in per_class.values() if v is not None]
+    per_class = [{"index": i, "class": c, "top1": round(100.0 * int(k) / int(t), 4) if int(t) else None, "n": int(t)}
+                 for i, (c, k, t) in enumerate(zip(classnames, correct, total))]
+    valid = [r["top1"] for r in per_class if r["top1"] is not None]
     return {"top1": round(100.0 * int(correct.sum()) / max(n, 1), 4), "n": n,
             "mean_per_class": round(sum(valid) / max(len(valid), 1), 4), "per_class": per_class}
 
 
 def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
              templates: Sequence[str], runtime: Runtime, batch_size: int = 128, workers: int = 0,
-             desc: str = "eval", features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images."""
+             desc: str = "eval", features: Features | None = None) -> dict[str, Any]:
+    """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images.
+
+    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted."""
     with torch.no_grad(), eval_mode(backbone.model):
         txt = encode_classes(backbone, classnames, templates, runtime)
-    img, labels = features if features is not None else image_features(
-        backbone, items, reader, runtime, batch_size, workers, desc)
-    correct, total = reduce_counts(*class_counts(img, labels, txt), runtime)
-    return summarize(correct, total, classnames)
+    if features is None:
+        features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
+    correct, total = reduce_counts(*class_counts(features.feats, features.labels, txt), runtime)
+    return {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+
+
+def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:
+    """One line per group of classes whose prompts are identical (the model cannot tell them apart): e.g. "red_apple"
+    and "red apple", or ImageNet's two "missile" classes in CLIP's list."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, text in enumerate(prompts(classnames, template)):
+        by_prompt.setdefault(" ".join(text.split()).casefold(), []).append(i)  # as CLIP tokenizers see it
+    return [f"classes {' and '.join(f'{i} ({classnames[i]!r})' for i in group)} have the same prompt "
+            f"{prompts([classnames[group[0]]], template)[0]!r}: they are scored separately but the model cannot tell "
+            "them apart; rename one" for group in by_prompt.values() if len(group) > 1]
+
+
+# -- zero-shot: the frozen model, cached -------------------------------------------------------------------------------
+def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], templates: Sequence[str],
+              runtime: Runtime, batch_size: int, workers: int, use_cache: bool = True,
+              features: dict | None = None, need_features: bool = False, split: str = "test") -> dict[str, Any]:
+    """Accuracy of the frozen model (adapters, if any, switched off) on `items` of `split`, cached by every input
+    (zero_shot_key). No items is a DataError: an accuracy over nothing is not 0%.
+
+    `features`, a dict, shares the frozen image features (under "frozen") between calls on the same items, so
+    several prompt sets decode the images once; with need_features they are computed even on a cache hit (a
+    text-only adapter's evaluation reuses them). The result's "unreadable" lists images the pass could not decode."""
+    from ..adapters.inject import adapters_disabled
+    from .distributed import all_ranks
+
+    if not items:
+        raise DataError(f"dataset {data.name} at {data.root} has no {split} images: check --root and the "
+                        f"dataset's layout, or choose another --split")
+    key = zero_shot_key(backbone, runtime, data, split, items, templates)
+    cached = read_cached(key) if use_cache else None
+    if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
+        cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
+    if cached is not None and not need_features:
+        return {"unreadable": [], **cached, "cached": True}
+    with adapters_disabled(backbone.model):
+        feats = features.get("frozen") if features is not None else None
+        if feats is None:
+            feats = image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
+            if features is not None:
+                features["frozen"] = feats
+        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime, features=feats)
+    if runtime.is_main:
+        write_cached(key, result)
+    return {**result, "cached": False}
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------
 # Part of every key: bump it whenever the cached result's layout changes, so that a cache written by another
 # version of blocklora (or another checkout sharing ~/.cache/blocklora) is a miss, never a misread.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def cache_dir() -> Path:

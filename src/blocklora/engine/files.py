@@ -1,29 +1,39 @@
-"""Files that must never be half-written: atomic JSON / torch saves, a run-directory lock, JSONL metrics."""
+"""Files that must never be half-written: atomic JSON / torch saves, JSONL metrics (a run folder's lock: rundir.py).
+
+Every JSON blocklora writes goes through `to_json`: valid JSON only (a non-finite float becomes null, never a bare
+NaN or Infinity that strict parsers reject).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import BlockLoRAError
+from ..ownership import TEMP_SUFFIX, fix_mode, remove_stale_temps, temp_prefix
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over `path` (atomic on POSIX)."""
+    """Write to a temporary file in the same directory, fsync, rename over `path` (atomic on POSIX).
+
+    The file gets the mode the umask allows, as open() would give it (mkstemp alone makes it private)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent)  # leftovers of writes here that a kill interrupted (their process is gone)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        fix_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,18 +47,48 @@ def atomic_write(path: Path, write) -> None:
             os.close(dfd)
 
 
+def to_json(data: Any, indent: int | None = 2) -> str:
+    """JSON text of `data`, strictly valid: NaN and infinities become null (json.dumps would write bare NaN)."""
+    return json.dumps(_finite(data), indent=indent, default=_json_default, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _finite(obj.tolist())
+    return obj
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    text = to_json(data) + "\n"
     atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+    """torch.save, atomically. Serialised in memory first (a checkpoint holds adapters: megabytes), so a failing
+    write is the OSError it is (disk full, file too large) and not torch's RuntimeError about zip positions."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(Path(path), lambda fh: fh.write(data))
 
 
-def load_torch(path: str | os.PathLike) -> Any:
-    """Only ever weights_only=True: a checkpoint cannot run code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Only ever weights_only=True: a checkpoint cannot run code. A damaged, empty or foreign file (or a pickle that
+    would run code) is one BlockLoRAError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError (bad zip), ...: a bad file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BlockLoRAError(f"cannot read {what} {path}: it is damaged or not a blocklora {what} ({reason})") \
+            from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -70,29 +110,8 @@ class JsonlWriter:
         self.fh = open(path, "a" if append else "w")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record, default=_json_default) + "\n")
+        self.fh.write(to_json(record, indent=None) + "\n")
         self.fh.flush()
 
     def close(self) -> None:
         self.fh.close()
-
-
-@contextlib.contextmanager
-def run_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock on a run directory: a second run into the same directory refuses instead of interleaving.
-
-    flock on DIR/.lock: the kernel drops it when the holder exits, even on kill -9. The file itself stays (deleting
-    it would let a third process lock a fresh inode while the first still runs).
-    """
-    import fcntl
-
-    fh = open(Path(directory) / ".lock", "a")  # noqa: SIM115 - "a": never truncate a file another run holds
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BlockLoRAError(f"another blocklora run is writing to {directory} right now: wait for it or "
-                                 "choose another --output") from None
-        yield
-    finally:
-        fh.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,8 @@ from .stream import train_stream
 
 
 class TrainingDiverged(BlockLoRAError):
-    """A non-finite loss with nan_policy=stop."""
+    """Training cannot go on: a non-finite loss (nan_policy=stop), non-finite adapter weights after a step (under
+    either policy: there is nothing left to continue from), or every step skipped."""
 
 
 def lr_lambda(step: int, total: int, warmup: int, base_lr: float, min_lr: float, schedule: str) -> float:
@@ -82,6 +84,8 @@ class Trainer:
             s, total_iters, cfg.warmup_iters, cfg.lr, cfg.min_lr, cfg.schedule))
         self.scaler = runtime.grad_scaler()
         self.state = FitState()
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        self.half_weights = sorted(str(d).removeprefix("torch.") for d in frozen & {torch.float16, torch.bfloat16})
         # The text side only needs recomputing when it carries trainable adapters.
         self.text_trainable = any(p.requires_grad for _, p in backbone.tower_parameters("text"))
         self._text_cache: torch.Tensor | None = None
@@ -151,44 +155,63 @@ class Trainer:
                     on_step(metrics)
                 bar.update(1)
                 if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.1f}")
+                    loss_text = "skipped" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+                    bar.set_postfix(loss=loss_text, acc=f"{metrics['acc']:.1f}")
                 if checkpoint is not None and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     checkpoint(self)
         finally:
             bar.close()
             model.eval()
+        if self.state.step and self.state.skipped >= self.state.step:
+            raise TrainingDiverged(f"every one of the {self.state.step} steps was skipped (non-finite loss): nothing "
+                                   f"was trained; {self._cause()}")
         return self.state
+
+    def _cause(self) -> str:
+        """The likeliest cause of a non-finite number, for the error message."""
+        if self.half_weights:
+            return (f"the frozen weights are stored in {', '.join(self.half_weights)}: run on the CPU (which computes "
+                    "them in float32) or with precision fp32, or load a float32 checkpoint")
+        return f"lower the learning rate (now {self.cfg.lr:g}) or check the data"
+
+    def _finite(self, tensors) -> bool:
+        """One device sync for all: are these tensors free of NaN and infinities?"""
+        flags = [t.detach().isfinite().all() for t in tensors if t is not None]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def _step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         rt, cfg = self.runtime, self.cfg
         step = self.state.step
-        finite = torch.isfinite(loss.detach())
-        if rt.world_size > 1:  # every rank must take the same decision
-            import torch.distributed as dist
-
-            flag = finite.float().to(rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag.bool()
-        if not bool(finite):
+        finite = self._agree(torch.isfinite(loss.detach()))
+        if finite:
+            self.scaler.scale(loss).backward()
+            if rt.world_size > 1:
+                _all_reduce_grads(self.params)
+            if not self.scaler.is_enabled():  # (fp16's grad scaler skips non-finite gradients itself)
+                finite = self._agree(torch.tensor(self._finite(p.grad for p in self.params)))
+        if not finite:
             if cfg.nan_policy == "stop":
-                raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1}: lower the learning rate "
-                                       "or check the data (the last checkpoint is kept; nan_policy=skip skips such "
-                                       "steps)")
+                what = f"the loss became {loss.item()}" if not bool(torch.isfinite(loss.detach())) else \
+                    "the gradients became non-finite"
+                raise TrainingDiverged(f"{what} at step {step + 1}: {self._cause()} (the last checkpoint is kept; "
+                                       "nan_policy=skip skips such steps)")
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped += 1
             self.state.step += 1
-            self.scheduler.step()
-            return {"step": self.state.step, "loss": float("nan"), "acc": 0.0, "skipped": True,
+            with warnings.catch_warnings():  # the schedule follows the step count, taken or skipped
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.step()
+            return {"step": self.state.step, "loss": None, "acc": 0.0, "skipped": True,
                     "lr": self.scheduler.get_last_lr()[0]}
-        self.scaler.scale(loss).backward()
-        if rt.world_size > 1:
-            _all_reduce_grads(self.params)
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if not self._finite(self.params):  # a finite loss and gradients, yet the update was not: nothing to go on with
+            raise TrainingDiverged(f"the adapter weights became non-finite at step {step + 1}: {self._cause()} "
+                                   "(the last checkpoint is kept)")
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.state.step += 1
@@ -197,6 +220,15 @@ class Trainer:
         # this rank's mean loss (the exact global mean on one process)
         self.state.last_loss = loss.item() * self._global_batch / max(1, labels.numel())
         return {"step": self.state.step, "loss": self.state.last_loss, "acc": round(acc, 2), "lr": lr}
+
+    def _agree(self, flag: torch.Tensor) -> bool:
+        """`flag` on every rank (the minimum): all ranks must take the same decision."""
+        if self.runtime.world_size > 1:
+            import torch.distributed as dist
+
+            flag = flag.float().to(self.runtime.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
 
 
 def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:

@@ -1,0 +1,140 @@
+"""The one way blocklora opens an image file: safe on hostile files, exact on high bit depths.
+
+    open_image_file(path) -> RGB image          header_problem(path) -> None | why it cannot be used
+
+Every failure is a DataError naming the file and the reason; nothing hangs and nothing is silently wrong:
+- only regular files are opened (a FIFO named x.png would block open() forever; sockets and devices too); the file is
+  opened with O_NONBLOCK and checked again with fstat, so a swap after the check cannot block either;
+- images with more pixels than PIL's Image.MAX_IMAGE_PIXELS (about 89 M; raise it to allow larger images) are
+  refused before decoding: a small file can decode to gigabytes (a decompression bomb);
+- 16-bit and float images are scaled to 8 bits, not clipped as PIL's convert("RGB") does (it maps every 16-bit
+  value above 255 to white and a float image in [0, 1] to black): I;16 by 255 / 65535; 32-bit integer ("I") images
+  by the same factor when their values fit 0..65535 (as-is when they fit 0..255); float ("F") images in [0, 1] by
+  255 (as-is when they fit [0, 255]); other ranges, and NaN, are refused with the range found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return f"not a regular file: it is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}"
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[Image.Image]:
+    """PIL's lazy Image.open (header only) on a regular file, with the pixel-count limit checked."""
+    why = _not_regular(os.stat(path).st_mode)
+    if why:
+        raise DataError(why)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        why = _not_regular(os.fstat(fh.fileno()).st_mode)
+        if why:
+            raise DataError(why)
+        with Image.open(fh) as image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                raise DataError(f"{image.width}x{image.height} pixels exceed PIL's limit Image.MAX_IMAGE_PIXELS="
+                                f"{limit} (a decompression bomb?)")
+            if image.width < 1 or image.height < 1:
+                raise DataError("empty image (0 pixels)")
+            yield image
+
+
+def reason(e: BaseException) -> str:
+    """A one-line reason for a failure to open or decode."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, DataError):
+        return str(e)
+    if isinstance(e, Image.DecompressionBombError):  # "Image size (N pixels) exceeds limit of M pixels, could be..."
+        return f"decompression bomb? {str(e).split(', could be')[0]} (PIL's Image.MAX_IMAGE_PIXELS)"
+    if isinstance(e, UnidentifiedImageError):  # PIL's text names our file object, not the path
+        return "cannot identify image file (not an image, or a format PIL cannot read)"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _fail(path: str, e: BaseException) -> DataError:
+    return DataError(f"cannot read image {path}: {reason(e)}")
+
+
+def open_image_file(path: str) -> Image.Image:
+    """Decode an image file completely (corrupt and truncated files fail here, not later in a worker), as 8-bit RGB.
+
+    Raises DataError("cannot read image PATH: reason") for anything that is not a readable image."""
+    try:
+        with _opened(path) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise _fail(path, e) from None
+
+
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be an image file, from its metadata alone (missing, a folder, a FIFO, ...), or None."""
+    try:
+        return _not_regular(os.stat(path).st_mode)
+    except OSError as e:
+        return reason(e)
+
+
+def header_problem(path: str) -> str | None:
+    """Why `path` cannot be used as an image, from its header alone (no pixel decode), or None.
+
+    Finds missing files, non-images, special files, decompression bombs, empty images and unsupported modes: a check
+    for large test sets, whose images are decoded once, in the evaluation pass (truncation shows there)."""
+    try:
+        with _opened(path) as image:
+            if image.mode not in _SUPPORTED and not _scaled_mode(image.mode):
+                return f"unsupported image mode {image.mode}"
+    except Exception as e:  # noqa: BLE001 - any failure is a finding, not a crash
+        return reason(e)
+    return None
+
+
+# PIL modes that convert("RGB") maps correctly (8 bits per channel, palettes, bilevel, other colour spaces)
+_SUPPORTED = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+def _scaled_mode(mode: str) -> bool:
+    return mode.startswith("I;16") or mode in ("I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, scaling high bit depths (see the module docstring) instead of clipping them."""
+    if image.mode == "RGB":
+        return image
+    if not _scaled_mode(image.mode):
+        return image.convert("RGB")
+    a = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(f"{image.mode} image with NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if image.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif lo >= 0 and hi <= 255 and (image.mode == "I" or hi > 1):
+        scale = 1.0  # integers, or floats beyond [0, 1], already in 8-bit range
+    elif image.mode == "I" and lo >= 0 and hi <= 65535:
+        scale = 255 / 65535
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        scale = 255.0
+    else:
+        raise DataError(f"{image.mode} image with values in [{lo:g}, {hi:g}]: blocklora reads 32-bit integer "
+                        "images in 0..65535 and float images in [0, 1] (or [0, 255]); rescale it")
+    return Image.fromarray(np.rint(a * scale).astype(np.uint8), "L").convert("RGB")

@@ -1,0 +1,165 @@
+"""Everything a run needs, built and checked before anything is written: `prepare(cfg)` -> Prepared.
+
+Every user error of a run surfaces here (with the config's own checks, config.py, and the run directory's,
+engine/rundir.py): dataset, classes and protocol, split file, backbone, adapter placement, images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .backbones import Backbone, load_backbone
+from .config import RunConfig
+from .cross import load_targets
+from .data import (
+    DATASETS,
+    DatasetSplits,
+    Item,
+    limit_split,
+    load_dataset,
+    read_split_file,
+    read_split_header,
+    sample_few_shot,
+    subsample_classes,
+    subsample_fewshot,
+    verify_images,
+)
+from .data.protocols import check_classes
+from .engine import evaluate as ev
+from .engine.logits import Logits
+from .engine.logits import resolve as resolve_logits
+from .engine.runtime import Runtime, make_runtime, seed_everything
+from .errors import DataError
+from .ownership import Protected, protected
+from .trained import drop_unreadable
+
+log = logging.getLogger("blocklora")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and validated before anything is written."""
+
+    cfg: RunConfig  # resolved (RunConfig.resolved): what the run uses and records
+    request: RunConfig  # as asked (None = unset): what --resume compares
+    backbone: Backbone
+    data: DatasetSplits  # classes as trained (all, or the base half)
+    fewshot: Any  # data.fewshot.FewShotSplit as drawn (or read from the split file)
+    train_items: list[Item]  # fewshot.train minus skipped unreadable images
+    split_sha256: str | None  # of the split file given by the user
+    eval_sets: dict[str, DatasetSplits]  # name -> dataset to test on ("" = the trained classes)
+    runtime: Runtime
+    bad_images: dict[str, str]  # path -> why it was skipped, in the order found (before and during evaluation)
+    modules: list[str]  # the adapted modules (injected, probed)
+    logits: Logits  # scale, bias and kind (softmax | sigmoid) the run trains and predicts with
+
+    def skip_unreadable(self, found: list[tuple[str, str]], hint: str = "") -> None:
+        """Images an evaluation pass could not decode: an error naming the first unless data.skip_bad_images, else
+        recorded and left out of every later pass."""
+        new = [(path, why) for path, why in found if path not in self.bad_images]
+        if not new:
+            return
+        drop_unreadable([], new, self.cfg.data.skip_bad_images, hint)
+        self.bad_images.update(new)
+        for name, s in self.eval_sets.items():
+            self.eval_sets[name] = _without(s, set(self.bad_images))
+
+
+def run_inputs(cfg: RunConfig) -> list[Protected]:
+    """What a run reads, which clearing its --output must never touch (ownership.py)."""
+    model_dir = cfg.model[3:] if cfg.model.startswith("hf:") else None
+    return protected(("the dataset root (--root)", cfg.data.root),
+                     ("the split file (--split-file)", cfg.data.split_file),
+                     ("the pretrained weights (--pretrained)", cfg.pretrained),
+                     ("the model folder (--model)", model_dir),
+                     ("the tokenizer folder (--tokenizer)", cfg.tokenizer))
+
+
+def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
+    """The config the run uses (RunConfig.resolved: the split file's draw, the method's recipe) and the full dataset.
+
+    With a split file its dataset, shots, seed, sampler, replace and class subset (found by comparing its class
+    names with the dataset's halves) are the run's; an explicit option that contradicts them is an error.
+    """
+    if not cfg.data.split_file:
+        cfg = cfg.resolved()
+        return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
+    header = read_split_header(cfg.data.split_file)
+    draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
+    cfg.resolved(draw)  # a conflicting option fails before any dataset is read
+    # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.
+    key = cfg.data.dataset or (header["dataset"] if header["dataset"] in DATASETS else
+                               "csv" if Path(cfg.data.root).is_file() else "folder")
+    full = load_dataset(key, cfg.data.root)
+    if full.name != header["dataset"]:
+        raise DataError(f"the split file {cfg.data.split_file} was drawn from dataset {header['dataset']!r}, not "
+                        f"{full.name!r}: use the split file of this dataset, or the matching --dataset/--root")
+    draw["dataset"] = key
+    subset = next((c for c in ("all", "base", "new") if subsample_classes(full, c).classnames == header["classnames"]),
+                  None)  # None: read_split_file names the first differing class
+    return cfg.resolved({**draw, **({"classes": subset} if subset else {})}), full
+
+
+def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_gelu: bool | None = None) -> Prepared:
+    """Resolve the config, build backbone, data and few-shot split and check that the adapter fits: every user
+    error surfaces here. `recorded_quick_gelu`: the activation a resumed run started with."""
+    runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
+    request = cfg
+    cfg, full = resolve(cfg)
+    check_classes(full, "training", cfg.data.classes)
+    data = subsample_classes(full, cfg.data.classes) if cfg.data.classes != "all" else full
+    eval_sets = {"": limit_split(data, cfg.eval.split, cfg.eval.limit)}
+    if cfg.data.classes == "base":  # base-to-new: the same adapter is also tested on the unseen half
+        eval_sets["new"] = limit_split(subsample_classes(full, "new"), cfg.eval.split, cfg.eval.limit)
+    if cfg.data.split_file:
+        fewshot, sha = read_split_file(cfg.data.split_file, data)
+    else:
+        # CoCoOp draws the K shots over all classes, then keeps the base half: the same draws as peers.
+        fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
+        fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
+        sha = None
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer)
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
+    logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),
+                            backbone.learned_logit_bias(), backbone.name)
+    # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any
+    # work. Seeded: the adapters' initial values are a function of the seed.
+    seed_everything(cfg.data.seed)
+    modules = backbone.inject(cfg.adapter)
+    if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks
+        backbone.set_grad_checkpointing(True)
+    for warning in ev.prompt_collisions(data.classnames, cfg.train.template):
+        log.warning("warning: %s", warning)
+    test_items = [i for s in eval_sets.values() for i in getattr(s, cfg.eval.split)]
+    if not test_items:
+        raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")
+    # The few training shots are decoded in full (each is read many times). Test images are decoded once, by the
+    # first evaluation pass, which reports every image it cannot use (skip_unreadable): when that pass is the
+    # zero-shot one, before training, a file check is enough here; without it, headers are read before training.
+    bad = verify_images(fewshot.train, data.image_reader, level="decode")
+    test_level = "file" if cfg.eval.zero_shot else "header"
+    bad += verify_images(test_items, data.image_reader, level=test_level)
+    # cross-dataset / DG test sets (eval.datasets), first decoded after training: headers now
+    targets = {k: limit_split(t, cfg.eval.split, cfg.eval.limit) for k, t in load_targets(cfg).items()}
+    for target in targets.values():
+        bad += verify_images(getattr(target, cfg.eval.split), target.image_reader, level="header")
+    eval_sets.update(targets)
+    train_items = list(fewshot.train)
+    if bad:
+        drop_unreadable([], bad, cfg.data.skip_bad_images)  # an error naming the first, unless skipping
+        bad_paths = {p for p, _ in bad}
+        train_items = [i for i in train_items if i.path not in bad_paths]
+        for name, s in eval_sets.items():
+            eval_sets[name] = _without(s, bad_paths)
+        if not train_items:
+            raise DataError("every training image is unreadable: nothing to train on")
+    return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, eval_sets, runtime, dict(bad), modules,
+                    logits)
+
+
+def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:
+    keep = lambda items: [i for i in items if i.path not in bad]  # noqa: E731
+    return replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test))

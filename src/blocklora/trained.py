@@ -1,0 +1,309 @@
+"""Using a trained adapter: load it on its backbone, evaluate it on any dataset, predict images, export merged weights.
+
+Everything an adapter directory says is checked before use (adapters/io.py reads the format, `run_meta` here the
+run's own record: backbone, class names, template, logit scale), so a damaged or hand-edited file is one error line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+
+from . import checks
+from .adapters.inject import merged_state_dict
+from .adapters.io import read_adapter_meta
+from .backbones import Backbone, load_backbone
+from .backbones.fingerprint import load_adapter
+from .data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
+from .data.images import verify_images
+from .data.protocols import check_classes
+from .engine import evaluate as ev
+from .engine.logits import Logits
+from .engine.runtime import Runtime, default_workers, make_runtime
+from .errors import AdapterMismatchError, BlockLoRAError, DataError
+from .ownership import TEMP_SUFFIX, check_deletable, fix_modes, mark, marker_kind, protected, remove_stale_temps
+from .ownership import temp_prefix as _temp_prefix
+
+log = logging.getLogger("blocklora")
+EXPORT = "export"  # the ownership marker's kind for an exported model folder
+
+
+def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
+    """The "run" record a trained adapter carries (what `blocklora train` saved), checked field by field."""
+    run = meta.get("run")
+    if not isinstance(run, dict) or "model" not in run:
+        raise BlockLoRAError(f"{where} does not record its backbone: load it with the Python API (load_adapter) on "
+                             "the model it was trained for")
+    try:
+        checks.text(empty=False)("run.model", run["model"])
+        checks.text(optional=True)("run.pretrained", run.get("pretrained"))
+        names = run.get("classnames")
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+            raise BlockLoRAError(f"run.classnames must be a list of at least 2 class names, got {names!r}")
+        checks.template("run.template", run.get("template"))
+        checks.maybe(checks.one_of("yes", "no", "auto"))("run.quick_gelu", run.get("quick_gelu"))
+        checks.one_of("fp32", "autocast")("run.frozen_dtype", run.get("frozen_dtype", "fp32"))
+        checks.number("run.logit_scale", run.get("logit_scale", 100.0), checks.Range(0, 1e4, lo_open=True))
+    except BlockLoRAError as e:
+        raise AdapterMismatchError(f"{Path(where) / 'blocklora_adapter.json'}: {e}; the file is damaged") from None
+    return run
+
+
+def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, force: bool = False,
+                 device: str = "auto", compute: bool = True, tokenizer: str | None = None
+                 ) -> tuple[Backbone, dict[str, Any], Runtime]:
+    """The backbone an adapter was trained on (or `pretrained` / `tokenizer` instead), with the adapter loaded.
+    compute=False keeps the weights' stored dtype (for export); otherwise they run in the precision mode training
+    recorded (frozen_dtype; half-precision checkpoints in float32 on the CPU)."""
+    meta = read_adapter_meta(adapter_dir)
+    run = run_meta(meta, adapter_dir)
+    weights = pretrained if pretrained is not None else run.get("pretrained")
+    recorded = run.get("quick_gelu")
+    tokenizer = tokenizer or run.get("tokenizer")
+    if recorded in ("yes", "no"):  # the activation training resolved: the weights must not say otherwise
+        backbone = load_backbone(run["model"], weights, recorded_quick_gelu=recorded == "yes", tokenizer=tokenizer)
+    else:  # adapters written before the activation was recorded
+        backbone = load_backbone(run["model"], weights, recorded or "auto", tokenizer=tokenizer)
+    load_adapter(backbone.model, adapter_dir, force=force)
+    runtime = make_runtime(checks.device("--device", device))
+    backbone.to(runtime.device)
+    if compute:  # the precision mode training ran in (runs before it was recorded: fp32)
+        backbone.cast_frozen(runtime.frozen_dtype(run.get("frozen_dtype", "fp32")))
+    return backbone, meta, runtime
+
+
+def checked_items(items: list, reader: Any, skip_bad_images: bool) -> tuple[list, list[tuple[str, str]]]:
+    """Items that are regular files, or a DataError naming the first bad one unless skip_bad_images. The one pass
+    that follows decodes each image and reports what else is wrong (_finish)."""
+    bad = verify_images(items, reader, level="file")
+    return drop_unreadable(items, bad, skip_bad_images)
+
+
+def drop_unreadable(items: list, bad: list[tuple[str, str]], skip_bad_images: bool,
+                    hint: str = "") -> tuple[list, list[tuple[str, str]]]:
+    """`items` without the `bad` ones when skipping, else a DataError naming the first (one rule for every pass)."""
+    if not bad:
+        return items, []
+    if not skip_bad_images:
+        path, why = bad[0]
+        raise DataError(f"unreadable image {path} ({why}; {len(bad)} bad in all): fix or remove it{hint}, or pass "
+                        "--skip-bad-images (data.skip_bad_images=true) to skip such files")
+    paths = {p for p, _ in bad}
+    log.warning("skipping %d unreadable image(s), e.g. %s (%s)", len(bad), *bad[0])
+    return [i for i in items if i.path not in paths], bad
+
+
+def _eval_options(batch_size: int, workers: int, split: str, limit: int | None) -> tuple[int, int]:
+    """The evaluation options of eval and zeroshot, checked; -1 workers becomes the default count."""
+    batch_size = checks.number("batch_size", batch_size, checks.Range(1, 65536, integer=True))
+    workers = checks.number("workers", workers, checks.Range(-1, 256, integer=True))
+    checks.choice("split", split, ("test", "val", "train"))
+    if limit is not None:
+        checks.number("limit", limit, checks.Range(1, integer=True))
+    return batch_size, workers if workers >= 0 else default_workers()
+
+
+def _test_set(dataset: str, root: str, classes: str, split: str, limit: int | None, template: str,
+              skip_bad_images: bool, what: str) -> tuple[DatasetSplits, list, list[tuple[str, str]]]:
+    """(dataset, its evaluated items, the (path, reason) skipped): classes, headers and prompts checked."""
+    data = load_dataset(dataset, root)
+    check_classes(data, what, classes)
+    if classes != "all":
+        data = subsample_classes(data, classes)
+    items = evenly_spaced(getattr(data, split), limit)
+    if not items:
+        raise DataError(f"dataset {dataset} at {root} has no {split} images")
+    items, skipped = checked_items(items, data.image_reader, skip_bad_images)
+    for warning in ev.prompt_collisions(data.classnames, template):
+        log.warning("warning: %s", warning)
+    return data, items, skipped
+
+
+def _finish(items: list, result: dict[str, Any], skipped: list[tuple[str, str]], skip_bad_images: bool,
+            ) -> dict[str, Any]:
+    """An evaluation pass's result, with the images only its full decode found unreadable (a truncated file):
+    an error naming the first, or listed with the skipped ones."""
+    unreadable = result.pop("unreadable")
+    drop_unreadable(items, unreadable, skip_bad_images)
+    return {**result, "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
+
+
+def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, split: str = "test",
+                     pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
+                     classes: str = "all", template: str | None = None, force: bool = False,
+                     device: str = "auto", limit: int | None = None, skip_bad_images: bool = False,
+                     tokenizer: str | None = None) -> dict[str, Any]:
+    """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
+    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer=tokenizer)
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
+    template = checks.template("template", template or meta["run"]["template"])
+    data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation")
+    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
+    return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
+            **_finish(items, result, skipped, skip_bad_images)}
+
+
+def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",
+                       template: str | None = "a photo of a {}.", quick_gelu: str = "auto", batch_size: int = 128,
+                       workers: int = -1, device: str = "auto", limit: int | None = None, use_cache: bool = True,
+                       skip_bad_images: bool = False, tokenizer: str | None = None) -> dict[str, Any]:
+    """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (None: the dataset's own, CoOp's);
+    cached (engine/evaluate.zero_shot)."""
+    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    if template is not None:
+        checks.template("template", template)
+    data, items, skipped = _test_set(dataset, root, "all", split, limit, template or "{}", skip_bad_images,
+                                     "zero-shot classification")
+    template = template or data.template
+    backbone = load_backbone(model, pretrained, quick_gelu, tokenizer=tokenizer)
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
+    rt = make_runtime(checks.device("--device", device))
+    backbone.to(rt.device)
+    backbone.cast_frozen(rt.frozen_dtype("fp32"))
+    result = ev.zero_shot(backbone, data, items, [template], rt, batch_size, workers, use_cache=use_cache,
+                          split=split)
+    return {"model": model, "dataset": data.name, "split": split, "templates": [template],
+            **_finish(items, result, skipped, skip_bad_images)}
+
+
+def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
+    from .data.datasets import list_image_files
+
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += list_image_files(p)
+        elif os.path.lexists(p):
+            out.append(str(p))  # the image opener names what is wrong with a special file
+        else:
+            raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
+    if not out:
+        raise BlockLoRAError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+@torch.no_grad()
+def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
+            template: str, logit_scale: float = 100.0, topk: int = 5, logits: Logits | None = None
+            ) -> list[dict[str, Any]]:
+    """Top-k class names with probabilities for each image file; each row says which probabilities they are.
+
+    "softmax": over the classes, softmax(scale * cos) (they sum to 1). "sigmoid" (`logits` of kind sigmoid, as a
+    SigLIP adapter trained with train.loss=sigmoid records): each class's own sigma(scale * cos + bias).
+    Raises DataError naming an unreadable image."""
+    from .data.types import open_image_file
+
+    logits = logits or Logits(logit_scale)
+    topk = checks.number("topk", topk, checks.Range(1, integer=True))
+    txt = ev.encode_classes(backbone, classnames, [checks.template("template", template)], runtime)
+    transform = backbone.eval_transform()
+    out = []
+    backbone.model.eval()
+    for start in range(0, len(images), 64):
+        chunk = list(images[start:start + 64])
+        pixels = [transform(open_image_file(path)) for path in chunk]
+        with runtime.autocast():
+            img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
+        probs = logits.probabilities(logits(img @ txt.T)).cpu()
+        if not bool(torch.isfinite(probs).all()):
+            raise BlockLoRAError("the model produced non-finite scores: its weights or the adapter are damaged")
+        top = probs.topk(min(topk, probs.shape[1]), dim=-1)
+        for path, values, indices in zip(chunk, top.values, top.indices):
+            top_k = [{"class": classnames[i], "index": int(i), "prob": round(float(v), 6)}
+                     for v, i in zip(values, indices)]
+            out.append({"image": path, "probabilities": logits.kind, "top": top_k})
+    return out
+
+
+def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained: str | None = None,
+           force: bool = False, overwrite: bool = False, tokenizer: str | None = None) -> list[str]:
+    """Merge the adapter into the frozen weights and write the backbone's own checkpoint format.
+
+    An existing `output` is replaced only with overwrite, only when it is a weights file or a folder blocklora
+    exported, and never when it is, contains or lies inside the adapter or the weights being read."""
+    output = Path(output)
+    meta = read_adapter_meta(adapter_dir)
+    weights = pretrained if pretrained is not None else run_meta(meta, adapter_dir).get("pretrained")
+    inputs = protected(("the adapter being read (--adapter)", adapter_dir), ("the pretrained weights", weights))
+    check_deletable(output, inputs, "--output")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise BlockLoRAError(f"{output} already exists: choose another path or pass --overwrite")
+        _check_export_replaceable(output)
+    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer)
+    state = merged_state_dict(backbone.model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(output.parent)  # leftovers of killed writes here (their process is gone)
+    # written under a temporary folder beside it, with the output's own name (the format follows the name: a
+    # suffix-less one is a folder), then moved into place; removed on any failure
+    holder = Path(tempfile.mkdtemp(prefix=_temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
+    tmp = holder / output.name
+    try:
+        try:
+            backbone.export(state, tmp)
+        except (SafetensorError, RuntimeError) as e:  # how safetensors and torch.save report a failed write
+            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"cannot write the export ({str(e).splitlines()[0][:120]}): disk full or "
+                                     "not writable?", str(output)) from None
+        if tmp.is_dir():
+            mark(tmp, EXPORT)
+        fix_modes(tmp)
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() and not output.is_symlink() else output.unlink()
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+    return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
+
+
+def _check_export_replaceable(output: Path) -> None:
+    """A folder only if blocklora exported it; a file only if it is a weights file (safetensors or torch zip)."""
+    if output.is_dir() and not output.is_symlink():
+        if marker_kind(output) != EXPORT:
+            raise BlockLoRAError(f"{output} is a folder blocklora did not export (no .blocklora marker): refusing to "
+                                 "replace it; choose another --output (open_clip: a .safetensors or .pt file)")
+        return
+    if not _is_weights_file(output):
+        raise BlockLoRAError(f"{output} is not a weights file (safetensors or torch): refusing to replace it; "
+                             "choose another --output")
+
+
+def _is_weights_file(path: Path) -> bool:
+    try:
+        if not path.is_file():
+            return False
+        if zipfile.is_zipfile(path):  # torch.save's format
+            return True
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt"):
+            return True
+    except Exception:  # noqa: BLE001 - anything unreadable is not a weights file we may replace
+        return False
+
+
+def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) -> str | None:
+    """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
+    from .backbones.activation import stock_load_hint
+
+    run = read_adapter_meta(adapter_dir).get("run", {})
+    model = run.get("model", "")
+    if model.startswith("hf:") or model == "effnet-minilm" or run.get("quick_gelu") not in ("yes", "no"):
+        return None
+    if Path(output).is_dir():
+        return f"open_clip.create_model('local-dir:{output}')"
+    return stock_load_hint(model, run["quick_gelu"] == "yes", str(output))

@@ -34,7 +34,7 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.blocklora-(?P<pid>\d+)-[^/]*?\.tmp(\.\w+)?
 # -- the marker ------------------------------------------------------------------------------------------------------
 def mark(directory: str | os.PathLike, kind: str) -> None:
     """Record that blocklora made `directory` (kind: "run", "adapter", "export", ...)."""
-    from . import __version__
+    from ._version import __version__
 
     path = Path(directory) / MARKER
     path.write_text(json.dumps({"made_by": "blocklora", "kind": kind, "version": __version__}) + "\n")

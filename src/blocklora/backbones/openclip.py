@@ -191,7 +191,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto",
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
     weights, preprocess = (None, {}) if none else _weights_file(name, pretrained)
     act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)
-    log.info("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
+    log.debug("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
     if name == "tiny-clip":
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same random weights every time: adapters trained on it can be reloaded

@@ -207,7 +207,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
     weights, declared = (None, {}) if none else weights_file(name, pretrained)
     act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)
-    log.info("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
+    log.debug("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
     with _seeded(0):  # random weights are the same every time: adapters trained on them can be reloaded
         if name == "tiny-clip":
             model = open_clip.CLIP(**TINY_CLIP, quick_gelu=act.quick_gelu)

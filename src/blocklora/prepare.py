@@ -121,8 +121,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer)
-    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
+    # text=True: a tokenizer out of reach fails first, before any weights are read
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer,
+                             text=True)
     logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),
                             backbone.learned_logit_bias(), backbone.name)
     # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any

@@ -61,20 +61,22 @@ def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, force: bool = False,
-                 device: str = "auto", compute: bool = True, tokenizer: str | None = None
+                 device: str = "auto", compute: bool = True, tokenizer: str | None = None, text: bool = True
                  ) -> tuple[Backbone, dict[str, Any], Runtime]:
     """The backbone an adapter was trained on (or `pretrained` / `tokenizer` instead), with the adapter loaded.
     compute=False keeps the weights' stored dtype (for export); otherwise they run in the precision mode training
-    recorded (frozen_dtype; half-precision checkpoints in float32 on the CPU)."""
+    recorded (frozen_dtype; half-precision checkpoints in float32 on the CPU). text=False: no prompts will be
+    encoded (export), so no tokenizer is needed."""
     meta = read_adapter_meta(adapter_dir)
     run = run_meta(meta, adapter_dir)
     weights = pretrained if pretrained is not None else run.get("pretrained")
     recorded = run.get("quick_gelu")
     tokenizer = tokenizer or run.get("tokenizer")
     if recorded in ("yes", "no"):  # the activation training resolved: the weights must not say otherwise
-        backbone = load_backbone(run["model"], weights, recorded_quick_gelu=recorded == "yes", tokenizer=tokenizer)
+        backbone = load_backbone(run["model"], weights, recorded_quick_gelu=recorded == "yes", tokenizer=tokenizer,
+                                 text=text)
     else:  # adapters written before the activation was recorded
-        backbone = load_backbone(run["model"], weights, recorded or "auto", tokenizer=tokenizer)
+        backbone = load_backbone(run["model"], weights, recorded or "auto", tokenizer=tokenizer, text=text)
     load_adapter(backbone.model, adapter_dir, force=force)
     runtime = make_runtime(checks.device("--device", device))
     backbone.to(runtime.device)
@@ -147,7 +149,6 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, sp
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
     batch_size, workers = _eval_options(batch_size, workers, split, limit)
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer=tokenizer)
-    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
     template = checks.template("template", template or meta["run"]["template"])
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation")
     result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
@@ -167,8 +168,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
     data, items, skipped = _test_set(dataset, root, "all", split, limit, template or "{}", skip_bad_images,
                                      "zero-shot classification")
     template = template or data.template
-    backbone = load_backbone(model, pretrained, quick_gelu, tokenizer=tokenizer)
-    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
+    backbone = load_backbone(model, pretrained, quick_gelu, tokenizer=tokenizer, text=True)
     rt = make_runtime(checks.device("--device", device))
     backbone.to(rt.device)
     backbone.cast_frozen(rt.frozen_dtype("fp32"))
@@ -243,7 +243,8 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
         if not overwrite:
             raise BlockLoRAError(f"{output} already exists: choose another path or pass --overwrite")
         _check_export_replaceable(output)
-    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer)
+    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer,
+                                  text=False)
     state = merged_state_dict(backbone.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output.parent)  # leftovers of killed writes here (their process is gone)

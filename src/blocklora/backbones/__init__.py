@@ -17,12 +17,14 @@ register_finder("transformers", hf.placement)  # CLIP, MetaCLIP 2, SigLIP, Chine
 
 
 def load_backbone(name: str, pretrained: str | None = None, quick_gelu: str = "auto",
-                  recorded_quick_gelu: bool | None = None, tokenizer: str | None = None) -> Backbone:
+                  recorded_quick_gelu: bool | None = None, tokenizer: str | None = None,
+                  text: bool = False) -> Backbone:
     """'ViT-B-16' (+ pretrained tag, file, export folder or None), 'tiny-clip', 'effnet-minilm', or 'hf:DIR_OR_ID'.
 
     `quick_gelu` is the user's request (auto, yes, no; backbones/activation.py says how auto decides);
     `recorded_quick_gelu` the activation an adapter was trained with, which a reload must reproduce; `tokenizer` a
-    local folder with the model's tokenizer, for models whose tokenizer comes from a hub (SigLIP's).
+    local folder with the model's tokenizer, for models whose tokenizer comes from a hub (SigLIP's); text=True: the
+    caller will encode prompts, so a tokenizer out of reach fails before any weights are read or built.
     Raises BackboneError (one line, with the fix) for anything that cannot be built or loaded.
     """
     if quick_gelu not in ("auto", "yes", "no"):
@@ -36,7 +38,7 @@ def load_backbone(name: str, pretrained: str | None = None, quick_gelu: str = "a
         if tokenizer is not None:
             raise BackboneError("effnet-minilm's tokenizer ships with its packaged weights: drop --tokenizer")
         return effnet_minilm.load(pretrained)
-    return openclip.load(name, pretrained, quick_gelu, recorded_quick_gelu, tokenizer)
+    return openclip.load(name, pretrained, quick_gelu, recorded_quick_gelu, tokenizer, text)
 
 
 __all__ = ["Backbone", "load_backbone"]

@@ -190,14 +190,15 @@ class OpenClipBackbone(Backbone):
 
 
 def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_quick_gelu: bool | None = None,
-         tokenizer: str | None = None) -> OpenClipBackbone:
+         tokenizer: str | None = None, text: bool = False) -> OpenClipBackbone:
     """open_clip model `name` with weights from a tag, a local file or export folder, or none (random init).
 
     The MLP activation is resolved once (activation.resolve: the request, what the weights say, the model name) and
     built explicitly, whatever open_clip's own default for the name is; `recorded_quick_gelu` (an adapter's record)
     must agree with the weights. `tokenizer`: a local folder holding the model's tokenizer when it comes from a hub
-    (SigLIP's). Raises BackboneError (one line) for an unknown name or tag, a missing or mismatched file, or
-    weights out of reach.
+    (SigLIP's). text=True loads the tokenizer first, before any weights: a command that encodes prompts then fails
+    at once when a hub tokenizer is out of reach. Raises BackboneError (one line) for an unknown name or tag, a
+    missing or mismatched file, a tokenizer or weights out of reach.
     """
     import open_clip
 
@@ -205,19 +206,19 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     if name != "tiny-clip" and name not in open_clip.list_models():
         raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
+    tokenizer_name = "ViT-B-32" if name == "tiny-clip" else name
+    loaded_tokenizer = load_tokenizer(tokenizer_name, tokenizer) if text else None
     weights, declared = (None, {}) if none else weights_file(name, pretrained)
     act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)
     log.debug("%s: %s (from %s)", name, "QuickGELU" if act.quick_gelu else "GELU", act.source)
     with _seeded(0):  # random weights are the same every time: adapters trained on them can be reloaded
         if name == "tiny-clip":
             model = open_clip.CLIP(**TINY_CLIP, quick_gelu=act.quick_gelu)
-            tokenizer_name = "ViT-B-32"
         else:
             # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
             # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
             model = open_clip.create_model(name, pretrained=None, force_quick_gelu=act.quick_gelu,
                                            force_preprocess_cfg=declared, quick_gelu=act.quick_gelu)
-            tokenizer_name = name
     if weights is not None:
         read_checkpoint_into(model, weights, name)
     source = None if none else (str(Path(pretrained).resolve()) if weights == pretrained or os.path.isdir(pretrained)
@@ -226,6 +227,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
                                f"open_clip's pretrained config of {name}/{pretrained}")
     preprocess = preprocess_for(name, model, declared, label, has_weights=not none)
     backbone = OpenClipBackbone(name, model, source, tokenizer_name, preprocess, tokenizer)
+    backbone._tokenizer = loaded_tokenizer
     backbone.activation = act
     return backbone
 

@@ -280,11 +280,16 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, cfg: Adapt
 
     cfg, tensors = read_peft_adapter(directory, model, cfg)
     inject(model, cfg)
-    with torch.no_grad():
-        for name, value in tensors.items():
-            param = model.get_parameter(name)
-            param.copy_(value.to(param.dtype))
+    copy_factors(model, tensors)
     return cfg
+
+
+@torch.no_grad()
+def copy_factors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy read_peft_adapter's tensors into the adapters injected in `model` (same names and shapes)."""
+    for name, value in tensors.items():
+        param = model.get_parameter(name)
+        param.copy_(value.to(param.dtype))
 
 
 # -- the commands' entry points ---------------------------------------------------------------------------------------
@@ -316,4 +321,34 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
     base = model[3:] if model.startswith("hf:") else model
     return write_peft_adapter(backbone.model, output, base, extra={
         "exported_from": str(adapter_dir), "model": model, "pretrained": weights, "method": meta["config"]["method"],
-        "n_blocks": meta["config"]["n_blocks"]})
+        "n_blocks": meta["config"]["n_blocks"], "template": run.get("template")})
+
+
+def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str, model: str | None = None,
+                          pretrained: str | None = None, split: str = "test", batch_size: int = 128,
+                          workers: int = -1, classes: str = "all", template: str | None = None, device: str = "auto",
+                          limit: int | None = None, skip_bad_images: bool = False,
+                          tokenizer: str | None = None) -> dict[str, Any]:
+    """`blocklora eval --peft-adapter`: top-1 of a PEFT LoRA adapter on its backbone (`model`, default: what the
+    adapter records: blocklora's own export record, else "hf:" + base_model_name_or_path)."""
+    from . import checks
+    from .backbones import load_backbone
+    from .engine.runtime import make_runtime
+    from .trained import eval_options, evaluate_loaded
+
+    batch_size, workers = eval_options(batch_size, workers, split, limit)
+    config = read_peft_config(directory)
+    record = config.get("blocklora") if isinstance(config.get("blocklora"), dict) else {}
+    base = config.get("base_model_name_or_path")
+    model = model or record.get("model") or (f"hf:{base}" if isinstance(base, str) and base else None)
+    if not model:
+        raise BlockLoRAError(f"{directory} does not name its base model (base_model_name_or_path): pass --model")
+    if pretrained is None and record.get("model") == model:
+        pretrained = record.get("pretrained")
+    backbone = load_backbone(model, pretrained, tokenizer=tokenizer)
+    load_peft_adapter(backbone.model, directory)
+    rt = make_runtime(checks.device("--device", device))
+    backbone.to(rt.device)
+    backbone.cast_frozen(rt.frozen_dtype("fp32"))
+    return evaluate_loaded(backbone, rt, directory, template or record.get("template") or "a photo of a {}.", dataset, root, split,
+                           batch_size, workers, classes, limit, skip_bad_images)

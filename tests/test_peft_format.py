@@ -194,3 +194,31 @@ def test_cli_export_format_peft(tmp_path, capsys):
                  "0", "--json"]) == 0
     own_eval = json.loads(capsys.readouterr().out)
     assert peft_eval["top1"] == own_eval["top1"] and peft_eval["n"] == own_eval["n"]
+
+
+def test_init_adapter_starts_a_run_from_a_peft_adapter(tmp_path):
+    """--init-adapter: the prepared run's adapters hold the PEFT adapter's update; a misfit is refused first."""
+    from blocklora.config import RunConfig
+    from blocklora.prepare import prepare
+    from conftest import make_hf_dir
+    from gen_data import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "data", n_classes=3, train_per_class=2, test_per_class=2)
+    model_dir = make_hf_dir(tmp_path / "hf")
+    src = make_hf_dir(tmp_path / "hf2")  # the same seed: the same weights
+    from transformers import CLIPModel
+
+    donor = CLIPModel.from_pretrained(str(src))
+    inject(donor, AdapterConfig(n_blocks=4, r=2, projections="qv"))
+    randomize_adapters(donor, std=0.1)
+    write_peft_adapter(donor, tmp_path / "peft")
+    base = ["model=hf:" + str(model_dir), "data.dataset=folder", f"data.root={data}", "data.shots=1",
+            "train.iters=1", "data.workers=0"]
+    cfg = RunConfig().with_overrides(base + ["adapter.n_blocks=4", "adapter.projections=q,v",
+                                             f"train.init_adapter={tmp_path / 'peft'}"])
+    p = prepare(cfg)
+    got, expected = blocklora.adapter_state_dict(p.backbone.model), blocklora.adapter_state_dict(donor)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(AdapterMismatchError, match="missing .*k_proj"):
+        prepare(RunConfig().with_overrides(base + ["adapter.n_blocks=4",
+                                                   f"train.init_adapter={tmp_path / 'peft'}"]))

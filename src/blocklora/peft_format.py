@@ -52,6 +52,7 @@ CONFIG_FILE = "adapter_config.json"  # PEFT's own file names (peft.utils.constan
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
+RECORD = "blocklora"  # the safetensors metadata key of an export's record (model, pretrained, template, ...)
 # PEFT LoRA options that change the computation in ways blocklora's factors cannot hold
 UNSUPPORTED = {"use_dora": "DoRA's magnitude vector", "lora_bias": "a bias on lora_B",
                "fan_in_fan_out": "transposed (Conv1D) weights", "modules_to_save": "fully trained modules",
@@ -111,19 +112,19 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
     """Write `model`'s adapters as a PEFT LoRA adapter folder at `output` (which must not exist); atomic.
 
     `base_model` is recorded as base_model_name_or_path (what PeftModel.from_pretrained's caller loads first);
-    `extra` is kept under "blocklora" in adapter_config.json (PEFT ignores the key). Returns the files written."""
+    `extra` is kept as JSON under "blocklora" in the safetensors header (read_record). Returns the files written."""
     from safetensors.torch import save_file
 
     config, tensors = peft_tensors(model)
     config["base_model_name_or_path"] = base_model
-    if extra:
-        config["blocklora"] = dict(extra)
+    # blocklora's own record goes into the safetensors header: PEFT warns about unknown adapter_config.json keys
+    metadata = {"format": "pt", **({RECORD: json.dumps(dict(extra), allow_nan=False)} if extra else {})}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
         mark(tmp, KIND)
         fix_modes(tmp)
@@ -162,6 +163,18 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterMismatchError(f"{path}: lora_alpha {alpha!r} is not a positive number")
     return config
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The record blocklora's export keeps in the weights file's header ({} for a PEFT adapter made elsewhere)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS_FILE), "pt") as f:
+            record = json.loads((f.metadata() or {}).get(RECORD, "{}"))
+    except Exception:  # noqa: BLE001 - unreadable here is reported by read_peft_adapter, which reads the tensors
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _module_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -338,7 +351,7 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
 
     batch_size, workers = eval_options(batch_size, workers, split, limit)
     config = read_peft_config(directory)
-    record = config.get("blocklora") if isinstance(config.get("blocklora"), dict) else {}
+    record = read_record(directory)
     base = config.get("base_model_name_or_path")
     model = model or record.get("model") or (f"hf:{base}" if isinstance(base, str) and base else None)
     if not model:

@@ -89,6 +89,12 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
         cfg = cfg.resolved()
         return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
     header = read_split_header(cfg.data.split_file)
+    if header.get("published"):  # another project's draw: the dataset is the user's to name
+        if not cfg.data.dataset:
+            raise DataError(f"the split file {cfg.data.split_file} ({header['published']} format) does not name its "
+                            "dataset: pass --dataset and --root")
+        draw = {k: header[k] for k in ("shots", "seed") if header[k] is not None}
+        return cfg.resolved(draw), load_dataset(cfg.data.dataset, cfg.data.root)
     draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
     cfg.resolved(draw)  # a conflicting option fails before any dataset is read
     # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.

@@ -13,7 +13,8 @@ from blocklora.engine.tensorboard import check_available
 from blocklora.errors import ConfigError
 from gen_data import make_folder_dataset
 
-pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'blocklora[tensorboard]')")
+pytest.importorskip("tensorboard",
+                    reason="the tensorboard extra is not installed (pip install 'blocklora[tensorboard]')")
 
 
 def _scalars(directory) -> dict[str, list[tuple[int, float]]]:

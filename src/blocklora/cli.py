@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a PEFT LoRA adapter trained elsewhere on the same backbone (its modules and rank "
                         "must be the run's; Block-LoRA needs an A made of n equal blocks)")
     g.add_argument("--log", choices=("none", "tensorboard"), default=None,
-                   help="also write loss, learning rate, step time and accuracy as TensorBoard scalars (RUN/tensorboard; "
-                        "needs the tensorboard extra)")
+                   help="also write loss, learning rate, step time and accuracy as TensorBoard scalars "
+                        "(RUN/tensorboard; needs the tensorboard extra)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="any config value, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
     train_parser = p
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--adapter", help="a blocklora adapter folder (RUN/adapter)")
     which.add_argument("--peft-adapter", metavar="DIR", help="a PEFT LoRA adapter folder trained elsewhere on the "
                        "same backbone (give --model unless its base_model_name_or_path is that model)")
-    p.add_argument("--model", default=None, help="with --peft-adapter: the backbone (default: the adapter's own record)")
+    p.add_argument("--model", default=None,
+                   help="with --peft-adapter: the backbone (default: the adapter's own record)")
     p.add_argument("--template", default=None, type=checks.arg(checks.template, "--template"),
                    help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
     _data_options(p)

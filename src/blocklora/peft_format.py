@@ -48,7 +48,8 @@ from .adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
 from .errors import AdapterMismatchError, BlockLoRAError
 from .ownership import TEMP_SUFFIX, fix_modes, mark, remove_stale_temps, temp_prefix
 
-CONFIG_FILE = "adapter_config.json"  # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+# PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
@@ -363,5 +364,6 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
     rt = make_runtime(checks.device("--device", device))
     backbone.to(rt.device)
     backbone.cast_frozen(rt.frozen_dtype("fp32"))
-    return evaluate_loaded(backbone, rt, directory, template or record.get("template") or "a photo of a {}.", dataset, root, split,
-                           batch_size, workers, classes, limit, skip_bad_images)
+    template = template or record.get("template") or "a photo of a {}."
+    return evaluate_loaded(backbone, rt, directory, template, dataset, root, split, batch_size, workers, classes,
+                           limit, skip_bad_images)

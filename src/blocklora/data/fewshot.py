@@ -238,7 +238,9 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
     if _published_header(path) is not None:
         from .published_splits import read_published
 
-        return read_published(path, splits)
+        info, parts, sha = read_published(path, splits)
+        seed = info["seed"] if info["seed"] is not None else 1  # the run's default seed when the file names none
+        return FewShotSplit(splits.name, info["shots"], seed, "clip-lora", parts["train"], parts["val"]), sha
     data = _load_split_json(path)
     raw = path.read_bytes()
     params = _draw_params(data, path)

@@ -94,11 +94,10 @@ def header(path: str | os.PathLike) -> dict[str, Any] | None:
     return {"published": kind, "shots": max(counts.values()), "seed": seed}
 
 
-def read_published(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Any, str]:
-    """The published split as a FewShotSplit of `splits`' items, and the file's sha256. Raises DataError naming
-    the first entry that does not match the dataset (path, label or class name)."""
-    from .fewshot import FewShotSplit
-
+def read_published(path: str | os.PathLike, splits: DatasetSplits
+                   ) -> tuple[dict[str, Any], dict[str, list[Item]], str]:
+    """(header(), {"train": items, "val": items} of `splits`, the file's sha256). Raises DataError naming the
+    first entry that does not match the dataset (path, label or class name)."""
     path = Path(path).expanduser()
     raw = path.read_bytes()
     info = header(path)
@@ -117,9 +116,7 @@ def read_published(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Any,
             raise _bad(path, f"does not match dataset {splits.name} at {root}: {where} "
                              f"{json.dumps(entry, ensure_ascii=False)[:120]}: {why}")
         parts_out[part].append(item)
-    split = FewShotSplit(splits.name, info["shots"], info["seed"] if info["seed"] is not None else 1, "clip-lora",
-                         parts_out["train"], parts_out["val"])
-    return split, hashlib.sha256(raw).hexdigest()
+    return info, parts_out, hashlib.sha256(raw).hexdigest()
 
 
 def _match(entry: Any, by_tail: dict[tuple[str, ...], Item], lengths: list[int],

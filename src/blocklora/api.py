@@ -34,6 +34,7 @@ from .engine.files import JsonlWriter, atomic_write, load_torch, save_torch, wri
 from .engine.fit import Trainer, TrainingDiverged
 from .engine.rundir import RunDir
 from .engine.runtime import Runtime, default_workers, deterministic, seed_everything
+from .engine.tensorboard import Loggers, TensorBoardLog
 from .errors import BlockLoRAError
 from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
 from .trained import (  # noqa: F401 - re-exported
@@ -198,6 +199,7 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
     cfg, rt, backbone, data = p.cfg, p.runtime, p.backbone, p.data
     main = rt.is_main
     handler = _log_to(rd.log, append=resume) if main else None
+    tb: TensorBoardLog | None = None
     try:
         workers = cfg.data.workers if cfg.data.workers >= 0 else default_workers()
         sha = _start_files(p, rd)
@@ -237,6 +239,9 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
         if main:
             _truncate_metrics(rd.metrics, trainer.state.step)  # steps after the checkpoint are redone
         metrics = JsonlWriter(rd.metrics, append=True) if main else None
+        if main and cfg.train.log == "tensorboard":  # steps after the checkpoint are redone: their events go
+            tb = TensorBoardLog(rd.tensorboard, purge_step=trainer.state.step + 1 if trainer.state.step else None)
+            tb.scalar("eval/zero_shot_top1", results.get("zero_shot_top1"), 0)
         last_saved = [trainer.state.step if resume and rd.checkpoint.exists() else None]
 
         def save_checkpoint(t: Trainer) -> None:
@@ -247,7 +252,7 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
 
         t_train = time.perf_counter()
         try:
-            trainer.fit(on_step=metrics.write if metrics else None, checkpoint=save_checkpoint)
+            trainer.fit(on_step=Loggers(metrics, tb).write if metrics else None, checkpoint=save_checkpoint)
         except TrainingDiverged as e:
             kept = (f"the last good checkpoint (step {last_saved[0]}) is kept in {rd.checkpoint}"
                     if last_saved[0] is not None else "no checkpoint had been written yet")
@@ -279,6 +284,11 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
                 backbone, p.eval_sets, cfg, rt, workers, lambda found: p.skip_unreadable(found, after))
         eval_s += time.perf_counter() - t_eval
         log.info("adapted top-1 %.2f%% after %d steps", adapted["top1"], trainer.state.step)
+        if tb is not None:
+            for key in ("top1", "base_top1", "new_top1", "harmonic_mean"):
+                tb.scalar(f"eval/{key}", results.get(key), trainer.state.step)
+            for name, top1 in (results.get("cross_dataset") or {}).items():
+                tb.scalar(f"eval/{name}_top1", top1, trainer.state.step)
         results.update(
             trainable_params=count_trainable(backbone.model), adapted_modules=len(modules),
             split_sha256=sha, split_file=str(rd.split), shots=cfg.data.shots, seed=cfg.data.seed,
@@ -306,6 +316,8 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
             rd.checkpoint.unlink(missing_ok=True)  # complete: results and adapter replace the resumable state
         return results
     finally:
+        if tb is not None:
+            tb.close()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()

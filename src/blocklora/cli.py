@@ -90,7 +90,8 @@ def _run_config(args: argparse.Namespace):
                       ("classes", "data.classes"), ("workers", "data.workers"), ("iters", "train.iters"),
                       ("batch_size", "train.batch_size"), ("lr", "train.lr"), ("precision", "train.precision"),
                       ("device", "device"), ("checkpoint_every", "train.checkpoint_every"),
-                      ("eval_datasets", "eval.datasets")):
+                      ("eval_datasets", "eval.datasets"), ("init_adapter", "train.init_adapter"),
+                      ("log", "train.log")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -175,9 +176,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     results = []
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
-        result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
-                                  args.batch_size, args.workers, args.classes, force=args.force, device=args.device,
-                                  limit=args.limit, skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer)
+        if args.peft_adapter:
+            from .peft_format import evaluate_peft_adapter
+
+            result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root, args.model, args.pretrained,
+                                           args.split, args.batch_size, args.workers, args.classes, args.template,
+                                           args.device, args.limit, args.skip_bad_images, args.tokenizer)
+        else:
+            result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
+                                      args.batch_size, args.workers, args.classes, template=args.template,
+                                      force=args.force, device=args.device, limit=args.limit,
+                                      skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -240,6 +249,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .api import export, export_load_hint
 
+    if args.format == "peft":
+        from .peft_format import export_peft
+
+        files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
+        print(f"PEFT LoRA adapter written: {', '.join(files)} (peft.PeftModel.from_pretrained(base_model, "
+              f"{args.output!r}) loads it)")
+        return 0
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
     print(f"merged checkpoint written: {', '.join(files)}")
     hint = export_load_hint(args.adapter, args.output)
@@ -314,13 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-datasets", default=None, metavar="LIST",
                    help="cross-dataset / domain generalization: also test on these datasets under --root "
                         "(e.g. caltech101,dtd or imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r)")
+    g.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start from a PEFT LoRA adapter trained elsewhere on the same backbone (its modules and rank "
+                        "must be the run's; Block-LoRA needs an A made of n equal blocks)")
+    g.add_argument("--log", choices=("none", "tensorboard"), default=None,
+                   help="also write loss, learning rate, step time and accuracy as TensorBoard scalars "
+                        "(RUN/tensorboard; needs the tensorboard extra)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="any config value, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
     train_parser = p
 
     p = sub.add_parser("eval", help="accuracy of a trained adapter on a dataset (any dataset, or a list "
                                       "a,b,c: cross-dataset / domain generalization)")
-    p.add_argument("--adapter", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="a blocklora adapter folder (RUN/adapter)")
+    which.add_argument("--peft-adapter", metavar="DIR", help="a PEFT LoRA adapter folder trained elsewhere on the "
+                       "same backbone (give --model unless its base_model_name_or_path is that model)")
+    p.add_argument("--model", default=None,
+                   help="with --peft-adapter: the backbone (default: the adapter's own record)")
+    p.add_argument("--template", default=None, type=checks.arg(checks.template, "--template"),
+                   help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
     _data_options(p)
     _eval_options(p)
     p.add_argument("--classes", choices=("all", "base", "new"), default="all")
@@ -353,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "records the activation); transformers: a folder")
     p.add_argument("--pretrained", default=None)
     _tokenizer_option(p)
+    p.add_argument("--format", choices=("merged", "peft"), default="merged",
+                   help="merged: the adapter folded into the weights (default); peft: a PEFT LoRA adapter folder "
+                        "(adapter_config.json + adapter_model.safetensors) for transformers backbones")
     p.add_argument("--force", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -35,7 +35,8 @@ MAX_ITERS = 10**9
 # Options a resumed run may change: they do not change what is computed (the batches are a pure function of seed and
 # step whatever the number of loader workers, engine/stream.py; evaluation accuracy does not depend on its batch) or
 # only how progress is shown and how often the resumable state is saved.
-RESUMABLE = ("device", "data.workers", "eval.batch_size", "train.log_every", "train.checkpoint_every")
+RESUMABLE = ("device", "data.workers", "eval.batch_size", "train.log_every", "train.checkpoint_every", "train.log")
+LOGGERS = ("none", "tensorboard")  # train.log: extra progress records beside metrics.jsonl (engine/tensorboard.py)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLASS_SUBSETS = ("all", "base", "new")
@@ -112,6 +113,9 @@ class TrainConfig:
     # Recompute each transformer block's activations in backward instead of keeping them: about a third more
     # compute for a peak that no longer grows with depth (BENCHMARKS.md, "Step cost"). For large towers on small GPUs.
     grad_checkpointing: bool = False
+    # Start from a PEFT LoRA adapter trained elsewhere on the same backbone (peft_format.py: same modules and rank).
+    init_adapter: str | None = None
+    log: str = "none"  # LOGGERS: "tensorboard" also writes TensorBoard scalars (RUN/tensorboard/)
 
     def __post_init__(self) -> None:
         c.apply(self, "train", {
@@ -126,7 +130,8 @@ class TrainConfig:
             # a negative clip would make clip_grad_norm_ flip every gradient; 0 would zero them: training nothing
             "grad_clip": c.num(0, lo_open=True, optional=True), "log_every": c.num(1, integer=True),
             "checkpoint_every": c.num(0, integer=True), "nan_policy": c.one_of("stop", "skip"),
-            "deterministic": c.boolean, "grad_checkpointing": c.boolean})
+            "deterministic": c.boolean, "grad_checkpointing": c.boolean,
+            "init_adapter": c.text(optional=True), "log": c.one_of(*LOGGERS)})
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr:g}) is above train.lr ({self.lr:g}): the cosine schedule "
                               "would raise the learning rate; lower min_lr")

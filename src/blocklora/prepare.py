@@ -75,7 +75,8 @@ def run_inputs(cfg: RunConfig) -> list[Protected]:
                      ("the split file (--split-file)", cfg.data.split_file),
                      ("the pretrained weights (--pretrained)", cfg.pretrained),
                      ("the model folder (--model)", model_dir),
-                     ("the tokenizer folder (--tokenizer)", cfg.tokenizer))
+                     ("the tokenizer folder (--tokenizer)", cfg.tokenizer),
+                     ("the initial adapter (--init-adapter)", cfg.train.init_adapter))
 
 
 def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
@@ -88,6 +89,12 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
         cfg = cfg.resolved()
         return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
     header = read_split_header(cfg.data.split_file)
+    if header.get("published"):  # another project's draw: the dataset is the user's to name
+        if not cfg.data.dataset:
+            raise DataError(f"the split file {cfg.data.split_file} ({header['published']} format) does not name its "
+                            "dataset: pass --dataset and --root")
+        draw = {k: header[k] for k in ("shots", "seed") if header[k] is not None}
+        return cfg.resolved(draw), load_dataset(cfg.data.dataset, cfg.data.root)
     draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
     cfg.resolved(draw)  # a conflicting option fails before any dataset is read
     # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.
@@ -107,6 +114,10 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     """Resolve the config, build backbone, data and few-shot split and check that the adapter fits: every user
     error surfaces here. `recorded_quick_gelu`: the activation a resumed run started with."""
     runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
+    if cfg.train.log == "tensorboard":  # an optional dependency: named before anything is read or written
+        from .engine.tensorboard import check_available
+
+        check_available()
     request = cfg
     cfg, full = resolve(cfg)
     check_classes(full, "training", cfg.data.classes)
@@ -129,7 +140,16 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any
     # work. Seeded: the adapters' initial values are a function of the seed.
     seed_everything(cfg.data.seed)
+    initial = None
+    if cfg.train.init_adapter:  # a PEFT LoRA adapter: checked against the run's placement and rank before injecting
+        from .peft_format import read_peft_adapter
+
+        initial = read_peft_adapter(cfg.train.init_adapter, backbone.model, cfg.adapter)[1]
     modules = backbone.inject(cfg.adapter)
+    if initial is not None:
+        from .peft_format import copy_factors
+
+        copy_factors(backbone.model, initial)
     if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks
         backbone.set_grad_checkpointing(True)
     for warning in ev.prompt_collisions(data.classnames, cfg.train.template):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import slurm
 from .errors import BlockLoRAError, ConfigError
 from .reference import BENCHMARK
 
@@ -184,6 +185,7 @@ def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
                    help="GPU ids 0,1,.. (one cell per id at a time), cpu, or cpu:N; default: every visible GPU, "
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
+    slurm.add_options(p)
     # argparse keeps no public way to share options between subcommands: copy the train parser's actions, per group.
     for group in train_parser._action_groups:
         actions = [a for a in group._group_actions if a.dest not in OWN]
@@ -254,6 +256,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if recorded is not None and recorded != mine:
         raise BlockLoRAError(f"{out} was swept with other train options ({_words(recorded)} vs {_words(mine)}): "
                              f"sweep into another --output, or delete {out / OPTIONS} to mix configurations")
+    if args.emit:
+        out.mkdir(parents=True, exist_ok=True)
+        if recorded is None:
+            from .engine.files import write_json
+
+            write_json(out / OPTIONS, mine)
+        script = slurm.emit(args, cells, slurm.sweep_argv(args, out, root, options, overrides), out)
+        print(f"SLURM job array of {len(cells)} cells written: {script} (submit it with: sbatch {script}; "
+              "resubmitting skips finished cells)")
+        return 0
+    if args.cell is not None:  # one array task: exactly this cell, on the first slot
+        cells, slots = slurm.select(cells, args.cell), slots[:1]
     if args.dry_run:
         for cell in cells:
             action = cell_action(cell.run_dir(out))

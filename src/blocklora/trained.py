@@ -106,7 +106,7 @@ def drop_unreadable(items: list, bad: list[tuple[str, str]], skip_bad_images: bo
     return [i for i in items if i.path not in paths], bad
 
 
-def _eval_options(batch_size: int, workers: int, split: str, limit: int | None) -> tuple[int, int]:
+def eval_options(batch_size: int, workers: int, split: str, limit: int | None) -> tuple[int, int]:
     """The evaluation options of eval and zeroshot, checked; -1 workers becomes the default count."""
     batch_size = checks.number("batch_size", batch_size, checks.Range(1, 65536, integer=True))
     workers = checks.number("workers", workers, checks.Range(-1, 256, integer=True))
@@ -147,9 +147,18 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, sp
                      device: str = "auto", limit: int | None = None, skip_bad_images: bool = False,
                      tokenizer: str | None = None) -> dict[str, Any]:
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
-    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    batch_size, workers = eval_options(batch_size, workers, split, limit)
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer=tokenizer)
-    template = checks.template("template", template or meta["run"]["template"])
+    return evaluate_loaded(backbone, rt, adapter_dir, template or meta["run"]["template"], dataset, root, split,
+                           batch_size, workers, classes, limit, skip_bad_images)
+
+
+def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathLike, template: str, dataset: str,
+                    root: str, split: str, batch_size: int, workers: int, classes: str, limit: int | None,
+                    skip_bad_images: bool) -> dict[str, Any]:
+    """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset."""
+    backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before the images are read
+    template = checks.template("template", template)
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation")
     result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
     return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
@@ -162,7 +171,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
                        skip_bad_images: bool = False, tokenizer: str | None = None) -> dict[str, Any]:
     """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (None: the dataset's own, CoOp's);
     cached (engine/evaluate.zero_shot)."""
-    batch_size, workers = _eval_options(batch_size, workers, split, limit)
+    batch_size, workers = eval_options(batch_size, workers, split, limit)
     if template is not None:
         checks.template("template", template)
     data, items, skipped = _test_set(dataset, root, "all", split, limit, template or "{}", skip_bad_images,

@@ -196,6 +196,13 @@ def _load_split_json(path: Path) -> dict:
     return data
 
 
+def _published_header(path: Path) -> dict | None:
+    """published_splits.header for a file that exists (its own error otherwise comes from _load_split_json)."""
+    from .published_splits import header
+
+    return header(path) if path.is_file() else None
+
+
 def _draw_params(data: dict, path: Path) -> dict:
     params = {}
     for key, kind in (("dataset", str), ("shots", int), ("seed", int), ("order", str), ("replace", bool)):
@@ -215,6 +222,9 @@ def read_split_header(path: str | os.PathLike) -> dict:
 
     A split file is the truth about its run (RunConfig.resolved takes these values from it)."""
     path = Path(path).expanduser()
+    published = _published_header(path)
+    if published is not None:  # another project's split: it names no dataset, classes or sampler
+        return {**published, "dataset": None, "classnames": None}
     data = _load_split_json(path)
     params = _draw_params(data, path)
     params["sampler"] = params.pop("order")
@@ -222,8 +232,15 @@ def read_split_header(path: str | os.PathLike) -> dict:
 
 
 def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:
-    """Read and validate a split file written by write_split_file against the dataset; returns it and its sha256."""
+    """Read and validate a split file written by write_split_file (or a published one: published_splits.py)
+    against the dataset; returns it and its sha256."""
     path = Path(path).expanduser()
+    if _published_header(path) is not None:
+        from .published_splits import read_published
+
+        info, parts, sha = read_published(path, splits)
+        seed = info["seed"] if info["seed"] is not None else 1  # the run's default seed when the file names none
+        return FewShotSplit(splits.name, info["shots"], seed, "clip-lora", parts["train"], parts["val"]), sha
     data = _load_split_json(path)
     raw = path.read_bytes()
     params = _draw_params(data, path)

@@ -7,6 +7,7 @@
     DIR/checkpoint.pt   resumable state (removed once the run is complete)
     DIR/adapter/        the trained adapter               DIR/results.json   written last: the run is complete
     DIR/examples/, DIR/demo.png                           the demo's extras
+    DIR/tensorboard/    TensorBoard scalars (train.log=tensorboard; engine/tensorboard.py)
 
 Rules (`RunDir.open_for`): a new path is created; an existing one is reused only with --resume or --overwrite, only
 when it is a run directory blocklora made (its marker) and only when it neither is, contains nor lies inside one of
@@ -37,9 +38,10 @@ class RunDir:
 
     RESULTS, CONFIG, SPLIT, METRICS, LOG = "results.json", "config.json", "split.json", "metrics.jsonl", "train.log"
     CHECKPOINT, ADAPTER, EXAMPLES, PLOT, LOCK = "checkpoint.pt", "adapter", "examples", "demo.png", ".lock"
+    TENSORBOARD = "tensorboard"
     # what --overwrite may remove: every file above that a run writes (the lock stays: see lock())
     OWNED_FILES = (RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, PLOT)
-    OWNED_DIRS = {ADAPTER: "adapter", EXAMPLES: "examples"}  # name -> the marker kind it must carry
+    OWNED_DIRS = {ADAPTER: "adapter", EXAMPLES: "examples", TENSORBOARD: "tensorboard"}  # name -> its marker's kind
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -57,6 +59,7 @@ class RunDir:
     adapter = property(lambda self: self.path / self.ADAPTER)
     examples = property(lambda self: self.path / self.EXAMPLES)
     plot = property(lambda self: self.path / self.PLOT)
+    tensorboard = property(lambda self: self.path / self.TENSORBOARD)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property

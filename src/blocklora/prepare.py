@@ -22,6 +22,7 @@ from .data import (
     load_dataset,
     read_split_file,
     read_split_header,
+    repeated_shots,
     sample_few_shot,
     subsample_classes,
     subsample_fewshot,
@@ -55,6 +56,7 @@ class Prepared:
     bad_images: dict[str, str]  # path -> why it was skipped, in the order found (before and during evaluation)
     modules: list[str]  # the adapted modules (injected, probed)
     logits: Logits  # scale, bias and kind (softmax | sigmoid) the run trains and predicts with
+    repeated: list[dict[str, Any]]  # classes whose shots repeat images (drawn with replacement): fewshot.repeated_shots
 
     def skip_unreadable(self, found: list[tuple[str, str]], hint: str = "") -> None:
         """Images an evaluation pass could not decode: an error naming the first unless data.skip_bad_images, else
@@ -121,6 +123,13 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
+    repeated = repeated_shots(fewshot, data.classnames)
+    if repeated:  # the peers' draw (Dassl's repeat=True) does this silently; a user with few images wants to know
+        shown = ", ".join(f"{r['class']!r} ({r['images']})" for r in repeated[:8])
+        more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
+        log.warning("warning: %d class(es) have fewer distinct training images than the %d shots drawn: %s%s; their "
+                    "shots repeat images (drawn with replacement, recorded in results.json). Use fewer --shots, add "
+                    "images, or data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, shown, more)
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer)
     backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
     logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),
@@ -157,7 +166,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         if not train_items:
             raise DataError("every training image is unreadable: nothing to train on")
     return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, eval_sets, runtime, dict(bad), modules,
-                    logits)
+                    logits, repeated)
 
 
 def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:

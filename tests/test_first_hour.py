@@ -40,7 +40,7 @@ def one_error(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_folder_dataset(tmp_path_factory.mktemp("data") / "colours", n_classes=3, train_per_class=2,
+    return make_folder_dataset(tmp_path_factory.mktemp("data") / "colours", n_classes=3, train_per_class=6,
                                test_per_class=2)
 
 
@@ -143,7 +143,7 @@ def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
     text = caplog.text
-    assert "plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images, on cpu (fp32)" in text
+    assert "plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images, on cpu (fp32)" in text  # 3 x 2
     assert re.search(r"eta: [0-9.]+ s/step over steps 2-6: about \d+ s for the 2 steps left", text), text
     assert "plan: 8 steps" in (tmp_path / "r" / "train.log").read_text()
 
@@ -151,15 +151,21 @@ def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
 # -- more shots than a class has ---------------------------------------------------------------------------------------
 def test_shots_drawn_with_replacement_are_named_and_recorded(caplog, data, tmp_path):
     with caplog.at_level(logging.WARNING, logger="blocklora"):
-        assert main(["train", "--model", "tiny-clip", "--shots", "5", "--iters", "1", "--batch-size", "4",
+        assert main(["train", "--model", "tiny-clip", "--shots", "7", "--iters", "1", "--batch-size", "4",
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
-    warning = next(r.getMessage() for r in caplog.records if "fewer distinct training images" in r.getMessage())
-    assert "3 class(es)" in warning and "'red apple' (2)" in warning and "data.replace=false" in warning
+    warning = next(r.getMessage() for r in caplog.records if "too few training images" in r.getMessage())
+    # 7 shots of 6 images: every class repeats (CLIP-LoRA's draw without a val split takes K + min(K, 4) = 11)
+    assert "3 class(es) have too few training images for 7 shots plus 4 validation shots" in warning
+    assert "'red apple' (6 images)" in warning and "data.replace=false" in warning
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["replacement"]["allowed"] is True and results["replacement"]["used"] is True
+    split = json.loads((tmp_path / "r" / "split.json").read_text())
     assert {c["class"]: (c["images"], c["shots"]) for c in results["replacement"]["classes"]} == {
-        name: (2, 5) for name in ("red apple", "green leaf", "blue sky")}
+        name: (6, 7) for name in ("red apple", "green leaf", "blue sky")}
+    for c in results["replacement"]["classes"]:  # what the split file lists: 5 shots, some of them repeated
+        paths = [path for path, label in split["train"] if split["classnames"][label] == c["class"]]
+        assert len(paths) == 7 and len(set(paths)) == c["distinct"] < 7
 
 
 def test_enough_images_no_replacement(tiny_run):
@@ -300,7 +306,7 @@ def test_image_check_shows_progress_on_large_sets(capsys, monkeypatch, data):
     assert "check images (full decode)" in capsys.readouterr().err
 
 
-# -- documents ----------------------------------------------------------------------------------------------------------
+# -- documents -----------------------------------------------------------------------------------------------------
 def test_every_document_cited_ships_in_the_repository():
     texts = {p: p.read_text() for p in [REPO / "README.md", REPO / "BENCHMARKS.md", *(REPO / "docs").glob("*.md"),
                                         *(REPO / "src").rglob("*.py")]}

@@ -375,12 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export_forms import CLASSIFIER_FILE, FORMS
 
+    import textwrap
+
+    intro = ("Merge the adapter into the frozen weights and write them in the model family's own format, loadable "
+             "without blocklora. Every export carries the class names, template, logit scale and MLP activation: in "
+             f"the file's metadata, or in {CLASSIFIER_FILE} in a folder. What each family writes:")
+    families = [textwrap.fill(f"{f.family}: {f.files}", 100, initial_indent="  ", subsequent_indent="    ",
+                              break_on_hyphens=False) for f in FORMS.values()]
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format",
-                       description="Merge the adapter into the frozen weights and write them in the model family's "
-                                   "own format, loadable without blocklora. Every export carries the class names, "
-                                   "template, logit scale and MLP activation: in the file's metadata, or in "
-                                   f"{CLASSIFIER_FILE} in a folder. What each family writes: " +
-                                   "; ".join(f"{f.family}: {f.files}" for f in FORMS.values()))
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="\n".join([textwrap.fill(intro, 100), *families]))
     p.add_argument("--adapter", required=True, help="the adapter folder, or the run folder holding it")
     p.add_argument("--output", required=True,
                    help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "

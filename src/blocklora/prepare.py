@@ -28,6 +28,7 @@ from .data import (
     subsample_fewshot,
     verify_images,
 )
+from .data.fewshot import val_shots
 from .data.protocols import check_classes
 from .engine import evaluate as ev
 from .engine.logits import Logits
@@ -123,13 +124,15 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
-    repeated = repeated_shots(fewshot, data.classnames)
+    repeated = repeated_shots(fewshot, data)
     if repeated:  # the peers' draw (Dassl's repeat=True) does this silently; a user with few images wants to know
-        shown = ", ".join(f"{r['class']!r} ({r['images']})" for r in repeated[:8])
+        shown = ", ".join(f"{r['class']!r} ({r['images']} images)" for r in repeated[:8])
         more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
-        log.warning("warning: %d class(es) have fewer distinct training images than the %d shots drawn: %s%s; their "
-                    "shots repeat images (drawn with replacement, recorded in results.json). Use fewer --shots, add "
-                    "images, or data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, shown, more)
+        val = (f" plus {val_shots(cfg.data.shots)} validation shots drawn from the same images (no val split)"
+               if not data.val and cfg.data.sampler == "clip-lora" else "")
+        log.warning("warning: %d class(es) have too few training images for %d shots%s: %s%s; their shots repeat "
+                    "images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, or "
+                    "data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, val, shown, more)
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer)
     backbone.tokenizer  # noqa: B018 - a tokenizer out of reach fails here, before any work
     logits = resolve_logits(cfg.train.logit_scale, cfg.train.loss, backbone.learned_logit_scale(),

@@ -373,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
     p.set_defaults(func=cmd_predict)
 
-    from .export_forms import CLASSIFIER_FILE, FORMS
-
     import textwrap
+
+    from .export_forms import CLASSIFIER_FILE, FORMS
 
     intro = ("Merge the adapter into the frozen weights and write them in the model family's own format, loadable "
              "without blocklora. Every export carries the class names, template, logit scale and MLP activation: in "

@@ -1,5 +1,5 @@
 """Tiny dataset trees in the exact on-disk layouts of the benchmark datasets (written independently of the readers,
-from CoOp's DATASETS.md and protocol.md), for the data tests."""
+from CoOp's DATASETS.md and docs/protocol.md), for the data tests."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from data_trees import (
     write_image,
 )
 
-COOP_TEMPLATES = {  # pitfalls.md
+COOP_TEMPLATES = {  # CoOp's per-dataset templates
     "caltech101": "a photo of a {}.", "oxford_pets": "a photo of a {}, a type of pet.",
     "stanford_cars": "a photo of a {}.", "oxford_flowers": "a photo of a {}, a type of flower.",
     "food101": "a photo of {}, a type of food.", "fgvc_aircraft": "a photo of a {}, a type of aircraft.",

@@ -107,7 +107,7 @@ def test_predict_on_the_demo_examples(demo_run, capsys):
     code, out = demo_run
     capsys.readouterr()
     assert main(["predict", "--adapter", str(out / "adapter"), str(out / "examples"), "--topk", "2", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines
     assert len(rows) == 10 and all(len(row["top"]) == 2 for row in rows)
     # the closing line's command gives the demo's own example predictions
     examples = {Path(e["image"]).name: e["adapted"] for e in json.loads((out / "results.json").read_text())["examples"]}

@@ -31,7 +31,7 @@ from .data.fewshot import split_file_bytes
 from .engine import evaluate as ev
 from .engine.evaluate import zero_shot
 from .engine.files import JsonlWriter, atomic_write, load_torch, save_torch, write_json
-from .engine.fit import Trainer, TrainingDiverged
+from .engine.fit import Trainer, TrainingDiverged, plan
 from .engine.rundir import RunDir
 from .engine.runtime import Runtime, default_workers, deterministic, seed_everything
 from .engine.tensorboard import Loggers, TensorBoardLog
@@ -238,6 +238,9 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
             _resume(rd, trainer, sha, backbone)
         if main:
             _truncate_metrics(rd.metrics, trainer.state.step)  # steps after the checkpoint are redone
+        if main:
+            for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), rt):
+                log.info("%s", line)
         metrics = JsonlWriter(rd.metrics, append=True) if main else None
         if main and cfg.train.log == "tensorboard":  # steps after the checkpoint are redone: their events go
             tb = TensorBoardLog(rd.tensorboard, purge_step=trainer.state.step + 1 if trainer.state.step else None)
@@ -293,6 +296,8 @@ def _run_locked(p: Prepared, rd: RunDir, resume: bool, t0: float) -> dict[str, A
             trainable_params=count_trainable(backbone.model), adapted_modules=len(modules),
             split_sha256=sha, split_file=str(rd.split), shots=cfg.data.shots, seed=cfg.data.seed,
             sampler=cfg.data.sampler,
+            # the draw: whether classes with fewer images than shots were drawn with replacement, and which
+            replacement={"allowed": cfg.data.replace, "used": bool(p.repeated), "classes": p.repeated},
             iters=trainer.state.step, skipped_steps=trainer.state.skipped, final_loss=trainer.state.last_loss,
             dataset={"name": data.name, "root": str(data.root), "classes": len(data.classnames),
                      "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": adapted["n"]},

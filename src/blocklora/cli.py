@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checks
-from .errors import BlockLoRAError
+from .errors import BlockLoRAError, DataError
 
 log = logging.getLogger("blocklora")
 
@@ -24,12 +24,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- shared option groups ------------------------------------------------------------------------------------------
-def _model_options(p: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_pretrained: str = "openai"):
+def _model_options(p: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_pretrained: str = "auto"):
     g = p.add_argument_group("backbone")
     g.add_argument("--model", default=default_model,
-                   help="open_clip name (ViT-B-16, ViT-B-32, ViT-L-14, ...), tiny-clip, effnet-minilm, or hf:DIR_OR_ID")
+                   help="open_clip name (ViT-B-16, ViT-B-32, ViT-L-14, ...), tiny-clip, effnet-minilm, or hf:DIR_OR_ID "
+                        "(default %(default)s)")
     g.add_argument("--pretrained", default=default_pretrained,
-                   help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or none")
+                   help="open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or none (random "
+                        "weights); for hf: models the model folder to load. Default %(default)s: by model, packaged "
+                        "for effnet-minilm, none for tiny-clip, the folder itself for hf:, openai for open_clip names "
+                        "that have OpenAI weights (others: pass one of their tags)")
     g.add_argument("--quick-gelu", default="auto", choices=("auto", "yes", "no"),
                    help="QuickGELU MLP activation (OpenAI's CLIP weights need it). auto: from the tag's pretrained "
                         "config, an OpenAI TorchScript archive, a blocklora export's metadata, a -quickgelu model "
@@ -79,9 +83,11 @@ def _data_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _run_config(args: argparse.Namespace):
-    from .config import RunConfig
+    from .config import RunConfig, recipe_overrides
 
-    overrides = [f"model={args.model}", f"pretrained={args.pretrained}", f"quick_gelu={args.quick_gelu}"]
+    # the named recipe first: every option and key=value after it changes one of its values
+    overrides = recipe_overrides(getattr(args, "recipe", None) or "reference")
+    overrides += [f"model={args.model}", f"pretrained={args.pretrained}", f"quick_gelu={args.quick_gelu}"]
     if getattr(args, "tokenizer", None):
         overrides.append(f"tokenizer={args.tokenizer}")
     overrides += _adapter_overrides(args)
@@ -210,23 +216,37 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
     from .engine.logits import Logits
-    from .trained import image_paths, load_trained, predict
+    from .trained import image_paths, iter_predictions, load_trained
 
     images = image_paths(args.images)
     backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, tokenizer=args.tokenizer)
     run = meta["run"]
     kind = run.get("loss", "softmax")  # the probabilities the adapter was trained for
     logits = Logits(run.get("logit_scale", 100.0), run.get("logit_bias"), kind)
-    out = predict(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
-    if args.json:
-        print(_json(out))
-        return 0
-    print("probabilities: " + ("SigLIP's per-class sigmoid (each class on its own; they need not sum to 1)"
-                               if kind == "sigmoid" else "softmax over the classes"))
-    for row in out:
-        best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
-        print(f"{row['image']}: {best}")
+    if not args.json:
+        print("probabilities: " + ("SigLIP's per-class sigmoid (each class on its own; they need not sum to 1)"
+                                   if kind == "sigmoid" else "softmax over the classes"), flush=True)
+    bad: list[dict[str, str]] = []
+    # one row per image as its batch is done (JSON lines with --json), unreadable files reported and skipped
+    rows = iter_predictions(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
+    with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
+              disable=len(images) < 2) as bar:
+        for row in bar:
+            if "error" in row:
+                bad.append(row)
+                bar.write(f"skipped: {row['error']}", file=sys.stderr)
+            else:
+                best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
+                bar.write(json.dumps(row) if args.json else f"{row['image']}: {best}", file=sys.stdout)
+                sys.stdout.flush()  # each row as it is done, also into a pipe
+    if bad:
+        raise DataError(f"{len(bad)} of {len(images)} images could not be read and have no prediction, first: "
+                        f"{bad[0]['error'].removeprefix('cannot read image ')}: fix or remove them")
     return 0
 
 
@@ -284,6 +304,8 @@ def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .config import RECIPES
+
     parser = _Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     from ._version import __version__
@@ -312,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", choices=("all", "base", "new"), default=None,
                    help="base: base-to-new protocol (train on the base half, test base and new)")
     g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
+    g.add_argument("--recipe", choices=tuple(RECIPES), default="reference",
+                   help="reference (default): CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: "
+                        "the demo's CPU budget, " + ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in
+                                                               RECIPES["quick"].items()) +
+                        " (minutes on a CPU). Options and key=value overrides change single values of either")
     g.add_argument("--iters", type=int, default=None, help="total steps (default 500 x shots)")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
@@ -343,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy of a trained adapter on a dataset (any dataset, or a list "
                                       "a,b,c: cross-dataset / domain generalization)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--adapter", help="a blocklora adapter folder (RUN/adapter)")
+    which.add_argument("--adapter", help="a blocklora adapter folder, or the run folder holding it")
     which.add_argument("--peft-adapter", metavar="DIR", help="a PEFT LoRA adapter folder trained elsewhere on the "
                        "same backbone (give --model unless its base_model_name_or_path is that model)")
     p.add_argument("--model", default=None,
@@ -365,21 +392,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zeroshot)
 
     p = sub.add_parser("predict", help="top-k class names for images with a trained adapter")
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="the adapter folder, or the run folder holding it")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--topk", type=_int_arg("--topk", 1, 100_000), default=5)
     p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them")
     _tokenizer_option(p)
     p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
     p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format")
-    p.add_argument("--adapter", required=True)
+    import textwrap
+
+    from .export_forms import CLASSIFIER_FILE, FORMS
+
+    intro = ("Merge the adapter into the frozen weights and write them in the model family's own format, loadable "
+             "without blocklora. Every export carries the class names, template, logit scale and MLP activation: in "
+             f"the file's metadata, or in {CLASSIFIER_FILE} in a folder. What each family writes:")
+    families = [textwrap.fill(f"{f.family}: {f.files}", 100, initial_indent="  ", subsequent_indent="    ",
+                              break_on_hyphens=False) for f in FORMS.values()]
+    p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="\n".join([textwrap.fill(intro, 100), *families]))
+    p.add_argument("--adapter", required=True, help="the adapter folder, or the run folder holding it")
     p.add_argument("--output", required=True,
                    help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "
-                        "records the activation); transformers: a folder")
+                        "records the activation); transformers and effnet-minilm: a folder (a name without a "
+                        "suffix)")
     p.add_argument("--pretrained", default=None)
     _tokenizer_option(p)
     p.add_argument("--format", choices=("merged", "peft"), default="merged",

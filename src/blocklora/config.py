@@ -44,6 +44,25 @@ FROZEN_DTYPES = ("auto", "fp32", "autocast")
 # What an unset data field means without a split file.
 DATA_DEFAULTS: dict[str, Any] = {"dataset": "folder", "shots": 16, "seed": 1, "sampler": "clip-lora", "replace": True,
                                  "classes": "all"}
+# Named recipes (--recipe NAME): a table of overrides applied before the user's own, so any option still changes one
+# value. "reference": CLIP-LoRA's GPU recipe, the dataclass defaults (500 x K steps of batch 32, lr 2e-4;
+# docs/recipe.md).
+# "quick": the demo's CPU budget, a fixed 200 steps of batch 8 at lr 4e-3 with milder crops (aug_scale_min 0.5);
+# measured on the offline model in benchmarks/accuracy.py (BENCHMARKS.md, "Accuracy"). demo.py takes its recipe from
+# here.
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {},
+    "quick": {"train.iters": 200, "train.batch_size": 8, "train.lr": 4e-3, "train.aug_scale_min": 0.5},
+}
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """The key=value overrides of a named recipe (RECIPES). Raises ConfigError for an unknown name."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
+    return [f"{k}={v}" for k, v in RECIPES[name].items()]
+
+
 # Recipe constants whose default depends on the method. LoRA: CLIP-LoRA's values (MaxZanella/CLIP-LoRA: drop_last=False
 # in datasets/utils.py, an nn.Dropout per LinearLoRA in loralib/layers.py, clip.load's fp16 weights on GPU). Block-LoRA
 # has no reference code: its values are provisional until measured (benchmarks/accuracy.py --variant).
@@ -181,7 +200,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
+    # "auto": the model's own default (backbones.default_pretrained: packaged, none, openai, the hf: folder), filled
+    # in by resolved(); None: random weights
+    pretrained: str | None = "auto"
     quick_gelu: str = "auto"
     tokenizer: str | None = None  # a local tokenizer folder, for models whose tokenizer comes from a hub (SigLIP)
     device: str = "auto"
@@ -222,8 +243,9 @@ class RunConfig:
         """The config a run uses: unset data fields from `split` (a split file's header: dataset, shots, seed,
         sampler, replace and, when known, classes) or DATA_DEFAULTS, unset recipe keys from METHOD_DEFAULTS.
 
-        Raises ConfigError when an explicitly set data field contradicts the split file: the file lists the images,
-        so its K, seed and sampler are what the run is.
+        An unset ("auto") pretrained becomes the model's default (backbones.default_pretrained), which the run
+        records. Raises ConfigError when an explicitly set data field contradicts the split file: the file lists the
+        images, so its K, seed and sampler are what the run is; BackboneError when the model has no default weights.
         """
         data = {}
         for key, default in DATA_DEFAULTS.items():
@@ -241,7 +263,12 @@ class RunConfig:
             section, _, name = dotted.partition(".")
             if getattr(getattr(self, section), name) in (None, "auto"):
                 fill[section][name] = value
-        return dataclasses.replace(self, data=dataclasses.replace(self.data, **data),
+        top: dict[str, Any] = {}
+        if self.pretrained == "auto":
+            from .backbones import default_pretrained  # lazily: the backbones import the model libraries
+
+            top["pretrained"] = default_pretrained(self.model)
+        return dataclasses.replace(self, **top, data=dataclasses.replace(self.data, **data),
                                    train=dataclasses.replace(self.train, **fill["train"]),
                                    adapter=dataclasses.replace(self.adapter, **fill["adapter"]))
 

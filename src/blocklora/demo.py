@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import RECIPES, RunConfig, recipe_overrides
 from .engine.files import atomic_write, write_json
 from .engine.rundir import RunDir
 from .errors import BlockLoRAError
@@ -23,12 +23,15 @@ from .ownership import mark
 
 MODEL = "effnet-minilm"
 DATASET = "fashion-mnist"
-# The demo's recipe: the reference recipe's optimiser and schedule with a budget that fits a CPU (see
-# BENCHMARKS.md, "Accuracy", for the grid these come from and for what they give over seeds). lr 4e-3 for the
-# projection model (on the validation split of effnet_minilm.py, seeds 1 / 2: 69.75 / 70.25% at 2e-3, 72.8 / 72.4%
-# at 4e-3, 71.15 / 74.7% at 8e-3; 2e-3 was chosen for the ConSE model).
-SHOTS, ITERS, BATCH, LR, TEST_IMAGES = 16, 200, 8, 4e-3, 2000
-OVERRIDES = ("train.aug_scale_min=0.5",)
+# The demo's recipe is config.RECIPES["quick"] (`blocklora train --recipe quick`): the reference recipe's optimiser
+# and schedule with a budget that fits a CPU (see BENCHMARKS.md, "Accuracy", for the grid these come from and for what
+# they give over seeds). lr 4e-3 for the projection model (on the validation split of effnet_minilm.py, seeds 1 / 2:
+# 69.75 / 70.25% at 2e-3, 72.8 / 72.4% at 4e-3, 71.15 / 74.7% at 8e-3; 2e-3 was chosen for the ConSE model).
+RECIPE = "quick"
+ITERS, BATCH, LR = (RECIPES[RECIPE][k] for k in ("train.iters", "train.batch_size", "train.lr"))
+SHOTS, TEST_IMAGES = 16, 2000
+OVERRIDES = tuple(o for o in recipe_overrides(RECIPE)
+                  if o.split("=")[0] not in ("train.iters", "train.batch_size", "train.lr"))
 
 
 def demo_config(shots: int = SHOTS, seed: int = 1, iters: int = ITERS, batch_size: int = BATCH, lr: float = LR,

@@ -22,11 +22,13 @@ from .data import (
     load_dataset,
     read_split_file,
     read_split_header,
+    repeated_shots,
     sample_few_shot,
     subsample_classes,
     subsample_fewshot,
     verify_images,
 )
+from .data.fewshot import val_shots
 from .data.protocols import check_classes
 from .engine import evaluate as ev
 from .engine.logits import Logits
@@ -55,6 +57,7 @@ class Prepared:
     bad_images: dict[str, str]  # path -> why it was skipped, in the order found (before and during evaluation)
     modules: list[str]  # the adapted modules (injected, probed)
     logits: Logits  # scale, bias and kind (softmax | sigmoid) the run trains and predicts with
+    repeated: list[dict[str, Any]]  # classes whose shots repeat images (drawn with replacement): fewshot.repeated_shots
 
     def skip_unreadable(self, found: list[tuple[str, str]], hint: str = "") -> None:
         """Images an evaluation pass could not decode: an error naming the first unless data.skip_bad_images, else
@@ -132,6 +135,15 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         fewshot = sample_few_shot(full, cfg.data.shots, cfg.data.seed, cfg.data.sampler, cfg.data.replace)
         fewshot = subsample_fewshot(fewshot, len(full.classnames), cfg.data.classes)
         sha = None
+    repeated = repeated_shots(fewshot, data)
+    if repeated:  # the peers' draw (Dassl's repeat=True) does this silently; a user with few images wants to know
+        shown = ", ".join(f"{r['class']!r} ({r['images']} images)" for r in repeated[:8])
+        more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
+        val = (f" plus {val_shots(cfg.data.shots)} validation shots drawn from the same images (no val split)"
+               if not data.val and cfg.data.sampler == "clip-lora" else "")
+        log.warning("warning: %d class(es) have too few training images for %d shots%s: %s%s; their shots repeat "
+                    "images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, or "
+                    "data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, val, shown, more)
     # text=True: a tokenizer out of reach fails first, before any weights are read
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer,
                              text=True)
@@ -178,7 +190,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         if not train_items:
             raise DataError("every training image is unreadable: nothing to train on")
     return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, eval_sets, runtime, dict(bad), modules,
-                    logits)
+                    logits, repeated)
 
 
 def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:

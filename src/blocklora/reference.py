@@ -1,6 +1,6 @@
-"""Benchmark definitions and published reference numbers (docs: protocol.md), as data for sweeps and tables.
+"""Benchmark definitions and published reference numbers (docs/protocol.md), as data for sweeps and tables.
 
-    BENCHMARK      the 11 dataset keys of CoOp's few-shot benchmark, in protocol.md's order
+    BENCHMARK      the 11 dataset keys of CoOp's few-shot benchmark, in docs/protocol.md's order
     DG_TARGETS     ImageNet's four domain-shift test sets (domain generalization: train ImageNet, test these)
     REFERENCES     name -> {shots: {dataset key: top-1 %, "average": the published 11-dataset mean}}
 """
@@ -13,9 +13,9 @@ BENCHMARK = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_f
              "sun397", "dtd", "eurosat", "ucf101")
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
-# CLIP-LoRA (Zanella & Ben Ayed, 2024), ViT-B/16, top-1 %, mean of 3 seeds, as tabulated in protocol.md ("recalled
-# from its paper and cross-checked against the curves its repository publishes; treat single cells as approximate").
-# Columns of protocol.md: ImageNet SUN Aircraft EuroSAT Cars Food Pets Flowers Caltech DTD UCF avg.
+# CLIP-LoRA (Zanella & Ben Ayed, 2024), ViT-B/16, top-1 %, mean of 3 seeds, as tabulated in docs/protocol.md (from
+# its paper, cross-checked against the curves its repository publishes; single cells are approximate).
+# Columns of docs/protocol.md: ImageNet SUN Aircraft EuroSAT Cars Food Pets Flowers Caltech DTD UCF avg.
 _CLIP_LORA_COLUMNS = ("imagenet", "sun397", "fgvc_aircraft", "eurosat", "stanford_cars", "food101", "oxford_pets",
                       "oxford_flowers", "caltech101", "dtd", "ucf101", "average")
 _CLIP_LORA_ROWS = {
@@ -29,7 +29,7 @@ _CLIP_LORA_ROWS = {
 REFERENCES: dict[str, dict[int, dict[str, float]]] = {
     "clip-lora": {k: dict(zip(_CLIP_LORA_COLUMNS, row)) for k, row in _CLIP_LORA_ROWS.items()},
 }
-REFERENCE_TITLES = {"clip-lora": "CLIP-LoRA (ViT-B/16, protocol.md)"}
+REFERENCE_TITLES = {"clip-lora": "CLIP-LoRA (ViT-B/16, docs/protocol.md)"}
 
 
 def reference(name: str) -> dict[int, dict[str, float]]:

@@ -431,7 +431,7 @@ def add_summarize_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("summarize", help="tables (markdown, CSV) and a plot of the runs under a sweep directory")
     p.add_argument("directory", metavar="DIR", help="a sweep's --output, or any folder holding run directories")
     p.add_argument("--reference", choices=sorted(REFERENCES), default=None,
-                   help="add a published method's numbers (protocol.md) and the difference")
+                   help="add a published method's numbers (docs/protocol.md) and the difference")
     p.add_argument("--output", default=None, help="path prefix of the files written (default DIR/summary)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_summarize)

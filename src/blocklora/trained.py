@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +32,26 @@ from .engine import evaluate as ev
 from .engine.logits import Logits
 from .engine.runtime import Runtime, default_workers, make_runtime
 from .errors import AdapterMismatchError, BlockLoRAError, DataError
+from .export_forms import export_form
 from .ownership import TEMP_SUFFIX, check_deletable, fix_modes, mark, marker_kind, protected, remove_stale_temps
 from .ownership import temp_prefix as _temp_prefix
 
 log = logging.getLogger("blocklora")
 EXPORT = "export"  # the ownership marker's kind for an exported model folder
+CLASSIFIER_FORMAT = "blocklora-classifier/1"  # an export's class names, template and logits (classifier())
 
 
 def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
     """The "run" record a trained adapter carries (what `blocklora train` saved), checked field by field."""
     run = meta.get("run")
     if not isinstance(run, dict) or "model" not in run:
-        raise BlockLoRAError(f"{where} does not record its backbone: load it with the Python API (load_adapter) on "
-                             "the model it was trained for")
+        name = (meta.get("backbone") or {}).get("name")
+        has = f"records its backbone ({name}) but not" if name else "records neither its backbone nor"
+        raise BlockLoRAError(
+            f"{where} {has} the class names and prompt template that predict, eval and export need: save it with "
+            f"blocklora.save_adapter(model, DIR, backbone={name or 'MODEL'!r}, classnames=[...], "
+            "template='a photo of a {}.', logit_scale=100.0) (and pretrained=... for other weights than the "
+            "model's default), train it with `blocklora train`, or load it in Python with load_adapter")
     try:
         checks.text(empty=False)("run.model", run["model"])
         checks.text(optional=True)("run.pretrained", run.get("pretrained"))
@@ -67,9 +74,10 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
     compute=False keeps the weights' stored dtype (for export); otherwise they run in the precision mode training
     recorded (frozen_dtype; half-precision checkpoints in float32 on the CPU). text=False: no prompts will be
     encoded (export), so no tokenizer is needed."""
+    adapter_dir = locate_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     run = run_meta(meta, adapter_dir)
-    weights = pretrained if pretrained is not None else run.get("pretrained")
+    weights = pretrained if pretrained is not None else recorded_weights(run, adapter_dir)
     recorded = run.get("quick_gelu")
     tokenizer = tokenizer or run.get("tokenizer")
     if recorded in ("yes", "no"):  # the activation training resolved: the weights must not say otherwise
@@ -83,6 +91,33 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
     if compute:  # the precision mode training ran in (runs before it was recorded: fp32)
         backbone.cast_frozen(runtime.frozen_dtype(run.get("frozen_dtype", "fp32")))
     return backbone, meta, runtime
+
+
+def locate_adapter(path: str | os.PathLike) -> Path:
+    """An adapter folder, or a run folder holding one (RUN_DIR for RUN_DIR/adapter). Raises BlockLoRAError for a
+    path that is neither, naming what it looked for."""
+    from .adapters.io import CONFIG_FILE
+    from .engine.rundir import RunDir
+
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() or not path.is_dir():
+        return path  # an adapter folder, or what read_adapter_meta reports precisely (missing, a file, ...)
+    inner = RunDir(path).adapter
+    if (inner / CONFIG_FILE).is_file():
+        return inner
+    raise BlockLoRAError(f"{path} holds no adapter ({CONFIG_FILE}), nor does {inner}: pass a run folder written by "
+                         "`blocklora train` or its adapter folder")
+
+
+def recorded_weights(run: dict[str, Any], adapter_dir: str | os.PathLike) -> str | None:
+    """The weights an adapter recorded (a tag, None, or a resolved path); a recorded path that is gone is an error
+    naming the option that gives the new place."""
+    weights = run.get("pretrained")
+    if isinstance(weights, str) and os.path.isabs(weights) and not os.path.exists(weights):
+        what = "model folder" if str(run.get("model", "")).startswith("hf:") else "weights"
+        raise BlockLoRAError(f"the {what} {weights} that {adapter_dir} was trained on is not there any more (moved or "
+                             f"deleted?): pass its new location with --pretrained PATH")
+    return weights
 
 
 def checked_items(items: list, reader: Any, skip_bad_images: bool) -> tuple[list, list[tuple[str, str]]]:
@@ -204,7 +239,6 @@ def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
-@torch.no_grad()
 def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
             template: str, logit_scale: float = 100.0, topk: int = 5, logits: Logits | None = None
             ) -> list[dict[str, Any]]:
@@ -212,29 +246,52 @@ def predict(backbone: Backbone, runtime: Runtime, images: Sequence[str], classna
 
     "softmax": over the classes, softmax(scale * cos) (they sum to 1). "sigmoid" (`logits` of kind sigmoid, as a
     SigLIP adapter trained with train.loss=sigmoid records): each class's own sigma(scale * cos + bias).
-    Raises DataError naming an unreadable image."""
+    Raises DataError naming the first unreadable image (iter_predictions reports them and goes on)."""
+    out = []
+    for row in iter_predictions(backbone, runtime, images, classnames, template, logit_scale, topk, logits):
+        if "error" in row:
+            raise DataError(row["error"])
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str], classnames: Sequence[str],
+                     template: str, logit_scale: float = 100.0, topk: int = 5, logits: Logits | None = None,
+                     batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """predict's rows one image at a time, in order, as each batch is done: {"image", "probabilities", "top"}, or
+    {"image", "error"} for a file that cannot be read (the others go on)."""
     from .data.types import open_image_file
 
     logits = logits or Logits(logit_scale)
     topk = checks.number("topk", topk, checks.Range(1, integer=True))
     txt = ev.encode_classes(backbone, classnames, [checks.template("template", template)], runtime)
     transform = backbone.eval_transform()
-    out = []
     backbone.model.eval()
-    for start in range(0, len(images), 64):
-        chunk = list(images[start:start + 64])
-        pixels = [transform(open_image_file(path)) for path in chunk]
-        with runtime.autocast():
-            img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
-        probs = logits.probabilities(logits(img @ txt.T)).cpu()
-        if not bool(torch.isfinite(probs).all()):
-            raise BlockLoRAError("the model produced non-finite scores: its weights or the adapter are damaged")
-        top = probs.topk(min(topk, probs.shape[1]), dim=-1)
-        for path, values, indices in zip(chunk, top.values, top.indices):
-            top_k = [{"class": classnames[i], "index": int(i), "prob": round(float(v), 6)}
-                     for v, i in zip(values, indices)]
-            out.append({"image": path, "probabilities": logits.kind, "top": top_k})
-    return out
+    for start in range(0, len(images), batch_size):
+        chunk, pixels, errors = [], [], {}
+        for path in images[start:start + batch_size]:
+            try:
+                pixels.append(transform(open_image_file(path)))
+                chunk.append(path)
+            except DataError as e:
+                errors[path] = str(e)
+        rows = dict(zip(chunk, _top(backbone, runtime, pixels, txt, logits, classnames, topk))) if chunk else {}
+        for path in images[start:start + batch_size]:
+            yield {"image": path, "error": errors[path]} if path in errors else {"image": path, **rows[path]}
+
+
+def _top(backbone: Backbone, runtime: Runtime, pixels: list[torch.Tensor], txt: torch.Tensor, logits: Logits,
+         classnames: Sequence[str], topk: int) -> list[dict[str, Any]]:
+    with runtime.autocast():
+        img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
+    probs = logits.probabilities(logits(img @ txt.T)).cpu()
+    if not bool(torch.isfinite(probs).all()):
+        raise BlockLoRAError("the model produced non-finite scores: its weights or the adapter are damaged")
+    top = probs.topk(min(topk, probs.shape[1]), dim=-1)
+    return [{"probabilities": logits.kind, "top": [{"class": classnames[i], "index": int(i), "prob": round(float(v), 6)}
+                                                   for v, i in zip(values, indices)]}
+            for values, indices in zip(top.values, top.indices)]
 
 
 def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained: str | None = None,
@@ -244,8 +301,11 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     An existing `output` is replaced only with overwrite, only when it is a weights file or a folder blocklora
     exported, and never when it is, contains or lies inside the adapter or the weights being read."""
     output = Path(output)
+    adapter_dir = locate_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
-    weights = pretrained if pretrained is not None else run_meta(meta, adapter_dir).get("pretrained")
+    run = run_meta(meta, adapter_dir)
+    weights = pretrained if pretrained is not None else recorded_weights(run, adapter_dir)
+    check_export_path(run["model"], output)
     inputs = protected(("the adapter being read (--adapter)", adapter_dir), ("the pretrained weights", weights))
     check_deletable(output, inputs, "--output")
     if output.exists() or output.is_symlink():
@@ -263,7 +323,7 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     tmp = holder / output.name
     try:
         try:
-            backbone.export(state, tmp)
+            backbone.export(state, tmp, classifier(run, backbone))
         except (SafetensorError, RuntimeError) as e:  # how safetensors and torch.save report a failed write
             if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
                 raise
@@ -278,6 +338,25 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     finally:
         shutil.rmtree(holder, ignore_errors=True)
     return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
+
+
+def check_export_path(model: str, output: Path) -> None:
+    """A family that exports a folder (backbones.export_form) refuses a file-like --output such as merged.safetensors
+    rather than making a folder of that name."""
+    form = export_form(model)
+    if form.folder_only and output.suffix:
+        raise BlockLoRAError(f"{model} exports a folder ({form.files}), not a {output.suffix} file: pass --output "
+                             f"without a suffix, e.g. {output.with_suffix('')}")
+
+
+def classifier(run: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
+    """What it takes to classify with an export beside its weights: class names, template, logits, activation."""
+    act = backbone.activation
+    names = list(run["classnames"])
+    return {"format": CLASSIFIER_FORMAT, "model": run["model"], "classnames": names, "template": run["template"],
+            "prompts": [run["template"].format(n) for n in names], "logit_scale": run.get("logit_scale", 100.0),
+            "logit_bias": run.get("logit_bias"), "loss": run.get("loss", "softmax"),
+            "activation": None if act is None else ("quick_gelu" if act.quick_gelu else "gelu")}
 
 
 def _check_export_replaceable(output: Path) -> None:
@@ -310,7 +389,7 @@ def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) 
     """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
     from .backbones.activation import stock_load_hint
 
-    run = read_adapter_meta(adapter_dir).get("run", {})
+    run = read_adapter_meta(locate_adapter(adapter_dir)).get("run", {})
     model = run.get("model", "")
     if model.startswith("hf:") or model == "effnet-minilm" or run.get("quick_gelu") not in ("yes", "no"):
         return None

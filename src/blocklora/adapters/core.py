@@ -1,4 +1,4 @@
-"""The Block-LoRA arithmetic, shared by every layer type (docs: ../shared/docs/method.md).
+"""The Block-LoRA arithmetic, shared by every layer type (docs/method.md).
 
 Notation (PyTorch, y = W x): A is the shared down-projection block, shape (r, d_in / n); B the up-projection,
 shape (d_out, r); s the scaling. The dense update is dW = s * B @ [A, A, ..., A] (A tiled n times along the

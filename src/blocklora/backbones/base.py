@@ -6,9 +6,11 @@ effnet_minilm.py) are the only code that knows a library's module names.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject
 from ..adapters.sites import Placement
 from ..errors import ConfigError
+from ..export_forms import CLASSIFIER_FILE
 from .activation import Activation, mlp_activation
 from .fingerprint import fingerprint
 from .preprocess import Preprocess
@@ -202,8 +205,17 @@ class Backbone(ABC):
 
     # -- export ----------------------------------------------------------------------------------------------------
     @abstractmethod
-    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
-        """Write a merged state dict in the family's own format at `path`; returns the files written."""
+    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+               classifier: dict[str, Any] | None = None) -> list[str]:
+        """Write a merged state dict in the family's own format at `path` (export_forms.py), with `classifier`
+        (trained.classifier: class names, template, logits, activation) where the format keeps metadata; returns the
+        files written."""
+
+
+def write_classifier(folder: str | os.PathLike, classifier: dict[str, Any] | None) -> None:
+    """An export folder's blocklora_classifier.json (export_forms.py): what a stock loader needs to classify."""
+    if classifier is not None:
+        (Path(folder) / CLASSIFIER_FILE).write_text(json.dumps(classifier, indent=2) + "\n")
 
 
 def move(tokens: Any, device: torch.device | str) -> Any:

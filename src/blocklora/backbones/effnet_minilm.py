@@ -89,7 +89,7 @@ from ..adapters.layers import AdapterLayer
 from ..adapters.sites import LAYERS, Placement, Site
 from ..errors import BackboneError
 from . import effnet_projection as projection
-from .base import Backbone
+from .base import Backbone, write_classifier
 from .effnet_projection import MAX_TOKENS, mean_pooled
 from .hf import bert_sites
 from .preprocess import Preprocess
@@ -233,8 +233,10 @@ class EffnetMiniLMBackbone(Backbone):
     def encode_texts(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"])
 
-    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
-        """A directory of stock files (no blocklora needed to use them):
+    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+               classifier: dict[str, Any] | None = None) -> list[str]:
+        """A directory of stock files (no blocklora needed to use them), with `classifier` in
+        blocklora_classifier.json:
 
         visual.safetensors   EfficientNet.from_name("efficientnet-lite0", num_classes=384).load_state_dict(...):
                              its forward gives the image embedding (_fc is the projection, not a classifier)
@@ -271,6 +273,7 @@ class EffnetMiniLMBackbone(Backbone):
                                "ridge": projection.RIDGE, "bank_template": projection.BANK_TEMPLATE,
                                "classes": "open_clip IMAGENET_CLASSNAMES"}}
         (path / "effnet_minilm.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_classifier(path, classifier)
         return sorted(str(p) for p in path.rglob("*") if p.is_file())
 
 

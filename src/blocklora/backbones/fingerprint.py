@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from ..adapters import io
 from ..adapters.config import AdapterConfig
 from ..adapters.inject import is_adapter_param, is_merged
-from ..errors import AdapterMismatchError, BlockLoRAError
+from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from .activation import mlp_activation
 
 
@@ -55,11 +56,38 @@ def identity(model: nn.Module, weights_fingerprint: str | None = None) -> dict[s
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: str | None = None,
                  extra: dict[str, Any] | None = None, overwrite: bool = False,
-                 weights_fingerprint: str | None = None) -> Path:
+                 weights_fingerprint: str | None = None, *, classnames: Sequence[str] | None = None,
+                 template: str = "a photo of a {}.", logit_scale: float = 100.0,
+                 pretrained: str | None = "auto") -> Path:
     """adapters.io.save_adapter recording the backbone's name and identity(); atomic: a complete directory or nothing.
+
+    With `classnames` it also records what `blocklora predict / eval / export` need (the "run" record `blocklora
+    train` writes): the --model string `backbone`, the weights `pretrained` ("auto": the model's default; a path is
+    stored absolute), the class names, the prompt `template` (with one {}) and the cosine-to-logit `logit_scale`.
+    Raises ConfigError when that record is asked for without `backbone` or with a bad value.
     """
     record = {"name": backbone, **identity(model, weights_fingerprint)}
+    if classnames is not None:
+        extra = {**(extra or {}), "run": _run_record(backbone, pretrained, classnames, template, logit_scale)}
     return io.save_adapter(model, directory, backbone=record, extra=extra, overwrite=overwrite)
+
+
+def _run_record(backbone: str | None, pretrained: str | None, classnames: Sequence[str], template: str,
+                logit_scale: float) -> dict[str, Any]:
+    from .. import checks
+
+    if not backbone:
+        raise ConfigError("save_adapter(classnames=...) needs backbone=, the model as --model names it (e.g. "
+                          "'ViT-B-16', 'tiny-clip', 'hf:/path'), so that the CLI can rebuild it")
+    names = list(classnames) if not isinstance(classnames, str) else []
+    if len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"classnames must be a list of at least 2 class names, got {classnames!r}")
+    checks.template("template", template)
+    scale = float(checks.number("logit_scale", logit_scale, checks.Range(0, 1e4, lo_open=True)))
+    if isinstance(pretrained, str) and os.path.exists(pretrained):
+        pretrained = os.path.abspath(pretrained)  # the record holds from any working directory
+    return {"model": backbone, "pretrained": pretrained, "classnames": names, "template": template,
+            "logit_scale": scale, "loss": "softmax"}
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> AdapterConfig:

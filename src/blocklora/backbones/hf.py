@@ -27,7 +27,7 @@ from torch import nn
 from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import AdapterMismatchError, BackboneError
 from .activation import Activation
-from .base import Backbone
+from .base import Backbone, write_classifier
 from .network import hub_reachable
 from .preprocess import Preprocess, from_hf_processor
 
@@ -164,11 +164,19 @@ class HFBackbone(Backbone):
         return _tensor(self.model.get_text_features(**tokens))
 
     # -- export ----------------------------------------------------------------------------------------------------
-    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
+    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+               classifier: dict[str, Any] | None = None) -> list[str]:
         """A stock transformers directory: the model's own class (e.g. SiglipModel.from_pretrained(path)) loads it
-        with no blocklora; the tokenizer and preprocessor config are copied beside it."""
+        with no blocklora; the tokenizer and preprocessor config are copied beside it. `classifier`'s class names
+        become config.json's id2label / label2id (the config's standard label fields), the rest
+        blocklora_classifier.json."""
         path = Path(path)
+        if classifier is not None:
+            names = classifier["classnames"]
+            self.model.config.id2label = dict(enumerate(names))
+            self.model.config.label2id = {n: i for i, n in enumerate(names)}
         self.model.save_pretrained(path, state_dict=state_dict)
+        write_classifier(path, classifier)
         self.tokenizer.save_pretrained(path)
         processor = _file(self.pretrained, "preprocessor_config.json")
         if processor is not None:
@@ -235,6 +243,8 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     import transformers
 
     local = os.path.isdir(spec)
+    if local:  # recorded absolute: the adapter's record then holds from any working directory
+        spec = os.path.abspath(spec)
     if not local and (spec.startswith((".", "/", "~")) or os.path.sep in spec and spec.count("/") > 1):
         raise BackboneError(f"transformers model directory {spec} does not exist: pass a directory holding "
                             "config.json and model.safetensors, or a hub id")

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
 from ..errors import BackboneError
+from ..export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
-from .base import Backbone
+from .base import Backbone, write_classifier
 from .hf import bert_sites
 from .openclip_sources import load_tokenizer, preprocess_for, read_checkpoint_into, weights_file
 from .preprocess import Preprocess
@@ -148,8 +149,10 @@ class OpenClipBackbone(Backbone):
             return m.text_projection(x)
         return x @ m.text_projection if m.text_projection is not None else x
 
-    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
-        """Stock open_clip weights that carry their activation (activation.export_metadata), by `path`'s form:
+    def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+               classifier: dict[str, Any] | None = None) -> list[str]:
+        """Stock open_clip weights that carry their activation (activation.export_metadata) and `classifier` (as JSON
+        under the metadata key blocklora.classifier, and in a folder as blocklora_classifier.json), by `path`'s form:
 
         NAME.safetensors   a state dict, the activation in the safetensors metadata
         NAME.pt / other    torch.save({"state_dict": ..., "blocklora_export": metadata}); open_clip reads "state_dict"
@@ -163,6 +166,8 @@ class OpenClipBackbone(Backbone):
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         meta = export_metadata(self.name, self.activation.quick_gelu)
+        if classifier is not None:
+            meta[CLASSIFIER_KEY] = json.dumps(classifier)
         if path.suffix == ".safetensors":
             save_file(tensors, str(path), metadata=meta)
             return [str(path)]
@@ -177,6 +182,7 @@ class OpenClipBackbone(Backbone):
                   "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(path / "open_clip_model.safetensors"), metadata=meta)
+        write_classifier(path, classifier)
         return sorted(str(p) for p in path.iterdir())
 
     def model_config(self) -> dict:
@@ -187,6 +193,34 @@ class OpenClipBackbone(Backbone):
 
         cfg = TINY_CLIP if self.name == "tiny-clip" else open_clip.get_model_config(self.name)
         return copy.deepcopy(dict(cfg))
+
+
+def check_name(name: str) -> None:
+    """Raises BackboneError unless `name` is tiny-clip or a model open_clip knows."""
+    import open_clip
+
+    if name != "tiny-clip" and name not in open_clip.list_models():
+        raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
+                            "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
+
+
+def default_pretrained(name: str) -> str | None:
+    """The weights a model gets when --pretrained is not given: None (random init, the only weights tiny-clip has)
+    for tiny-clip, else OpenAI's ("openai") where open_clip has them for this name. Raises BackboneError listing the
+    model's tags when it has no OpenAI weights: there is no single right choice among the others."""
+    import open_clip
+
+    check_name(name)
+    if name == "tiny-clip":
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if "openai" in tags:
+        return "openai"
+    if not tags:
+        raise BackboneError(f"{name} has no pretrained weights in open_clip: pass a checkpoint file with "
+                            "--pretrained FILE, or --pretrained none for random weights")
+    raise BackboneError(f"{name} has no OpenAI weights (the default): pass --pretrained with one of its tags "
+                        f"({', '.join(tags)}), a checkpoint file, or none")
 
 
 def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_quick_gelu: bool | None = None,
@@ -203,9 +237,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     import open_clip
 
     none = pretrained in (None, "none")
-    if name != "tiny-clip" and name not in open_clip.list_models():
-        raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
-                            "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
+    check_name(name)
     tokenizer_name = "ViT-B-32" if name == "tiny-clip" else name
     loaded_tokenizer = load_tokenizer(tokenizer_name, tokenizer) if text else None
     weights, declared = (None, {}) if none else weights_file(name, pretrained)

@@ -16,6 +16,7 @@ from .fewshot import (
     group_by_label,
     read_split_file,
     read_split_header,
+    repeated_shots,
     sample_few_shot,
     write_split_file,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "prompt_name",
     "read_split_file",
     "read_split_header",
+    "repeated_shots",
     "sample_few_shot",
     "subsample_classes",
     "evenly_spaced",

@@ -132,6 +132,21 @@ def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, order: str = "
     return FewShotSplit(splits.name, shots, seed, order, train, val, replace)
 
 
+def repeated_shots(fewshot: FewShotSplit, splits: DatasetSplits) -> list[dict[str, object]]:
+    """Classes whose training shots repeat an image (drawn with replacement: the class has fewer images than the
+    draw asked for), as {"class", "images" (the class's training images), "shots", "distinct" (distinct shots)} in
+    label order. Read from the items themselves, so it holds for a split file as for a fresh draw."""
+    available = {label: len(group) for label, group in group_by_label(splits.train).items()}
+    out = []
+    for label, group in sorted(group_by_label(fewshot.train).items()):
+        distinct = len({i.path for i in group})
+        if distinct < len(group):
+            name = splits.classnames[label] if 0 <= label < len(splits.classnames) else str(label)
+            out.append({"class": name, "images": available.get(label, distinct), "shots": len(group),
+                        "distinct": distinct})
+    return out
+
+
 # -- split files -----------------------------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""

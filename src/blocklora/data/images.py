@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..errors import DataError
 from .decode import file_problem, header_problem, open_image_file, reason
@@ -73,6 +74,8 @@ def read_image(reader: Callable[[str], Image.Image], path: str) -> Image.Image:
 
 
 LEVELS = ("file", "header", "decode")
+LEVEL_WORDS = {"file": "files", "header": "headers", "decode": "full decode"}
+PROGRESS_FROM = 1000  # images: below this the check is over in a moment
 
 
 def _check(reader: Callable[[str], Image.Image], path: str, level: str) -> str | None:
@@ -107,10 +110,14 @@ def verify_images(items: Iterable[Item], reader: Callable[[str], Image.Image] = 
         return []
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
     bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify-images") as pool:
+    # a bar on large sets (a decode pass over thousands of photos takes minutes on a CPU): say what is going on
+    bar = tqdm(total=len(paths), desc=f"check images ({LEVEL_WORDS[level]})", unit="image", leave=False,
+               disable=len(paths) < PROGRESS_FROM, dynamic_ncols=True)
+    with bar, ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify-images") as pool:
         for start in range(0, len(paths), CHUNK):
             chunk = paths[start:start + CHUNK]
             for path, why in zip(chunk, pool.map(lambda p: _check(reader, p, level), chunk)):
                 if why is not None:
                     bad.append((path, why))
+                bar.update(1)
     return bad

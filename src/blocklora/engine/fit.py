@@ -13,6 +13,7 @@ adapter layers are in train mode, so adapter dropout is the only randomness besi
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -33,6 +34,26 @@ from .evaluate import encode_classes
 from .logits import Logits
 from .runtime import Runtime, rng_state, set_rng_state
 from .stream import train_stream
+
+log = logging.getLogger("blocklora")
+ETA_AFTER = 5  # steps timed before the ETA line (the first steps also pay for warm-up: workers, allocations)
+
+
+def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime) -> list[str]:
+    """The lines printed before training: steps, batch, epochs over the K-shot set, device and precision, and on a
+    CPU with a GPU-sized budget, the named CPU recipe (config.RECIPES["quick"])."""
+    from ..config import RECIPES
+
+    epochs = total * batch_size / max(1, n_train)
+    left = f", {total - start} left from step {start}" if start else ""
+    lines = [f"plan: {total} steps of batch {batch_size}{left} = {epochs:.1f} epochs over the {n_train} K-shot "
+             f"images, on {runtime.device} ({runtime.precision})"]
+    quick = RECIPES["quick"]
+    if runtime.device.type == "cpu" and total * batch_size > 2 * quick["train.iters"] * quick["train.batch_size"]:
+        lines.append(f"note: this budget is the GPU reference recipe's size; on a CPU it can take hours. --recipe "
+                     f"quick is the demo's CPU budget ({quick['train.iters']} steps of {quick['train.batch_size']}, "
+                     f"lr {quick['train.lr']:g})")
+    return lines
 
 
 class TrainingDiverged(BlockLoRAError):
@@ -136,6 +157,7 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
                    dynamic_ncols=True)
         tick = time.perf_counter()
+        timed: tuple[int, float] | None = None  # (step, time) where the ETA's clock starts
         try:
             for images, labels in loader:
                 images = images.to(rt.device, non_blocking=True)
@@ -154,6 +176,7 @@ class Trainer:
                 if on_step is not None:
                     on_step(metrics)
                 bar.update(1)
+                timed = self._report_eta(timed, now)
                 if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
                     loss_text = "skipped" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
                     bar.set_postfix(loss=loss_text, acc=f"{metrics['acc']:.1f}")
@@ -166,6 +189,19 @@ class Trainer:
             raise TrainingDiverged(f"every one of the {self.state.step} steps was skipped (non-finite loss): nothing "
                                    f"was trained; {self._cause()}")
         return self.state
+
+    def _report_eta(self, timed: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
+        """Log the ETA once, ETA_AFTER steps after the first (which pays for start-up); returns the clock's start."""
+        step = self.state.step
+        if timed is None:
+            return (step, now)
+        first, t0 = timed
+        if step - first == ETA_AFTER and self.runtime.is_main and step < self.total:
+            per_step = (now - t0) / ETA_AFTER
+            left = per_step * (self.total - step)
+            log.info("eta: %.2f s/step over steps %d-%d: about %s for the %d steps left", per_step, first + 1, step,
+                     _duration(left), self.total - step)
+        return timed
 
     def _cause(self) -> str:
         """The likeliest cause of a non-finite number, for the error message."""
@@ -243,3 +279,11 @@ def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '1 h 30 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"

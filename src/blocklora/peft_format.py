@@ -316,12 +316,13 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
     fused q/k/v layout (peft_refusal) before anything is written."""
     from .adapters.io import read_adapter_meta
     from .ownership import check_deletable, marker_kind, protected
-    from .trained import load_trained, run_meta
+    from .trained import load_trained, locate_adapter, recorded_weights, run_meta
 
     output = Path(output)
+    adapter_dir = locate_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     run = run_meta(meta, adapter_dir)
-    weights = pretrained if pretrained is not None else run.get("pretrained")
+    weights = pretrained if pretrained is not None else recorded_weights(run, adapter_dir)
     inputs = protected(("the adapter being read (--adapter)", adapter_dir), ("the pretrained weights", weights))
     check_deletable(output, inputs, "--output")
     if output.exists() or output.is_symlink():
@@ -330,7 +331,8 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
         if output.is_symlink() or not output.is_dir() or marker_kind(output) != KIND:
             raise BlockLoRAError(f"{output} is not a PEFT export blocklora wrote (no .blocklora marker of kind "
                                  f"{KIND}): refusing to replace it; choose another --output")
-    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer)
+    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer,
+                                  text=False)
     model = run["model"]
     base = model[3:] if model.startswith("hf:") else model
     return write_peft_adapter(backbone.model, output, base, extra={
@@ -346,7 +348,7 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
     """`blocklora eval --peft-adapter`: top-1 of a PEFT LoRA adapter on its backbone (`model`, default: what the
     adapter records: blocklora's own export record, else "hf:" + base_model_name_or_path)."""
     from . import checks
-    from .backbones import load_backbone
+    from .backbones import AUTO, load_backbone
     from .engine.runtime import make_runtime
     from .trained import eval_options, evaluate_loaded
 
@@ -359,7 +361,7 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
         raise BlockLoRAError(f"{directory} does not name its base model (base_model_name_or_path): pass --model")
     if pretrained is None and record.get("model") == model:
         pretrained = record.get("pretrained")
-    backbone = load_backbone(model, pretrained, tokenizer=tokenizer)
+    backbone = load_backbone(model, AUTO if pretrained is None else pretrained, tokenizer=tokenizer, text=True)
     load_peft_adapter(backbone.model, directory)
     rt = make_runtime(checks.device("--device", device))
     backbone.to(rt.device)

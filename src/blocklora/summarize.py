@@ -433,7 +433,7 @@ def add_summarize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=sorted(REFERENCES), default=None,
                    help="add a published method's numbers (protocol.md) and the difference")
     p.add_argument("--output", default=None, help="path prefix of the files written (default DIR/summary)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write the tables only, no plot")
     p.set_defaults(func=cmd_summarize)
     return p
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as dt
 import fcntl
 import json
@@ -38,8 +37,8 @@ from typing import Any
 from .errors import BlockLoRAError, ConfigError
 from .reference import BENCHMARK
 
-# train options the sweep sets per cell itself (everything else given to `sweep` is passed to every cell)
-OWN = {"dataset", "root", "shots", "seed", "output", "overwrite", "resume", "split_file", "device", "help"}
+# config keys the sweep sets per cell itself (every other train option given to `sweep` is passed to every cell)
+OWN = ("data.dataset", "data.root", "data.shots", "data.seed", "data.split_file", "device")
 MANIFEST, OPTIONS, LOGS, LOCKS = "sweep.jsonl", "sweep.json", "logs", ".locks"
 
 
@@ -166,12 +165,10 @@ def try_lock(path: Path) -> int | None:
 
 
 # -- options ---------------------------------------------------------------------------------------------------------
-def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
-                     run_config: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
-    """The sweep subcommand: its own grid options plus a copy of every train option except those in OWN.
+def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
+    """The sweep subcommand: its own grid options plus every train option (flags.py) except those in OWN."""
+    from .flags import add_config_file, add_config_flags, add_overrides
 
-    `run_config` turns parsed train options into a RunConfig (the CLI's), to validate every cell first.
-    """
     p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
                        description="Every train option given here is passed to each cell.")
     g = p.add_argument_group("sweep")
@@ -184,42 +181,18 @@ def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
                    help="GPU ids 0,1,.. (one cell per id at a time), cpu, or cpu:N; default: every visible GPU, "
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
-    # argparse keeps no public way to share options between subcommands: copy the train parser's actions, per group.
-    for group in train_parser._action_groups:
-        actions = [a for a in group._group_actions if a.dest not in OWN]
-        if not actions:
-            continue
-        target = p if group.title in ("positional arguments", "options", "optional arguments") else \
-            p.add_argument_group(f"train: {group.title}")
-        for action in actions:
-            target._add_action(copy.copy(action))
-    p.set_defaults(func=cmd_sweep, train_parser=train_parser, run_config=run_config)
+    add_config_file(p)
+    add_config_flags(p, exclude=OWN, title="train: ")
+    add_overrides(p)
+    p.set_defaults(func=cmd_sweep)
     return p
 
 
-def train_options(args: argparse.Namespace, train_parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+def train_options(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(train options, key=value overrides) given to the sweep, as command-line words for each cell."""
-    words: list[str] = []
-    overrides: list[str] = []
-    for action in train_parser._actions:
-        if action.dest in OWN or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if not action.option_strings:  # the key=value positional
-            overrides += list(value or [])
-        elif value is None or value == action.default:
-            continue
-        elif isinstance(action, argparse._StoreTrueAction):
-            words.append(_long(action))
-        elif isinstance(action, argparse._StoreAction):
-            words += [_long(action), str(value)]
-        else:
-            raise ConfigError(f"sweep cannot pass option {_long(action)} on to train")
-    return words, overrides
+    from .flags import flag_words
 
-
-def _long(action: argparse.Action) -> str:
-    return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+    return flag_words(args, exclude=OWN), list(args.overrides or [])
 
 
 def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], overrides: Sequence[str], action: str,
@@ -234,18 +207,21 @@ def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], override
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
-    train_parser = args.train_parser
+    from .flags import run_config
+
     datasets = parse_datasets(args.datasets)
     cells = expand(datasets, parse_ints(args.shots, "shots"), parse_ints(args.seeds, "seeds"))
     slots = parse_devices(args.devices)
     out = Path(args.output).expanduser().absolute()
     root = str(Path(args.root).expanduser().absolute())
-    options, overrides = train_options(args, train_parser)
+    options, overrides = train_options(args)
     # Every cell's configuration and every dataset must be valid before anything runs.
+    base = run_config(args)
     configs = {}
     for cell in cells:
-        ns = train_parser.parse_args(cell_argv(cell, root, out, options, overrides, "start", slots[0])[1:])
-        configs[cell.dataset] = args.run_config(ns)
+        configs[cell.dataset] = base.with_overrides([f"data.dataset={cell.dataset}", f"data.root={root}",
+                                                     f"data.shots={cell.shots}", f"data.seed={cell.seed}",
+                                                     *(["device=cpu"] if "--device" in slots[0].argv else [])])
     _check_data(configs.values())
     if out.exists() and not out.is_dir():
         raise BlockLoRAError(f"--output {out} is a file: choose a directory")

@@ -8,15 +8,17 @@ The scale is a number (CLIP-LoRA uses 100) or "auto", the checkpoint's own learn
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-KINDS = ("softmax", "sigmoid")
+Loss = Literal["softmax", "sigmoid"]  # train.loss (config.py) and the CLI's choices read this
+KINDS = typing.get_args(Loss)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -15,51 +14,9 @@ from typing import Any
 from . import checks
 from .config import CLASS_SUBSETS, EVAL_SPLITS
 from .errors import BlockLoRAError
-from .flags import add_config_file, add_config_flags, add_overrides, field_help, run_config
+from .flags import Parser, add_config_file, add_config_flags, add_overrides, field_help, run_config
 
 log = logging.getLogger("blocklora")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other user error
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Every option's help ends with its default (or says it is required): `--help` is the reference."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
-            return text
-        if action.required or (not action.option_strings and action.nargs in ("+", None)):
-            return f"{text} (required)"
-        if isinstance(action, argparse._StoreTrueAction):
-            return f"{text} (default: off)"
-        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> None:  # one line, like every other user error
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """key=value overrides anywhere on the line: argparse gives a nargs="*" positional only its first run of
-        words, so the later runs are collected here (for the parsers that take overrides)."""
-        ns, extras = super().parse_known_args(args, namespace)
-        if isinstance(getattr(ns, "overrides", None), list):
-            ns.overrides += [w for w in extras if _OVERRIDE.match(w)]
-            extras = [w for w in extras if not _OVERRIDE.match(w)]
-        return ns, extras
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -226,12 +183,12 @@ def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
+    parser = Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"blocklora {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("params", help="trainable parameters and adapter cost of a configuration (no weights needed)")
     add_config_flags(p, keys=("model", "pretrained", "quick_gelu", "tokenizer", *_keys("adapter")),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import sys
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,45 @@ from typing import Any
 
 from .checks import literal_choices
 from .config import RunConfig
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (or says it is required): `--help` is the reference."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            return text
+        if action.required or (not action.option_strings and action.nargs in ("+", None)):
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
+class Parser(argparse.ArgumentParser):
+    """blocklora's argparse parser: errors are one `error:` line (exit 2), every help shows its default, and
+    key=value overrides are taken anywhere on the line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # one line, like every other user error
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """key=value overrides anywhere on the line: argparse gives a nargs="*" positional only its first run of
+        words, so the later runs are collected here (for the parsers that take overrides)."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if isinstance(getattr(ns, "overrides", None), list):
+            ns.overrides += [w for w in extras if _OVERRIDE.match(w)]
+            extras = [w for w in extras if not _OVERRIDE.match(w)]
+        return ns, extras
+
 
 SECTIONS = {"": "backbone", "adapter": "adapter", "data": "data", "train": "training", "eval": "evaluation"}
 

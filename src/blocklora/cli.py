@@ -9,11 +9,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .config import CLASS_SUBSETS, EVAL_SPLITS
 from .errors import BlockLoRAError
+
+if TYPE_CHECKING:
+    from .engine.results import RunResult
 from .flags import Parser, add_config_file, add_config_flags, add_overrides, field_help, run_config
 
 log = logging.getLogger("blocklora")
@@ -71,18 +74,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_results(r: dict[str, Any], output: str) -> None:
+def _print_results(r: RunResult, output: str) -> None:
     from .engine.rundir import RunDir
 
-    zs = r.get("zero_shot_top1")
-    line = f"top-1 {r['top1']:.2f}%"
+    zs = r.zero_shot_top1
+    line = f"top-1 {r.top1:.2f}%"
     if zs is not None:
-        line = f"zero-shot {zs:.2f}% -> adapted {r['top1']:.2f}% ({r['top1'] - zs:+.2f})"
-    if r.get("cross_dataset"):
-        line += " | " + " ".join(f"{k} {v:.2f}" for k, v in r["cross_dataset"].items())
-    if "harmonic_mean" in r:
-        line += f" | base {r['base_top1']:.2f} new {r['new_top1']:.2f} HM {r['harmonic_mean']:.2f}"
-    print(f"{line} | {r['trainable_params']:,} trainable params | {r['wall_time_s']['total']:.1f}s | "
+        line = f"zero-shot {zs:.2f}% -> adapted {r.top1:.2f}% ({r.top1 - zs:+.2f})"
+    if r.cross_dataset:
+        line += " | " + " ".join(f"{k} {v:.2f}" for k, v in r.cross_dataset.items())
+    if r.base_to_new:
+        line += f" | base {r.base_top1:.2f} new {r.new_top1:.2f} HM {r.harmonic_mean:.2f}"
+    print(f"{line} | {r.trainable_params:,} trainable params | {r.wall_time_s['total']:.1f}s | "
           f"results: {RunDir(output).results}")
 
 
@@ -149,8 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo import default_output
 
         output = default_output()
-    results = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
-    print("\n".join(summary_lines(results, output)))
+    results, examples = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
+    print("\n".join(summary_lines(results, examples, output)))
     return 0
 
 

@@ -95,15 +95,14 @@ def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
 
 def _read(path: Path) -> Run:
     r = RunDir(path.parent).read_results()
-    ds = r["dataset"]
-    cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("device", "eval")}
+    cfg = {k: v for k, v in (r.config or {}).items() if k not in ("device", "eval")}
     cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _CELL_KEYS}
     variant = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    opt = lambda k: float(r[k]) if r.get(k) is not None else None  # noqa: E731
-    return Run(path.parent, str(ds["name"]), int(r["shots"]), int(r["seed"]), str(ds.get("classes_subset", "all")),
-               float(r["top1"]), opt("base_top1"), opt("new_top1"), opt("harmonic_mean"),
-               {str(k): float(v) for k, v in (r.get("cross_dataset") or {}).items()}, opt("zero_shot_top1"), variant,
-               r.get("trainable_params"), (r.get("wall_time_s") or {}).get("total"))
+    opt = lambda v: float(v) if v is not None else None  # noqa: E731
+    return Run(path.parent, str(r.dataset["name"]), r.shots, r.seed, str(r.dataset.get("classes_subset", "all")),
+               float(r.top1), opt(r.base_top1), opt(r.new_top1), opt(r.harmonic_mean),
+               {str(k): float(v) for k, v in (r.cross_dataset or {}).items()}, opt(r.zero_shot_top1), variant,
+               r.trainable_params, (r.wall_time_s or {}).get("total"))
 
 
 # -- tables ----------------------------------------------------------------------------------------------------------

@@ -194,8 +194,8 @@ def _now() -> str:
 
 def _top1(run_dir: Path) -> float | None:
     try:
-        return float(RunDir(run_dir).read_results()["top1"])
-    except (BlockLoRAError, KeyError, TypeError, ValueError):
+        return float(RunDir(run_dir).read_results().top1)
+    except BlockLoRAError:
         return None
 
 

@@ -21,25 +21,17 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import checks as c
 from .adapters.config import ALIASES as ADAPTER_ALIASES
 from .adapters.config import AdapterConfig
 from .checks import option
+from .choices import ClassSubset, EvalSplit, FrozenDtype, Loss, NanPolicy, Precision, QuickGelu, Sampler, Schedule
 from .config_io import coerce, read_file
-from .engine.logits import Loss
 from .errors import ConfigError
 
-# Allowed strings: the Literal is the one source, read by the checks below and by the CLI's choices (flags.py).
-Sampler = Literal["clip-lora", "coop"]
-ClassSubset = Literal["all", "base", "new"]
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
-Schedule = Literal["cosine", "constant"]
-FrozenDtype = Literal["auto", "fp32", "autocast"]
-NanPolicy = Literal["stop", "skip"]
-EvalSplit = Literal["test", "val"]
-QuickGelu = Literal["auto", "yes", "no"]
+# Allowed strings: the Literals of choices.py are the one source, read by these checks and the CLI (flags.py).
 SAMPLERS, CLASS_SUBSETS, PRECISIONS = typing.get_args(Sampler), typing.get_args(ClassSubset), typing.get_args(Precision)
 LOSSES, SCHEDULES, FROZEN_DTYPES, NAN_POLICIES = typing.get_args(Loss), typing.get_args(Schedule), \
     typing.get_args(FrozenDtype), typing.get_args(NanPolicy)

@@ -6,15 +6,14 @@ import dataclasses
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .. import checks as c
 from ..checks import option
+from ..choices import AInit, DropoutMask, Fold, Method, Scaling
 from ..errors import ConfigError
-from .core import A_INITS, FOLDS, SCALINGS, AInit, Fold, Scaling
 
-Method = Literal["block_lora", "lora"]
-METHODS = typing.get_args(Method)
+METHODS, SCALINGS, FOLDS, A_INITS = (typing.get_args(t) for t in (Method, Scaling, Fold, AInit))
 TOWERS = ("vision", "text")
 PROJECTIONS = ("q", "k", "v", "o")
 DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
@@ -23,7 +22,6 @@ LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "
 ALIASES = {"blocks": "layers"}  # the names of earlier versions, still accepted in configs and adapter files
 # Dropout masks of the projections that read one input (self-attention's q, k, v): one mask per projection
 # (CLIP-LoRA: an nn.Dropout inside each LinearLoRA) or one shared mask (one fold of the input serves all three).
-DropoutMask = Literal["auto", "per_projection", "shared"]
 DROPOUT_MASKS = typing.get_args(DropoutMask)
 
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Literal
 
 import torch
 
+from ..choices import AInit, Fold, Scaling
 from ..errors import ConfigError
 
-Scaling = Literal["rslora", "standard"]  # the Literal is the one source of the allowed values (config, CLI)
-Fold = Literal["sum", "mean"]
-AInit = Literal["kaiming", "kaiming_full"]
 SCALINGS, FOLDS, A_INITS = typing.get_args(Scaling), typing.get_args(Fold), typing.get_args(AInit)
 
 

@@ -10,7 +10,7 @@ from .datasets import (
     prompt_name,
 )
 from .fewshot import (
-    ORDERS,
+    SAMPLERS,
     FewShotSplit,
     file_sha256,
     group_by_label,
@@ -26,7 +26,7 @@ from .types import DatasetSplits, Item, open_image_file
 __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
-    "ORDERS",
+    "SAMPLERS",
     "TEMPLATES",
     "DatasetSplits",
     "FewShotSplit",

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..choices import Loss
 from ..errors import ConfigError
 
-Loss = Literal["softmax", "sigmoid"]  # train.loss (config.py) and the CLI's choices read this
 KINDS = typing.get_args(Loss)
 
 

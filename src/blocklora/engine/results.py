@@ -19,19 +19,18 @@ from ..errors import BlockLoRAError
 _OMIT_NONE = {"omit_if_none": True}  # written only when measured
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunResult:
-    """What a run measured and how (results.json). `from_json(to_json())` is the identity."""
+    """What a run measured and how (results.json, its keys in this order). `from_json(to_json())` is the identity.
 
-    top1: float  # adapted, on the trained classes' test images
-    shots: int
-    seed: int
-    dataset: dict[str, Any]  # name, root, classes, classes_subset, n_train, n_test
+    Required: top1, shots, seed, dataset (every version wrote them); the rest is None / empty in earlier files."""
+
     blocklora_version: str | None = None
     # zero-shot, on the same images before training (eval.zero_shot); with the dataset's template (CoOp)
     zero_shot_top1: float | None = field(default=None, metadata=_OMIT_NONE)
     zero_shot_per_class: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
     zero_shot_dataset_template_top1: float | None = field(default=None, metadata=_OMIT_NONE)
+    top1: float  # adapted, on the trained classes' test images
     mean_per_class: float | None = None
     per_class: list[dict[str, Any]] = field(default_factory=list)  # {"class", "top1", "n"} per class
     n_test: int | None = None
@@ -46,10 +45,13 @@ class RunResult:
     adapted_modules: int | None = None
     split_sha256: str | None = None
     split_file: str | None = None
+    shots: int
+    seed: int
     sampler: str | None = None
     iters: int | None = None  # steps done
     skipped_steps: int | None = None  # non-finite losses skipped (train.nan_policy = skip)
     final_loss: float | None = None
+    dataset: dict[str, Any]  # name, root, classes, classes_subset, n_train, n_test
     skipped_images: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} (data.skip_bad_images)
     backbone: dict[str, Any] = field(default_factory=dict)  # Backbone.describe()
     device: str | None = None

@@ -118,7 +118,7 @@ FAKE_TRAIN = textwrap.dedent("""
         (out / "checkpoint.pt").write_text("state")
         time.sleep(60)
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-    (out / "results.json").write_text(json.dumps({"top1": 50.0}))
+    (out / "results.json").write_text(json.dumps({"top1": 50.0, "shots": 1, "seed": 1, "dataset": {"name": dataset}}))
 """)
 
 

@@ -221,7 +221,8 @@ def _progress(o: Outcome) -> str:
     head = f"{o.status:<11} {o.cell.label}"
     if o.status == "done":
         how = "" if o.action == "start" else f", {o.action}"
-        return f"{head}  top-1 {o.top1:.2f}%  ({duration(o.seconds)}, {o.slot}{how})"
+        top1 = f"top-1 {o.top1:.2f}%" if o.top1 is not None else "results.json unreadable"
+        return f"{head}  {top1}  ({duration(o.seconds)}, {o.slot}{how})"
     if o.status == "skipped":
         return f"{head}  (finished before)"
     if o.status == "busy":

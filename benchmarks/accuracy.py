@@ -77,7 +77,8 @@ DIAGNOSTICS: dict[str, tuple[str, ...]] = {
 DIAGNOSTIC_SHOTS = 16
 OUT = ROOT / "benchmarks" / "results"
 # The package's source files decide every number here, except those that only parse, schedule or print.
-PRESENTATION_ONLY = ("cli.py", "__main__.py", "summarize.py", "sweep.py")
+PRESENTATION_ONLY = ("cli.py", "__main__.py", "flags.py", "summarize.py", "summary_tables.py", "sweep.py",
+                     "sweep_runner.py")
 
 
 # -- what a cell was measured with ---------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
-    from .data.datasets import list_image_files
+    from .data.layout import list_image_files
 
     out: list[str] = []
     for p in map(Path, paths):

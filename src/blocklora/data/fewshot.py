@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..choices import Sampler
 from ..errors import ConfigError, DataError
-from .datasets import load_json
+from .layout import load_json
 from .types import DatasetSplits, Item, open_image_file
 
 SAMPLERS = typing.get_args(Sampler)

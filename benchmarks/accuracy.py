@@ -77,7 +77,8 @@ DIAGNOSTICS: dict[str, tuple[str, ...]] = {
 DIAGNOSTIC_SHOTS = 16
 OUT = ROOT / "benchmarks" / "results"
 # The package's source files decide every number here, except those that only parse, schedule or print.
-PRESENTATION_ONLY = ("cli.py", "__main__.py", "summarize.py", "sweep.py")
+PRESENTATION_ONLY = ("cli.py", "__main__.py", "flags.py", "summarize.py", "summary_tables.py", "sweep.py",
+                     "sweep_runner.py")
 
 
 # -- what a cell was measured with ---------------------------------------------------------------------------------
@@ -149,10 +150,10 @@ class Grid:
         self.measured += 1
         print(f"{name} K={k} seed={seed}: zero-shot {r['zero_shot_top1']:.2f}% -> {r['top1']:.2f}% "
               f"({r['trainable_params']} params, {r['wall_time_s']['total']:.0f} s)", flush=True)
-        cell = {"method": name, "shots": k, "seed": seed, "top1": r["top1"], "zero_shot_top1": r["zero_shot_top1"],
-                "trainable_params": r["trainable_params"], "wall_s": r["wall_time_s"]["total"],
-                "train_s": r["wall_time_s"]["train"], "iters": r["iters"], "n_test": r["n_test"],
-                "split_sha256": r["split_sha256"], **stamp(cfg.hash(), self.code)}
+        cell = {"method": name, "shots": k, "seed": seed, "top1": r.top1, "zero_shot_top1": r.zero_shot_top1,
+                "trainable_params": r.trainable_params, "wall_s": r.wall_time_s["total"],
+                "train_s": r.wall_time_s["train"], "iters": r.iters, "n_test": r.n_test,
+                "split_sha256": r.split_sha256, **stamp(cfg.hash(), self.code)}
         write_json(record, cell)
         return cell
 

@@ -108,19 +108,20 @@ def step_times(models: list[dict[str, Any]], threads: int, warmup: int, rounds: 
 def accuracy(seeds: list[int], work: Path) -> dict[str, Any]:
     from blocklora.api import run
     from blocklora.demo import MODEL, demo_config
+    from blocklora.engine.rundir import RunDir
 
     cells = []
     for seed in seeds:
         for precision in PRECISIONS:
             out = work / f"{precision}-seed{seed}"
             cfg = demo_config(seed=seed, overrides=(f"train.precision={precision}", "eval.zero_shot=false"))
-            if (out / "results.json").exists():
-                r = json.loads((out / "results.json").read_text())
+            if RunDir(out).complete:
+                r = RunDir(out).read_results()
             else:
                 print(f"  accuracy: {precision} seed {seed} -> {out}", file=sys.stderr, flush=True)
                 r = run(cfg, out, overwrite=out.exists())
-            cells.append({"seed": seed, "precision": precision, "top1": r["top1"],
-                          "train_s": r["wall_time_s"]["train"], "iters": r["iters"]})
+            cells.append({"seed": seed, "precision": precision, "top1": r.top1,
+                          "train_s": r.wall_time_s["train"], "iters": r.iters})
     summary = {}
     for precision in PRECISIONS:
         top = [c["top1"] for c in cells if c["precision"] == precision]

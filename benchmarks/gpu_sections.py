@@ -324,7 +324,9 @@ def deterministic_section(plan, left: Callable[[], float]) -> dict[str, Any]:
         if any(r["rc"] for r in runs):
             return {"status": "fail", "runs": runs, "note": "a run failed (see its stderr_tail)"}
         a, b = (load_adapter_tensors(work / n) for n in ("a", "b"))
-        losses = [[json.loads(x)["loss"] for x in (work / n / "metrics.jsonl").read_text().splitlines()]
+        from blocklora.engine.rundir import RunDir
+
+        losses = [[json.loads(x)["loss"] for x in RunDir(work / n).metrics.read_text().splitlines()]
                   for n in ("a", "b")]
     import torch
 
@@ -337,4 +339,7 @@ def deterministic_section(plan, left: Callable[[], float]) -> dict[str, Any]:
 def load_adapter_tensors(run_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "adapter" / "blocklora_adapter.safetensors"))
+    from blocklora.adapters.io import WEIGHTS_FILE
+    from blocklora.engine.rundir import RunDir
+
+    return load_file(str(RunDir(run_dir).adapter / WEIGHTS_FILE))

@@ -92,7 +92,7 @@ def test_sampling_order_matches_reference(order, shots, seed):
     reference = clip_lora_reference if order == "clip-lora" else coop_reference
     train, val = reference(d.train, d.val, shots, seed)
     assert got.train == train and got.val == val
-    assert (got.dataset, got.shots, got.seed, got.order, got.replace) == ("synthetic", shots, seed, order, True)
+    assert (got.dataset, got.shots, got.seed, got.sampler, got.replace) == ("synthetic", shots, seed, order, True)
 
 
 @pytest.mark.parametrize("shots", [1, 2, 4])
@@ -140,7 +140,7 @@ def test_sampler_errors():
     d = synthetic()
     with pytest.raises(ConfigError):
         sample_few_shot(d, 0, 1)
-    with pytest.raises(ConfigError, match="unknown sampling order"):
+    with pytest.raises(ConfigError, match="unknown sampler"):
         sample_few_shot(d, 1, 1, "random")
     with pytest.raises(DataError, match="no training images"):
         sample_few_shot(DatasetSplits("t", Path("/"), ["a"], [], [], [Item("/x.jpg", 0)]), 1, 1)

@@ -160,7 +160,7 @@ def test_check_levels_find_what_they_promise(tmp_path):
 def test_folder_walk_follows_links_once_and_refuses_undecodable_names(tmp_path):
     import os
 
-    from blocklora.data.datasets import list_image_files
+    from blocklora.data.layout import list_image_files
 
     write_image(tmp_path / "c" / "a.png")
     write_image(tmp_path / "c" / "sub" / "b.png")

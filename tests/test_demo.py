@@ -9,6 +9,7 @@ import pytest
 
 from blocklora.cli import main
 from blocklora.demo import ITERS, SHOTS, TEST_IMAGES, demo_config, summary_lines
+from blocklora.engine.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +74,14 @@ def test_demo_examples_are_evaluated_images_with_the_evaluations_predictions(dem
 
     _, out = demo_run
     r = json.loads((out / "results.json").read_text())
+    assert "examples" not in r  # results.json is the run's, as api.run wrote it
     data, items, before, after = _evaluated(out)
     labels = [it.label for it in items]
     # results.json's rounding (engine/evaluate.summarize): these are the predictions the reported accuracies count
     assert round(100 * sum(int(p) == y for p, y in zip(after, labels)) / len(items), 4) == r["top1"]
     assert round(100 * sum(int(p) == y for p, y in zip(before, labels)) / len(items), 4) == r["zero_shot_top1"]
     position = {it.path: i for i, it in enumerate(items)}
-    examples = r["examples"]
+    examples = json.loads((out / "examples" / "examples.json").read_text())
     assert [e["true"] for e in examples] == data.classnames  # all 10 classes, in label order
     for e in examples:
         i = position[e["item"]]  # an evaluated image
@@ -88,7 +90,7 @@ def test_demo_examples_are_evaluated_images_with_the_evaluations_predictions(dem
         with Image.open(e["image"]) as saved:
             assert saved.format == "PNG" and saved.size == (28, 28) == tuple(e["size"])
             assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(data.image_reader(e["item"])))
-    lines = "\n".join(summary_lines(r, out))
+    lines = "\n".join(summary_lines(RunDir(out).read_results(), examples, out))
     assert "one evaluated test image per class" in lines and "28x28 px" in lines
     assert f"next: blocklora predict --adapter {out / 'adapter'} {out / 'examples'}" in lines
 
@@ -110,7 +112,8 @@ def test_predict_on_the_demo_examples(demo_run, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines
     assert len(rows) == 10 and all(len(row["top"]) == 2 for row in rows)
     # the closing line's command gives the demo's own example predictions
-    examples = {Path(e["image"]).name: e["adapted"] for e in json.loads((out / "results.json").read_text())["examples"]}
+    examples = {Path(e["image"]).name: e["adapted"]
+                for e in json.loads((out / "examples" / "examples.json").read_text())}
     assert {Path(row["image"]).name: row["top"][0]["class"] for row in rows} == examples
 
 

@@ -319,9 +319,9 @@ def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypat
     monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "cache"))  # compute zero-shot here, not from a user cache
     cfg = demo_config(shots=4, seed=1, iters=120, test_images=500, device="cpu", overrides=("data.workers=0",))
     r = run(cfg, tmp_path / "run")
-    print(f"zero-shot {r['zero_shot_top1']:.2f}% -> 4-shot Block-LoRA {r['top1']:.2f}%")
-    assert (r["n_test"], r["shots"], r["iters"], r["trainable_params"]) == (500, 4, 120, 25_136)
-    assert r["top1"] >= r["zero_shot_top1"] + 30 and r["top1"] >= 55
+    print(f"zero-shot {r.zero_shot_top1:.2f}% -> 4-shot Block-LoRA {r.top1:.2f}%")
+    assert (r.n_test, r.shots, r.iters, r.trainable_params) == (500, 4, 120, 25_136)
+    assert r.top1 >= r.zero_shot_top1 + 30 and r.top1 >= 55
 
 
 def test_grad_checkpointing_is_refused_clearly(backbone):

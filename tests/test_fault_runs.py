@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import blocklora.api as api
+import blocklora.engine.checkpoint as checkpoint
 from blocklora.cli import main
 from gen_data import make_folder_dataset
 from test_fault_matrix import FAST, cli, refused, train_args
@@ -34,17 +34,17 @@ def data(tmp_path_factory) -> Path:
 def interrupted(data: Path, out: Path, *extra: str) -> list[str]:
     """A run stopped right after its first checkpoint (as a kill would); returns its arguments."""
     argv = [str(a) for a in train_args(data, out, "--iters", "12", "--checkpoint-every", "4", *extra)]
-    real = api.save_torch
+    real = checkpoint.save_torch
 
     def save_then_stop(path, obj):
         real(path, obj)
         raise KeyboardInterrupt
 
-    api.save_torch = save_then_stop
+    checkpoint.save_torch = save_then_stop
     try:
         assert main(argv) == 130
     finally:
-        api.save_torch = real
+        checkpoint.save_torch = real
     assert (out / "checkpoint.pt").exists() and not (out / "results.json").exists()
     return argv
 

@@ -160,7 +160,7 @@ def test_adapter_branch_keeps_only_the_folded_input(method, n):
 
 
 def test_attention_branch_saved_bytes():
-    """Fused q/k/v: one folded input for the three letters, z for all three, and the small A / B concatenations."""
+    """Fused q/k/v: one folded input for the three projections, z for all three, and the small A / B concatenations."""
     e, r, tokens = 768, 2, 8 * 197
     layer = BlockLoRAMultiheadAttention(nn.MultiheadAttention(e, 12, batch_first=True),
                                         AdapterConfig(dropout=0.25)).train()

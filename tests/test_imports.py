@@ -86,9 +86,9 @@ def test_no_import_cycle_among_blocklora_modules():
 
 
 def test_the_method_library_imports_no_model_family():
-    """adapters/ depends only on itself and leaf utilities (errors, value checks, file ownership, the version):
-    placement comes in through adapters.sites."""
-    allowed = ("blocklora.adapters", "blocklora.errors", "blocklora._version", "blocklora.checks",
+    """adapters/ depends only on itself and leaf utilities (errors, value checks and choices, file ownership, the
+    version): placement comes in through adapters.sites."""
+    allowed = ("blocklora.adapters", "blocklora.errors", "blocklora._version", "blocklora.checks", "blocklora.choices",
                "blocklora.ownership")
     for name, targets in import_graph().items():
         if name.startswith("blocklora.adapters"):

@@ -61,7 +61,7 @@ def test_train_options_are_passed_to_each_cell():
     args = parser.parse_args(["sweep", "--datasets", "dtd", "--root", "r", "--output", "o", "--model", "tiny-clip",
                               "--lr", "0.01", "--deterministic", "--eval-datasets", "caltech101", "--classes", "base",
                               "train.flip=false"])
-    words, overrides = train_options(args, args.train_parser)
+    words, overrides = train_options(args)
     assert words == ["--model", "tiny-clip", "--classes", "base", "--lr", "0.01", "--deterministic",
                      "--eval-datasets", "caltech101"]
     assert overrides == ["train.flip=false"]
@@ -118,7 +118,7 @@ FAKE_TRAIN = textwrap.dedent("""
         (out / "checkpoint.pt").write_text("state")
         time.sleep(60)
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-    (out / "results.json").write_text(json.dumps({"top1": 50.0}))
+    (out / "results.json").write_text(json.dumps({"top1": 50.0, "shots": 1, "seed": 1, "dataset": {"name": dataset}}))
 """)
 
 

@@ -1,15 +1,19 @@
-"""Value checks shared by every entry point: the config dataclasses, the CLI's own options and the Python API.
+"""Value checks shared by every entry point: the config dataclasses, the CLI's own options and the Python API, and
+the metadata a config field carries (`option`: its help text and command-line flag; allowed strings as a Literal).
 
-Each returns the value (converted where that is lossless) or raises ConfigError naming the option, the value and
-what is allowed, so a bad value is one `error:` line before anything is read, built or written.
+Each check returns the value (converted where that is lossless) or raises ConfigError naming the option, the value
+and what is allowed, so a bad value is one `error:` line before anything is read, built or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import string
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +116,29 @@ def arg(check: Callable[..., Any], name: str, *extra: Any, convert: Callable[[st
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = name
     return parse
+
+
+# -- field metadata: one source for a config option's help, flag and allowed values ---------------------------------
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+           aliases: tuple[str, ...] = (), shown: str | None = None) -> Any:
+    """A dataclass field carrying its documentation: `help` (what it means, one sentence or two), `flag` (the
+    command-line option of `train` / `sweep`, e.g. "--lr"; None: a key=value override only), `aliases` (former flag
+    names, still accepted) and `shown` (how the default reads in --help when the value itself says little, e.g.
+    None meaning "the split file's, else 16"). The CLI is generated from these (blocklora/flags.py)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "aliases": tuple(aliases),
+                                                        "shown": shown})
+
+
+def literal_choices(typ: Any) -> tuple[str, ...] | None:
+    """The allowed strings of a Literal annotation (also inside `X | None`), else None."""
+    if typing.get_origin(typ) is typing.Literal:
+        return tuple(typing.get_args(typ))
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        for arg in typing.get_args(typ):
+            found = literal_choices(arg)
+            if found:
+                return found
+    return None
 
 
 # -- field rules for the config dataclasses: name -> rule(qualified name, value) -> checked value ------------------

@@ -17,30 +17,43 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import checks as c
 from .adapters.config import ALIASES as ADAPTER_ALIASES
 from .adapters.config import AdapterConfig
-from .engine.logits import KINDS as LOSSES
+from .checks import option
+from .choices import (
+    ClassSubset,
+    EvalSplit,
+    FrozenDtype,
+    Logger,
+    Loss,
+    NanPolicy,
+    Precision,
+    QuickGelu,
+    Sampler,
+    Schedule,
+)
+from .config_io import coerce, read_file
 from .errors import ConfigError
 
-SAMPLERS = ("clip-lora", "coop")
+# Allowed strings: the Literals of choices.py are the one source, read by these checks and the CLI (flags.py).
+SAMPLERS, CLASS_SUBSETS, PRECISIONS = typing.get_args(Sampler), typing.get_args(ClassSubset), typing.get_args(Precision)
+LOSSES, SCHEDULES, FROZEN_DTYPES, NAN_POLICIES = typing.get_args(Loss), typing.get_args(Schedule), \
+    typing.get_args(FrozenDtype), typing.get_args(NanPolicy)
+EVAL_SPLITS = typing.get_args(EvalSplit)
 MAX_SHOTS = 10_000  # images per class: beyond this "few-shot" is a typo (and 500 x K steps would never end)
 MAX_ITERS = 10**9
 # Options a resumed run may change: they do not change what is computed (the batches are a pure function of seed and
 # step whatever the number of loader workers, engine/stream.py; evaluation accuracy does not depend on its batch) or
 # only how progress is shown and how often the resumable state is saved.
 RESUMABLE = ("device", "data.workers", "eval.batch_size", "train.log_every", "train.checkpoint_every", "train.log")
-LOGGERS = ("none", "tensorboard")  # train.log: extra progress records beside metrics.jsonl (engine/tensorboard.py)
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SCHEDULES = ("cosine", "constant")
-CLASS_SUBSETS = ("all", "base", "new")
-FROZEN_DTYPES = ("auto", "fp32", "autocast")
+LOGGERS = typing.get_args(Logger)
 # What an unset data field means without a split file.
 DATA_DEFAULTS: dict[str, Any] = {"dataset": "folder", "shots": 16, "seed": 1, "sampler": "clip-lora", "replace": True,
                                  "classes": "all"}
@@ -75,17 +88,27 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class DataConfig:
     # None: the split file's value (split_file), else DATA_DEFAULTS's; an explicit value must agree with the file.
-    dataset: str | None = None  # default "folder"
-    root: str = ""
-    shots: int | None = None  # default 16
-    seed: int | None = None  # default 1; the draw's seed and the training seed
-    sampler: str | None = None  # which peer's draw order to reproduce (README, "Sampling"); default "clip-lora"
-    split_file: str | None = None  # reuse a drawn split instead of sampling: it decides the fields above
-    replace: bool | None = None  # classes with fewer than `shots` images: draw with replacement (peers, the
-    # default) or fail
-    classes: str | None = None  # base-to-new: train on "base" (first half of sorted labels), "new", or "all" (default)
-    skip_bad_images: bool = False  # drop unreadable images (recorded in results) instead of stopping
-    workers: int = -1  # data-loading processes; -1 = min(8, cores - 1)
+    dataset: str | None = option(None, "imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, "
+                                 "fgvc_aircraft, sun397, dtd, eurosat, ucf101, folder, csv, fashion-mnist, ...",
+                                 flag="--dataset", shown="the split file's, else folder")
+    root: str = option("", "datasets root (a folder; the CSV file for --dataset csv)", flag="--root",
+                       shown="the current directory")
+    shots: int | None = option(None, "images per class", flag="--shots", shown="the split file's, else 16")
+    seed: int | None = option(None, "the few-shot draw's and the training's seed", flag="--seed",
+                              shown="the split file's, else 1")
+    sampler: Sampler | None = option(None, "which peer's draw order to reproduce (README, Sampling)",
+                                     flag="--sampler", shown="the split file's, else clip-lora")
+    split_file: str | None = option(None, "reuse a drawn split (the split.json of an earlier run): its dataset, "
+                                    "shots, seed, sampler and classes are the run's, and the default schedule "
+                                    "follows its K", flag="--split-file", shown="draw one")
+    replace: bool | None = option(None, "classes with fewer than `shots` images: draw with replacement (as the "
+                                  "peers do) or fail", shown="the split file's, else true")
+    classes: ClassSubset | None = option(None, "train on all classes, or on the base half (base-to-new protocol: "
+                                         "test base and new) or the new half of the sorted labels", flag="--classes",
+                                         shown="the split file's, else all")
+    skip_bad_images: bool = option(False, "drop unreadable images (listed in results.json) instead of stopping",
+                                   flag="--skip-bad-images")
+    workers: int = option(-1, "data-loading processes; -1: min(8, cores - 1)", flag="--workers")
 
     def __post_init__(self) -> None:
         c.apply(self, "data", {
@@ -98,43 +121,53 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"  # cosine to min_lr, stepped every iteration (CLIP-LoRA), or constant
-    min_lr: float = 1e-6
-    warmup_iters: int = 0
-    iters_per_shot: int = 500  # total iterations = iters_per_shot * shots unless `iters` is set
-    iters: int | None = None
-    batch_size: int = 32  # the global batch (split across processes under torchrun)
+    lr: float = option(2e-4, "AdamW learning rate (CLIP-LoRA)", flag="--lr")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW's (beta1, beta2)")
+    schedule: Schedule = option("cosine", "learning-rate schedule: cosine to min_lr, stepped every iteration "
+                                "(CLIP-LoRA), or constant")
+    min_lr: float = option(1e-6, "the cosine schedule's final learning rate")
+    warmup_iters: int = option(0, "linear warm-up steps")
+    iters_per_shot: int = option(500, "total steps = iters_per_shot x shots unless iters is set (CLIP-LoRA)")
+    iters: int | None = option(None, "total training steps", flag="--iters", shown="500 x shots")
+    batch_size: int = option(32, "the global batch (split across processes under torchrun)", flag="--batch-size")
     # The epoch's last partial batch: dropped (True) or kept as a smaller step (False, CLIP-LoRA: drop_last=False
     # in its build_data_loader). None: the method's default (METHOD_DEFAULTS).
-    drop_last: bool | None = None
-    precision: str = "auto"  # autocast: auto = fp16 autocast + grad scaler on CUDA, fp32 on CPU
+    drop_last: bool | None = option(None, "drop the epoch's last partial batch (true) or keep it as a smaller step",
+                                    shown="false for lora (CLIP-LoRA), true for block_lora")
+    precision: Precision = option("auto", "autocast: auto = fp16 autocast + grad scaler on CUDA, fp32 on CPU",
+                                  flag="--precision")
     # The frozen weights' dtype, which is also the residual streams' under autocast: "fp32", or "autocast" = the
     # autocast dtype (CLIP-LoRA on GPU: OpenAI's fp16 weights, fp16 residual streams); a no-op without autocast.
-    # "auto": the method's default (METHOD_DEFAULTS).
-    frozen_dtype: str = "auto"
+    frozen_dtype: FrozenDtype = option("auto", "the frozen weights' dtype under autocast: fp32, or the autocast "
+                                       "dtype (CLIP-LoRA on GPU); auto: the method's default",
+                                       shown="autocast for lora, fp32 for block_lora")
     # Cosine-to-logit scale: a number (CLIP-LoRA uses 100 for CLIP), or "auto": the checkpoint's own learned
     # exp(logit_scale) (e.g. about 100 for OpenAI CLIP, about 110 for SigLIP; with train.loss=sigmoid, SigLIP's).
-    logit_scale: float | str = 100.0
+    logit_scale: float | str = option(100.0, "cosine-to-logit scale: a number (CLIP-LoRA: 100), or auto: the "
+                                      "checkpoint's own learned exp(logit_scale)")
     # "softmax": cross-entropy over the classes (CLIP-LoRA); "sigmoid": SigLIP's loss, one sigmoid per class with the
     # checkpoint's logit bias (Zhai et al. 2023, eq. 1); SigLIP models only. predict's probabilities follow it.
-    loss: str = "softmax"
-    template: str = "a photo of a {}."
-    aug_scale_min: float = 0.08  # RandomResizedCrop scale (aug_scale_min, 1)
-    flip: bool = True
-    grad_clip: float | None = None
-    log_every: int = 10
-    checkpoint_every: int = 200  # save the resumable run state every N steps (0: never; it is tiny)
-    nan_policy: str = "stop"  # a non-finite loss: "stop" (keep the last good checkpoint) or "skip" the step
-    deterministic: bool = False
+    loss: Loss = option("softmax", "softmax: cross-entropy over the classes (CLIP-LoRA); sigmoid: SigLIP's loss "
+                        "(Zhai et al. 2023, eq. 1), SigLIP models only")
+    template: str = option("a photo of a {}.", "prompt template, one '{}' where the class name goes")
+    aug_scale_min: float = option(0.08, "RandomResizedCrop scale (aug_scale_min, 1)")
+    flip: bool = option(True, "random horizontal flips")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value", shown="no clipping")
+    log_every: int = option(10, "log the loss every N steps")
+    checkpoint_every: int = option(200, "save the resumable run state every N steps (0: never; it is tiny)",
+                                   flag="--checkpoint-every")
+    nan_policy: NanPolicy = option("stop", "a non-finite loss: stop (keep the last good checkpoint) or skip the step")
+    deterministic: bool = option(False, "bit-identical reruns (slower kernels on GPU)", flag="--deterministic")
     # Recompute each transformer block's activations in backward instead of keeping them: about a third more
     # compute for a peak that no longer grows with depth (BENCHMARKS.md, "Step cost"). For large towers on small GPUs.
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = option(False, "recompute block activations in backward: less memory, about a third "
+                                      "more compute", flag="--grad-checkpointing")
     # Start from a PEFT LoRA adapter trained elsewhere on the same backbone (peft_format.py: same modules and rank).
-    init_adapter: str | None = None
-    log: str = "none"  # LOGGERS: "tensorboard" also writes TensorBoard scalars (RUN/tensorboard/)
+    init_adapter: str | None = option(None, "start from a PEFT LoRA adapter folder trained elsewhere on the same "
+                                      "backbone (same modules and rank)", flag="--init-adapter", shown="none")
+    log: Logger = option("none", "extra progress records beside metrics.jsonl: tensorboard writes TensorBoard "
+                         "scalars into RUN/tensorboard/", flag="--log")
 
     def __post_init__(self) -> None:
         c.apply(self, "train", {
@@ -148,7 +181,7 @@ class TrainConfig:
             "aug_scale_min": c.num(0, 1, lo_open=True), "flip": c.boolean,
             # a negative clip would make clip_grad_norm_ flip every gradient; 0 would zero them: training nothing
             "grad_clip": c.num(0, lo_open=True, optional=True), "log_every": c.num(1, integer=True),
-            "checkpoint_every": c.num(0, integer=True), "nan_policy": c.one_of("stop", "skip"),
+            "checkpoint_every": c.num(0, integer=True), "nan_policy": c.one_of(*NAN_POLICIES),
             "deterministic": c.boolean, "grad_checkpointing": c.boolean,
             "init_adapter": c.text(optional=True), "log": c.one_of(*LOGGERS)})
         if self.min_lr > self.lr:
@@ -156,6 +189,7 @@ class TrainConfig:
                               "would raise the learning rate; lower min_lr")
 
     def total_iters(self, shots: int) -> int:
+        """Training steps: `iters` when set, else iters_per_shot x shots (CLIP-LoRA's 500 x K)."""
         return self.iters if self.iters is not None else self.iters_per_shot * shots
 
 
@@ -174,20 +208,26 @@ def _betas(name: str, value: Any) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    zero_shot: bool = True  # also report the frozen model's accuracy (cached per backbone + dataset)
-    dataset_templates: bool = False  # also report zero-shot with the per-dataset hand-made template (CoOp)
-    batch_size: int = 128
-    split: str = "test"
-    # cross-dataset / domain generalization: also test the trained adapter on these datasets (read under data.root,
-    # each with its own class names); results["cross_dataset"][name] = top-1
-    datasets: tuple[str, ...] = ()
-    # test on a fixed subset of this many images, evenly spaced through each evaluated split (class-balanced when
-    # the split is sorted by class; the same images for every run and seed); None = every image
-    limit: int | None = None
+    zero_shot: bool = option(True, "also report the frozen model's accuracy (cached per backbone + dataset)",
+                             flag="--zero-shot")
+    dataset_templates: bool = option(False, "also report zero-shot with the dataset's hand-made template (CoOp)",
+                                     flag="--dataset-templates")
+    batch_size: int = option(128, "evaluation batch size (accuracy does not depend on it)")
+    split: EvalSplit = option("test", "the split evaluated")
+    # results["cross_dataset"][name] = top-1
+    datasets: tuple[str, ...] = option((), "cross-dataset / domain generalization: also test the trained adapter on "
+                                       "these datasets under --root (e.g. caltech101,dtd or imagenet_v2,"
+                                       "imagenet_sketch,imagenet_a,imagenet_r)", flag="--eval-datasets",
+                                       shown="none")
+    # evenly spaced through each evaluated split: class-balanced when the split is sorted by class, the same images
+    # for every run and seed
+    limit: int | None = option(None, "test on a fixed subset of N images, evenly spaced through each evaluated "
+                               "split (the same images for every run and seed)", flag="--limit",
+                               aliases=("--test-images",), shown="every image")
 
     def __post_init__(self) -> None:
         c.apply(self, "eval", {"zero_shot": c.boolean, "dataset_templates": c.boolean,
-                               "batch_size": c.num(1, 65536, integer=True), "split": c.one_of("test", "val"),
+                               "batch_size": c.num(1, 65536, integer=True), "split": c.one_of(*EVAL_SPLITS),
                                "limit": c.num(1, integer=True, optional=True)})
         if isinstance(self.datasets, str) or not isinstance(self.datasets, Sequence):
             raise ConfigError(f"eval.datasets must be a list of dataset names, got {self.datasets!r}")
@@ -199,13 +239,23 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "ViT-B-16"
+    """One run's request (None / "auto": not asked, see resolved()); validated on construction (ConfigError)."""
+
+    model: str = option("ViT-B-16", "open_clip name (ViT-B-16, ViT-B-32, ViT-L-14, ...), tiny-clip, effnet-minilm, "
+                        "or hf:DIR_OR_ID", flag="--model")
     # "auto": the model's own default (backbones.default_pretrained: packaged, none, openai, the hf: folder), filled
     # in by resolved(); None: random weights
-    pretrained: str | None = "auto"
-    quick_gelu: str = "auto"
-    tokenizer: str | None = None  # a local tokenizer folder, for models whose tokenizer comes from a hub (SigLIP)
-    device: str = "auto"
+    pretrained: str | None = option("auto", "open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint "
+                                    "file, none (random weights), or auto: the model's own (effnet-minilm: "
+                                    "packaged, tiny-clip: none, open_clip names: openai where it exists, hf: the "
+                                    "model folder)", flag="--pretrained")
+    quick_gelu: QuickGelu = option("auto", "QuickGELU MLP activation (OpenAI's CLIP weights need it). auto: from the "
+                                   "tag's pretrained config, an OpenAI TorchScript archive, a blocklora export's "
+                                   "metadata, a -quickgelu model name, else GELU", flag="--quick-gelu")
+    tokenizer: str | None = option(None, "a local copy of the model's tokenizer, for models whose tokenizer comes "
+                                   "from a hub (SigLIP's): the folder its save_pretrained wrote", flag="--tokenizer",
+                                   shown="the model's own")
+    device: str = option("auto", "auto, cpu, mps, cuda or cuda:N", flag="--device")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -213,7 +263,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         c.apply(self, "", {"model": c.text(empty=False), "pretrained": c.text(optional=True),
-                           "quick_gelu": c.one_of("auto", "yes", "no"), "device": c.device})
+                           "quick_gelu": c.one_of(*typing.get_args(QuickGelu)), "device": c.device})
         # unset shots (a split file's or the default) are checked when resolved() rebuilds the config with them
         total = self.train.total_iters(self.data.shots) if self.data.shots is not None else None
         if total is not None and self.train.warmup_iters >= total:
@@ -285,6 +335,7 @@ class RunConfig:
     def with_overrides(self, overrides: Sequence[str]) -> RunConfig:
         """Apply "section.key=value" or "key=value" (when the key is unique across sections) strings."""
         tree = self.to_dict()
+        given: set[str] = set()
         for item in overrides:
             key, sep, raw = item.partition("=")
             key = key.strip()
@@ -292,8 +343,29 @@ class RunConfig:
                 raise ConfigError(f"bad override {item!r}: write key=value, e.g. train.lr=1e-4")
             section, name = _locate(key)
             target = tree[section] if section else tree
-            target[name] = _coerce(raw.strip(), _field_type(section, name), key)
+            target[name] = coerce(raw.strip(), _field_type(section, name), key)
+            given.add(f"{section}.{name}" if section else name)
+        if "adapter.method" in given and "adapter.n_blocks" not in given and \
+                self.adapter.n_blocks == AdapterConfig(method=self.adapter.method).n_blocks:
+            tree["adapter"]["n_blocks"] = None  # the old method's default, not a choice: the new method's default
         return RunConfig.from_dict(tree)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """A config from a JSON or TOML (*.toml) file of sections ({"train": {"lr": 1e-4}, ...}; missing keys take
+        their defaults), or a run's own config.json (its resolved "config": the run again, with the same hash).
+
+        Raises ConfigError naming the file for a missing or unreadable file and for an unknown or bad key."""
+        path = Path(path)
+        data = read_file(path)
+        if isinstance(data, Mapping) and "config" in data and "config_hash" in data:
+            data = data["config"]  # a run directory's config.json
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 
@@ -345,34 +417,3 @@ def _field_type(section: str | None, name: str) -> Any:
     cls = _SECTION_TYPES[section] if section else RunConfig
     hints = typing.get_type_hints(cls)
     return hints[name]
-
-
-def _coerce(raw: str, typ: Any, key: str) -> Any:
-    """Parse an override's text by the field's annotated type."""
-    options = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union \
-        else (typ,)
-    if type(None) in options and raw.lower() in ("none", "null", ""):
-        return None
-    for option in options:
-        try:
-            if option is bool:
-                if raw.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if raw.lower() in ("false", "0", "no", "off"):
-                    return False
-                continue
-            if option is int:
-                return int(raw)
-            if option is float:
-                return float(raw)
-            if option is str:
-                return raw
-            origin = typing.get_origin(option)
-            if origin is tuple:
-                inner = typing.get_args(option)
-                parts = [p for p in raw.strip("()[]").split(",") if p.strip()]
-                conv = float if inner and inner[0] is float else (int if inner and inner[0] is int else str)
-                return tuple(conv(p.strip()) for p in parts)
-        except ValueError:
-            continue
-    raise ConfigError(f"bad value {raw!r} for {key}: expected {getattr(typ, '__name__', str(typ))}")

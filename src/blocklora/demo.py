@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import RECIPES, RunConfig, recipe_overrides
 from .engine.files import atomic_write, write_json
+from .engine.results import RunResult
 from .engine.rundir import RunDir
 from .errors import BlockLoRAError
 from .ownership import mark
@@ -49,8 +50,10 @@ def default_output() -> Path:
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
 
-def run_demo(output: str | Path | None = None, overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """Run the demo into `output` (default runs/demo-<time>); returns results.json's content plus the extras."""
+def run_demo(output: str | Path | None = None, overwrite: bool = False,
+             **kwargs: Any) -> tuple[RunResult, list[dict[str, Any]]]:
+    """Run the demo into `output` (default runs/demo-<time>): the run's results (results.json, as api.run wrote
+    it) and its example predictions (written to examples/examples.json), and demo.png."""
     _check_plotting()
     from .api import run
 
@@ -59,10 +62,9 @@ def run_demo(output: str | Path | None = None, overwrite: bool = False, **kwargs
     results = run(cfg, output, overwrite=overwrite)
     rd = RunDir(output)
     examples = _predict_examples(rd, cfg)
-    results["examples"] = examples
-    write_json(rd.results, results)  # the run's results plus the example predictions
+    write_json(rd.examples_json, examples)
     _plot(rd, results)
-    return results
+    return results, examples
 
 
 def _check_plotting() -> None:
@@ -128,47 +130,47 @@ def _predict_examples(rd: RunDir, cfg: RunConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _plot(rd: RunDir, results: dict[str, Any]) -> None:
+def _plot(rd: RunDir, results: RunResult) -> None:
     """demo.png: per-class accuracy before and after, and the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = [c["class"] for c in results["per_class"]]
+    classes = [c["class"] for c in results.per_class]
     losses = [json.loads(line) for line in rd.metrics.read_text().splitlines() if line.strip()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     x = range(len(classes))
-    ax1.bar([i - 0.2 for i in x], [c["top1"] or 0.0 for c in results["zero_shot_per_class"]], 0.4,
-            label=f"zero-shot ({results['zero_shot_top1']:.1f}%)", color="#999999")
-    ax1.bar([i + 0.2 for i in x], [c["top1"] or 0.0 for c in results["per_class"]], 0.4,
-            label=f"Block-LoRA, {results['shots']} shots ({results['top1']:.1f}%)", color="#1f77b4")
+    ax1.bar([i - 0.2 for i in x], [c["top1"] or 0.0 for c in results.zero_shot_per_class or []], 0.4,
+            label=f"zero-shot ({results.zero_shot_top1:.1f}%)", color="#999999")
+    ax1.bar([i + 0.2 for i in x], [c["top1"] or 0.0 for c in results.per_class], 0.4,
+            label=f"Block-LoRA, {results.shots} shots ({results.top1:.1f}%)", color="#1f77b4")
     ax1.set_xticks(list(x), classes, rotation=30, ha="right")
     ax1.set_ylabel("top-1 accuracy (%)")
     ax1.set_ylim(0, 100)
-    ax1.set_title(f"Fashion-MNIST, {results['n_test']} test images, effnet-minilm")
+    ax1.set_title(f"Fashion-MNIST, {results.n_test} test images, effnet-minilm")
     ax1.legend(loc="upper left")
     losses = [m for m in losses if m["loss"] is not None]  # a skipped step (nan_policy=skip) has no loss
     ax2.plot([m["step"] for m in losses], [m["loss"] for m in losses], color="#1f77b4")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss")
-    ax2.set_title(f"{results['trainable_params']:,} trainable parameters")
+    ax2.set_title(f"{results.trainable_params:,} trainable parameters")
     fig.tight_layout()
     atomic_write(rd.plot, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
-def summary_lines(results: dict[str, Any], output: Path) -> list[str]:
-    """The before/after table, the example predictions and where everything is."""
-    zs, top1 = results["zero_shot_top1"], results["top1"]
-    lines = [f"Fashion-MNIST, {results['n_test']} real test images; Block-LoRA on {results['shots']} shots per class "
-             f"({results['dataset']['n_train']} training images), {results['iters']} steps, "
-             f"{results['trainable_params']:,} trainable parameters",
+def summary_lines(results: RunResult, examples: list[dict[str, Any]], output: Path) -> list[str]:
+    """The before/after table (results.json), the example predictions (examples/examples.json) and where
+    everything is."""
+    zs, top1 = results.zero_shot_top1, results.top1
+    lines = [f"Fashion-MNIST, {results.n_test} real test images; Block-LoRA on {results.shots} shots per class "
+             f"({results.dataset['n_train']} training images), {results.iters} steps, "
+             f"{results.trainable_params:,} trainable parameters",
              "", f"{'class':<12} {'zero-shot':>10} {'Block-LoRA':>11}"]
-    for zero, adapted in zip(results["zero_shot_per_class"], results["per_class"]):
+    for zero, adapted in zip(results.zero_shot_per_class or [], results.per_class):
         lines.append(f"{adapted['class']:<12} {zero['top1'] or 0.0:>9.1f}% {adapted['top1'] or 0.0:>10.1f}%")
     lines += [f"{'top-1':<12} {zs:>9.1f}% {top1:>10.1f}%   ({top1 - zs:+.1f} points)", ""]
-    examples = results.get("examples", [])
     if examples:
         right = sum(e["adapted"] == e["true"] for e in examples)
         lines.append(f"one evaluated test image per class ({right} of {len(examples)} right after training; saved "
@@ -178,7 +180,7 @@ def summary_lines(results: dict[str, Any], output: Path) -> list[str]:
         lines.append(f"  {Path(e['image']).name:<14} true {e['true']:<11} zero-shot {e['zero_shot']:<11} "
                      f"adapted {e['adapted']:<11} {100 * e['adapted_prob']:5.1f}%  {mark}")
     rd = RunDir(output)
-    lines += ["", f"results: {rd.results}   plot: {rd.plot}   adapter: {rd.adapter}"]
+    lines += ["", f"results: {rd.results}   examples: {rd.examples_json}   plot: {rd.plot}   adapter: {rd.adapter}"]
     if examples:
         lines.append(f"next: blocklora predict --adapter {rd.adapter} {rd.examples}   "
                      "(predicts the saved example files)")

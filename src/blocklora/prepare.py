@@ -7,18 +7,16 @@ engine/rundir.py): dataset, classes and protocol, split file, backbone, adapter 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .backbones import Backbone, load_backbone
 from .config import RunConfig
-from .cross import load_targets
 from .data import (
     DATASETS,
     DatasetSplits,
     Item,
-    limit_split,
     load_dataset,
     read_split_file,
     read_split_header,
@@ -35,6 +33,7 @@ from .engine.logits import Logits
 from .engine.logits import resolve as resolve_logits
 from .engine.runtime import Runtime, make_runtime, seed_everything
 from .errors import DataError
+from .evaluation import EvaluationPlan
 from .ownership import Protected, protected
 from .trained import drop_unreadable
 
@@ -52,7 +51,7 @@ class Prepared:
     fewshot: Any  # data.fewshot.FewShotSplit as drawn (or read from the split file)
     train_items: list[Item]  # fewshot.train minus skipped unreadable images
     split_sha256: str | None  # of the split file given by the user
-    eval_sets: dict[str, DatasetSplits]  # name -> dataset to test on ("" = the trained classes)
+    plan: EvaluationPlan  # what is tested: the trained classes, base-to-new's new half, cross-dataset targets
     runtime: Runtime
     bad_images: dict[str, str]  # path -> why it was skipped, in the order found (before and during evaluation)
     modules: list[str]  # the adapted modules (injected, probed)
@@ -67,8 +66,7 @@ class Prepared:
             return
         drop_unreadable([], new, self.cfg.data.skip_bad_images, hint)
         self.bad_images.update(new)
-        for name, s in self.eval_sets.items():
-            self.eval_sets[name] = _without(s, set(self.bad_images))
+        self.plan = self.plan.without(set(self.bad_images))
 
 
 def run_inputs(cfg: RunConfig) -> list[Protected]:
@@ -125,9 +123,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     cfg, full = resolve(cfg)
     check_classes(full, "training", cfg.data.classes)
     data = subsample_classes(full, cfg.data.classes) if cfg.data.classes != "all" else full
-    eval_sets = {"": limit_split(data, cfg.eval.split, cfg.eval.limit)}
-    if cfg.data.classes == "base":  # base-to-new: the same adapter is also tested on the unseen half
-        eval_sets["new"] = limit_split(subsample_classes(full, "new"), cfg.eval.split, cfg.eval.limit)
+    plan = EvaluationPlan.of(cfg, full, data)  # a missing cross-dataset target fails here
     if cfg.data.split_file:
         fewshot, sha = read_split_file(cfg.data.split_file, data)
     else:
@@ -166,7 +162,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         backbone.set_grad_checkpointing(True)
     for warning in ev.prompt_collisions(data.classnames, cfg.train.template):
         log.warning("warning: %s", warning)
-    test_items = [i for s in eval_sets.values() for i in getattr(s, cfg.eval.split)]
+    test_items = [i for t in (plan.trained, plan.new) if t for i in t.items]
     if not test_items:
         raise DataError(f"dataset {data.name} at {data.root} has no {cfg.eval.split} images to evaluate on")
     # The few training shots are decoded in full (each is read many times). Test images are decoded once, by the
@@ -176,23 +172,16 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     test_level = "file" if cfg.eval.zero_shot else "header"
     bad += verify_images(test_items, data.image_reader, level=test_level)
     # cross-dataset / DG test sets (eval.datasets), first decoded after training: headers now
-    targets = {k: limit_split(t, cfg.eval.split, cfg.eval.limit) for k, t in load_targets(cfg).items()}
-    for target in targets.values():
-        bad += verify_images(getattr(target, cfg.eval.split), target.image_reader, level="header")
-    eval_sets.update(targets)
+    for target in plan.cross:
+        bad += verify_images(target.items, target.data.image_reader, level="header")
     train_items = list(fewshot.train)
     if bad:
         drop_unreadable([], bad, cfg.data.skip_bad_images)  # an error naming the first, unless skipping
         bad_paths = {p for p, _ in bad}
         train_items = [i for i in train_items if i.path not in bad_paths]
-        for name, s in eval_sets.items():
-            eval_sets[name] = _without(s, bad_paths)
+        plan = plan.without(bad_paths)
         if not train_items:
             raise DataError("every training image is unreadable: nothing to train on")
-    return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, eval_sets, runtime, dict(bad), modules,
+    return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, plan, runtime, dict(bad), modules,
                     logits, repeated)
 
-
-def _without(splits: DatasetSplits, bad: set[str]) -> DatasetSplits:
-    keep = lambda items: [i for i in items if i.path not in bad]  # noqa: E731
-    return replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test))

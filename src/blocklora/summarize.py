@@ -18,164 +18,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
-import json
 import statistics
 import sys
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine.rundir import RunDir
 from .errors import BlockLoRAError
 from .reference import BENCHMARK, DG_TARGETS, REFERENCE_TITLES, REFERENCES, reference
-
-# data config keys that differ between the cells of one sweep or between protocols (not a different method)
-_CELL_KEYS = ("dataset", "root", "shots", "seed", "workers", "classes")
-
-
-@dataclass
-class Run:
-    path: Path
-    dataset: str
-    shots: int
-    seed: int
-    subset: str  # all | base | new
-    top1: float
-    base: float | None = None
-    new: float | None = None
-    hm: float | None = None
-    cross: dict[str, float] = field(default_factory=dict)
-    zero_shot: float | None = None
-    variant: str = ""  # hash of the configuration minus the per-cell keys
-    params: int | None = None
-    seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    std: float
-    n: int
-
-
-def stat(values: Sequence[float]) -> Stat:
-    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-
-
-# -- reading ---------------------------------------------------------------------------------------------------------
-def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
-    """Every readable results.json under `directory` (warnings for unreadable and duplicate ones)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BlockLoRAError(f"{directory} is not a folder: pass the sweep's --output (or a folder of runs)")
-    runs: dict[tuple, Run] = {}
-    warnings: list[str] = []
-    for path in sorted(directory.rglob(RunDir.RESULTS)):
-        try:
-            run = _read(path)
-        except (BlockLoRAError, KeyError, TypeError, ValueError) as e:
-            warnings.append(f"skipped {path}: not a blocklora results file ({type(e).__name__}: {e})")
-            continue
-        key = (run.dataset, run.subset, run.shots, run.seed)
-        if key in runs:
-            warnings.append(f"skipped {path}: {run.dataset} shots {run.shots} seed {run.seed} is also in "
-                            f"{runs[key].path}")
-            continue
-        runs[key] = run
-    out = list(runs.values())
-    if len({r.variant for r in out}) > 1:
-        warnings.append(f"these runs use {len({r.variant for r in out})} different configurations (beyond dataset, "
-                        "shots and seed): the tables mix them")
-    return out, warnings
-
-
-def _read(path: Path) -> Run:
-    r = RunDir(path.parent).read_results()
-    ds = r["dataset"]
-    cfg = {k: v for k, v in (r.get("config") or {}).items() if k not in ("device", "eval")}
-    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _CELL_KEYS}
-    variant = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
-    opt = lambda k: float(r[k]) if r.get(k) is not None else None  # noqa: E731
-    return Run(path.parent, str(ds["name"]), int(r["shots"]), int(r["seed"]), str(ds.get("classes_subset", "all")),
-               float(r["top1"]), opt("base_top1"), opt("new_top1"), opt("harmonic_mean"),
-               {str(k): float(v) for k, v in (r.get("cross_dataset") or {}).items()}, opt("zero_shot_top1"), variant,
-               r.get("trainable_params"), (r.get("wall_time_s") or {}).get("total"))
-
-
-# -- tables ----------------------------------------------------------------------------------------------------------
-def _order(names: Iterable[str]) -> list[str]:
-    names = set(names)
-    known = [d for d in (*BENCHMARK, *DG_TARGETS) if d in names]
-    return known + sorted(names - set(known))
-
-
-@dataclass
-class Tables:
-    datasets: list[str]  # rows of the main table (runs on all classes)
-    shots: list[int]
-    main: dict[tuple[str, int], Stat]
-    average: dict[int, tuple[float, int]]  # shots -> (mean over datasets, how many)
-    benchmark: dict[int, float]  # shots -> 11-dataset mean (only where all 11 are present)
-    ref: dict[tuple[str, int], float] = field(default_factory=dict)
-    ref_average: dict[int, float] = field(default_factory=dict)
-    ref_benchmark: dict[int, float] = field(default_factory=dict)
-    b2n: dict[tuple[str, int], tuple[Stat, Stat, Stat]] = field(default_factory=dict)
-    b2n_datasets: list[str] = field(default_factory=list)
-    b2n_shots: list[int] = field(default_factory=list)
-    cross: dict[tuple[str, int], dict[str, Stat]] = field(default_factory=dict)  # (source, shots) -> target -> stat
-    cross_targets: list[str] = field(default_factory=list)
-
-
-def build(runs: Sequence[Run], ref_name: str | None = None) -> Tables:
-    full = [r for r in runs if r.subset == "all"]
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for r in full:
-        groups[(r.dataset, r.shots)].append(r.top1)
-    main = {k: stat(v) for k, v in groups.items()}
-    datasets = _order(d for d, _ in main)
-    shots = sorted({k for _, k in main})
-    average, benchmark = {}, {}
-    for k in shots:
-        means = [main[(d, k)].mean for d in datasets if (d, k) in main]
-        average[k] = (statistics.fmean(means), len(means))
-        if all((d, k) in main for d in BENCHMARK):
-            benchmark[k] = statistics.fmean(main[(d, k)].mean for d in BENCHMARK)
-    t = Tables(datasets, shots, main, average, benchmark)
-    if ref_name:
-        table = reference(ref_name)
-        t.ref = {(d, k): table[k][d] for d in datasets for k in shots if k in table and d in table[k]}
-        for k in shots:
-            have = [t.ref[(d, k)] for d in datasets if (d, k) in main and (d, k) in t.ref]
-            if have and len(have) == average[k][1]:  # the reference over the same datasets
-                t.ref_average[k] = statistics.fmean(have)
-            if k in benchmark and k in table:
-                t.ref_benchmark[k] = table[k]["average"]
-    # base-to-new
-    b2n: dict[tuple[str, int], list[Run]] = defaultdict(list)
-    for r in runs:
-        if r.subset == "base" and r.base is not None and r.new is not None:
-            b2n[(r.dataset, r.shots)].append(r)
-    t.b2n = {k: (stat([r.base for r in v]), stat([r.new for r in v]), stat([r.hm for r in v if r.hm is not None]
-                                                                         or [_hm(r.base, r.new) for r in v]))
-             for k, v in b2n.items()}
-    t.b2n_datasets = _order(d for d, _ in t.b2n)
-    t.b2n_shots = sorted({k for _, k in t.b2n})
-    # cross-dataset and domain generalization
-    cross: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in full:
-        for target, acc in r.cross.items():
-            cross[(r.dataset, r.shots)][target].append(acc)
-    t.cross = {k: {target: stat(v) for target, v in targets.items()} for k, targets in cross.items()}
-    t.cross_targets = _order({target for targets in t.cross.values() for target in targets})
-    return t
-
-
-def _hm(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b else 0.0
+from .summary_tables import Run, Stat, Tables, benchmark_order, build, collect, harmonic_mean
 
 
 # -- markdown --------------------------------------------------------------------------------------------------------
@@ -239,14 +91,14 @@ def markdown(t: Tables, runs: Sequence[Run], ref_name: str | None, warnings: Seq
         for k in t.b2n_shots:
             have = [t.b2n[(d, k)] for d in t.b2n_datasets if (d, k) in t.b2n]
             b, n = statistics.fmean(s[0].mean for s in have), statistics.fmean(s[1].mean for s in have)
-            avg += [f"{b:.2f}", f"{n:.2f}", f"{_hm(b, n):.2f}"]
+            avg += [f"{b:.2f}", f"{n:.2f}", f"{harmonic_mean(b, n):.2f}"]
         rows.append(["**average**", *avg])
         lines += ["## Base-to-new (train on the base half of the classes; HM = harmonic mean)", ""] + \
             _table(header, rows) + [""]
     for title, targets in _cross_groups(t):
         header = ["source (shots)", "source top-1", *targets, "average"]
         rows = []
-        sources = _order({s for s, _ in t.cross})
+        sources = benchmark_order({s for s, _ in t.cross})
         for (source, k), per_target in sorted(t.cross.items(), key=lambda kv: (sources.index(kv[0][0]), kv[0][1])):
             if not any(x in per_target for x in targets):
                 continue
@@ -299,7 +151,7 @@ def table_csv(t: Tables, ref_name: str | None) -> str:
     for k in cross_shots:
         header += [f"{k}-shot -> {x}" for x in t.cross_targets]
     rows = []
-    for d in _order(set(t.datasets) | set(t.b2n_datasets) | {s for s, _ in t.cross}):
+    for d in benchmark_order(set(t.datasets) | set(t.b2n_datasets) | {s for s, _ in t.cross}):
         row: list[Any] = [d]
         for k in shots:
             s = t.main.get((d, k))
@@ -332,13 +184,13 @@ def table_csv(t: Tables, ref_name: str | None) -> str:
 
 
 def runs_csv(runs: Sequence[Run]) -> str:
-    targets = _order({x for r in runs for x in r.cross})
+    targets = benchmark_order({x for r in runs for x in r.cross})
     header = ["dataset", "classes", "shots", "seed", "top1", "zero_shot_top1", "base_top1", "new_top1",
               "harmonic_mean", *(f"-> {x}" for x in targets), "trainable_params", "seconds", "path"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    for r in sorted(runs, key=lambda r: (_order([x.dataset for x in runs]).index(r.dataset), r.subset, r.shots,
+    for r in sorted(runs, key=lambda r: (benchmark_order([x.dataset for x in runs]).index(r.dataset), r.subset, r.shots,
                                          r.seed)):
         writer.writerow([r.dataset, r.subset, r.shots, r.seed, _num(r.top1), _num(r.zero_shot), _num(r.base),
                          _num(r.new), _num(r.hm), *(_num(r.cross.get(x)) for x in targets), r.params or "",
@@ -433,7 +285,7 @@ def add_summarize_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=sorted(REFERENCES), default=None,
                    help="add a published method's numbers (docs/protocol.md) and the difference")
     p.add_argument("--output", default=None, help="path prefix of the files written (default DIR/summary)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write the tables only, no plot")
     p.set_defaults(func=cmd_summarize)
     return p
 

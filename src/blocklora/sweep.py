@@ -18,68 +18,30 @@ resumes it. Cells are ordered by shots (most first: the longest runs start first
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import datetime as dt
-import fcntl
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import slurm
 from .errors import BlockLoRAError, ConfigError
 from .reference import BENCHMARK
+from .sweep_runner import (  # noqa: F401 - cell_action, try_lock and Sweep's parts re-exported
+    MANIFEST,
+    Cell,
+    Outcome,
+    Slot,
+    Sweep,
+    cell_action,
+    duration,
+    try_lock,
+)
 
-# train options the sweep sets per cell itself (everything else given to `sweep` is passed to every cell)
-OWN = {"dataset", "root", "shots", "seed", "output", "overwrite", "resume", "split_file", "device", "help"}
-MANIFEST, OPTIONS, LOGS, LOCKS = "sweep.jsonl", "sweep.json", "logs", ".locks"
-
-
-@dataclass(frozen=True)
-class Cell:
-    dataset: str
-    shots: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}_shots{self.shots}_seed{self.seed}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset} shots{self.shots} seed{self.seed}"
-
-    def run_dir(self, out: Path) -> Path:
-        return out / self.dataset / f"shots{self.shots}" / f"seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class Slot:
-    name: str  # "gpu 0", "cpu 1"
-    env: dict[str, str] = field(default_factory=dict)
-    argv: tuple[str, ...] = ()  # extra train options (--device cpu)
-
-
-@dataclass
-class Outcome:
-    cell: Cell
-    status: str  # done | failed | skipped | busy | interrupted
-    action: str = ""  # start | resume | overwrite
-    returncode: int | None = None
-    seconds: float = 0.0
-    slot: str = ""
-    log: str = ""
-    top1: float | None = None
-    error: str = ""
+# config keys the sweep sets per cell itself (every other train option given to `sweep` is passed to every cell)
+OWN = ("data.dataset", "data.root", "data.shots", "data.seed", "data.split_file", "device")
+OPTIONS = "sweep.json"
 
 
 # -- the grid --------------------------------------------------------------------------------------------------------
@@ -141,38 +103,11 @@ def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> li
                           "cpu:N")
     return [Slot(f"gpu {v}", {"CUDA_VISIBLE_DEVICES": v}) for v in ids]
 
-
-def cell_action(run_dir: Path) -> str:
-    """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint; train
-    clears them only if blocklora made the folder, and names the problem otherwise)."""
-    from .engine.rundir import RunDir
-
-    return {"complete": "skip", "absent": "start", "resumable": "resume", "leftover": "overwrite",
-            "other": "start"}[RunDir(run_dir).state()]  # "other" (a file there): train names the problem
-
-
-# -- locks -----------------------------------------------------------------------------------------------------------
-def try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on `path`, or None when another process (or open file) holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-    return fd
-
-
 # -- options ---------------------------------------------------------------------------------------------------------
-def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
-                     run_config: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
-    """The sweep subcommand: its own grid options plus a copy of every train option except those in OWN.
+def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
+    """The sweep subcommand: its own grid options plus every train option (flags.py) except those in OWN."""
+    from .flags import add_config_file, add_config_flags, add_overrides
 
-    `run_config` turns parsed train options into a RunConfig (the CLI's), to validate every cell first.
-    """
     p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
                        description="Every train option given here is passed to each cell.")
     g = p.add_argument_group("sweep")
@@ -186,42 +121,23 @@ def add_sweep_parser(sub: Any, train_parser: argparse.ArgumentParser,
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
     slurm.add_options(p)
-    # argparse keeps no public way to share options between subcommands: copy the train parser's actions, per group.
-    for group in train_parser._action_groups:
-        actions = [a for a in group._group_actions if a.dest not in OWN]
-        if not actions:
-            continue
-        target = p if group.title in ("positional arguments", "options", "optional arguments") else \
-            p.add_argument_group(f"train: {group.title}")
-        for action in actions:
-            target._add_action(copy.copy(action))
-    p.set_defaults(func=cmd_sweep, train_parser=train_parser, run_config=run_config)
+    from .config import RECIPES
+
+    g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="a named recipe for every cell (train --recipe; default: the reference recipe)")
+    add_config_file(p)
+    add_config_flags(p, exclude=OWN, title="train: ")
+    add_overrides(p)
+    p.set_defaults(func=cmd_sweep)
     return p
 
 
-def train_options(args: argparse.Namespace, train_parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+def train_options(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(train options, key=value overrides) given to the sweep, as command-line words for each cell."""
-    words: list[str] = []
-    overrides: list[str] = []
-    for action in train_parser._actions:
-        if action.dest in OWN or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if not action.option_strings:  # the key=value positional
-            overrides += list(value or [])
-        elif value is None or value == action.default:
-            continue
-        elif isinstance(action, argparse._StoreTrueAction):
-            words.append(_long(action))
-        elif isinstance(action, argparse._StoreAction):
-            words += [_long(action), str(value)]
-        else:
-            raise ConfigError(f"sweep cannot pass option {_long(action)} on to train")
-    return words, overrides
+    from .flags import flag_words
 
-
-def _long(action: argparse.Action) -> str:
-    return next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+    recipe = ["--recipe", args.recipe] if getattr(args, "recipe", None) else []
+    return recipe + flag_words(args, exclude=OWN), list(args.overrides or [])
 
 
 def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], overrides: Sequence[str], action: str,
@@ -236,18 +152,21 @@ def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], override
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
-    train_parser = args.train_parser
+    from .flags import run_config
+
     datasets = parse_datasets(args.datasets)
     cells = expand(datasets, parse_ints(args.shots, "shots"), parse_ints(args.seeds, "seeds"))
     slots = parse_devices(args.devices)
     out = Path(args.output).expanduser().absolute()
     root = str(Path(args.root).expanduser().absolute())
-    options, overrides = train_options(args, train_parser)
+    options, overrides = train_options(args)
     # Every cell's configuration and every dataset must be valid before anything runs.
+    base = run_config(args)
     configs = {}
     for cell in cells:
-        ns = train_parser.parse_args(cell_argv(cell, root, out, options, overrides, "start", slots[0])[1:])
-        configs[cell.dataset] = args.run_config(ns)
+        configs[cell.dataset] = base.with_overrides([f"data.dataset={cell.dataset}", f"data.root={root}",
+                                                     f"data.shots={cell.shots}", f"data.seed={cell.seed}",
+                                                     *(["device=cpu"] if "--device" in slots[0].argv else [])])
     _check_data(configs.values())
     if out.exists() and not out.is_dir():
         raise BlockLoRAError(f"--output {out} is a file: choose a directory")
@@ -315,160 +234,11 @@ def _check_data(configs) -> None:
                 if name == cfg.data.dataset:
                     check_classes(data, "training", cfg.data.classes)
 
-
-class Sweep:
-    """Runs cells on slots (one thread per slot, each waiting on its train process)."""
-
-    def __init__(self, cells: Sequence[Cell], slots: Sequence[Slot], out: Path,
-                 argv: Callable[[Cell, str, Slot], list[str]], program: Sequence[str] | None = None) -> None:
-        self.cells, self.slots, self.out, self.argv = list(cells), list(slots), out, argv
-        self.program = list(program or [sys.executable, "-m", "blocklora"])
-        self.next = 0
-        self.outcomes: list[Outcome] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.all_done = threading.Event()
-        self.left = 0
-        self.running: dict[str, subprocess.Popen] = {}
-        self.started = time.monotonic()
-        self.interrupted = 0  # the exit status an interrupt asks for (130 Ctrl-C, 143 SIGTERM), 0 when none
-
-    def run(self) -> list[Outcome]:
-        threads = [threading.Thread(target=self._worker, args=(slot,), name=slot.name, daemon=True)
-                   for slot in self.slots]
-        self.left = len(threads)
-        try:
-            for t in threads:
-                t.start()
-            # An Event, not Thread.join: an interrupted join can mark a live thread as finished (CPython 3.11).
-            while not self.all_done.wait(0.2):
-                pass
-        except KeyboardInterrupt as e:  # Ctrl-C, or a job scheduler's SIGTERM (signals.py)
-            from .signals import exit_code
-
-            self.interrupted = exit_code(e)
-            self.stop.set()
-            with self.lock:
-                for proc in self.running.values():
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGINT)  # train stops cleanly; its checkpoint is kept
-            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: report now
-                while not self.all_done.wait(0.2):
-                    pass
-        return self.outcomes
-
-    def _take(self) -> Cell | None:
-        with self.lock:
-            if self.stop.is_set() or self.next >= len(self.cells):
-                return None
-            self.next += 1
-            return self.cells[self.next - 1]
-
-    def _worker(self, slot: Slot) -> None:
-        try:
-            while (cell := self._take()) is not None:
-                self._finish(self._run_cell(cell, slot))
-        finally:
-            with self.lock:
-                self.left -= 1
-                if not self.left:
-                    self.all_done.set()
-
-    def _run_cell(self, cell: Cell, slot: Slot) -> Outcome:
-        run_dir = cell.run_dir(self.out)
-        if cell_action(run_dir) == "skip":
-            return Outcome(cell, "skipped", top1=_top1(run_dir))
-        fd = try_lock(self.out / LOCKS / f"{cell.name}.lock")
-        if fd is None:
-            return Outcome(cell, "busy")
-        try:
-            action = cell_action(run_dir)  # again, under the lock: another sweep may have just finished it
-            if action == "skip":
-                return Outcome(cell, "skipped", top1=_top1(run_dir))
-            log_path = self.out / LOGS / f"{cell.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [*self.program, *self.argv(cell, action, slot)]
-            env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
-            t0 = time.monotonic()
-            with open(log_path, "a") as log:
-                log.write(f"=== {_now()} {socket.gethostname()} {slot.name}: {' '.join(cmd)}\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                        pass_fds=(fd,))  # the train process holds the cell's lock too
-                with self.lock:
-                    self.running[cell.name] = proc
-                code = proc.wait()
-                with self.lock:
-                    self.running.pop(cell.name, None)
-            seconds = time.monotonic() - t0
-            if code == 0:
-                return Outcome(cell, "done", action, code, seconds, slot.name, str(log_path), _top1(run_dir))
-            status = "interrupted" if self.stop.is_set() else "failed"
-            return Outcome(cell, status, action, code, seconds, slot.name, str(log_path), error=_last_error(log_path))
-        finally:
-            os.close(fd)
-
-    def _finish(self, o: Outcome) -> None:
-        record = {"time": _now(), "cell": o.cell.name, "dataset": o.cell.dataset, "shots": o.cell.shots,
-                  "seed": o.cell.seed, "status": o.status, "action": o.action, "returncode": o.returncode,
-                  "seconds": round(o.seconds, 1), "slot": o.slot, "log": o.log, "top1": o.top1, "error": o.error,
-                  "host": socket.gethostname(), "pid": os.getpid()}
-        with self.lock:
-            self.outcomes.append(o)
-            with open(self.out / MANIFEST, "a") as fh:  # one short line per write: appends do not interleave
-                fh.write(json.dumps(record) + "\n")
-            n = len(self.outcomes)
-            print(f"[{n:>{len(str(len(self.cells)))}}/{len(self.cells)}] {_progress(o)}", flush=True)
-
-
-def _now() -> str:
-    return dt.datetime.now().isoformat(timespec="seconds")
-
-
-def _top1(run_dir: Path) -> float | None:
-    from .engine.rundir import RunDir
-
-    try:
-        return float(RunDir(run_dir).read_results()["top1"])
-    except (BlockLoRAError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _last_error(log_path: Path) -> str:
-    """The train process's one-line error (or its last line) from the end of the log."""
-    try:
-        with open(log_path, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
-            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    return (errors or lines or [""])[-1][:300]
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def _progress(o: Outcome) -> str:
-    head = f"{o.status:<11} {o.cell.label}"
-    if o.status == "done":
-        how = "" if o.action == "start" else f", {o.action}"
-        return f"{head}  top-1 {o.top1:.2f}%  ({_duration(o.seconds)}, {o.slot}{how})"
-    if o.status == "skipped":
-        return f"{head}  (finished before)"
-    if o.status == "busy":
-        return f"{head}  (another sweep is running it)"
-    return f"{head}  exit {o.returncode}: {o.error or '?'} (log: {o.log})"
-
-
 def _report(outcomes: list[Outcome], total: int, out: Path, seconds: float, interrupted: int) -> int:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed", "interrupted")}
     counts["not started"] = total - len(outcomes)
     parts = [f"{n} {s}" for s, n in counts.items() if n]
-    print(f"sweep {out}: {total} cell{'s' if total != 1 else ''}: {', '.join(parts)} in {_duration(seconds)}"
+    print(f"sweep {out}: {total} cell{'s' if total != 1 else ''}: {', '.join(parts)} in {duration(seconds)}"
           f" (per cell: {out / MANIFEST}; table: blocklora summarize {out})")
     failed = [o for o in outcomes if o.status in ("failed", "interrupted")]
     if failed:

@@ -216,7 +216,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
     rt = make_runtime(checks.device("--device", device))
     backbone.to(rt.device)
     backbone.cast_frozen(rt.frozen_dtype("fp32"))
-    result = ev.zero_shot(backbone, data, items, [template], rt, batch_size, workers, use_cache=use_cache,
+    result, _ = ev.zero_shot(backbone, data, items, [template], rt, batch_size, workers, use_cache=use_cache,
                           split=split)
     return {"model": model, "dataset": data.name, "split": split, "templates": [template],
             **_finish(items, result, skipped, skip_bad_images)}
@@ -224,7 +224,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
-    from .data.datasets import list_image_files
+    from .data.layout import list_image_files
 
     out: list[str] = []
     for p in map(Path, paths):

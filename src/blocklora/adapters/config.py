@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, dataclass
 from typing import Any
 
 from .. import checks as c
+from ..checks import option
+from ..choices import AInit, DropoutMask, Fold, Method, Scaling
 from ..errors import ConfigError
-from .core import A_INITS, FOLDS, SCALINGS
 
-METHODS = ("block_lora", "lora")
+METHODS, SCALINGS, FOLDS, A_INITS = (typing.get_args(t) for t in (Method, Scaling, Fold, AInit))
 TOWERS = ("vision", "text")
 PROJECTIONS = ("q", "k", "v", "o")
 DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
@@ -20,7 +22,7 @@ LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "
 ALIASES = {"blocks": "layers"}  # the names of earlier versions, still accepted in configs and adapter files
 # Dropout masks of the projections that read one input (self-attention's q, k, v): one mask per projection
 # (CLIP-LoRA: an nn.Dropout inside each LinearLoRA) or one shared mask (one fold of the input serves all three).
-DROPOUT_MASKS = ("auto", "per_projection", "shared")
+DROPOUT_MASKS = typing.get_args(DropoutMask)
 
 
 def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
@@ -102,18 +104,25 @@ class AdapterConfig:
     Trainable parameters per adapted (d_out, d_in) matrix: r * d_in / n_blocks + r * d_out.
     """
 
-    method: str = "block_lora"
-    r: int = 2
-    n_blocks: int | None = None  # None: 8 for block_lora, 1 for lora
-    alpha: float = 1.0
-    dropout: float = 0.25
-    dropout_mask: str = "auto"  # DROPOUT_MASKS; auto: per_projection for lora (CLIP-LoRA), shared for block_lora
-    scaling: str = "rslora"  # alpha / sqrt(r); "standard" is alpha / r
-    fold: str = "sum"  # how the n input chunks are combined: "sum" (the paper's formulation) or "mean"
-    a_init: str = "kaiming"  # fan-in of A's init: its own width d_in/n ("kaiming") or d_in ("kaiming_full")
-    towers: tuple[str, ...] = TOWERS
-    layers: str | tuple[int, ...] = "all"
-    projections: tuple[str, ...] = ("q", "k", "v")
+    method: Method = option("block_lora", "block_lora (n_blocks > 1 share one down-projection block) or lora",
+                            flag="--method")
+    r: int = option(2, "rank", flag="--r")
+    n_blocks: int | None = option(None, "blocks sharing the down-projection A (1 = LoRA)", flag="--n-blocks",
+                                  shown="8 for block_lora, 1 for lora")
+    alpha: float = option(1.0, "scaling numerator: s = alpha / sqrt(r) (rslora) or alpha / r", flag="--alpha")
+    dropout: float = option(0.25, "dropout on the adapter input (CLIP-LoRA)", flag="--dropout")
+    dropout_mask: DropoutMask = option("auto", "q, k and v (one input): one dropout mask per projection or one "
+                                       "shared mask", shown="per_projection for lora (CLIP-LoRA), shared for "
+                                       "block_lora")
+    scaling: Scaling = option("rslora", "rslora: s = alpha / sqrt(r); standard: alpha / r")
+    fold: Fold = option("sum", "how the n input chunks are combined: sum (the paper's formulation) or mean")
+    a_init: AInit = option("kaiming", "fan-in of A's init: its own width d_in/n (kaiming) or d_in (kaiming_full)")
+    towers: tuple[str, ...] = option(TOWERS, "towers to adapt: any of vision,text", flag="--towers")
+    layers: str | tuple[int, ...] = option("all", "layers to adapt: all, bottom, mid, up, half-up, half-bottom, top, "
+                                           "top3, or indices like 0,1 or 8-11", flag="--layers",
+                                           aliases=("--blocks",))
+    projections: tuple[str, ...] = option(("q", "k", "v"), "attention projections to adapt: any of q,k,v,o",
+                                          flag="--projections")
     blocks: InitVar[str | tuple[int, ...] | None] = None  # the former name of `layers`
 
     def __post_init__(self, blocks: str | tuple[int, ...] | None) -> None:

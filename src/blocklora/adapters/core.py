@@ -8,14 +8,14 @@ input dimension), and dW @ x = s * B @ A @ fold_n(x), where fold_n sums the n ch
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
+from ..choices import AInit, Fold, Scaling
 from ..errors import ConfigError
 
-SCALINGS = ("rslora", "standard")
-FOLDS = ("sum", "mean")
-A_INITS = ("kaiming", "kaiming_full")
+SCALINGS, FOLDS, A_INITS = typing.get_args(Scaling), typing.get_args(Fold), typing.get_args(AInit)
 
 
 def scaling_factor(alpha: float, r: int, scaling: str) -> float:

@@ -75,21 +75,26 @@ class Backbone(ABC):
 
     @property
     def image_size(self) -> int:
+        """Input resolution in pixels (square side), from the checkpoint's preprocessing (backbones/preprocess.py)."""
         return self.preprocess.size
 
     @property
     def mean(self) -> tuple[float, ...]:
+        """Per-channel (R, G, B) normalisation mean of pixels in [0, 1], the checkpoint's own."""
         return self.preprocess.mean
 
     @property
     def std(self) -> tuple[float, ...]:
+        """Per-channel (R, G, B) normalisation standard deviation of pixels in [0, 1], the checkpoint's own."""
         return self.preprocess.std
 
     @property
     def device(self) -> torch.device:
+        """The device the model's parameters are on."""
         return next(self.model.parameters()).device
 
     def to(self, device: str | torch.device) -> Backbone:
+        """Move the model (frozen weights and adapters) to `device`; returns self."""
         self.model.to(device)
         return self
 
@@ -194,6 +199,7 @@ class Backbone(ABC):
         """Tokenized prompts -> (C, D) text embeddings (not L2-normalised)."""
 
     def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
+        """C prompts -> (C, D) text embeddings (not L2-normalised), tokenized and moved to the model's device."""
         return self.encode_texts(move(self.tokenize(texts), self.device))
 
     # -- memory ----------------------------------------------------------------------------------------------------

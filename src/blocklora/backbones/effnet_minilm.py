@@ -107,7 +107,7 @@ CLASSES = 1000  # EfficientNet-Lite0's ImageNet-1k classifier, which the project
 
 # Vision sites: one per MBConv block (_blocks.{i}) and one for the head; (projection, child) pairs.
 VISION_BLOCK_LAYERS = (("q", "_project_conv"), ("k", "_project_conv"), ("v", "_project_conv"), ("o", "_expand_conv"))
-VISION_HEAD_LAYERS = tuple((letter, child) for child in ("_conv_head", "_fc") for letter in "qkv")
+VISION_HEAD_LAYERS = tuple((projection, child) for child in ("_conv_head", "_fc") for projection in "qkv")
 
 
 class EffnetMiniLM(nn.Module):

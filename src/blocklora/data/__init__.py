@@ -1,16 +1,9 @@
 """The data layer: dataset readers, few-shot sampling and split files, class protocols, image loading."""
 
-from .datasets import (
-    DATASETS,
-    IMAGE_EXTENSIONS,
-    TEMPLATES,
-    ImageNetVariantSplits,
-    imagenet_indices,
-    load_dataset,
-    prompt_name,
-)
+from .benchmarks import ImageNetVariantSplits, imagenet_indices
+from .datasets import DATASETS, load_dataset
 from .fewshot import (
-    ORDERS,
+    SAMPLERS,
     FewShotSplit,
     file_sha256,
     group_by_label,
@@ -21,13 +14,14 @@ from .fewshot import (
     write_split_file,
 )
 from .images import ImageDataset, verify_images
+from .layout import IMAGE_EXTENSIONS, TEMPLATES, prompt_name
 from .protocols import class_subset, evenly_spaced, limit_split, subsample_classes, subsample_fewshot
 from .types import DatasetSplits, Item, open_image_file
 
 __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
-    "ORDERS",
+    "SAMPLERS",
     "TEMPLATES",
     "DatasetSplits",
     "FewShotSplit",

@@ -1,6 +1,6 @@
 """K-shot sampling in either peer's order, and split files that pin the drawn images down by hash.
 
-    sample_few_shot(splits, shots, seed, order="clip-lora", replace=True) -> FewShotSplit
+    sample_few_shot(splits, shots, seed, sampler="clip-lora", replace=True) -> FewShotSplit
     write_split_file(path, splits, fewshot) -> sha256        read_split_file(path, splits) -> (FewShotSplit, sha256)
 
 The shared draw (Dassl's DatasetBase.generate_fewshot_dataset + split_dataset_by_label, which CLIP-LoRA copies into
@@ -39,15 +39,17 @@ import hashlib
 import json
 import os
 import random
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..choices import Sampler
 from ..errors import ConfigError, DataError
-from .datasets import load_json
+from .layout import load_json
 from .types import DatasetSplits, Item, open_image_file
 
-ORDERS = ("clip-lora", "coop")
+SAMPLERS = typing.get_args(Sampler)
 SPLIT_FORMAT = "blocklora-fewshot-split/1"
 
 
@@ -58,7 +60,7 @@ class FewShotSplit:
     dataset: str
     shots: int
     seed: int
-    order: str
+    sampler: str  # the peer whose draw order it reproduces (SAMPLERS); the split file's key "order"
     train: list[Item]
     val: list[Item] = field(default_factory=list)
     replace: bool = True
@@ -100,13 +102,13 @@ def _few_shot(rng: random.Random, splits: DatasetSplits, items: Sequence[Item], 
     return out
 
 
-def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, order: str = "clip-lora",
+def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, sampler: str = "clip-lora",
                     replace: bool = True) -> FewShotSplit:
     """Draw `shots` training images per class (and min(shots, 4) validation images) as the chosen peer does."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ConfigError(f"shots must be an integer >= 1, got {shots!r}")
-    if order not in ORDERS:
-        raise ConfigError(f"unknown sampling order {order!r}: use one of {', '.join(ORDERS)}")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if not splits.train:
         raise DataError(f"dataset {splits.name} at {splits.root} has no training images to draw shots from "
                         "(a test-only set?): train on another dataset and evaluate on this one")
@@ -117,7 +119,7 @@ def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, order: str = "
                         "without any): every class needs at least one")
     rng = random.Random(seed)
     k, v = shots, val_shots(shots)
-    if order == "coop":
+    if sampler == "coop":
         train = _few_shot(rng, splits, splits.train, k, replace, "train")
         val = _few_shot(rng, splits, splits.val, v, replace, "val") if splits.val else []
     elif splits.val:  # clip-lora, a dataset with a val split: val first, then train
@@ -129,7 +131,7 @@ def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, order: str = "
             drawn = _draw(rng, group, k + v, replace, _class(splits, label, "train (train + val shots)"))
             train += drawn[:k]
             val += drawn[k:]
-    return FewShotSplit(splits.name, shots, seed, order, train, val, replace)
+    return FewShotSplit(splits.name, shots, seed, sampler, train, val, replace)
 
 
 def repeated_shots(fewshot: FewShotSplit, splits: DatasetSplits) -> list[dict[str, object]]:
@@ -178,7 +180,7 @@ def split_file_bytes(splits: DatasetSplits, fewshot: FewShotSplit) -> bytes:
         return "[\n" + ",\n".join(f"    {dump([_relative(i.path, root), i.label])}" for i in items) + "\n  ]"
 
     header = {"format": SPLIT_FORMAT, "dataset": splits.name, "classnames": list(splits.classnames),
-              "shots": fewshot.shots, "seed": fewshot.seed, "order": fewshot.order, "replace": fewshot.replace}
+              "shots": fewshot.shots, "seed": fewshot.seed, "order": fewshot.sampler, "replace": fewshot.replace}
     lines = [f"  {dump(k)}: {dump(v)}," for k, v in header.items()]
     text = "{\n" + "\n".join(lines) + f'\n  "train": {entries(fewshot.train)},\n  "val": {entries(fewshot.val)}\n}}\n'
     return text.encode("utf-8")
@@ -225,7 +227,7 @@ def _draw_params(data: dict, path: Path) -> dict:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise _bad_file(path, f'has no valid "{key}" ({kind.__name__})')
         params[key] = value
-    if params["order"] not in ORDERS or params["shots"] < 1:
+    if params["order"] not in SAMPLERS or params["shots"] < 1:
         raise _bad_file(path, f"has an invalid draw (shots {params['shots']}, order {params['order']!r})")
     if not isinstance(data.get("classnames"), list):
         raise _bad_file(path, 'has no "classnames" list')

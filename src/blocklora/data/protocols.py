@@ -10,33 +10,35 @@ stream differently whenever groups of both halves interleave, and in clip-lora o
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import replace
 
+from ..choices import ClassSubset
 from ..errors import ConfigError
 from .fewshot import FewShotSplit
 from .types import DatasetSplits, Item
 
-SUBSETS = ("all", "base", "new")
+CLASS_SUBSETS = typing.get_args(ClassSubset)
 
 
-def class_subset(n_classes: int, which: str) -> list[int]:
-    """The original labels kept by `which`: "all", "base" (first ceil(C/2) sorted labels) or "new" (the rest)."""
-    if which not in SUBSETS:
-        raise ConfigError(f"unknown class subset {which!r}: use one of {', '.join(SUBSETS)}")
+def class_subset(n_classes: int, subset: str) -> list[int]:
+    """The original labels kept by `subset`: "all", "base" (first ceil(C/2) sorted labels) or "new" (the rest)."""
+    if subset not in CLASS_SUBSETS:
+        raise ConfigError(f"unknown class subset {subset!r}: use one of {', '.join(CLASS_SUBSETS)}")
     labels = list(range(n_classes))
     m = math.ceil(n_classes / 2)
-    return labels if which == "all" else labels[:m] if which == "base" else labels[m:]
+    return labels if subset == "all" else labels[:m] if subset == "base" else labels[m:]
 
 
 def _relabel(items: list[Item], mapping: dict[int, int]) -> list[Item]:
     return [Item(i.path, mapping[i.label]) for i in items if i.label in mapping]
 
 
-def check_classes(splits: DatasetSplits, what: str, which: str = "all") -> None:
-    """Raise a ConfigError unless the whole dataset `splits` has at least 2 classes or, for a class subset (which =
+def check_classes(splits: DatasetSplits, what: str, subset: str = "all") -> None:
+    """Raise a ConfigError unless the whole dataset `splits` has at least 2 classes or, for a class subset (subset =
     "base" or "new", the base-to-new protocol), each half has: with 1 class, classification is trivially 100%."""
     n = len(splits.classnames)
-    if which in ("base", "new"):
+    if subset in ("base", "new"):
         m = math.ceil(n / 2)
         if n - m < 2:
             raise ConfigError(f"base-to-new needs at least 2 classes on each side, and {splits.name} has {n} "
@@ -45,10 +47,10 @@ def check_classes(splits: DatasetSplits, what: str, which: str = "all") -> None:
         raise ConfigError(f"{what} needs at least 2 classes, and {splits.name} has {n}: add classes")
 
 
-def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
+def subsample_classes(splits: DatasetSplits, subset: str) -> DatasetSplits:
     """The dataset restricted to the base or new half of its classes, relabelled 0..m-1 ("all": unchanged)."""
-    kept = class_subset(len(splits.classnames), which)
-    if which == "all":
+    kept = class_subset(len(splits.classnames), subset)
+    if subset == "all":
         return splits
     mapping = {old: new for new, old in enumerate(kept)}
     changes = dict(classnames=[splits.classnames[y] for y in kept], train=_relabel(splits.train, mapping),
@@ -59,10 +61,10 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     return replace(splits, **changes)
 
 
-def subsample_fewshot(fewshot: FewShotSplit, n_classes: int, which: str) -> FewShotSplit:
+def subsample_fewshot(fewshot: FewShotSplit, n_classes: int, subset: str) -> FewShotSplit:
     """A split drawn on all `n_classes` classes, restricted and relabelled as subsample_classes does (CoCoOp order)."""
-    kept = class_subset(n_classes, which)
-    if which == "all":
+    kept = class_subset(n_classes, subset)
+    if subset == "all":
         return fewshot
     mapping = {old: new for new, old in enumerate(kept)}
     return replace(fewshot, train=_relabel(fewshot.train, mapping), val=_relabel(fewshot.val, mapping))

@@ -180,13 +180,15 @@ def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:
 # -- zero-shot: the frozen model, cached -------------------------------------------------------------------------------
 def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], templates: Sequence[str],
               runtime: Runtime, batch_size: int, workers: int, use_cache: bool = True,
-              features: dict | None = None, need_features: bool = False, split: str = "test") -> dict[str, Any]:
-    """Accuracy of the frozen model (adapters, if any, switched off) on `items` of `split`, cached by every input
-    (zero_shot_key). No items is a DataError: an accuracy over nothing is not 0%.
+              features: Features | None = None, need_features: bool = False,
+              split: str = "test") -> tuple[dict[str, Any], Features | None]:
+    """(accuracy, frozen image features) of the frozen model (adapters, if any, switched off) on `items` of `split`;
+    the accuracy is cached by every input (zero_shot_key). No items is a DataError: an accuracy over nothing is not 0%.
 
-    `features`, a dict, shares the frozen image features (under "frozen") between calls on the same items, so
-    several prompt sets decode the images once; with need_features they are computed even on a cache hit (a
-    text-only adapter's evaluation reuses them). The result's "unreadable" lists images the pass could not decode."""
+    `features`: the frozen features of the same items from an earlier call (several prompt sets decode the images
+    once). The features are returned when computed or given; with need_features they are computed even on a cache
+    hit (a text-only adapter's evaluation reuses them). The accuracy's "unreadable" lists images the pass could not
+    decode; "cached" says whether it was read from the cache."""
     from ..adapters.inject import adapters_disabled
     from .distributed import all_ranks
 
@@ -198,17 +200,14 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
     if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
         cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
     if cached is not None and not need_features:
-        return {"unreadable": [], **cached, "cached": True}
+        return {"unreadable": [], **cached, "cached": True}, features
     with adapters_disabled(backbone.model):
-        feats = features.get("frozen") if features is not None else None
-        if feats is None:
-            feats = image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
-            if features is not None:
-                features["frozen"] = feats
-        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime, features=feats)
+        if features is None:
+            features = image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
+        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime, features=features)
     if runtime.is_main:
         write_cached(key, result)
-    return {**result, "cached": False}
+    return {**result, "cached": False}, features
 
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------

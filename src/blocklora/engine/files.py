@@ -113,5 +113,11 @@ class JsonlWriter:
         self.fh.write(to_json(record, indent=None) + "\n")
         self.fh.flush()
 
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.fh.close()

@@ -85,8 +85,13 @@ class FitState:
 class Trainer:
     """Trains the adapters of `backbone` on `items` with the recipe in `cfg` (see the module docstring).
 
+    `items` are the K-shot (path, label) pairs read by `reader`; labels index `classnames`. `total_iters` optimizer
+    steps of cfg.batch_size images (the global batch, split across `runtime`'s processes); batch b of step t is a
+    pure function of (seed, t) (engine/stream.py), so a resumed run replays the same batches. AdamW (cfg.lr,
+    cfg.betas, cfg.weight_decay) on the trainable parameters only, LambdaLR over lr_lambda: linear warm-up, then
+    cosine to cfg.min_lr stepped every iteration (CLIP-LoRA, MaxZanella/CLIP-LoRA main.py / lora.py).
     `logits`: the resolved logits and loss (engine.logits.resolve; default: cfg.logit_scale, softmax).
-    Raises BlockLoRAError when nothing is trainable.
+    Raises BlockLoRAError when nothing is trainable; fit() raises TrainingDiverged (see there).
     """
 
     def __init__(self, backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
@@ -113,12 +118,16 @@ class Trainer:
 
     # -- state for checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs (CPU tensors): step, skipped steps, adapter weights, optimizer, scheduler,
+        grad scaler and RNG states (engine/checkpoint.py adds what the checkpoint must match)."""
         return {"step": self.state.step, "skipped": self.state.skipped,
                 "adapter": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(self.backbone.model).items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of state_dict(): training continues at state["step"] exactly as if never stopped. Raises
+        KeyError / RuntimeError when the state does not fit these adapters (engine/checkpoint.resume words it)."""
         model = self.backbone.model
         with torch.no_grad():
             for name, value in state["adapter"].items():

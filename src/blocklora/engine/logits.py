@@ -8,15 +8,17 @@ The scale is a number (CLIP-LoRA uses 100) or "auto", the checkpoint's own learn
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..choices import Loss
 from ..errors import ConfigError
 
-KINDS = ("softmax", "sigmoid")
+KINDS = typing.get_args(Loss)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
     DIR/metrics.jsonl   one line per training step        DIR/train.log      the run's log
     DIR/checkpoint.pt   resumable state (removed once the run is complete)
     DIR/adapter/        the trained adapter               DIR/results.json   written last: the run is complete
-    DIR/examples/, DIR/demo.png                           the demo's extras
+    DIR/examples/, DIR/demo.png                           the demo's extras (examples/examples.json: its
+                                                          example predictions; results.json stays the run's)
     DIR/tensorboard/    TensorBoard scalars (train.log=tensorboard; engine/tensorboard.py)
 
 Rules (`RunDir.open_for`): a new path is created; an existing one is reused only with --resume or --overwrite, only
@@ -21,14 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import BlockLoRAError
 from ..ownership import MARKER, Protected, check_deletable, fix_mode, mark, marker_kind, remove_stale_temps
+from .files import write_json
+from .results import RunResult
+
+log = logging.getLogger("blocklora")
 
 KIND = "run"
 
@@ -39,6 +45,7 @@ class RunDir:
     RESULTS, CONFIG, SPLIT, METRICS, LOG = "results.json", "config.json", "split.json", "metrics.jsonl", "train.log"
     CHECKPOINT, ADAPTER, EXAMPLES, PLOT, LOCK = "checkpoint.pt", "adapter", "examples", "demo.png", ".lock"
     TENSORBOARD = "tensorboard"
+    EXAMPLES_JSON = "examples.json"  # inside EXAMPLES
     # what --overwrite may remove: every file above that a run writes (the lock stays: see lock())
     OWNED_FILES = (RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, PLOT)
     OWNED_DIRS = {ADAPTER: "adapter", EXAMPLES: "examples", TENSORBOARD: "tensorboard"}  # name -> its marker's kind
@@ -60,6 +67,7 @@ class RunDir:
     examples = property(lambda self: self.path / self.EXAMPLES)
     plot = property(lambda self: self.path / self.PLOT)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
+    examples_json = property(lambda self: self.path / self.EXAMPLES / self.EXAMPLES_JSON)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -92,8 +100,13 @@ class RunDir:
             return "resumable"
         return "leftover"
 
-    def read_results(self) -> dict[str, Any]:
-        return _read_json(self.results, "results file")
+    def read_results(self) -> RunResult:
+        """results.json as a RunResult; BlockLoRAError when it is missing, damaged or not a run's results."""
+        return RunResult.from_json(_read_json(self.results, "results file"), str(self.results))
+
+    def write_results(self, result: RunResult) -> None:
+        """Written last: from here on the run is complete."""
+        write_json(self.results, result.to_json())
 
     def read_config(self) -> dict[str, Any]:
         return _read_json(self.config, "run configuration")
@@ -173,6 +186,29 @@ class RunDir:
             else:
                 kept.append(name)
         return kept
+
+    @contextlib.contextmanager
+    def session(self, main: bool, clear: bool, barrier: Callable[[], None] = lambda: None,
+                keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """A run writing here: the folder is created with its marker (rank `main`), locked (lock()) and, for
+        --overwrite (`clear`), cleared (clear()) once the lock is held, never under a run still writing. On a user
+        error (BlockLoRAError) other than the `keep` kinds, a folder this call created is removed unless it holds a
+        checkpoint worth resuming. `barrier` synchronises the ranks of a distributed run around the creation."""
+        barrier()  # every rank has looked at the path before rank 0 creates it
+        created = self.create() if main else False
+        barrier()
+        try:
+            with self.lock() if main else contextlib.nullcontext():
+                if main and clear:
+                    kept = self.clear()
+                    if kept:
+                        log.info("kept %d file(s) blocklora did not write in %s: %s", len(kept), self.path,
+                                 ", ".join(kept))
+                yield
+        except BlockLoRAError as e:
+            if main and created and not isinstance(e, keep) and not self.checkpoint.exists():
+                self.discard()
+            raise
 
     def discard(self) -> None:
         """Remove a directory this process created and that holds nothing worth keeping (a failed start)."""

@@ -1,0 +1,97 @@
+"""RunResult: the schema of a run's results.json, for its one writer (api.run) and every reader (the CLI, summarize,
+sweep, the demo, benchmarks/accuracy.py).
+
+Accuracies are percentages in [0, 100] (top-1 over the evaluated images; mean_per_class: the mean of the per-class
+top-1, engine/evaluate.summarize); times are seconds, memory MiB. The file is the dataclass's fields in order; the
+optional protocol fields (zero-shot, base-to-new, cross-dataset) are left out when the run did not measure them,
+and keys this version does not know (a later version's, or a tool's) are kept in `extra` and written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BlockLoRAError
+
+_OMIT_NONE = {"omit_if_none": True}  # written only when measured
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """What a run measured and how (results.json, its keys in this order). `from_json(to_json())` is the identity.
+
+    Required: top1, shots, seed, dataset (every version wrote them); the rest is None / empty in earlier files."""
+
+    blocklora_version: str | None = None
+    # zero-shot, on the same images before training (eval.zero_shot); with the dataset's template (CoOp)
+    zero_shot_top1: float | None = field(default=None, metadata=_OMIT_NONE)
+    zero_shot_per_class: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
+    zero_shot_dataset_template_top1: float | None = field(default=None, metadata=_OMIT_NONE)
+    top1: float  # adapted, on the trained classes' test images
+    mean_per_class: float | None = None
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # {"class", "top1", "n"} per class
+    n_test: int | None = None
+    # base-to-new (data.classes = base): top1 is base_top1; harmonic mean 2bn / (b + n) (CoCoOp, Zhou et al. 2022)
+    base_top1: float | None = field(default=None, metadata=_OMIT_NONE)
+    new_top1: float | None = field(default=None, metadata=_OMIT_NONE)
+    harmonic_mean: float | None = field(default=None, metadata=_OMIT_NONE)
+    # cross-dataset / domain generalization (eval.datasets): target -> top-1, and n, classes, mean_per_class
+    cross_dataset: dict[str, float] | None = field(default=None, metadata=_OMIT_NONE)
+    cross_dataset_detail: dict[str, dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
+    trainable_params: int | None = None
+    adapted_modules: int | None = None
+    split_sha256: str | None = None
+    split_file: str | None = None
+    shots: int
+    seed: int
+    sampler: str | None = None
+    replacement: dict[str, Any] | None = None  # {"allowed", "used", "classes"}: shots drawn with replacement
+    iters: int | None = None  # steps done
+    skipped_steps: int | None = None  # non-finite losses skipped (train.nan_policy = skip)
+    final_loss: float | None = None
+    dataset: dict[str, Any]  # name, root, classes, classes_subset, n_train, n_test
+    skipped_images: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} (data.skip_bad_images)
+    backbone: dict[str, Any] = field(default_factory=dict)  # Backbone.describe()
+    device: str | None = None
+    precision: str | None = None
+    world_size: int | None = None
+    wall_time_s: dict[str, float] = field(default_factory=dict)  # total, train, eval
+    peak_memory: dict[str, float] = field(default_factory=dict)  # cpu_rss_mb, cuda_max_allocated_mb
+    config: dict[str, Any] = field(default_factory=dict)  # RunConfig.to_dict() of the resolved config
+    config_hash: str | None = None
+    logits: dict[str, Any] = field(default_factory=dict)  # engine/logits.Logits.to_dict()
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    @property
+    def base_to_new(self) -> bool:
+        return self.new_top1 is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (value is None and f.metadata.get("omit_if_none")):
+                continue
+            out[f.name] = value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "results.json") -> RunResult:
+        """Read a results.json object (of this or an earlier version). Raises BlockLoRAError naming `where` when it
+        is not one: not an object, or no numeric top1, integer shots and seed, and dataset object."""
+        if not isinstance(data, Mapping):
+            raise BlockLoRAError(f"{where} is not a JSON object: not a blocklora results file")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [k for k in ("top1", "shots", "seed", "dataset") if k not in data]
+        if missing:
+            raise BlockLoRAError(f"{where} has no {missing[0]!r}: not a complete blocklora results file")
+        ok = isinstance(data["top1"], (int, float)) and not isinstance(data["top1"], bool) and \
+            all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("shots", "seed")) and \
+            isinstance(data["dataset"], Mapping)
+        if not ok:
+            raise BlockLoRAError(f"{where}: top1, shots, seed or dataset has the wrong type: the file is damaged")
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})

@@ -1,0 +1,193 @@
+"""Command-line flags generated from the config fields' metadata (checks.option): one source per option.
+
+Every RunConfig field whose metadata names a `flag` becomes an option of `train` and `sweep` (and of the other
+subcommands that take it: `params`, `zeroshot`), with the field's help text, its default shown and, for a Literal
+field, its choices. A given flag travels as a key=value override, so the config alone checks it (one ConfigError
+naming the key); a flag not given leaves the field as the base config has it (the defaults, or --config FILE).
+
+To add an option: add the field with `option(default, "help", flag="--name")` in config.py (or adapters/config.py).
+Nothing else: the flag, its help, sweep's copy and the run's config.json follow. Without `flag=` the field is still
+a key=value override (`blocklora config` lists every key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checks import literal_choices
+from .config import RunConfig
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (or says it is required): `--help` is the reference."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            return text
+        if action.required or (not action.option_strings and action.nargs in ("+", None)):
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
+class Parser(argparse.ArgumentParser):
+    """blocklora's argparse parser: errors are one `error:` line (exit 2), every help shows its default, and
+    key=value overrides are taken anywhere on the line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # one line, like every other user error
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """key=value overrides anywhere on the line: argparse gives a nargs="*" positional only its first run of
+        words, so the later runs are collected here (for the parsers that take overrides)."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if isinstance(getattr(ns, "overrides", None), list):
+            ns.overrides += [w for w in extras if _OVERRIDE.match(w)]
+            extras = [w for w in extras if not _OVERRIDE.match(w)]
+        return ns, extras
+
+
+SECTIONS = {"": "backbone", "adapter": "adapter", "data": "data", "train": "training", "eval": "evaluation"}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One config field as a command-line option."""
+
+    key: str  # the dotted config key: "train.lr", or "model" for a top-level field
+    flag: str  # "--lr"
+    aliases: tuple[str, ...]  # former names, still accepted ("--blocks")
+    help: str
+    shown: str  # the default as --help shows it
+    boolean: bool  # a --name / --no-name switch
+    choices: tuple[str, ...] | None  # a Literal field's allowed values
+
+    @property
+    def section(self) -> str:
+        return self.key.rpartition(".")[0]
+
+
+def config_flags() -> list[Flag]:
+    """Every field with a flag, in RunConfig's order (top-level fields, then adapter, data, train, eval)."""
+    out = []
+    sections = [("", RunConfig)] + [(f.name, f.default_factory) for f in dataclasses.fields(RunConfig)
+                                    if f.default_factory is not dataclasses.MISSING]
+    for section, cls in sections:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            default = f.default
+            shown = f.metadata.get("shown") or _show(default)
+            out.append(Flag(f"{section}.{f.name}" if section else f.name, flag, f.metadata.get("aliases", ()),
+                            f.metadata["help"], shown, hints[f.name] is bool, literal_choices(hints[f.name])))
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None or value == "" else str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, keys: Iterable[str] | None = None,
+                     exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None,
+                     title: str = "") -> list[Flag]:
+    """Add the flags of the config keys `keys` (default: every flagged key) minus `exclude`, grouped by section.
+    `defaults`: a subcommand's own default for a key (params: pretrained "none"), applied as if given."""
+    wanted = set(keys) if keys is not None else None
+    skip, defaults = set(exclude), defaults or {}
+    flags = [f for f in config_flags() if (wanted is None or f.key in wanted) and f.key not in skip]
+    groups: dict[str, Any] = {}
+    for f in flags:
+        if f.section not in groups:
+            groups[f.section] = parser.add_argument_group(f"{title}{SECTIONS[f.section]}")
+        default = defaults.get(f.key)
+        shown = _show(default) if f.key in defaults else f.shown
+        kwargs: dict[str, Any] = {"dest": f.key, "default": default, "help": f"{f.help} (default: {shown})"}
+        if f.boolean:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.flag[2:].replace("-", "_").upper() if not f.choices else None
+            kwargs["choices"] = f.choices
+        if kwargs.get("metavar") is None:
+            kwargs.pop("metavar", None)
+        groups[f.section].add_argument(f.flag, *f.aliases, **kwargs)
+    return flags
+
+
+def add_config_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="start from this JSON or TOML config (sections adapter, data, train, eval; or a run's "
+                             "config.json, which reproduces that run); flags and key=value overrides apply on top "
+                             "(default: the reference recipe)")
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                        help="any config value, e.g. train.lr=1e-4 or adapter.method=lora, anywhere on the line "
+                             "(`blocklora config` lists every key; default: none)")
+
+
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    """The given config flags as key=value overrides, in config order."""
+    out = []
+    for f in config_flags():
+        value = getattr(args, f.key, None)
+        if value is not None:
+            out.append(f"{f.key}={str(value).lower() if f.boolean else value}")
+    return out
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig the parsed options ask for: --config FILE (else the defaults), then --recipe's values, then the
+    flags, then key=value overrides (the last word wins). Raises ConfigError naming the first bad key or value."""
+    from .config import recipe_overrides
+
+    path = getattr(args, "config", None)
+    base = RunConfig.from_file(path) if path else RunConfig()
+    recipe = getattr(args, "recipe", None)  # a named recipe (config.RECIPES) first: every option after it wins
+    return base.with_overrides((recipe_overrides(recipe) if recipe else []) + overrides_from(args)
+                               + list(getattr(args, "overrides", None) or []))
+
+
+def flag_words(args: argparse.Namespace, exclude: Sequence[str] = ()) -> list[str]:
+    """The given config flags (and --config, as an absolute path) as `blocklora train` words, for sweep's cells."""
+    words = ["--config", str(Path(args.config).absolute())] if getattr(args, "config", None) else []
+    for f in config_flags():
+        value = getattr(args, f.key, None)
+        if value is None or f.key in exclude:
+            continue
+        if f.boolean:
+            words.append(f.flag if value else "--no-" + f.flag[2:])
+        else:
+            words += [f.flag, str(value)]
+    return words
+
+
+def field_help(key: str) -> str:
+    """The help text of config key `key` (for a subcommand's own option on the same concept)."""
+    section, _, name = key.rpartition(".")
+    cls = RunConfig if not section else next(f.default_factory for f in dataclasses.fields(RunConfig)
+                                              if f.name == section)
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)

@@ -1,0 +1,230 @@
+"""The sweep's runner: cells (one `blocklora train` process each) on slots (devices or CPU workers), with a lock per
+cell so that sweeps on the same folder share the work; one line per outcome in the manifest. See sweep.py."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine.rundir import RunDir
+from .errors import BlockLoRAError
+
+MANIFEST, LOGS, LOCKS = "sweep.jsonl", "logs", ".locks"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    shots: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_shots{self.shots}_seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} shots{self.shots} seed{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.dataset / f"shots{self.shots}" / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str  # "gpu 0", "cpu 1"
+    env: dict[str, str] = field(default_factory=dict)
+    argv: tuple[str, ...] = ()  # extra train options (--device cpu)
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str  # done | failed | skipped | busy | interrupted
+    action: str = ""  # start | resume | overwrite
+    returncode: int | None = None
+    seconds: float = 0.0
+    slot: str = ""
+    log: str = ""
+    top1: float | None = None
+    error: str = ""
+
+def cell_action(run_dir: Path) -> str:
+    """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint; train
+    clears them only if blocklora made the folder, and names the problem otherwise)."""
+    return {"complete": "skip", "absent": "start", "resumable": "resume", "leftover": "overwrite",
+            "other": "start"}[RunDir(run_dir).state()]  # "other" (a file there): train names the problem
+
+
+# -- locks -----------------------------------------------------------------------------------------------------------
+def try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another process (or open file) holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+    return fd
+
+
+class Sweep:
+    """Runs cells on slots (one thread per slot, each waiting on its train process)."""
+
+    def __init__(self, cells: Sequence[Cell], slots: Sequence[Slot], out: Path,
+                 argv: Callable[[Cell, str, Slot], list[str]], program: Sequence[str] | None = None) -> None:
+        self.cells, self.slots, self.out, self.argv = list(cells), list(slots), out, argv
+        self.program = list(program or [sys.executable, "-m", "blocklora"])
+        self.next = 0
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.all_done = threading.Event()
+        self.left = 0
+        self.running: dict[str, subprocess.Popen] = {}
+        self.started = time.monotonic()
+        self.interrupted = 0  # the exit status an interrupt asks for (130 Ctrl-C, 143 SIGTERM), 0 when none
+
+    def run(self) -> list[Outcome]:
+        threads = [threading.Thread(target=self._worker, args=(slot,), name=slot.name, daemon=True)
+                   for slot in self.slots]
+        self.left = len(threads)
+        try:
+            for t in threads:
+                t.start()
+            # An Event, not Thread.join: an interrupted join can mark a live thread as finished (CPython 3.11).
+            while not self.all_done.wait(0.2):
+                pass
+        except KeyboardInterrupt as e:  # Ctrl-C, or a job scheduler's SIGTERM (signals.py)
+            from .signals import exit_code
+
+            self.interrupted = exit_code(e)
+            self.stop.set()
+            with self.lock:
+                for proc in self.running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGINT)  # train stops cleanly; its checkpoint is kept
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: report now
+                while not self.all_done.wait(0.2):
+                    pass
+        return self.outcomes
+
+    def _take(self) -> Cell | None:
+        with self.lock:
+            if self.stop.is_set() or self.next >= len(self.cells):
+                return None
+            self.next += 1
+            return self.cells[self.next - 1]
+
+    def _worker(self, slot: Slot) -> None:
+        try:
+            while (cell := self._take()) is not None:
+                self._finish(self._run_cell(cell, slot))
+        finally:
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.all_done.set()
+
+    def _run_cell(self, cell: Cell, slot: Slot) -> Outcome:
+        run_dir = cell.run_dir(self.out)
+        if cell_action(run_dir) == "skip":
+            return Outcome(cell, "skipped", top1=_top1(run_dir))
+        fd = try_lock(self.out / LOCKS / f"{cell.name}.lock")
+        if fd is None:
+            return Outcome(cell, "busy")
+        try:
+            action = cell_action(run_dir)  # again, under the lock: another sweep may have just finished it
+            if action == "skip":
+                return Outcome(cell, "skipped", top1=_top1(run_dir))
+            log_path = self.out / LOGS / f"{cell.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [*self.program, *self.argv(cell, action, slot)]
+            env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
+            t0 = time.monotonic()
+            with open(log_path, "a") as log:
+                log.write(f"=== {_now()} {socket.gethostname()} {slot.name}: {' '.join(cmd)}\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        pass_fds=(fd,))  # the train process holds the cell's lock too
+                with self.lock:
+                    self.running[cell.name] = proc
+                code = proc.wait()
+                with self.lock:
+                    self.running.pop(cell.name, None)
+            seconds = time.monotonic() - t0
+            if code == 0:
+                return Outcome(cell, "done", action, code, seconds, slot.name, str(log_path), _top1(run_dir))
+            status = "interrupted" if self.stop.is_set() else "failed"
+            return Outcome(cell, status, action, code, seconds, slot.name, str(log_path), error=_last_error(log_path))
+        finally:
+            os.close(fd)
+
+    def _finish(self, o: Outcome) -> None:
+        record = {"time": _now(), "cell": o.cell.name, "dataset": o.cell.dataset, "shots": o.cell.shots,
+                  "seed": o.cell.seed, "status": o.status, "action": o.action, "returncode": o.returncode,
+                  "seconds": round(o.seconds, 1), "slot": o.slot, "log": o.log, "top1": o.top1, "error": o.error,
+                  "host": socket.gethostname(), "pid": os.getpid()}
+        with self.lock:
+            self.outcomes.append(o)
+            with open(self.out / MANIFEST, "a") as fh:  # one short line per write: appends do not interleave
+                fh.write(json.dumps(record) + "\n")
+            n = len(self.outcomes)
+            print(f"[{n:>{len(str(len(self.cells)))}}/{len(self.cells)}] {_progress(o)}", flush=True)
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+def _top1(run_dir: Path) -> float | None:
+    try:
+        return float(RunDir(run_dir).read_results().top1)
+    except BlockLoRAError:
+        return None
+
+
+def _last_error(log_path: Path) -> str:
+    """The train process's one-line error (or its last line) from the end of the log."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1][:300]
+
+
+def duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _progress(o: Outcome) -> str:
+    head = f"{o.status:<11} {o.cell.label}"
+    if o.status == "done":
+        how = "" if o.action == "start" else f", {o.action}"
+        top1 = f"top-1 {o.top1:.2f}%" if o.top1 is not None else "results.json unreadable"
+        return f"{head}  {top1}  ({duration(o.seconds)}, {o.slot}{how})"
+    if o.status == "skipped":
+        return f"{head}  (finished before)"
+    if o.status == "busy":
+        return f"{head}  (another sweep is running it)"
+    return f"{head}  exit {o.returncode}: {o.error or '?'} (log: {o.log})"

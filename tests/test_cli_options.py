@@ -1,0 +1,124 @@
+"""The CLI generated from the config: help on every option, one flag per concept, overrides anywhere, --config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from blocklora.cli import build_parser, main
+from blocklora.config import RunConfig
+from blocklora.errors import ConfigError
+from blocklora.flags import config_flags, run_config
+from gen_data import make_folder_dataset
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_option_has_help_and_shows_its_default(command):
+    p = _subcommands()[command]
+    formatter = p.formatter_class(p.prog)
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{command} {name} has no help"
+        text = formatter._get_help_string(action)
+        assert "default" in text or "(required)" in text, f"{command} {name}: {text!r}"
+    assert "%(default)" not in p.format_help()  # every placeholder was filled
+
+
+def test_every_flagged_config_field_is_a_train_and_sweep_option():
+    subs = _subcommands()
+    train = {s for a in subs["train"]._actions for s in a.option_strings}
+    sweep = {s for a in subs["sweep"]._actions for s in a.option_strings}
+    for f in config_flags():
+        assert f.flag in train, f.key
+        if f.key not in ("data.dataset", "data.root", "data.shots", "data.seed", "data.split_file", "device"):
+            assert f.flag in sweep, f.key  # the sweep sets those per cell
+
+
+def test_the_same_concept_has_the_same_flag_everywhere():
+    subs = _subcommands()
+    for command in ("train", "eval", "zeroshot", "demo"):
+        flags = {s for a in subs[command]._actions for s in a.option_strings}
+        assert {"--limit", "--test-images"} <= flags, command  # --test-images: the demo's former name
+    assert run_config(_parse("train", "--output", "o", "--test-images", "7")).eval.limit == 7
+    assert _parse("demo", "--test-images", "7").limit == 7
+
+
+def test_choices_come_from_the_config_literals():
+    subs = _subcommands()
+    choices = {s: a.choices for a in subs["train"]._actions for s in a.option_strings}
+    assert choices["--sampler"] == ("clip-lora", "coop")
+    assert choices["--precision"] == ("auto", "fp32", "fp16", "bf16")
+    assert choices["--method"] == ("block_lora", "lora")
+
+
+def test_key_value_overrides_anywhere_on_the_line():
+    args = _parse("train", "--dataset", "folder", "eval.limit=4", "--output", "o", "train.iters=1", "--lr", "0.1",
+                  "adapter.r=4")
+    cfg = run_config(args)
+    assert (cfg.eval.limit, cfg.train.iters, cfg.train.lr, cfg.adapter.r) == (4, 1, 0.1, 4)
+    assert _parse("demo", "train.lr=1e-3", "--shots", "2", "train.flip=false").overrides == \
+        ["train.lr=1e-3", "train.flip=false"]
+
+
+def test_flags_and_overrides_apply_in_order_the_last_word_wins():
+    cfg = run_config(_parse("train", "--output", "o", "--lr", "0.1", "train.lr=0.2"))
+    assert cfg.train.lr == 0.2
+
+
+@pytest.mark.parametrize("argv", [["adapter.method=lora"], ["--method", "lora"]])
+def test_method_lora_takes_its_own_n_blocks(argv):
+    cfg = run_config(_parse("train", "--output", "o", *argv))
+    assert (cfg.adapter.method, cfg.adapter.n_blocks) == ("lora", 1)
+
+
+def test_method_lora_with_an_explicit_n_blocks_is_refused():
+    with pytest.raises(ConfigError, match="n_blocks=1"):
+        RunConfig().with_overrides(["adapter.method=lora", "adapter.n_blocks=8"])
+
+
+def test_config_file_json_and_toml_round_trip(tmp_path, capsys):
+    asked = RunConfig().with_overrides(["adapter.r=4", "train.lr=1e-3", "eval.datasets=dtd,caltech101",
+                                        "train.betas=0.8,0.99", "data.shots=2"])
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(asked.to_dict()))
+    assert RunConfig.from_file(path) == asked
+    toml = tmp_path / "c.toml"
+    toml.write_text('[adapter]\nr = 4\n[train]\nlr = 1e-3\nbetas = [0.8, 0.99]\n[data]\nshots = 2\n'
+                    '[eval]\ndatasets = ["dtd", "caltech101"]\n')
+    assert RunConfig.from_file(toml) == asked
+    assert main(["config", "--config", str(toml), "train.lr=2e-3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 2e-3 and printed["adapter"]["r"] == 4  # overrides apply on top
+    toml.write_text("[adapter]\nrank = 4\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown adapter option\(s\) rank"):
+        RunConfig.from_file(toml)
+    toml.write_text("[adapter\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_file(toml)
+
+
+def test_a_runs_config_json_reproduces_it(tmp_path, capsys):
+    root = make_folder_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny-clip", "--pretrained", "none", "--dataset", "folder", "--root", str(root),
+                 "--shots", "2", "--workers", "0", "--output", str(out), "train.iters=2", "eval.limit=8",
+                 "--method", "lora"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    again = run_config(_parse("train", "--config", str(out / "config.json"), "--output", str(tmp_path / "again")))
+    assert again.resolved().hash() == saved["config_hash"]
+    assert main(["train", "--config", str(out / "config.json"), "--output", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["config_hash"] == saved["config_hash"]

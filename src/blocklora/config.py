@@ -246,9 +246,9 @@ class RunConfig:
     # "auto": the model's own default (backbones.default_pretrained: packaged, none, openai, the hf: folder), filled
     # in by resolved(); None: random weights
     pretrained: str | None = option("auto", "open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint "
-                                    "file, none (random weights), or auto: the model's own (effnet-minilm: "
-                                    "packaged, tiny-clip: none, open_clip names: openai where it exists, hf: the "
-                                    "model folder)", flag="--pretrained")
+                                    "file, none (random weights), or auto: by model, packaged for effnet-minilm, "
+                                    "none for tiny-clip, the folder itself for hf:, openai for open_clip names that "
+                                    "have OpenAI weights (others: pass one of their tags)", flag="--pretrained")
     quick_gelu: QuickGelu = option("auto", "QuickGELU MLP activation (OpenAI's CLIP weights need it). auto: from the "
                                    "tag's pretrained config, an OpenAI TorchScript archive, a blocklora export's "
                                    "metadata, a -quickgelu model name, else GELU", flag="--quick-gelu")

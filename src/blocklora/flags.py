@@ -41,6 +41,12 @@ class HelpFormatter(argparse.HelpFormatter):
             return f"{text} (default: off)"
         return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # never inside a name: "effnet-minilm", "tiny-clip", "clip-lora" stay whole (argparse breaks on hyphens)
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 class Parser(argparse.ArgumentParser):
     """blocklora's argparse parser: errors are one `error:` line (exit 2), every help shows its default, and

@@ -148,8 +148,8 @@ class Grid:
             shutil.rmtree(out)
         r = run(cfg, out)
         self.measured += 1
-        print(f"{name} K={k} seed={seed}: zero-shot {r['zero_shot_top1']:.2f}% -> {r['top1']:.2f}% "
-              f"({r['trainable_params']} params, {r['wall_time_s']['total']:.0f} s)", flush=True)
+        print(f"{name} K={k} seed={seed}: zero-shot {r.zero_shot_top1:.2f}% -> {r.top1:.2f}% "
+              f"({r.trainable_params} params, {r.wall_time_s['total']:.0f} s)", flush=True)
         cell = {"method": name, "shots": k, "seed": seed, "top1": r.top1, "zero_shot_top1": r.zero_shot_top1,
                 "trainable_params": r.trainable_params, "wall_s": r.wall_time_s["total"],
                 "train_s": r.wall_time_s["train"], "iters": r.iters, "n_test": r.n_test,

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import checks
 from .config import CLASS_SUBSETS, EVAL_SPLITS
-from .errors import BlockLoRAError, DataError
+from .errors import BlockLoRAError, DataError, one_line
 
 if TYPE_CHECKING:
     from .engine.results import RunResult
-from .flags import Parser, add_config_file, add_config_flags, add_overrides, field_help, run_config
+from .flags import Parser, add_config_file, add_config_flags, add_overrides, add_recipe, field_help, run_config
 
 log = logging.getLogger("blocklora")
 
@@ -215,8 +215,6 @@ def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
 
 # -- parser ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .config import RECIPES
-
     parser = Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     from ._version import __version__
@@ -236,11 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)  # every flagged config field (flags.py)
     g = p.add_argument_group("run directory")
     g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
-    g.add_argument("--recipe", choices=tuple(RECIPES), default="reference",
-                   help="reference: CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: "
-                        "the demo's CPU budget, " + ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in
-                                                               RECIPES["quick"].items()) +
-                        " (minutes on a CPU). Options and key=value overrides change single values of either")
+    add_recipe(g)
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     add_overrides(p)
@@ -280,18 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
     p.set_defaults(func=cmd_predict)
 
-    import textwrap
+    from .export_forms import export_description
 
-    from .export_forms import CLASSIFIER_FILE, FORMS
-
-    intro = ("Merge the adapter into the frozen weights and write them in the model family's own format, loadable "
-             "without blocklora. Every export carries the class names, template, logit scale and MLP activation: in "
-             f"the file's metadata, or in {CLASSIFIER_FILE} in a folder. What each family writes:")
-    families = [textwrap.fill(f"{f.family}: {f.files}", 100, initial_indent="  ", subsequent_indent="    ",
-                              break_on_hyphens=False) for f in FORMS.values()]
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="\n".join([textwrap.fill(intro, 100), *families]))
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=export_description())
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--output", required=True,
                    help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "
@@ -393,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockLoRAError as e:
         if debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
         if debug:
@@ -407,17 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if argv is not None:  # called in process (tests, a program): give its handlers back. Not for the command
             signals.restore(previous)  # itself: a second Ctrl-C right after the first must stay one line
-
-
-def _one_line(e: BaseException) -> str:
-    """The first line of a user error; for one re-raised by a DataLoader worker ("Caught DataError in DataLoader
-    worker process 0.\nOriginal Traceback ...\nblocklora.errors.DataError: the message"), the original message."""
-    text = str(e)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
-    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from .choices import (
 )
 from .config_io import coerce, read_file
 from .errors import ConfigError
+from .recipes import METHOD_DEFAULTS, RECIPES, recipe_overrides  # noqa: F401 - re-exported
 
 # Allowed strings: the Literals of choices.py are the one source, read by these checks and the CLI (flags.py).
 SAMPLERS, CLASS_SUBSETS, PRECISIONS = typing.get_args(Sampler), typing.get_args(ClassSubset), typing.get_args(Precision)
@@ -57,35 +58,6 @@ LOGGERS = typing.get_args(Logger)
 # What an unset data field means without a split file.
 DATA_DEFAULTS: dict[str, Any] = {"dataset": "folder", "shots": 16, "seed": 1, "sampler": "clip-lora", "replace": True,
                                  "classes": "all"}
-# Named recipes (--recipe NAME): a table of overrides applied before the user's own, so any option still changes one
-# value. "reference": CLIP-LoRA's GPU recipe, the dataclass defaults (500 x K steps of batch 32, lr 2e-4;
-# docs/recipe.md).
-# "quick": the demo's CPU budget, a fixed 200 steps of batch 8 at lr 4e-3 with milder crops (aug_scale_min 0.5);
-# measured on the offline model in benchmarks/accuracy.py (BENCHMARKS.md, "Accuracy"). demo.py takes its recipe from
-# here.
-RECIPES: dict[str, dict[str, Any]] = {
-    "reference": {},
-    "quick": {"train.iters": 200, "train.batch_size": 8, "train.lr": 4e-3, "train.aug_scale_min": 0.5},
-}
-
-
-def recipe_overrides(name: str) -> list[str]:
-    """The key=value overrides of a named recipe (RECIPES). Raises ConfigError for an unknown name."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
-    return [f"{k}={v}" for k, v in RECIPES[name].items()]
-
-
-# Recipe constants whose default depends on the method. LoRA: CLIP-LoRA's values (MaxZanella/CLIP-LoRA: drop_last=False
-# in datasets/utils.py, an nn.Dropout per LinearLoRA in loralib/layers.py, clip.load's fp16 weights on GPU). Block-LoRA
-# has no reference code: drop_last and the shared mask are measured (docs/recipe.md: +6.1 points at K=1, equal or
-# better at K=4 / 16 over 6 seeds); frozen_dtype fp32 stays provisional until measured on a GPU.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"train.drop_last": False, "train.frozen_dtype": "autocast", "adapter.dropout_mask": "per_projection"},
-    "block_lora": {"train.drop_last": True, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "shared"},
-}
-
-
 @dataclass(frozen=True)
 class DataConfig:
     # None: the split file's value (split_file), else DATA_DEFAULTS's; an explicit value must agree with the file.

@@ -24,3 +24,14 @@ class DataError(BlockLoRAError):
 
 class BackboneError(BlockLoRAError):
     """A model that cannot be built or loaded (unknown name, missing checkpoint, no network)."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of a user error; for one re-raised by a DataLoader worker ("Caught DataError in DataLoader
+    worker process 0.\nOriginal Traceback ...\nblocklora.errors.DataError: the message"), the original message."""
+    text = str(e)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return lines[0] if lines else type(e).__name__

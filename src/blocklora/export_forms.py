@@ -41,3 +41,15 @@ def export_form(model: str) -> ExportForm:
     if model.startswith("hf:"):
         return FORMS["transformers"]
     return FORMS["effnet-minilm" if model == "effnet-minilm" else "open_clip"]
+
+
+def export_description() -> str:
+    """`blocklora export --help`'s description: what every export carries, and what each family writes."""
+    import textwrap
+
+    intro = ("Merge the adapter into the frozen weights and write them in the model family's own format, loadable "
+             "without blocklora. Every export carries the class names, template, logit scale and MLP activation: in "
+             f"the file's metadata, or in {CLASSIFIER_FILE} in a folder. What each family writes:")
+    families = [textwrap.fill(f"{f.family}: {f.files}", 100, initial_indent="  ", subsequent_indent="    ",
+                              break_on_hyphens=False) for f in FORMS.values()]
+    return "\n".join([textwrap.fill(intro, 100), *families])

@@ -197,3 +197,14 @@ def field_help(key: str) -> str:
     cls = RunConfig if not section else next(f.default_factory for f in dataclasses.fields(RunConfig)
                                               if f.name == section)
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def add_recipe(parser: Any, default: str | None = "reference") -> None:
+    """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option."""
+    from .recipes import RECIPES
+
+    quick = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in RECIPES["quick"].items())
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=default,
+                        help="reference: CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: the "
+                             f"demo's CPU budget, {quick} (minutes on a CPU). Options and key=value overrides change "
+                             "single values of either")

@@ -106,7 +106,7 @@ def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> li
 # -- options ---------------------------------------------------------------------------------------------------------
 def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     """The sweep subcommand: its own grid options plus every train option (flags.py) except those in OWN."""
-    from .flags import add_config_file, add_config_flags, add_overrides
+    from .flags import add_config_file, add_config_flags, add_overrides, add_recipe
 
     p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
                        description="Every train option given here is passed to each cell.")
@@ -121,10 +121,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
     slurm.add_options(p)
-    from .config import RECIPES
-
-    g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
-                   help="a named recipe for every cell (train --recipe; default: the reference recipe)")
+    add_recipe(g, default=None)  # passed to every cell
     add_config_file(p)
     add_config_flags(p, exclude=OWN, title="train: ")
     add_overrides(p)

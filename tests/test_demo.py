@@ -74,14 +74,13 @@ def test_demo_examples_are_evaluated_images_with_the_evaluations_predictions(dem
 
     _, out = demo_run
     r = json.loads((out / "results.json").read_text())
-    assert "examples" not in r  # results.json is the run's, as api.run wrote it
     data, items, before, after = _evaluated(out)
     labels = [it.label for it in items]
     # results.json's rounding (engine/evaluate.summarize): these are the predictions the reported accuracies count
     assert round(100 * sum(int(p) == y for p, y in zip(after, labels)) / len(items), 4) == r["top1"]
     assert round(100 * sum(int(p) == y for p, y in zip(before, labels)) / len(items), 4) == r["zero_shot_top1"]
     position = {it.path: i for i, it in enumerate(items)}
-    examples = json.loads((out / "examples" / "examples.json").read_text())
+    examples = r["examples"]  # written with the run's results, once
     assert [e["true"] for e in examples] == data.classnames  # all 10 classes, in label order
     for e in examples:
         i = position[e["item"]]  # an evaluated image
@@ -113,7 +112,7 @@ def test_predict_on_the_demo_examples(demo_run, capsys):
     assert len(rows) == 10 and all(len(row["top"]) == 2 for row in rows)
     # the closing line's command gives the demo's own example predictions
     examples = {Path(e["image"]).name: e["adapted"]
-                for e in json.loads((out / "examples" / "examples.json").read_text())}
+                for e in json.loads((out / "results.json").read_text())["examples"]}
     assert {Path(row["image"]).name: row["top"][0]["class"] for row in rows} == examples
 
 

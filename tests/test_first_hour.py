@@ -95,8 +95,8 @@ def test_hf_pretrained_is_used_not_recorded_silently(capsys, data, tmp_path):
 
 # -- the CPU recipe and the plan ---------------------------------------------------------------------------------------
 def test_quick_recipe_is_one_table_used_by_train_and_demo():
-    from blocklora.flags import run_config as _run_config
     from blocklora.demo import demo_config
+    from blocklora.flags import run_config as _run_config
 
     args = build_parser().parse_args(["train", "--model", "tiny-clip", "--recipe", "quick", "--output", "x",
                                       "--dataset", "folder"])

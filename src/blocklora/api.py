@@ -11,13 +11,14 @@ these; nothing here parses argv.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,15 @@ log = logging.getLogger("blocklora")
 
 
 def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: bool = False,
-        rank: int = 0, world_size: int = 1) -> RunResult:
+        rank: int = 0, world_size: int = 1, finish: Callable[[RunDir], dict[str, Any]] | None = None) -> RunResult:
     """Train an adapter on K shots and report accuracy. Writes output/{results.json, adapter/, split.json, ...}.
 
     `cfg` is the request (None = unset); the run uses and records cfg.resolved() (prepare.resolve). Under torchrun
     (`rank` of `world_size` processes) the ranks train data-parallel and rank 0 writes. Raises BlockLoRAError for
     every user error before the run directory exists; TrainingDiverged (keeping the last checkpoint) when the loss
-    or the weights stop being finite. Returns what results.json holds."""
+    or the weights stop being finite. `finish(run_dir)`, called on rank 0 once the adapter is saved, returns more
+    RunResult fields measured on it (the demo's examples), so results.json is still written once. Returns what
+    results.json holds."""
     rd = RunDir(output)
     mode = rd.open_for(overwrite, resume, run_inputs(cfg))  # refuses what may not be reused or cleared
     saved = _check_same_run(rd, cfg) if mode == "resume" else None
@@ -103,6 +106,8 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
                     tb.close()
             if main:
                 _save_adapter(p, rd, sha)
+                if finish is not None:
+                    result = dataclasses.replace(result, **finish(rd))
                 rd.write_results(result)
                 rd.checkpoint.unlink(missing_ok=True)  # complete: results and adapter replace the resumable state
             return result

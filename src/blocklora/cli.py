@@ -17,7 +17,16 @@ from .errors import BlockLoRAError, DataError, one_line
 
 if TYPE_CHECKING:
     from .engine.results import RunResult
-from .flags import Parser, add_config_file, add_config_flags, add_overrides, add_recipe, field_help, run_config
+from .flags import (
+    Parser,
+    RawDescriptionHelpFormatter,
+    add_config_file,
+    add_config_flags,
+    add_overrides,
+    add_recipe,
+    field_help,
+    run_config,
+)
 
 log = logging.getLogger("blocklora")
 
@@ -277,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export_forms import export_description
 
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, description=export_description())
+                       formatter_class=RawDescriptionHelpFormatter, description=export_description())
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--output", required=True,
                    help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RECIPES, RunConfig, recipe_overrides
-from .engine.files import atomic_write, write_json
+from .engine.files import atomic_write
 from .engine.results import RunResult
 from .engine.rundir import RunDir
 from .errors import BlockLoRAError
@@ -52,19 +52,16 @@ def default_output() -> Path:
 
 def run_demo(output: str | Path | None = None, overwrite: bool = False,
              **kwargs: Any) -> tuple[RunResult, list[dict[str, Any]]]:
-    """Run the demo into `output` (default runs/demo-<time>): the run's results (results.json, as api.run wrote
-    it) and its example predictions (written to examples/examples.json), and demo.png."""
+    """Run the demo into `output` (default runs/demo-<time>): the run's results (results.json, which api.run writes
+    once, with the example predictions measured on the saved adapter) and its example predictions, and demo.png."""
     _check_plotting()
     from .api import run
 
     output = Path(output) if output is not None else default_output()
     cfg = demo_config(**kwargs)
-    results = run(cfg, output, overwrite=overwrite)
-    rd = RunDir(output)
-    examples = _predict_examples(rd, cfg)
-    write_json(rd.examples_json, examples)
-    _plot(rd, results)
-    return results, examples
+    results = run(cfg, output, overwrite=overwrite, finish=lambda rd: {"examples": _predict_examples(rd, cfg)})
+    _plot(RunDir(output), results)
+    return results, results.examples or []
 
 
 def _check_plotting() -> None:
@@ -161,8 +158,7 @@ def _plot(rd: RunDir, results: RunResult) -> None:
 
 
 def summary_lines(results: RunResult, examples: list[dict[str, Any]], output: Path) -> list[str]:
-    """The before/after table (results.json), the example predictions (examples/examples.json) and where
-    everything is."""
+    """The before/after table and the example predictions (results.json) and where everything is."""
     zs, top1 = results.zero_shot_top1, results.top1
     lines = [f"Fashion-MNIST, {results.n_test} real test images; Block-LoRA on {results.shots} shots per class "
              f"({results.dataset['n_train']} training images), {results.iters} steps, "
@@ -180,7 +176,7 @@ def summary_lines(results: RunResult, examples: list[dict[str, Any]], output: Pa
         lines.append(f"  {Path(e['image']).name:<14} true {e['true']:<11} zero-shot {e['zero_shot']:<11} "
                      f"adapted {e['adapted']:<11} {100 * e['adapted_prob']:5.1f}%  {mark}")
     rd = RunDir(output)
-    lines += ["", f"results: {rd.results}   examples: {rd.examples_json}   plot: {rd.plot}   adapter: {rd.adapter}"]
+    lines += ["", f"results: {rd.results}   plot: {rd.plot}   adapter: {rd.adapter}"]
     if examples:
         lines.append(f"next: blocklora predict --adapter {rd.adapter} {rd.examples}   "
                      "(predicts the saved example files)")

@@ -48,6 +48,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter keeping the description's own line breaks (a table of what each family writes)."""
+
+
 class Parser(argparse.ArgumentParser):
     """blocklora's argparse parser: errors are one `error:` line (exit 2), every help shows its default, and
     key=value overrides are taken anywhere on the line."""

@@ -32,8 +32,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="run only cell K (0-based, the sweep's order; what each array task passes as "
                         "$SLURM_ARRAY_TASK_ID), with the usual skip / lock / resume rules")
     g.add_argument("--slurm-script", default=None, metavar="FILE", help=f"where to write it (default DIR/{SCRIPT})")
-    g.add_argument("--slurm-partition", default=None)
-    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-partition", default=None, help="the partition to submit to (default: the cluster's)")
+    g.add_argument("--slurm-account", default=None, help="the account to charge (default: yours)")
     g.add_argument("--slurm-time", default="24:00:00", help="wall time per cell (default 24:00:00)")
     g.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per cell (default 1; 0: a CPU job)")
     g.add_argument("--slurm-cpus", type=int, default=8, help="CPU cores per cell (default 8)")

@@ -41,6 +41,8 @@ class RunResult:
     # cross-dataset / domain generalization (eval.datasets): target -> top-1, and n, classes, mean_per_class
     cross_dataset: dict[str, float] | None = field(default=None, metadata=_OMIT_NONE)
     cross_dataset_detail: dict[str, dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
+    # measured on the saved adapter by a caller of api.run (`finish`): the demo's one evaluated image per class
+    examples: list[dict[str, Any]] | None = field(default=None, metadata=_OMIT_NONE)
     trainable_params: int | None = None
     adapted_modules: int | None = None
     split_sha256: str | None = None
@@ -48,7 +50,8 @@ class RunResult:
     shots: int
     seed: int
     sampler: str | None = None
-    replacement: dict[str, Any] | None = None  # {"allowed", "used", "classes"}: shots drawn with replacement
+    # {"allowed", "used", "classes"}: whether classes with fewer images than shots were drawn with replacement
+    replacement: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
     iters: int | None = None  # steps done
     skipped_steps: int | None = None  # non-finite losses skipped (train.nan_policy = skip)
     final_loss: float | None = None

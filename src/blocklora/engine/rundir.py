@@ -6,8 +6,7 @@
     DIR/metrics.jsonl   one line per training step        DIR/train.log      the run's log
     DIR/checkpoint.pt   resumable state (removed once the run is complete)
     DIR/adapter/        the trained adapter               DIR/results.json   written last: the run is complete
-    DIR/examples/, DIR/demo.png                           the demo's extras (examples/examples.json: its
-                                                          example predictions; results.json stays the run's)
+    DIR/examples/, DIR/demo.png                           the demo's extras (its example images and plot)
     DIR/tensorboard/    TensorBoard scalars (train.log=tensorboard; engine/tensorboard.py)
 
 Rules (`RunDir.open_for`): a new path is created; an existing one is reused only with --resume or --overwrite, only
@@ -45,7 +44,6 @@ class RunDir:
     RESULTS, CONFIG, SPLIT, METRICS, LOG = "results.json", "config.json", "split.json", "metrics.jsonl", "train.log"
     CHECKPOINT, ADAPTER, EXAMPLES, PLOT, LOCK = "checkpoint.pt", "adapter", "examples", "demo.png", ".lock"
     TENSORBOARD = "tensorboard"
-    EXAMPLES_JSON = "examples.json"  # inside EXAMPLES
     # what --overwrite may remove: every file above that a run writes (the lock stays: see lock())
     OWNED_FILES = (RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, PLOT)
     OWNED_DIRS = {ADAPTER: "adapter", EXAMPLES: "examples", TENSORBOARD: "tensorboard"}  # name -> its marker's kind
@@ -67,7 +65,6 @@ class RunDir:
     examples = property(lambda self: self.path / self.EXAMPLES)
     plot = property(lambda self: self.path / self.PLOT)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
-    examples_json = property(lambda self: self.path / self.EXAMPLES / self.EXAMPLES_JSON)
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property

@@ -108,3 +108,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def hf_features(model):
+    """(image, text) features of a transformers dual encoder on example_inputs() (transformers 5.x returns output
+    objects with .pooler_output, 4.x tensors)."""
+    images, tokens = example_inputs()
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=images)
+        txt = model.get_text_features(input_ids=tokens)
+    return getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)

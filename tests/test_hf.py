@@ -8,17 +8,9 @@ import torch
 
 import blocklora
 from blocklora import AdapterConfig, inject
-from conftest import example_inputs, make_hf, randomize_adapters
+from conftest import hf_features, make_hf, randomize_adapters
 
 peft = pytest.importorskip("peft")
-
-
-def _feats(model):
-    images, tokens = example_inputs()
-    with torch.no_grad():
-        img = model.get_image_features(pixel_values=images)
-        txt = model.get_text_features(input_ids=tokens)
-    return getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)
 
 
 @pytest.mark.parametrize("scaling", ["rslora", "standard"])
@@ -34,7 +26,7 @@ def test_n1_equals_peft_lora(scaling):
             target = theirs.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(layer.lora_A)
             target.lora_B["default"].weight.copy_(layer.lora_B)
-    for a, b in zip(_feats(ours), _feats(theirs)):
+    for a, b in zip(hf_features(ours), hf_features(theirs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert blocklora.count_trainable(ours) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
@@ -51,5 +43,5 @@ def test_block_lora_equals_peft_lora_with_tiled_a():
             target = theirs.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(layer.lora_A.repeat(1, 4))
             target.lora_B["default"].weight.copy_(layer.lora_B)
-    for a, b in zip(_feats(ours), _feats(theirs)):
+    for a, b in zip(hf_features(ours), hf_features(theirs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -20,17 +20,9 @@ from blocklora.peft_format import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from conftest import example_inputs, make_hf, make_openclip, randomize_adapters
+from conftest import example_inputs, hf_features, make_hf, make_openclip, randomize_adapters
 
 peft = pytest.importorskip("peft")
-
-
-def _feats(model):
-    images, tokens = example_inputs()
-    with torch.no_grad():
-        img = model.get_image_features(pixel_values=images)
-        txt = model.get_text_features(input_ids=tokens)
-    return getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)
 
 
 def _max_diff(a, b) -> float:
@@ -58,15 +50,15 @@ def test_export_loads_in_peft_with_the_same_features(name, tmp_path):
     assert len(wrapped) == 24
     layer = next(m for m in wrapped)
     assert layer.scaling["default"] == next(blocklora.adapter_layers(ours))[1]._scale or name.endswith("standard")
-    frozen = _feats(make_hf().eval())
-    mine, peft_feats = _feats(ours), _feats(theirs)
+    frozen = hf_features(make_hf().eval())
+    mine, peft_feats = hf_features(ours), hf_features(theirs)
     assert _max_diff(mine, frozen) > 1e-2  # the adapters change the features
     assert _max_diff(mine, peft_feats) < 1e-5, _max_diff(mine, peft_feats)
     # and back: the PEFT folder read by blocklora gives the same model (as plain LoRA)
     back = make_hf().eval()
     cfg = load_peft_adapter(back, tmp_path / "peft")
     assert cfg.method == "lora" and cfg.projections == ("q", "k", "v", "o") and cfg.r == CONFIGS[name].r
-    assert _max_diff(_feats(back), mine) < 1e-5
+    assert _max_diff(hf_features(back), mine) < 1e-5
 
 
 def test_block_lora_init_from_its_peft_export_is_exact(tmp_path):
@@ -97,7 +89,7 @@ def test_peft_trained_adapter_evaluates_in_blocklora(tmp_path):
     ours = make_hf()
     cfg = load_peft_adapter(ours, tmp_path / "peft")
     assert cfg.projections == ("q", "v") and cfg.towers == ("vision", "text") and cfg.scaling == "rslora"
-    assert _max_diff(_feats(ours), _feats(theirs.eval())) < 1e-5
+    assert _max_diff(hf_features(ours), hf_features(theirs.eval())) < 1e-5
     # a Block-LoRA run cannot start from a LoRA whose A is not n equal blocks: refused by module
     with pytest.raises(AdapterMismatchError, match="not 8 equal blocks"):
         read_peft_adapter(tmp_path / "peft", make_hf(), AdapterConfig(r=4, projections="qv"))

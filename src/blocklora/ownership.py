@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +172,28 @@ def fix_modes(tree: str | os.PathLike) -> None:
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames + filenames:
             fix_mode(os.path.join(dirpath, name))
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, kind: str) -> Iterator[Path]:
+    """A temporary sibling folder of `target` to fill. On success it is marked as blocklora's (`kind`), its files
+    fsync-ed, given the modes the umask gives, and moved onto `target` (replacing a folder the caller checked may be
+    replaced); on any failure it is removed: `target` is a complete folder or untouched. Leftovers of killed writes
+    in the parent folder (their process is gone) are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
+    try:
+        yield tmp
+        mark(tmp, kind)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fix_modes(tmp)  # mkdtemp makes a private folder; the user's umask decides
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

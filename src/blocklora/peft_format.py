@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from .adapters.fused import QKVAdapters
 from .adapters.inject import adapter_config, adapter_layers, plan
 from .adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
 from .errors import AdapterMismatchError, BlockLoRAError
-from .ownership import TEMP_SUFFIX, fix_modes, mark, remove_stale_temps, temp_prefix
+from .ownership import atomic_folder
 
 # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CONFIG_FILE = "adapter_config.json"
@@ -121,20 +119,9 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
     # blocklora's own record goes into the safetensors header: PEFT warns about unknown adapter_config.json keys
     metadata = {"format": "pt", **({RECORD: json.dumps(dict(extra), allow_nan=False)} if extra else {})}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
-    try:
+    with atomic_folder(output, KIND) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
-        mark(tmp, KIND)
-        fix_modes(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,17 +27,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
-from ..ownership import (
-    MARKER,
-    TEMP_SUFFIX,
-    check_deletable,
-    fix_modes,
-    mark,
-    marker_kind,
-    protected,
-    remove_stale_temps,
-    temp_prefix,
-)
+from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected
 from .config import AdapterConfig
 from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
 from .sites import Placement
@@ -91,26 +79,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
         text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise ConfigError(f"save_adapter(extra=...) must hold finite JSON values: {e}") from None
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(directory.parent)  # leftovers of killed writes here (their process is gone)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=TEMP_SUFFIX, dir=directory.parent))
-    try:
+    with atomic_folder(directory, KIND) as tmp:
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         except SafetensorError as e:  # e.g. a full disk: report it as the OS error it is
             raise OSError(f"cannot write {directory / WEIGHTS_FILE}: {e}") from None
         (tmp / CONFIG_FILE).write_text(text)
-        mark(tmp, KIND)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fix_modes(tmp)  # mkdtemp makes a private folder; the user's umask decides
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

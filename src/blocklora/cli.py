@@ -25,7 +25,9 @@ from .flags import (
     add_overrides,
     add_recipe,
     field_help,
+    int_arg,
     run_config,
+    section_keys,
 )
 
 log = logging.getLogger("blocklora")
@@ -40,11 +42,15 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 # -- commands --------------------------------------------------------------------------------------------------------
 def cmd_params(args: argparse.Namespace) -> int:
     from .adapters.report import adapter_cost
-    from .backbones import load_backbone
+    from .backbones import AUTO, default_pretrained, load_backbone
 
     run = run_config(args)
     cfg = run.adapter
-    backbone = load_backbone(run.model, run.pretrained, run.quick_gelu, tokenizer=run.tokenizer)
+    weights = run.pretrained
+    if weights == AUTO:  # checked as train checks it; open_clip weights are not needed for counts: random ones
+        weights = default_pretrained(run.model)
+        weights = weights if run.model.startswith("hf:") or run.model == "effnet-minilm" else None
+    backbone = load_backbone(run.model, weights, run.quick_gelu, tokenizer=run.tokenizer)
     modules = backbone.inject(cfg)  # with the probe forward: no tokenizer, no text needed
     cost = adapter_cost(backbone.model)
     report = {"model": run.model, "config": cfg.to_dict(), "trainable_params": cost["total"]["params"],
@@ -214,7 +220,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _json(data: Any) -> str:
     from .engine.files import to_json  # strictly valid JSON: no bare NaN
-
     return to_json(data)
 
 
@@ -231,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"blocklora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("params", help="trainable parameters and adapter cost of a configuration (no weights needed)")
-    add_config_flags(p, keys=("model", "pretrained", "quick_gelu", "tokenizer", *_keys("adapter")),
-                     defaults={"pretrained": "none"})
+    p = sub.add_parser("params", help="trainable parameters and adapter cost of a configuration (no weights needed: "
+                       "open_clip models are built with random ones)")
+    add_config_flags(p, keys=("model", "pretrained", "quick_gelu", "tokenizer", *section_keys("adapter")))
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_overrides(p)
     p.set_defaults(func=cmd_params)
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k class names for images with a trained adapter")
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
-    p.add_argument("--topk", type=_int_arg("--topk", 1, 100_000), default=5, help="class names shown per image")
+    p.add_argument("--topk", type=int_arg("--topk", 1, 100_000), default=5, help="class names shown per image")
     _trained_options(p)
     p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"), help=field_help("device"))
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
@@ -302,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: zero-shot, then Block-LoRA on a few shots of real Fashion-MNIST "
                                     "with packaged real weights (effnet-minilm), then accuracy after")
     p.add_argument("--output", default=None, help="run directory (default runs/demo-<date>-<time>)")
-    p.add_argument("--shots", type=_positive_int, default=None, help="shots per class (default 16)")
+    p.add_argument("--shots", type=int_arg("value", 1), default=None, help="shots per class (default 16)")
     p.add_argument("--seed", type=int, default=None, help="few-shot draw and training seed (default 1)")
-    p.add_argument("--iters", type=_positive_int, default=None, help="training steps (default 200)")
-    p.add_argument("--limit", "--test-images", dest="limit", type=_positive_int, default=None,
+    p.add_argument("--iters", type=int_arg("value", 1), default=None, help="training steps (default 200)")
+    p.add_argument("--limit", "--test-images", dest="limit", type=int_arg("value", 1), default=None,
                    help="test on a fixed subset of N images, evenly spaced through the test split (default 2000; "
                         "Fashion-MNIST has 10000; --test-images: the former name)")
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST idx files (default: the Debian "
@@ -331,19 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
 ADAPTER_HELP = "a trained adapter: the adapter folder of a run (RUN/adapter), or the run folder holding it"
 
 
-def _int_arg(name: str, lo: int, hi: int | None = None):
-    return checks.arg(checks.number, name, checks.Range(lo, hi, integer=True), convert=int)
-
-
-_positive_int = _int_arg("value", 1)
-
-
-def _keys(section: str) -> list[str]:
-    from .flags import config_flags
-
-    return [f.key for f in config_flags() if f.section == section]
-
-
 def _trained_options(p: argparse.ArgumentParser) -> None:
     """The options of the subcommands that load a trained adapter."""
     p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them "
@@ -355,11 +347,11 @@ def _trained_options(p: argparse.ArgumentParser) -> None:
 
 def _eval_options(p: argparse.ArgumentParser, trained: bool = True) -> None:
     p.add_argument("--split", choices=(*EVAL_SPLITS, "train"), default="test", help="the split evaluated")
-    p.add_argument("--batch-size", type=_int_arg("--batch-size", 1, 65536), default=128,
+    p.add_argument("--batch-size", type=int_arg("--batch-size", 1, 65536), default=128,
                    help="evaluation batch size (accuracy does not depend on it)")
-    p.add_argument("--limit", "--test-images", dest="limit", type=_int_arg("--limit", 1), default=None,
+    p.add_argument("--limit", "--test-images", dest="limit", type=int_arg("--limit", 1), default=None,
                    help=field_help("eval.limit") + " (default: every image)")
-    p.add_argument("--workers", type=_int_arg("--workers", -1, 256), default=-1, help=field_help("data.workers"))
+    p.add_argument("--workers", type=int_arg("--workers", -1, 256), default=-1, help=field_help("data.workers"))
     p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"), help=field_help("device"))
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in the output)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import checks
 from .checks import literal_choices
 from .config import RunConfig
 
@@ -212,3 +213,13 @@ def add_recipe(parser: Any, default: str | None = "reference") -> None:
                         help="reference: CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: the "
                              f"demo's CPU budget, {quick} (minutes on a CPU). Options and key=value overrides change "
                              "single values of either")
+
+
+def int_arg(name: str, lo: int, hi: int | None = None) -> Any:
+    """An argparse type: an integer in [lo, hi], else a one-line error with the option's name (checks.number)."""
+    return checks.arg(checks.number, name, checks.Range(lo, hi, integer=True), convert=int)
+
+
+def section_keys(section: str) -> list[str]:
+    """The flagged config keys of one section ("adapter", "train", ...)."""
+    return [f.key for f in config_flags() if f.section == section]

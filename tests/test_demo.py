@@ -107,7 +107,7 @@ def test_demo_refuses_to_overwrite(demo_run, capsys):
 def test_predict_on_the_demo_examples(demo_run, capsys):
     code, out = demo_run
     capsys.readouterr()
-    assert main(["predict", "--adapter", str(out / "adapter"), str(out / "examples"), "--topk", "2", "--json"]) == 0
+    assert main(["predict", "--adapter", str(out / "adapter"), str(out / "examples"), "--topk", "2", "--jsonl"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines
     assert len(rows) == 10 and all(len(row["top"]) == 2 for row in rows)
     # the closing line's command gives the demo's own example predictions

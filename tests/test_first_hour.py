@@ -209,7 +209,7 @@ def test_python_saved_adapter_records_what_the_cli_needs(capsys, tmp_path):
                            template="a {} thing.", logit_scale=50.0, pretrained=None)
     code, out, err = cli(capsys, "predict", "--adapter", tmp_path / "full", image, "--json")
     assert code == 0, err
-    row = json.loads(out)
+    (row,) = json.loads(out)  # --json: one array
     assert [t["class"] for t in row["top"]] in (["red", "blue"], ["blue", "red"])
     with pytest.raises(BlockLoRAError, match="needs backbone="):
         blocklora.save_adapter(backbone.model, tmp_path / "x", classnames=["a", "b"])
@@ -286,8 +286,8 @@ def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp
         Image.new("RGB", (24, 24), (i * 3, 100, 200 - i)).save(inbox / f"img_{i:03d}.png")
     (inbox / "img_010b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (inbox / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    code, out, err = cli(capsys, "predict", "--adapter", tiny_run, inbox, "--json", "--topk", "1")
-    rows = [json.loads(line) for line in out.splitlines()]
+    code, out, err = cli(capsys, "predict", "--adapter", tiny_run, inbox, "--jsonl", "--topk", "1")
+    rows = [json.loads(line) for line in out.splitlines()]  # one line per image, as it is done
     assert len(rows) == 70 and all(len(r["top"]) == 1 for r in rows)
     assert [Path(r["image"]).name for r in rows] == [f"img_{i:03d}.png" for i in range(70)]
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]

@@ -61,7 +61,7 @@ def test_predict(trained, capsys):
     capsys.readouterr()
     assert main(["predict", "--adapter", str(out / "adapter"), str(root / "test" / "red_apple"), "--json",
                  "--topk", "2"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines
+    rows = json.loads(capsys.readouterr().out)  # one JSON array
     assert len(rows) == 6 and all(len(r["top"]) == 2 for r in rows)
     assert all(abs(sum(t["prob"] for t in r["top"]) - 1) < 0.5 for r in rows)
     assert sum(r["top"][0]["class"] == "red apple" for r in rows) >= 3

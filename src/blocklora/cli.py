@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import checks
-from .config import CLASS_SUBSETS, EVAL_SPLITS
+from .config import CLASS_SUBSETS
 from .errors import BlockLoRAError, DataError, one_line
 
 if TYPE_CHECKING:
@@ -24,19 +24,17 @@ from .flags import (
     add_config_flags,
     add_overrides,
     add_recipe,
+    data_options,
+    eval_options,
     field_help,
     int_arg,
     run_config,
     section_keys,
+    trained_options,
 )
 
 log = logging.getLogger("blocklora")
 
-
-def _data_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help=field_help("data.dataset"))
-    g.add_argument("--root", default="", help=field_help("data.root"))
 
 
 # -- commands --------------------------------------------------------------------------------------------------------
@@ -156,10 +154,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = meta["run"]
     kind = run.get("loss", "softmax")  # the probabilities the adapter was trained for
     logits = Logits(run.get("logit_scale", 100.0), run.get("logit_bias"), kind)
-    if not args.json:
+    if not (args.json or args.jsonl):
         print("probabilities: " + ("SigLIP's per-class sigmoid (each class on its own; they need not sum to 1)"
                                    if kind == "sigmoid" else "softmax over the classes"), flush=True)
     bad: list[dict[str, str]] = []
+    done: list[dict[str, Any]] = []  # --json: one array at the end
     # one row per image as its batch is done (JSON lines with --json), unreadable files reported and skipped
     rows = iter_predictions(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
     with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
@@ -170,8 +169,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 bar.write(f"skipped: {row['error']}", file=sys.stderr)
             else:
                 best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
-                bar.write(json.dumps(row) if args.json else f"{row['image']}: {best}", file=sys.stdout)
+                if args.json:
+                    done.append(row)
+                    continue
+                bar.write(json.dumps(row) if args.jsonl else f"{row['image']}: {best}", file=sys.stdout)
                 sys.stdout.flush()  # each row as it is done, also into a pipe
+    if args.json:
+        print(_json(done))
     if bad:
         raise DataError(f"{len(bad)} of {len(images)} images could not be read and have no prediction, first: "
                         f"{bad[0]['error'].removeprefix('cannot read image ')}: fix or remove them")
@@ -264,15 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --peft-adapter: the backbone (default: the adapter's own record)")
     p.add_argument("--template", default=None, type=checks.arg(checks.template, "--template"),
                    help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
-    _data_options(p)
-    _eval_options(p)
+    data_options(p)
+    eval_options(p)
     p.add_argument("--classes", choices=CLASS_SUBSETS, default="all", help=field_help("data.classes"))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset")
     add_config_flags(p, keys=("model", "pretrained", "quick_gelu", "tokenizer"))
-    _data_options(p)
-    _eval_options(p, trained=False)
+    data_options(p)
+    eval_options(p, trained=False)
     p.add_argument("--template", default="a photo of a {}.", type=checks.arg(checks.template, "--template"),
                    help=field_help("train.template"))
     p.add_argument("--dataset-template", action="store_true", help="use the dataset's hand-made template (CoOp)")
@@ -283,9 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     p.add_argument("--topk", type=int_arg("--topk", 1, 100_000), default=5, help="class names shown per image")
-    _trained_options(p)
+    trained_options(p)
     p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"), help=field_help("device"))
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
+    p.add_argument("--json", action="store_true", help="print one JSON array of every image's result at the end")
+    p.add_argument("--jsonl", action="store_true", help="print one JSON object per image and line as it is done")
     p.set_defaults(func=cmd_predict)
 
     from .export_forms import export_description
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip: a .safetensors or .pt file, or a folder (open_clip's local-dir format, which "
                         "records the activation); transformers and effnet-minilm: a folder (a name without a "
                         "suffix)")
-    _trained_options(p)
+    trained_options(p)
     p.add_argument("--format", choices=("merged", "peft"), default="merged",
                    help="merged: the adapter folded into the weights; peft: a PEFT LoRA adapter folder "
                         "(adapter_config.json + adapter_model.safetensors) for transformers backbones")
@@ -334,29 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADAPTER_HELP = "a trained adapter: the adapter folder of a run (RUN/adapter), or the run folder holding it"
-
-
-def _trained_options(p: argparse.ArgumentParser) -> None:
-    """The options of the subcommands that load a trained adapter."""
-    p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them "
-                                                      "(default: the path the adapter recorded)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help=field_help("tokenizer") +
-                   " (default: the one the adapter recorded)")
-    p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
-
-
-def _eval_options(p: argparse.ArgumentParser, trained: bool = True) -> None:
-    p.add_argument("--split", choices=(*EVAL_SPLITS, "train"), default="test", help="the split evaluated")
-    p.add_argument("--batch-size", type=int_arg("--batch-size", 1, 65536), default=128,
-                   help="evaluation batch size (accuracy does not depend on it)")
-    p.add_argument("--limit", "--test-images", dest="limit", type=int_arg("--limit", 1), default=None,
-                   help=field_help("eval.limit") + " (default: every image)")
-    p.add_argument("--workers", type=int_arg("--workers", -1, 256), default=-1, help=field_help("data.workers"))
-    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"), help=field_help("device"))
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in the output)")
-    if trained:
-        _trained_options(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

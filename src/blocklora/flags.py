@@ -24,7 +24,7 @@ from typing import Any
 
 from . import checks
 from .checks import literal_choices
-from .config import RunConfig
+from .config import EVAL_SPLITS, RunConfig
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
@@ -223,3 +223,33 @@ def int_arg(name: str, lo: int, hi: int | None = None) -> Any:
 def section_keys(section: str) -> list[str]:
     """The flagged config keys of one section ("adapter", "train", ...)."""
     return [f.key for f in config_flags() if f.section == section]
+
+
+# -- option groups of the subcommands that read data or a trained adapter --------------------------------------
+def data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help=field_help("data.dataset"))
+    g.add_argument("--root", default="", help=field_help("data.root"))
+
+
+def trained_options(p: argparse.ArgumentParser) -> None:
+    """The options of the subcommands that load a trained adapter."""
+    p.add_argument("--pretrained", default=None, help="the backbone weights, if not where training found them "
+                                                      "(default: the path the adapter recorded)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help=field_help("tokenizer") +
+                   " (default: the one the adapter recorded)")
+    p.add_argument("--force", action="store_true", help="load even if the backbone fingerprint differs")
+
+
+def eval_options(p: argparse.ArgumentParser, trained: bool = True) -> None:
+    p.add_argument("--split", choices=(*EVAL_SPLITS, "train"), default="test", help="the split evaluated")
+    p.add_argument("--batch-size", type=int_arg("--batch-size", 1, 65536), default=128,
+                   help="evaluation batch size (accuracy does not depend on it)")
+    p.add_argument("--limit", "--test-images", dest="limit", type=int_arg("--limit", 1), default=None,
+                   help=field_help("eval.limit") + " (default: every image)")
+    p.add_argument("--workers", type=int_arg("--workers", -1, 256), default=-1, help=field_help("data.workers"))
+    p.add_argument("--device", default="auto", type=checks.arg(checks.device, "--device"), help=field_help("device"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (listed in the output)")
+    if trained:
+        trained_options(p)

@@ -61,7 +61,10 @@ def load_backbone(name: str, pretrained: str | None = AUTO, quick_gelu: str = "a
         if spec != name[3:] and not os.path.isdir(spec) and (os.path.sep in spec or os.path.splitext(spec)[1]):
             raise BackboneError(f"--pretrained {spec}: no such folder; for hf: models --pretrained names the "
                                 "transformers model folder (or hub id) to load, by default the --model folder")
-        return hf.load(spec, quick_gelu, recorded_quick_gelu, tokenizer)
+        backbone = hf.load(spec, quick_gelu, recorded_quick_gelu, tokenizer)
+        if text:
+            backbone.tokenizer  # noqa: B018 - loaded now: one out of reach fails before any image is read
+        return backbone
     if name == "effnet-minilm":
         if quick_gelu != "auto":
             raise BackboneError("--quick-gelu does not apply to effnet-minilm (EfficientNet + MiniLM have no CLIP "

@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the cells that can be reused
 
 A cell (one method, K and seed; or one linear probe) is reused only when it was measured with the same recipe (the
-hash of its run config, or of the probe's settings) AND the same code (code_version: the package source, the probe,
-the torch version): from its run directory in --work, or from the committed RESULTS/NAME.json. The run says how
+hash of its run config, or of the probe's settings) AND the same code (code_version: the package source and the probe, comments and
+docstrings aside, and the torch version): from its run directory in --work, or from the committed RESULTS/NAME.json. The run says how
 many cells it reuses and when they were measured; --fresh measures all. Each cell records its recipe, code,
 machine and date, and the JSON nothing else that varies, so a run that measures nothing leaves it as it is.
 
@@ -29,6 +29,7 @@ n8_own_masks=block_lora_n8,adapter.dropout_mask=per_projection`; `train.frozen_d
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import inspect
 import json
@@ -82,15 +83,28 @@ PRESENTATION_ONLY = ("cli.py", "__main__.py", "flags.py", "summarize.py", "summa
 
 
 # -- what a cell was measured with ---------------------------------------------------------------------------------
+def code_text(source: str) -> str:
+    """What of a Python source can change a number: its syntax tree without docstrings (comments, docstrings and
+    layout cannot), so recording measured numbers in a module's docstring does not make its cells stale."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                   str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def code_version() -> str:
-    """sha256 (16 hex) of the package source (but PRESENTATION_ONLY), this script's probe code and torch's version."""
+    """sha256 (16 hex) of the package's code (code_text; but PRESENTATION_ONLY), the probe's code and torch's version."""
     h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
     package = ROOT / "src" / "blocklora"
     for path in sorted(package.rglob("*.py")):
         if path.name not in PRESENTATION_ONLY:
             h.update(f"{path.relative_to(package)}\n".encode())
-            h.update(path.read_bytes())
-    h.update(inspect.getsource(probe_code).encode())
+            h.update(code_text(path.read_text(encoding="utf-8")).encode())
+    h.update(code_text(inspect.getsource(probe_code)).encode())
     return h.hexdigest()[:16]
 
 

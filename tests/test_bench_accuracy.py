@@ -101,3 +101,12 @@ def test_fresh_reuses_nothing(bench, measured):
     results, work, _ = measured
     out = _main(bench, TINY + ["--results", str(results), "--work", str(work), "--report-only", "--fresh"])
     assert "plan: 2 cells: 0 to reuse, 2 to measure" in out
+
+
+def test_the_code_version_ignores_comments_and_docstrings_but_not_code(bench):
+    source = 'def f(x):\n    """Measured: 73.55%."""\n    return x + 1  # why\n'
+    same = '"""Module notes."""\ndef f(x):\n    """Measured: 74.10% (new numbers)."""\n\n    return x + 1\n'
+    other = 'def f(x):\n    """Measured: 73.55%."""\n    return x + 2  # why\n'
+    assert bench.code_text(source) == bench.code_text(same)
+    assert bench.code_text(source) != bench.code_text(other)
+    assert bench.code_text('def g():\n    """Only a docstring."""\n') == bench.code_text("def g():\n    pass\n")

@@ -5,10 +5,12 @@
     .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the cells that can be reused
 
 A cell (one method, K and seed; or one linear probe) is reused only when it was measured with the same recipe (the
-hash of its run config, or of the probe's settings) AND the same code (code_version: the package source and the probe, comments and
-docstrings aside, and the torch version): from its run directory in --work, or from the committed RESULTS/NAME.json. The run says how
-many cells it reuses and when they were measured; --fresh measures all. Each cell records its recipe, code,
-machine and date, and the JSON nothing else that varies, so a run that measures nothing leaves it as it is.
+hash of its run config, or of the probe's settings) AND the same code (code_version: the package source and the
+probe, comments and docstrings aside, and the torch version): from its run directory in --work, or from the
+committed RESULTS/NAME.json. The run says how many cells it reuses and when they were measured; --fresh measures
+all. Each cell records its recipe, code, machine and date, and the JSON nothing else that varies, so a run that
+measures nothing leaves it as it is. Tables give mean ± std over seeds and, since every method sees the same K-shot
+draw at a given seed, paired differences against LoRA and the probe (mean ± standard error of the per-seed gaps).
 
 Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, the same for every run), for K in
 {1, 4, 16} shots per class and seeds 1-6:
@@ -97,7 +99,7 @@ def code_text(source: str) -> str:
 
 
 def code_version() -> str:
-    """sha256 (16 hex) of the package's code (code_text; but PRESENTATION_ONLY), the probe's code and torch's version."""
+    """sha256 (16 hex) of the package's code (code_text; not PRESENTATION_ONLY), the probe's code, torch's version."""
     h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
     package = ROOT / "src" / "blocklora"
     for path in sorted(package.rglob("*.py")):
@@ -277,8 +279,21 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
                 row[name] = {**_stats([c["top1"] for c in runs]), "params": runs[0]["trainable_params"],
                              "wall_s": round(statistics.fmean(c["wall_s"] for c in runs), 1),
                              "train_s": round(statistics.fmean(c["train_s"] for c in runs), 1)}
+                lora = {c["seed"]: c["top1"] for c in cells.values() if c["method"] == "lora" and c["shots"] == k}
+                probes = {v["seed"]: v["top1"] for v in probe.values() if v["shots"] == k}
+                for key, base in (("vs_lora", lora), ("vs_probe", probes)):
+                    diffs = [c["top1"] - base[c["seed"]] for c in runs if c["seed"] in base]
+                    if diffs and not (key == "vs_lora" and name == "lora"):
+                        row[name][key] = _paired(diffs)
         table[str(k)] = row
     return table
+
+
+def _paired(diffs: list[float]) -> dict[str, float]:
+    """Mean of per-seed differences (the same K-shot draw on both sides) and its standard error, in points."""
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return {"mean": round(statistics.fmean(diffs), 2), "se": round(se, 2) if math.isfinite(se) else None,
+            "n": len(diffs)}
 
 
 def markdown(table: dict[str, Any], shots) -> str:
@@ -299,7 +314,22 @@ def markdown(table: dict[str, Any], shots) -> str:
         cells = [f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "" for r in rows]
         wall = next((r.get("wall_s") for r in reversed(rows) if r and r.get("wall_s")), None)
         lines.append(f"| {label.get(name, name)} | {params:,} | " + " | ".join(cells) + f" | {wall if wall else ''} |")
-    return "\n".join(lines) + "\n"
+    paired = ["", "Paired differences, points (the same K-shot draw on both sides; mean ± standard error over seeds):",
+              "", "| method | " + " | ".join(f"vs LoRA, K={k}" for k in shots) + " | "
+              + " | ".join(f"vs probe, K={k}" for k in shots) + " |", "|" + "---|" * (2 * len(shots) + 1)]
+    for name in names:
+        rows = [table[str(k)].get(name) or {} for k in shots]
+        if not any("vs_probe" in r or "vs_lora" in r for r in rows):
+            continue
+        diff = [_diff(r.get(key)) for key in ("vs_lora", "vs_probe") for r in rows]
+        paired.append(f"| {label.get(name, name)} | " + " | ".join(diff) + " |")
+    return "\n".join(lines + (paired if len(paired) > 5 else [])) + "\n"
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    if not d:
+        return ""
+    return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d.get("se") is not None else f"{d['mean']:+.2f}"
 
 
 def plot(table: dict[str, Any], shots, path: Path, test_images: int) -> None:
@@ -417,11 +447,11 @@ def _targets(table: dict[str, Any], shots) -> None:
             continue
         for name in ("block_lora_n2", "block_lora_n4", "block_lora_n8", "block_lora_n16"):
             if name in row:
-                gap = row[name]["mean"] - row["lora"]["mean"]
                 share = row[name]["params"] / row["lora"]["params"]
-                probe = row.get("linear_probe", {}).get("mean", math.nan)
-                print(f"K={k} {name}: {gap:+.2f} points vs LoRA, {100 * share:.0f}% of its parameters, "
-                      f"{row[name]['mean'] - probe:+.2f} vs linear probe")
+                print(f"K={k} {name}: {_diff(row[name].get('vs_lora'))} points vs LoRA, {100 * share:.0f}% of its "
+                      f"parameters, {_diff(row[name].get('vs_probe'))} vs linear probe")
+        if "vs_probe" in row["lora"]:
+            print(f"K={k} lora: {_diff(row['lora']['vs_probe'])} points vs linear probe")
 
 
 if __name__ == "__main__":

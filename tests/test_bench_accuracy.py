@@ -110,3 +110,20 @@ def test_the_code_version_ignores_comments_and_docstrings_but_not_code(bench):
     assert bench.code_text(source) == bench.code_text(same)
     assert bench.code_text(source) != bench.code_text(other)
     assert bench.code_text('def g():\n    """Only a docstring."""\n') == bench.code_text("def g():\n    pass\n")
+
+
+def test_paired_differences_compare_the_same_draws(bench):
+    def cell(method, seed, top1):
+        return {"method": method, "shots": 4, "seed": seed, "top1": top1, "zero_shot_top1": 25.0,
+                "trainable_params": 10, "wall_s": 1.0, "train_s": 1.0}
+
+    cells = {f"{m}_K4_s{s}": cell(m, s, t) for m, s, t in
+             [("lora", 1, 60.0), ("lora", 2, 70.0), ("lora", 3, 80.0),
+              ("block_lora_n8", 1, 59.0), ("block_lora_n8", 2, 68.0), ("block_lora_n8", 3, 77.0)]}
+    probe = {f"K4_s{s}": {"top1": t, "shots": 4, "seed": s, "params": 5} for s, t in [(1, 59.0), (2, 71.0), (3, 80.0)]}
+    row = bench.aggregate(cells, probe, [4])["4"]
+    # Per seed: -1, -2, -3 against LoRA (mean -2, std 1, s.e. 1/sqrt(3)); the unpaired means differ by the same -2.
+    assert row["block_lora_n8"]["vs_lora"] == {"mean": -2.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}
+    assert row["lora"]["vs_probe"] == {"mean": 0.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}  # +1, -1, 0
+    assert "vs_lora" not in row["lora"]
+    assert "| Block-LoRA n=8 | -2.00 ± 0.58 |" in bench.markdown({"4": row}, [4])

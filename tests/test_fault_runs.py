@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import blocklora.engine.checkpoint as checkpoint
+import blocklora.api as api
 from blocklora.cli import main
 from gen_data import make_folder_dataset
 from test_fault_matrix import FAST, cli, refused, train_args
@@ -34,17 +34,17 @@ def data(tmp_path_factory) -> Path:
 def interrupted(data: Path, out: Path, *extra: str) -> list[str]:
     """A run stopped right after its first checkpoint (as a kill would); returns its arguments."""
     argv = [str(a) for a in train_args(data, out, "--iters", "12", "--checkpoint-every", "4", *extra)]
-    real = checkpoint.save_torch
+    real = api.save_torch  # the seam api.run writes checkpoints through
 
     def save_then_stop(path, obj):
         real(path, obj)
         raise KeyboardInterrupt
 
-    checkpoint.save_torch = save_then_stop
+    api.save_torch = save_then_stop
     try:
         assert main(argv) == 130
     finally:
-        checkpoint.save_torch = real
+        api.save_torch = real
     assert (out / "checkpoint.pt").exists() and not (out / "results.json").exists()
     return argv
 

@@ -31,7 +31,7 @@ from .config import RESUMABLE, RunConfig
 from .data import write_split_file
 from .data.fewshot import split_file_bytes
 from .engine import checkpoint
-from .engine.files import JsonlWriter, write_json
+from .engine.files import JsonlWriter, save_torch, write_json
 from .engine.fit import Trainer, TrainingDiverged, plan
 from .engine.results import RunResult
 from .engine.rundir import RunDir
@@ -127,8 +127,10 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
         checkpoint.resume(rd, trainer, sha, p.backbone)
     if main:
         checkpoint.truncate_metrics(rd.metrics, trainer.state.step)  # steps after the checkpoint are redone
+    # Checkpoints are written through this module's save_torch, the one seam a fault-injection test (or a user's
+    # script) replaces to stop a run right after a checkpoint, as a kill would.
     saver = checkpoint.Checkpoints(rd, sha, cfg.hash(), p.backbone.fingerprint, main,
-                                   trainer.state.step if resuming else None)
+                                   trainer.state.step if resuming else None, write=save_torch)
     tb = None
     if main:
         for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,14 +29,14 @@ class Checkpoints:
     weights' fingerprint."""
 
     def __init__(self, rd: RunDir, split_sha256: str, config_hash: str, fingerprint: str, main: bool,
-                 last_step: int | None = None) -> None:
-        self.rd, self.main = rd, main
+                 last_step: int | None = None, write: Callable[[Path, Any], None] = save_torch) -> None:
+        self.rd, self.main, self.write = rd, main, write  # write(path, obj): api.run passes api.save_torch
         self.stamp = {"split_sha256": split_sha256, "config_hash": config_hash, "weights_fingerprint": fingerprint}
         self.last_step = last_step  # None: nothing written yet
 
     def save(self, trainer: Trainer) -> None:
         if self.main:
-            save_torch(self.rd.checkpoint, {**trainer.state_dict(), **self.stamp})
+            self.write(self.rd.checkpoint, {**trainer.state_dict(), **self.stamp})
             self.last_step = trainer.state.step
 
     def kept(self) -> str:

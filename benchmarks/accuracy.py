@@ -273,15 +273,16 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
         lp = [v["top1"] for v in probe.values() if v["shots"] == k]
         if lp:
             row["linear_probe"] = {**_stats(lp), "params": next(v["params"] for v in probe.values())}
+        # The per-seed baselines the paired differences are taken against (the same K-shot draw per seed).
+        bases = {"vs_lora": {c["seed"]: c["top1"] for c in cells.values() if c["method"] == "lora" and c["shots"] == k},
+                 "vs_probe": {v["seed"]: v["top1"] for v in probe.values() if v["shots"] == k}}
         for name in (*METHODS, *ABLATIONS, *DIAGNOSTICS):
             runs = [c for c in cells.values() if c["method"] == name and c["shots"] == k]
             if runs:
                 row[name] = {**_stats([c["top1"] for c in runs]), "params": runs[0]["trainable_params"],
                              "wall_s": round(statistics.fmean(c["wall_s"] for c in runs), 1),
                              "train_s": round(statistics.fmean(c["train_s"] for c in runs), 1)}
-                lora = {c["seed"]: c["top1"] for c in cells.values() if c["method"] == "lora" and c["shots"] == k}
-                probes = {v["seed"]: v["top1"] for v in probe.values() if v["shots"] == k}
-                for key, base in (("vs_lora", lora), ("vs_probe", probes)):
+                for key, base in bases.items():
                     diffs = [c["top1"] - base[c["seed"]] for c in runs if c["seed"] in base]
                     if diffs and not (key == "vs_lora" and name == "lora"):
                         row[name][key] = _paired(diffs)
@@ -314,16 +315,18 @@ def markdown(table: dict[str, Any], shots) -> str:
         cells = [f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "" for r in rows]
         wall = next((r.get("wall_s") for r in reversed(rows) if r and r.get("wall_s")), None)
         lines.append(f"| {label.get(name, name)} | {params:,} | " + " | ".join(cells) + f" | {wall if wall else ''} |")
-    paired = ["", "Paired differences, points (the same K-shot draw on both sides; mean ± standard error over seeds):",
-              "", "| method | " + " | ".join(f"vs LoRA, K={k}" for k in shots) + " | "
-              + " | ".join(f"vs probe, K={k}" for k in shots) + " |", "|" + "---|" * (2 * len(shots) + 1)]
+    paired = []
     for name in names:
         rows = [table[str(k)].get(name) or {} for k in shots]
-        if not any("vs_probe" in r or "vs_lora" in r for r in rows):
-            continue
-        diff = [_diff(r.get(key)) for key in ("vs_lora", "vs_probe") for r in rows]
-        paired.append(f"| {label.get(name, name)} | " + " | ".join(diff) + " |")
-    return "\n".join(lines + (paired if len(paired) > 5 else [])) + "\n"
+        if any("vs_probe" in r or "vs_lora" in r for r in rows):
+            diff = [_diff(r.get(key)) for key in ("vs_lora", "vs_probe") for r in rows]
+            paired.append(f"| {label.get(name, name)} | " + " | ".join(diff) + " |")
+    if paired:
+        lines += ["", "Paired differences, points (the same K-shot draw on both sides; mean ± standard error over "
+                  "seeds):", "", "| method | " + " | ".join(f"vs LoRA, K={k}" for k in shots) + " | "
+                  + " | ".join(f"vs probe, K={k}" for k in shots) + " |", "|" + "---|" * (2 * len(shots) + 1),
+                  *paired]
+    return "\n".join(lines) + "\n"
 
 
 def _diff(d: dict[str, Any] | None) -> str:

@@ -58,3 +58,34 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --log tensorboard needs")
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path, capsys):
+    """Killed at step 4 with its last checkpoint at step 2: the resumed run's event files hold steps 1..6 once
+    each (SummaryWriter's purge_step drops the stale 3 and 4), equal to its metrics.jsonl."""
+    import blocklora.api as api
+
+    data = make_folder_dataset(tmp_path / "data", n_classes=3, train_per_class=2, test_per_class=2)
+    run = tmp_path / "run"
+    argv = ["train", "--model", "tiny-clip", "--pretrained", "none", "--dataset", "folder", "--root", str(data),
+            "--shots", "2", "--iters", "6", "--batch-size", "3", "--workers", "0", "--log", "tensorboard",
+            "--checkpoint-every", "2", "--no-zero-shot", "--output", str(run)]
+    real, calls = api.save_torch, []
+
+    def killed_at_second_checkpoint(path, obj):
+        calls.append(obj["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # before writing: the checkpoint on disk stays at step 2
+        real(path, obj)
+
+    api.save_torch = killed_at_second_checkpoint
+    try:
+        assert main(argv) == 130
+    finally:
+        api.save_torch = real
+    assert calls == [2, 4] and [s for s, _ in _scalars(run / "tensorboard")["train/loss"]] == [1, 2, 3, 4]
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    scalars = _scalars(run / "tensorboard")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([line["loss"] for line in lines], rel=1e-6)

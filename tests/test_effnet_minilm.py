@@ -277,6 +277,48 @@ def test_export_loads_into_the_stock_modules(backbone, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _plain_1x1_convs(model: nn.Module) -> nn.Module:
+    """`model` with every 1x1, stride-1 Conv2dDynamicSamePadding replaced by an nn.Conv2d holding the same weights
+    (the same function: "same" padding is 0 for a 1x1 kernel). PEFT cannot wrap efficientnet-lite's own class: it
+    builds lora_A as type(base)(in, r, kernel, stride, padding, bias=False), and that class's fifth positional
+    argument is dilation (0: "non-positive dilation is not supported")."""
+    for name, conv in list(model.named_modules()):
+        if isinstance(conv, nn.Conv2d) and type(conv) is not nn.Conv2d and conv.kernel_size == (1, 1) \
+                and conv.stride == (1, 1) and conv.groups == 1:
+            plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+            plain.load_state_dict(conv.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_peft_export_of_the_1x1_convolutions_loads_in_peft(backbone, tmp_path, n):
+    """PEFT (the installed peft as the oracle) loads the exported adapter, LoRA on 31 1x1 convolutions (two 1x1
+    Conv2d each in PEFT), the head conv and the projection and on MiniLM, and computes blocklora's embeddings."""
+    peft = pytest.importorskip("peft")
+    from blocklora.peft_format import write_peft_adapter
+
+    bb = fresh(backbone)
+    inject(bb.model, AdapterConfig(n_blocks=n, method="lora" if n == 1 else "block_lora", projections="qkvo"))
+    randomize_adapters(bb.model, std=0.02)
+    images, tokens = _inputs(bb)
+    expected = _outputs(bb, images, tokens)
+    write_peft_adapter(bb.model, tmp_path / "peft", base_model="effnet-minilm")
+    targets = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    assert sum("_conv" in t for t in targets) == 16 + 15 + 1  # project convs, expand convs (o), head conv
+    frozen = fresh(backbone)
+    theirs = fresh(backbone)
+    theirs.model = _plain_1x1_convs(theirs.model)
+    for a, b in zip(_outputs(theirs, images, tokens), _outputs(frozen, images, tokens)):
+        assert torch.equal(a, b)  # the substitution itself changes nothing
+    theirs.model = peft.PeftModel.from_pretrained(theirs.model, str(tmp_path / "peft")).eval().base_model.model
+    assert sum(isinstance(m, peft.tuners.lora.Conv2d) for m in theirs.model.modules()) == 16 + 15 + 1
+    assert (expected[0] - _outputs(frozen, images, tokens)[0]).abs().max() > 1e-3  # the adapters change images
+    for mine, peft_out in zip(expected, _outputs(theirs, images, tokens)):
+        torch.testing.assert_close(peft_out, mine, rtol=1e-4, atol=1e-5)
+
+
 def test_conse_version_adapters_and_exports_are_refused_clearly(backbone, tmp_path):
     """blocklora 0.1.0's effnet-minilm (ConSE: the packaged classifier kept, images embedded as class-name mixtures)
     had the fingerprint of the packaged weights alone; its adapters fit this model's layers but not its embedding."""

@@ -290,6 +290,27 @@ def test_sigterm_then_ctrl_c_during_training_keeps_the_checkpoint(capsys, data, 
     proc.send_signal(signal.SIGINT)  # a second signal while the first unwinds
     _, err = proc.communicate(timeout=60)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 143 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    # The exit status as a shell reads it (a process killed by signal N: 128 + N). 143 when SIGTERM is handled
+    # first. On a loaded machine the timing varies: both signals can be pending when the main thread next checks
+    # (CPython then runs SIGINT's handler first: 130), or SIGINT can land after the CLI has put the default handler
+    # back on its way out (killed by SIGINT: 130). Which comes first is the next test's, exactly.
+    status = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
+    assert status in (143, 130) and "Traceback" not in err and len(errors) == 1, err[-2000:]
     state = torch.load(out / "checkpoint.pt", weights_only=True)  # intact: written atomically
     assert state["step"] % 5 == 0 and state["step"] >= 10
+
+
+def test_a_second_signal_exits_at_once_with_the_first_ones_code(monkeypatch, capsys):
+    """The handler itself: the first signal raises Interrupted (128 + its number), a second one while it unwinds
+    prints the one line and exits at once with the first signal's code."""
+    from blocklora import signals
+
+    exits: list[int] = []
+    monkeypatch.setattr(signals.os, "_exit", exits.append)
+    monkeypatch.setattr(signals, "_first", None)
+    monkeypatch.setattr(signals, "_reported", False)
+    with pytest.raises(signals.Interrupted) as first:
+        signals._handler(signal.SIGTERM, None)
+    assert first.value.exit_code == 143 and exits == []
+    signals._handler(signal.SIGINT, None)
+    assert exits == [143] and capsys.readouterr().err.splitlines() == [signals.MESSAGE]

@@ -60,7 +60,7 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path, capsys):
+def test_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path, capsys, monkeypatch):
     """Killed at step 4 with its last checkpoint at step 2: the resumed run's event files hold steps 1..6 once
     each (SummaryWriter's purge_step drops the stale 3 and 4), equal to its metrics.jsonl."""
     import blocklora.api as api
@@ -78,11 +78,9 @@ def test_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path, capsys):
             raise KeyboardInterrupt  # before writing: the checkpoint on disk stays at step 2
         real(path, obj)
 
-    api.save_torch = killed_at_second_checkpoint
-    try:
-        assert main(argv) == 130
-    finally:
-        api.save_torch = real
+    monkeypatch.setattr(api, "save_torch", killed_at_second_checkpoint)
+    assert main(argv) == 130
+    monkeypatch.undo()
     assert calls == [2, 4] and [s for s, _ in _scalars(run / "tensorboard")["train/loss"]] == [1, 2, 3, 4]
     assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
     scalars = _scalars(run / "tensorboard")

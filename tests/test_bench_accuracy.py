@@ -127,3 +127,17 @@ def test_paired_differences_compare_the_same_draws(bench):
     assert row["lora"]["vs_probe"] == {"mean": 0.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}  # +1, -1, 0
     assert "vs_lora" not in row["lora"]
     assert "| Block-LoRA n=8 | -2.00 ± 0.58 |" in bench.markdown({"4": row}, [4])
+
+
+@pytest.mark.parametrize("shots, extra", [
+    ([1], set()),
+    ([4], {"block_lora_n8_fold_mean", "block_lora_n8_kaiming_full"}),
+    ([16], {"lora_text_only", "block_lora_n8_text_only"}),
+])
+def test_ablations_and_diagnostics_run_only_at_a_k_asked_for(bench, tmp_path, shots, extra):
+    # `--shots 4` re-measures K = 4 alone: its ablations, but not the K = 16 diagnostics (no step budget asked for).
+    plan = bench.Grid(tmp_path, {}, {k: 2 for k in shots}, 40, fresh=False, run_missing=False)
+    assert bench.collect(plan, [1], shots, with_ablations=True) == {}  # nothing measured, nothing reusable
+    assert plan.missing == len(bench.METHODS) + len(extra)
+    assert extra == set(bench.ABLATIONS if 4 in shots else bench.DIAGNOSTICS if 16 in shots else ())
+    assert not any(tmp_path.iterdir())  # planning writes nothing

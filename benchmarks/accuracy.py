@@ -152,6 +152,7 @@ class Grid:
         self.unsaved = 0  # cells from run directories that the committed file does not hold as they are
         self.measured = 0
         self.missing = 0
+        self.stale = 0  # cells asked for that the committed file holds, but measured with another recipe or code
 
     def config(self, k: int, seed: int, overrides: tuple[str, ...]):
         return demo_config(shots=k, seed=seed, iters=self.iters[k], batch_size=BATCH, lr=lr_at(k),
@@ -167,6 +168,7 @@ class Grid:
         cfg = self.config(k, seed, overrides)
         out = self.work / key
         record = out / "bench_cell.json"  # the cell as measured in this run directory
+        self.stale += key in self.committed and not matches(self.committed[key], cfg.hash(), self.code)
         if not self.fresh and record.exists() and matches(json.loads(record.read_text()), cfg.hash(), self.code):
             return self._reuse("work", json.loads(record.read_text()), self.committed.get(key))
         if matches(self.committed.get(key), cfg.hash(), self.code):
@@ -197,6 +199,7 @@ class Grid:
         for s in seeds:
             for k in shots:
                 key, recipe = f"K{k}_s{s}", probe_recipe(k, s, self.test_images)
+                self.stale += key in committed and not matches(committed[key], recipe, self.code)
                 if matches(done.get(key), recipe, self.code):
                     cells[key] = self._reuse("work", done[key], committed.get(key))
                 elif matches(committed.get(key), recipe, self.code):
@@ -421,10 +424,10 @@ def main(argv=None) -> int:
     planned = len(collect(plan, seeds, shots, ablations, methods)) + len(plan.probes(seeds, shots, committed_probe))
     planned += plan.missing
     print(f"plan: {plan.summary(planned, planning=True)}", flush=True)
-    stale = len(committed) + len(committed_probe) - len(plan.reused["committed"])
-    if stale and not args.fresh:
-        print(f"plan: {stale} cells of the committed {results / f'{args.name}.json'} were measured with another "
-              "recipe or code version (or record none) and are not reused", flush=True)
+    if plan.stale and not args.fresh:
+        cells_word = "cell" if plan.stale == 1 else "cells"
+        print(f"plan: {plan.stale} {cells_word} of the committed {results / f'{args.name}.json'} were measured with "
+              "another recipe or code version (or record none) and are not reused", flush=True)
 
     grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
     probe = grid.probes(seeds, shots, committed_probe)

@@ -72,6 +72,7 @@ def test_a_rerun_reuses_says_so_and_rewrites_nothing(bench, measured):
     out = _main(bench, TINY + ["--results", str(results), "--work", str(work)])
     assert "2 cells: measured 0, reused 2 (2 from run directories in" in out and "--fresh" in out
     assert "nothing measured" in out
+    assert "measured with another recipe" not in out  # cells the work folder holds are not called stale
     assert {p.name: p.read_bytes() for p in results.iterdir()} == before
 
 
@@ -90,7 +91,9 @@ def test_other_code_or_recipe_is_not_reused(bench, measured, tmp_path, monkeypat
     before = (results / "accuracy.json").read_bytes()
     args = TINY + ["--results", str(results), "--work", str(work), "--report-only"]
     longer = [a if a != "2" else "3" for a in args]  # --iters 3: the adapter cell's recipe changed, the probe's not
-    assert "plan: 2 cells: 1 to reuse, 1 to measure" in _main(bench, longer)
+    out = _main(bench, longer)
+    assert "plan: 2 cells: 1 to reuse, 1 to measure" in out
+    assert "plan: 1 cell of the committed" in out and "measured with another recipe or code version" in out
     monkeypatch.setattr(bench, "code_version", lambda: "another-version")
     out = _main(bench, args)
     assert "plan: 2 cells: 0 to reuse, 2 to measure" in out and "2 missing" in out

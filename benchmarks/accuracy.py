@@ -16,7 +16,7 @@ Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, th
 {1, 4, 16} shots per class and seeds 1-6:
 - zero-shot (the frozen model, prompts "a photo of a {}.");
 - a linear probe (probe.py) on the frozen model's L2-normalised image features of the same K-shot draws;
-- LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8}: every adapter method runs the same recipe
+- LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8, 16}: every adapter method runs the same recipe
   (demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget and lr per K (ITERS, LRS: 240 steps and lr 8e-3 at K = 4). n = 32 and more do not divide
   the 144- and 240-channel widths;
@@ -393,7 +393,7 @@ def main(argv=None) -> int:
                    help="an extra row, run like --methods': METHOD's overrides plus these config keys (repeatable)")
     p.add_argument("--name", default="accuracy", help="output RESULTS/NAME.{json,md,png}; its cells may be reused")
     p.add_argument("--results", default=str(OUT), help="folder of the result files (default benchmarks/results)")
-    p.add_argument("--iters", type=int, default=None, help="steps at every K (default: 60 / 120 / 200 at K=1/4/16)")
+    p.add_argument("--iters", type=int, default=None, help="steps at every K (default: 60 / 240 / 200 at K=1/4/16)")
     p.add_argument("--test-images", type=int, default=TEST_IMAGES, help="size of the fixed test subset")
     args = p.parse_args(argv)
     for spec in args.variant:

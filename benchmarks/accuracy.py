@@ -168,10 +168,13 @@ class Grid:
         cfg = self.config(k, seed, overrides)
         out = self.work / key
         record = out / "bench_cell.json"  # the cell as measured in this run directory
-        self.stale += key in self.committed and not matches(self.committed[key], cfg.hash(), self.code)
-        if not self.fresh and record.exists() and matches(json.loads(record.read_text()), cfg.hash(), self.code):
-            return self._reuse("work", json.loads(record.read_text()), self.committed.get(key))
-        if matches(self.committed.get(key), cfg.hash(), self.code):
+        recipe = cfg.hash()
+        in_file = matches(self.committed.get(key), recipe, self.code)
+        self.stale += key in self.committed and not in_file
+        measured = json.loads(record.read_text()) if not self.fresh and record.exists() else None
+        if matches(measured, recipe, self.code):
+            return self._reuse("work", measured, self.committed.get(key))
+        if in_file:
             return self._reuse("committed", self.committed[key])
         if not self.run_missing:
             self.missing += 1
@@ -185,7 +188,7 @@ class Grid:
         cell = {"method": name, "shots": k, "seed": seed, "top1": r.top1, "zero_shot_top1": r.zero_shot_top1,
                 "trainable_params": r.trainable_params, "wall_s": r.wall_time_s["total"],
                 "train_s": r.wall_time_s["train"], "iters": r.iters, "n_test": r.n_test,
-                "split_sha256": r.split_sha256, **stamp(cfg.hash(), self.code)}
+                "split_sha256": r.split_sha256, **stamp(recipe, self.code)}
         write_json(record, cell)
         return cell
 
@@ -199,10 +202,11 @@ class Grid:
         for s in seeds:
             for k in shots:
                 key, recipe = f"K{k}_s{s}", probe_recipe(k, s, self.test_images)
-                self.stale += key in committed and not matches(committed[key], recipe, self.code)
+                in_file = matches(committed.get(key), recipe, self.code)
+                self.stale += key in committed and not in_file
                 if matches(done.get(key), recipe, self.code):
                     cells[key] = self._reuse("work", done[key], committed.get(key))
-                elif matches(committed.get(key), recipe, self.code):
+                elif in_file:
                     cells[key] = self._reuse("committed", committed[key])
                 elif self.run_missing:
                     todo.append((k, s, key, recipe))

@@ -17,7 +17,7 @@ Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, th
 - zero-shot (the frozen model, prompts "a photo of a {}.");
 - a linear probe (probe.py) on the frozen model's L2-normalised image features of the same K-shot draws;
 - LoRA (r = 2) and Block-LoRA (r = 2) with n_blocks in {2, 4, 8, 16}: every adapter method runs the same recipe
-  (demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
+  (pipeline/demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget and lr per K (ITERS, LRS: 240 steps and lr 8e-3 at K = 4). n = 32 and more do not divide
   the 144- and 240-channel widths;
 - ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A's init with the full width's fan-in.
@@ -52,9 +52,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import probe as probe_code  # noqa: E402  (benchmarks/probe.py)
-from blocklora.api import run  # noqa: E402
-from blocklora.demo import BATCH, LR, TEST_IMAGES, demo_config  # noqa: E402  (the demo: the n=8, K=16 cell)
 from blocklora.engine.files import write_json  # noqa: E402
+from blocklora.pipeline.demo import BATCH, LR, TEST_IMAGES, demo_config  # noqa: E402  (the demo: the n=8, K=16 cell)
+from blocklora.pipeline.run import run  # noqa: E402
 from probe import PENALTIES, linear_probe  # noqa: E402
 
 SHOTS = (1, 4, 16)
@@ -94,8 +94,8 @@ DIAGNOSTICS: dict[str, tuple[str, ...]] = {
 DIAGNOSTIC_SHOTS = 16
 OUT = ROOT / "benchmarks" / "results"
 # The package's source files decide every number here, except those that only parse, schedule or print.
-PRESENTATION_ONLY = ("cli.py", "__main__.py", "flags.py", "summarize.py", "summary_tables.py", "sweep.py",
-                     "sweep_runner.py")
+PRESENTATION_ONLY = ("cli.py", "__main__.py", "flags.py", "summarize.py", "tables.py", "sweep.py",
+                     "runner.py")
 
 
 # -- what a cell was measured with ---------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ Step time: per model, the training step of benchmarks/step_cost.py (Block-LoRA d
 and loss under Runtime.autocast(), backward through the runtime's GradScaler, AdamW) built once per precision in
 ONE process and stepped in turn (round-robin: load changes on a shared machine hit both alike), median of --rounds
 steps after --warmup. Models: ViT-B/16 (open_clip, random weights, 224 px, batch 8, 100 class prompts) and the
-demo's model with its packaged weights (blocklora.demo: batch 8, its dataset's 10 classes). Also one matrix product
-alone in fp32 and bf16 (does this CPU's bf16 GEMM pay at all?).
+demo's model with its packaged weights (blocklora.pipeline.demo: batch 8, its dataset's 10 classes). Also one matrix
+product alone in fp32 and bf16 (does this CPU's bf16 GEMM pay at all?).
 
-Accuracy (--accuracy-seeds): the demo's run (blocklora.demo.demo_config: model, dataset, shots, steps, test subset)
-once per seed and precision, zero-shot skipped; top-1 mean and standard deviation per precision, and the training
-wall time of each run (the real loop, data loading included). Finished runs in --work are read back, not redone.
+Accuracy (--accuracy-seeds): the demo's run (blocklora.pipeline.demo.demo_config: model, dataset, shots, steps, test
+subset) once per seed and precision, zero-shot skipped; top-1 mean and standard deviation per precision, and the
+training wall time of each run (the real loop, data loading included). Finished runs in --work are read back, not
+redone.
 
 Writes --output (default benchmarks/results/cpu_precision.json; the part not rerun is kept) and prints a table.
 """
@@ -106,9 +107,9 @@ def step_times(models: list[dict[str, Any]], threads: int, warmup: int, rounds: 
 
 
 def accuracy(seeds: list[int], work: Path) -> dict[str, Any]:
-    from blocklora.api import run
-    from blocklora.demo import MODEL, demo_config
     from blocklora.engine.rundir import RunDir
+    from blocklora.pipeline.demo import MODEL, demo_config
+    from blocklora.pipeline.run import run
 
     cells = []
     for seed in seeds:
@@ -129,7 +130,7 @@ def accuracy(seeds: list[int], work: Path) -> dict[str, Any]:
                               "std": round(statistics.stdev(top), 2) if len(top) > 1 else 0.0,
                               "train_s_mean": round(statistics.mean(c["train_s"] for c in cells
                                                                     if c["precision"] == precision), 1)}
-    return {"model": MODEL, "recipe": "blocklora.demo.demo_config, eval.zero_shot=false", "seeds": seeds,
+    return {"model": MODEL, "recipe": "blocklora.pipeline.demo.demo_config, eval.zero_shot=false", "seeds": seeds,
             "cells": cells, "summary": summary}
 
 
@@ -152,7 +153,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from blocklora.demo import BATCH, MODEL
+    from blocklora.pipeline.demo import BATCH, MODEL
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))

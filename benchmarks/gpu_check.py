@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import blocklora.api  # noqa: F401
+    import blocklora.pipeline.run  # noqa: F401
 
     gc.freeze()  # the libraries' objects stay out of every later gc.collect (free() runs one per configuration)
     if args.models:

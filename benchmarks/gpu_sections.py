@@ -149,7 +149,7 @@ def train_amp_section(plan, base) -> dict[str, Any]:
     import torch
 
     from blocklora.adapters.inject import adapter_state_dict
-    from blocklora.config import RunConfig, TrainConfig
+    from blocklora.config.run_config import RunConfig, TrainConfig
     from blocklora.data.types import Item
     from blocklora.engine.fit import Trainer
     from blocklora.engine.runtime import make_runtime

@@ -60,7 +60,7 @@ import os, sys, time
 t0 = time.perf_counter()
 import torch, torchvision, open_clip
 import blocklora.engine.fit as fit
-from blocklora.cli import main
+from blocklora.cli.main import main
 t1 = time.perf_counter()
 real = fit.Trainer.fit
 def until_first_step(self, on_step=None, checkpoint=None):

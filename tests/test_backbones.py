@@ -17,7 +17,7 @@ from PIL import Image
 from blocklora.backbones import hf, load_backbone
 from blocklora.backbones.network import hub_reachable
 from blocklora.backbones.openclip_sources import load_tokenizer, preprocess_for
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.errors import BackboneError
 from families import FAMILIES, register, save_hf_checkpoint, save_tokenizer
 from gen_data import make_folder_dataset

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from blocklora.cli import build_parser, main
-from blocklora.config import RunConfig
+from blocklora.cli.flags import config_flags, run_config
+from blocklora.cli.main import build_parser, main
+from blocklora.config.run_config import RunConfig
 from blocklora.errors import ConfigError
-from blocklora.flags import config_flags, run_config
 from gen_data import make_folder_dataset
 
 

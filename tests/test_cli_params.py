@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 
 
 def test_params_vit_b16_figures(capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blocklora import ConfigError
-from blocklora.config import RunConfig
+from blocklora.config.run_config import RunConfig
 from blocklora.engine.fit import lr_lambda
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.cli import main
-from blocklora.demo import ITERS, SHOTS, TEST_IMAGES, demo_config, summary_lines
+from blocklora.cli.main import main
 from blocklora.engine.rundir import RunDir
+from blocklora.pipeline.demo import ITERS, SHOTS, TEST_IMAGES, demo_config, summary_lines
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def _evaluated(out: Path):
     import torch
 
     from blocklora.adapters.inject import adapters_disabled
-    from blocklora.api import load_trained
     from blocklora.data import evenly_spaced, load_dataset
     from blocklora.engine import evaluate as ev
+    from blocklora.pipeline.run import load_trained
 
     data = load_dataset("fashion-mnist", None)
     items = evenly_spaced(data.test, 120)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.engine.distributed import Launch, from_env
 from blocklora.errors import ConfigError
 from gen_data import make_folder_dataset

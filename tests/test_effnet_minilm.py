@@ -297,7 +297,7 @@ def test_peft_export_of_the_1x1_convolutions_loads_in_peft(backbone, tmp_path, n
     """PEFT (the installed peft as the oracle) loads the exported adapter, LoRA on 31 1x1 convolutions (two 1x1
     Conv2d each in PEFT), the head conv and the projection and on MiniLM, and computes blocklora's embeddings."""
     peft = pytest.importorskip("peft")
-    from blocklora.peft_format import write_peft_adapter
+    from blocklora.interop.peft import write_peft_adapter
 
     bb = fresh(backbone)
     inject(bb.model, AdapterConfig(n_blocks=n, method="lora" if n == 1 else "block_lora", projections="qkvo"))
@@ -355,8 +355,8 @@ def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypat
     asserted an 8-point margin. (A hand-rolled loop at a constant lr for 60 steps was not reliable: 15-37% over four
     initialisations of A on the ConSE model; the recipe's cosine decay is what makes the last iterate good.)
     """
-    from blocklora.api import run
-    from blocklora.demo import demo_config
+    from blocklora.pipeline.demo import demo_config
+    from blocklora.pipeline.run import run
 
     monkeypatch.setenv("BLOCKLORA_CACHE", str(tmp_path / "cache"))  # compute zero-shot here, not from a user cache
     cfg = demo_config(shots=4, seed=1, iters=120, test_images=500, device="cpu", overrides=("data.workers=0",))

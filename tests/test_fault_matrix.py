@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.ownership import MARKER
 from gen_data import make_folder_dataset
 

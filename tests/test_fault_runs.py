@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import blocklora.api as api
-from blocklora.cli import main
+import blocklora.pipeline.run as api
+from blocklora.cli.main import main
 from gen_data import make_folder_dataset
 from test_fault_matrix import FAST, cli, refused, train_args
 

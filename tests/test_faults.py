@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from gen_data import make_folder_dataset
 
 FAST = ["--model", "tiny-clip", "--pretrained", "none", "--workers", "0", "--batch-size", "8", "--lr", "1e-2"]
@@ -194,7 +194,7 @@ def dying_write(path, write):
         return real_write(path, half)
     return real_write(path, write)
 files.atomic_write = dying_write
-from blocklora.cli import main
+from blocklora.cli.main import main
 main({_long_run(data, out)!r})
 """
     proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True)

@@ -15,8 +15,8 @@ from PIL import Image
 
 import blocklora
 from blocklora.backbones import default_pretrained, load_backbone
-from blocklora.cli import build_parser, main
-from blocklora.config import RECIPES, RunConfig, recipe_overrides
+from blocklora.cli.main import build_parser, main
+from blocklora.config.run_config import RECIPES, RunConfig, recipe_overrides
 from blocklora.errors import BackboneError, BlockLoRAError
 from conftest import make_hf_dir
 from gen_data import make_folder_dataset
@@ -95,8 +95,8 @@ def test_hf_pretrained_is_used_not_recorded_silently(capsys, data, tmp_path):
 
 # -- the CPU recipe and the plan ---------------------------------------------------------------------------------------
 def test_quick_recipe_is_one_table_used_by_train_and_demo():
-    from blocklora.demo import demo_config
-    from blocklora.flags import run_config as _run_config
+    from blocklora.cli.flags import run_config as _run_config
+    from blocklora.pipeline.demo import demo_config
 
     args = build_parser().parse_args(["train", "--model", "tiny-clip", "--recipe", "quick", "--output", "x",
                                       "--dataset", "folder"])
@@ -261,7 +261,7 @@ def test_transformers_exports_get_id2label_and_folder_only_families_refuse_a_fil
 
 
 def test_effnet_minilm_export_is_a_folder_never_a_file_named_like_one():
-    from blocklora.trained import check_export_path
+    from blocklora.pipeline.trained import check_export_path
 
     with pytest.raises(BlockLoRAError, match=r"effnet-minilm exports a folder \(a folder: visual.safetensors"):
         check_export_path("effnet-minilm", Path("out/merged.safetensors"))

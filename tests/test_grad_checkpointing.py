@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from blocklora import AdapterConfig, inject
 from blocklora.backbones import load_backbone
-from blocklora.cli import main
+from blocklora.cli.main import main
 from conftest import make_hf_dir, randomize_adapters
 from gen_data import make_folder_dataset
 

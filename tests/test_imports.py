@@ -142,3 +142,16 @@ assert not loaded, loaded
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "loaded: []"
+
+
+def test_the_application_sits_in_folders_and_old_module_paths_still_import():
+    """The top of the package holds only what both products share; each module of an earlier version's flat layout
+    (`blocklora.api`, `blocklora.peft_format`, ...) imports as the very module object at its new path."""
+    import importlib
+
+    top = sorted(p.stem for p in SRC.glob("*.py"))
+    assert top == ["__init__", "__main__", "_version", "checks", "choices", "errors", "ownership"], top
+    for old, new in blocklora._MOVED.items():
+        assert importlib.import_module(f"blocklora.{old}") is importlib.import_module(f"blocklora.{new}"), old
+    assert all(not n.startswith("_") or n == "__version__" for n in dir(blocklora)), dir(blocklora)
+    assert {"inject", "AdapterConfig", "__version__"} <= set(dir(blocklora))

@@ -31,7 +31,7 @@ def test_defaults_are_the_reference_recipe():
 
 def test_former_names_are_still_read():
     """`blocks` (now `layers`) in code, overrides and the config.json of adapters written by earlier versions."""
-    from blocklora.config import RunConfig
+    from blocklora.config.run_config import RunConfig
 
     assert AdapterConfig(blocks="up") == AdapterConfig(layers="up")
     old = {**AdapterConfig().to_dict(), "blocks": [0, 2], "extra": {}}

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from blocklora.backbones import load_backbone
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.data import load_dataset
 from blocklora.engine import evaluate as ev
 from blocklora.engine.runtime import make_runtime
@@ -84,8 +84,8 @@ def test_the_split_file_decides(colours, tmp_path, capsys):
         assert main([*base, *flag, "--split-file", str(first / "split.json"), "--output", str(tmp_path / "x")]) == 2
         assert "the split file" in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
-    from blocklora.api import resolve
-    from blocklora.config import RunConfig
+    from blocklora.config.run_config import RunConfig
+    from blocklora.pipeline.run import resolve
 
     cfg, _ = resolve(RunConfig().with_overrides([f"data.root={colours}", f"data.split_file={first / 'split.json'}"]))
     assert cfg.train.total_iters(cfg.data.shots) == 500  # the default schedule follows the file's K

@@ -10,9 +10,9 @@ import torch
 
 import blocklora
 from blocklora import AdapterConfig, inject
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.errors import AdapterMismatchError, BlockLoRAError
-from blocklora.peft_format import (
+from blocklora.interop.peft import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     load_peft_adapter,
@@ -165,7 +165,7 @@ def test_cli_export_format_peft(tmp_path, capsys):
     from transformers import CLIPModel
 
     theirs = peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(str(model_dir)), str(tmp_path / "peft"))
-    backbone, _, _ = blocklora.trained.load_trained(run / "adapter", device="cpu")
+    backbone, _, _ = blocklora.pipeline.trained.load_trained(run / "adapter", device="cpu")
     images, _ = example_inputs()
     with torch.no_grad():
         mine = backbone.encode_images(images)
@@ -190,8 +190,8 @@ def test_cli_export_format_peft(tmp_path, capsys):
 
 def test_init_adapter_starts_a_run_from_a_peft_adapter(tmp_path):
     """--init-adapter: the prepared run's adapters hold the PEFT adapter's update; a misfit is refused first."""
-    from blocklora.config import RunConfig
-    from blocklora.prepare import prepare
+    from blocklora.config.run_config import RunConfig
+    from blocklora.pipeline.prepare import prepare
     from conftest import make_hf_dir
     from gen_data import make_folder_dataset
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from data_trees import make_class_tree, make_imagenet, make_zhou, write_classnames
 from gen_data import make_folder_dataset
 

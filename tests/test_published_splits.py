@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.data import load_dataset, read_split_file, read_split_header
 from blocklora.errors import DataError
 from data_trees import make_zhou

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blocklora import AdapterMismatchError, load_adapter
-from blocklora.api import load_trained
 from blocklora.backbones import load_backbone
 from blocklora.backbones.activation import EXPORT_KEY, mlp_activation, weights_evidence
-from blocklora.cli import main
+from blocklora.cli.main import main
+from blocklora.pipeline.run import load_trained
 from gen_data import make_folder_dataset
 
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},

@@ -11,8 +11,8 @@ import torch
 
 from blocklora import AdapterConfig, inject
 from blocklora.backbones import load_backbone
-from blocklora.cli import main
-from blocklora.config import RunConfig
+from blocklora.cli.main import main
+from blocklora.config.run_config import RunConfig
 from blocklora.engine.runtime import make_runtime
 from blocklora.engine.stream import StepBatches
 from conftest import make_hf, make_openclip

@@ -157,7 +157,7 @@ def test_adapters_stay_float32_on_half_precision_weights():
 
 
 def test_public_names_load_lazily():
-    code = "import sys, blocklora.cli; print('torch' in sys.modules); from blocklora import inject; print(inject)"
+    code = "import sys, blocklora.cli.main; print('torch' in sys.modules); from blocklora import inject; print(inject)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split("\n")
     assert out[0] == "False" and "function inject" in out[1]
     assert Path(blocklora.__file__).name == "__init__.py" and set(blocklora.__all__) <= set(dir(blocklora))

@@ -119,7 +119,7 @@ def test_train_turns_deterministic_mode_on_before_the_process_group(tmp_path, mo
     """ProcessGroupNCCL reads the mode when it is made: `train --deterministic` must set it before joining, and
     leave the process as it found it."""
     import blocklora.engine.distributed as distributed
-    from blocklora.cli import main
+    from blocklora.cli.main import main
     from gen_data import make_folder_dataset
 
     seen = []

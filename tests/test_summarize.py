@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.cli import main
-from blocklora.reference import BENCHMARK, REFERENCES
-from blocklora.summarize import summarize
+from blocklora.cli.main import main
+from blocklora.grid.reference import BENCHMARK, REFERENCES
+from blocklora.grid.summarize import summarize
 
 REF = REFERENCES["clip-lora"]
 

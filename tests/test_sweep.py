@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.cli import build_parser, main
+from blocklora.cli.main import build_parser, main
 from blocklora.errors import ConfigError
-from blocklora.sweep import Cell, Slot, Sweep, cell_action, expand, parse_devices, train_options, try_lock
+from blocklora.grid.sweep import Cell, Slot, Sweep, cell_action, expand, parse_devices, train_options, try_lock
 from data_trees import make_zhou
 
 TINY = ["--model", "tiny-clip", "--pretrained", "none", "--iters", "4", "--batch-size", "8", "--workers", "0",
@@ -143,7 +143,7 @@ def _attempts(out: Path, cell: Cell) -> list[str]:
 
 
 def test_failed_cell_is_reported_with_its_log_and_the_rest_runs(tmp_path, fake, capsys):
-    from blocklora.sweep import _report
+    from blocklora.grid.sweep import _report
 
     out = tmp_path / "sweep"
     cells = [Cell("bad", 1, 1), Cell("good", 1, 1)]

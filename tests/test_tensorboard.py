@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from blocklora.engine.tensorboard import check_available
 from blocklora.errors import ConfigError
 from gen_data import make_folder_dataset
@@ -63,7 +63,7 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path, capsys):
 def test_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path, capsys, monkeypatch):
     """Killed at step 4 with its last checkpoint at step 2: the resumed run's event files hold steps 1..6 once
     each (SummaryWriter's purge_step drops the stale 3 and 4), equal to its metrics.jsonl."""
-    import blocklora.api as api
+    import blocklora.pipeline.run as api
 
     data = make_folder_dataset(tmp_path / "data", n_classes=3, train_per_class=2, test_per_class=2)
     run = tmp_path / "run"

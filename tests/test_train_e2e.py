@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocklora.cli import main
+from blocklora.cli.main import main
 from conftest import make_hf_dir
 from gen_data import make_folder_dataset
 
@@ -70,8 +70,8 @@ def test_predict(trained, capsys):
 def test_export_loads_into_stock_open_clip_and_predicts_the_same(trained, tmp_path):
     import open_clip
 
-    from blocklora.api import load_trained
     from blocklora.backbones.openclip import TINY_CLIP
+    from blocklora.pipeline.run import load_trained
 
     root, out = trained
     target = tmp_path / "merged.safetensors"

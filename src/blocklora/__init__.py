@@ -10,6 +10,10 @@ CLI's handler instead of interrupting an import.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Any
 
 from ._version import __version__ as __version__
@@ -30,6 +34,38 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+# Module paths of earlier versions (before the application moved into folders), kept importable for users' scripts:
+# `import blocklora.api` gives the very module object of blocklora.pipeline.run, so patching an attribute on one is
+# patching the other.
+_MOVED = {
+    "api": "pipeline.run", "cli": "cli", "config": "config", "config_io": "config.files", "demo": "pipeline.demo",
+    "evaluation": "pipeline.evaluation", "export_forms": "interop.export_forms", "flags": "cli.flags",
+    "peft_format": "interop.peft", "prepare": "pipeline.prepare", "recipes": "config.recipes",
+    "reference": "grid.reference", "signals": "cli.signals", "slurm": "grid.slurm", "summarize": "grid.summarize",
+    "summary_tables": "grid.tables", "sweep": "grid.sweep", "sweep_runner": "grid.runner",
+    "trained": "pipeline.trained",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds `blocklora.<old name>` of _MOVED and hands out the module now at its new path (one object, two names)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        old = fullname.partition(f"{__name__}.")[2]
+        if old in _MOVED and _MOVED[old] != old:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec: Any) -> Any:
+        return importlib.import_module(f".{_MOVED[spec.name.rpartition('.')[2]]}", __name__)
+
+    def exec_module(self, module: Any) -> None:
+        pass  # the module ran under its new name already
+
+
+if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModules())
+
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
@@ -41,4 +77,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    """The public names: the exports above, the version and the subpackages loaded so far (not this module's own
+    imports and helpers)."""
+    subpackages = [n for n, v in globals().items()
+                   if isinstance(v, ModuleType) and v.__name__.startswith(f"{__name__}.") and n[0] != "_"]
+    return sorted({*_EXPORTS, "__version__", *subpackages})

@@ -124,7 +124,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     """A dataclass field carrying its documentation: `help` (what it means, one sentence or two), `flag` (the
     command-line option of `train` / `sweep`, e.g. "--lr"; None: a key=value override only), `aliases` (former flag
     names, still accepted) and `shown` (how the default reads in --help when the value itself says little, e.g.
-    None meaning "the split file's, else 16"). The CLI is generated from these (blocklora/flags.py)."""
+    None meaning "the split file's, else 16"). The CLI is generated from these (blocklora/cli/flags.py)."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "aliases": tuple(aliases),
                                                         "shown": shown})
 

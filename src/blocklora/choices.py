@@ -17,7 +17,7 @@ AInit = Literal["kaiming", "kaiming_full"]
 # data (data/fewshot.py, data/protocols.py)
 Sampler = Literal["clip-lora", "coop"]  # whose few-shot draw order is reproduced
 ClassSubset = Literal["all", "base", "new"]  # base-to-new protocol (CoCoOp)
-# training and evaluation (config.py, engine/logits.py)
+# training and evaluation (config/run_config.py, engine/logits.py)
 Loss = Literal["softmax", "sigmoid"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Schedule = Literal["cosine", "constant"]

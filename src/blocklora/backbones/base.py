@@ -21,7 +21,7 @@ from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject
 from ..adapters.sites import Placement
 from ..errors import ConfigError
-from ..export_forms import CLASSIFIER_FILE
+from ..interop.export_forms import CLASSIFIER_FILE
 from .activation import Activation, mlp_activation
 from .fingerprint import fingerprint
 from .preprocess import Preprocess
@@ -213,13 +213,13 @@ class Backbone(ABC):
     @abstractmethod
     def export(self, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
                classifier: dict[str, Any] | None = None) -> list[str]:
-        """Write a merged state dict in the family's own format at `path` (export_forms.py), with `classifier`
+        """Write a merged state dict in the family's own format at `path` (interop/export_forms.py), with `classifier`
         (trained.classifier: class names, template, logits, activation) where the format keeps metadata; returns the
         files written."""
 
 
 def write_classifier(folder: str | os.PathLike, classifier: dict[str, Any] | None) -> None:
-    """An export folder's blocklora_classifier.json (export_forms.py): what a stock loader needs to classify."""
+    """An export folder's blocklora_classifier.json (interop/export_forms.py): what a stock loader needs to classify."""
     if classifier is not None:
         (Path(folder) / CLASSIFIER_FILE).write_text(json.dumps(classifier, indent=2) + "\n")
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
 from ..errors import BackboneError
-from ..export_forms import CLASSIFIER_KEY
+from ..interop.export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
 from .base import Backbone, write_classifier
 from .hf import bert_sites

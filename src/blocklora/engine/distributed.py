@@ -5,7 +5,7 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process. The engine does the rest:
 every rank draws the same global batch of each step and takes global_batch[rank::world] (stream.py), the loss is
 summed over the rank's samples / global batch and gradients are summed in one flat all-reduce (fit.py), evaluation
-counts are summed (evaluate.py), and only rank 0 writes files, caches and progress bars (api.py).
+counts are summed (evaluate.py), and only rank 0 writes files, caches and progress bars (pipeline/run.py).
 """
 
 from __future__ import annotations

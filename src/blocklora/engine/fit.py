@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..adapters.inject import adapter_layers, adapter_state_dict
 from ..backbones.base import Backbone
-from ..config import TrainConfig
+from ..config.run_config import TrainConfig
 from ..data.types import Item
 from ..errors import BlockLoRAError
 from .evaluate import encode_classes
@@ -42,7 +42,7 @@ ETA_AFTER = 5  # steps timed before the ETA line (the first steps also pay for w
 def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime) -> list[str]:
     """The lines printed before training: steps, batch, epochs over the K-shot set, device and precision, and on a
     CPU with a GPU-sized budget, the named CPU recipe (config.RECIPES["quick"])."""
-    from ..config import RECIPES
+    from ..config.run_config import RECIPES
 
     epochs = total * batch_size / max(1, n_train)
     left = f", {total - start} left from step {start}" if start else ""

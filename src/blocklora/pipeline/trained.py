@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from . import checks
-from .adapters.inject import merged_state_dict
-from .adapters.io import read_adapter_meta
-from .backbones import Backbone, load_backbone
-from .backbones.fingerprint import load_adapter
-from .data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
-from .data.images import verify_images
-from .data.protocols import check_classes
-from .engine import evaluate as ev
-from .engine.logits import Logits
-from .engine.runtime import Runtime, default_workers, make_runtime
-from .errors import AdapterMismatchError, BlockLoRAError, DataError
-from .export_forms import export_form
-from .ownership import TEMP_SUFFIX, check_deletable, fix_modes, mark, marker_kind, protected, remove_stale_temps
-from .ownership import temp_prefix as _temp_prefix
+from .. import checks
+from ..adapters.inject import merged_state_dict
+from ..adapters.io import read_adapter_meta
+from ..backbones import Backbone, load_backbone
+from ..backbones.fingerprint import load_adapter
+from ..data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
+from ..data.images import verify_images
+from ..data.protocols import check_classes
+from ..engine import evaluate as ev
+from ..engine.logits import Logits
+from ..engine.runtime import Runtime, default_workers, make_runtime
+from ..errors import AdapterMismatchError, BlockLoRAError, DataError
+from ..interop.export_forms import export_form
+from ..ownership import TEMP_SUFFIX, check_deletable, fix_modes, mark, marker_kind, protected, remove_stale_temps
+from ..ownership import temp_prefix as _temp_prefix
 
 log = logging.getLogger("blocklora")
 EXPORT = "export"  # the ownership marker's kind for an exported model folder
@@ -96,8 +96,8 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
 def locate_adapter(path: str | os.PathLike) -> Path:
     """An adapter folder, or a run folder holding one (RUN_DIR for RUN_DIR/adapter). Raises BlockLoRAError for a
     path that is neither, naming what it looked for."""
-    from .adapters.io import CONFIG_FILE
-    from .engine.rundir import RunDir
+    from ..adapters.io import CONFIG_FILE
+    from ..engine.rundir import RunDir
 
     path = Path(path)
     if (path / CONFIG_FILE).is_file() or not path.is_dir():
@@ -223,7 +223,7 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
-    from .data.layout import list_image_files
+    from ..data.layout import list_image_files
 
     out: list[str] = []
     for p in map(Path, paths):
@@ -260,7 +260,7 @@ def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str]
                      batch_size: int = 64) -> Iterator[dict[str, Any]]:
     """predict's rows one image at a time, in order, as each batch is done: {"image", "probabilities", "top"}, or
     {"image", "error"} for a file that cannot be read (the others go on)."""
-    from .data.types import open_image_file
+    from ..data.types import open_image_file
 
     logits = logits or Logits(logit_scale)
     topk = checks.number("topk", topk, checks.Range(1, integer=True))
@@ -386,7 +386,7 @@ def _is_weights_file(path: Path) -> bool:
 
 def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) -> str | None:
     """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
-    from .backbones.activation import stock_load_hint
+    from ..backbones.activation import stock_load_hint
 
     run = read_adapter_meta(locate_adapter(adapter_dir)).get("run", {})
     model = run.get("model", "")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbones import Backbone, load_backbone
-from .config import RunConfig
-from .data import (
+from ..backbones import Backbone, load_backbone
+from ..config.run_config import RunConfig
+from ..data import (
     DATASETS,
     DatasetSplits,
     Item,
@@ -26,15 +26,15 @@ from .data import (
     subsample_fewshot,
     verify_images,
 )
-from .data.fewshot import val_shots
-from .data.protocols import check_classes
-from .engine import evaluate as ev
-from .engine.logits import Logits
-from .engine.logits import resolve as resolve_logits
-from .engine.runtime import Runtime, make_runtime, seed_everything
-from .errors import DataError
+from ..data.fewshot import val_shots
+from ..data.protocols import check_classes
+from ..engine import evaluate as ev
+from ..engine.logits import Logits
+from ..engine.logits import resolve as resolve_logits
+from ..engine.runtime import Runtime, make_runtime, seed_everything
+from ..errors import DataError
+from ..ownership import Protected, protected
 from .evaluation import EvaluationPlan
-from .ownership import Protected, protected
 from .trained import drop_unreadable
 
 log = logging.getLogger("blocklora")
@@ -116,7 +116,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     error surfaces here. `recorded_quick_gelu`: the activation a resumed run started with."""
     runtime = make_runtime(cfg.device, cfg.train.precision, rank, world_size)
     if cfg.train.log == "tensorboard":  # an optional dependency: named before anything is read or written
-        from .engine.tensorboard import check_available
+        from ..engine.tensorboard import check_available
 
         check_available()
     request = cfg
@@ -150,12 +150,12 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     seed_everything(cfg.data.seed)
     initial = None
     if cfg.train.init_adapter:  # a PEFT LoRA adapter: checked against the run's placement and rank before injecting
-        from .peft_format import read_peft_adapter
+        from ..interop.peft import read_peft_adapter
 
         initial = read_peft_adapter(cfg.train.init_adapter, backbone.model, cfg.adapter)[1]
     modules = backbone.inject(cfg.adapter)
     if initial is not None:
-        from .peft_format import copy_factors
+        from ..interop.peft import copy_factors
 
         copy_factors(backbone.model, initial)
     if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks

@@ -24,20 +24,20 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .adapters.inject import count_trainable
-from .backbones.fingerprint import save_adapter
-from .config import RESUMABLE, RunConfig
-from .data import write_split_file
-from .data.fewshot import split_file_bytes
-from .engine import checkpoint
-from .engine.files import JsonlWriter, save_torch, write_json
-from .engine.fit import Trainer, TrainingDiverged, plan
-from .engine.results import RunResult
-from .engine.rundir import RunDir
-from .engine.runtime import Runtime, default_workers, deterministic, seed_everything
-from .engine.tensorboard import Loggers, TensorBoardLog
-from .errors import BlockLoRAError
+from .._version import __version__
+from ..adapters.inject import count_trainable
+from ..backbones.fingerprint import save_adapter
+from ..config.run_config import RESUMABLE, RunConfig
+from ..data import write_split_file
+from ..data.fewshot import split_file_bytes
+from ..engine import checkpoint
+from ..engine.files import JsonlWriter, save_torch, write_json
+from ..engine.fit import Trainer, TrainingDiverged, plan
+from ..engine.results import RunResult
+from ..engine.rundir import RunDir
+from ..engine.runtime import Runtime, default_workers, deterministic, seed_everything
+from ..engine.tensorboard import Loggers, TensorBoardLog
+from ..errors import BlockLoRAError
 from .evaluation import Evaluation, ZeroShot, evaluate, zero_shot
 from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
 from .trained import (  # noqa: F401 - re-exported

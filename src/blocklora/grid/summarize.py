@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import BlockLoRAError
+from ..errors import BlockLoRAError
 from .reference import BENCHMARK, DG_TARGETS, REFERENCE_TITLES, REFERENCES, reference
-from .summary_tables import Run, Stat, Tables, benchmark_order, build, collect, harmonic_mean
+from .tables import Run, Stat, Tables, benchmark_order, build, collect, harmonic_mean
 
 
 # -- markdown --------------------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def summarize(directory: str | Path, ref_name: str | None = None, output: str | 
     t = build(runs, ref_name)
     prefix = Path(output) if output is not None else directory / "summary"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    from .engine.files import atomic_write
+    from ..engine.files import atomic_write
 
     text = markdown(t, runs, ref_name, warnings, directory)
     files = {"markdown": prefix.with_name(prefix.name + ".md"), "csv": prefix.with_name(prefix.name + ".csv"),

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import BlockLoRAError, ConfigError
-from .ownership import umask
+from ..errors import BlockLoRAError, ConfigError
+from ..ownership import umask
 
 HEADER = "# blocklora sweep job array"  # the first comment of every script we write (an existing one is ours)
 SCRIPT = "sweep.slurm"
@@ -89,7 +89,7 @@ def script_text(args: argparse.Namespace, cells: Sequence, argv: Sequence[str], 
 
 def emit(args: argparse.Namespace, cells: Sequence, argv: Sequence[str], out: Path) -> Path:
     """Write the script (replacing only a script blocklora wrote); returns its path."""
-    from .engine.files import atomic_write
+    from ..engine.files import atomic_write
 
     path = Path(args.slurm_script).expanduser() if args.slurm_script else out / SCRIPT
     text = script_text(args, cells, argv, out)

@@ -1,4 +1,4 @@
-"""Named recipes and the method-dependent recipe defaults: tables of config values, applied by config.py.
+"""Named recipes and the method-dependent recipe defaults: tables of config values, applied by run_config.py.
 
 RECIPES (`--recipe NAME`) are overrides applied before the user's own; METHOD_DEFAULTS fill the keys a request leaves
 unset ("auto" / None) by method (RunConfig.resolved). docs/recipe.md lists every constant and where it comes from.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Named recipes (--recipe NAME): a table of overrides applied before the user's own, so any option still changes one
 # value. "reference": CLIP-LoRA's GPU recipe, the dataclass defaults (500 x K steps of batch 32, lr 2e-4;
 # docs/recipe.md).
 # "quick": the demo's CPU budget, a fixed 200 steps of batch 8 at lr 4e-3 with milder crops (aug_scale_min 0.5);
-# measured on the offline model in benchmarks/accuracy.py (BENCHMARKS.md, "Accuracy"). demo.py takes its recipe from
-# here.
+# measured on the offline model in benchmarks/accuracy.py (BENCHMARKS.md, "Accuracy"). pipeline/demo.py takes its
+# recipe from here.
 RECIPES: dict[str, dict[str, Any]] = {
     "reference": {},
     "quick": {"train.iters": 200, "train.batch_size": 8, "train.lr": 4e-3, "train.aug_scale_min": 0.5},

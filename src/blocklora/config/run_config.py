@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checks as c
-from .adapters.config import ALIASES as ADAPTER_ALIASES
-from .adapters.config import AdapterConfig
-from .checks import option
-from .choices import (
+from .. import checks as c
+from ..adapters.config import ALIASES as ADAPTER_ALIASES
+from ..adapters.config import AdapterConfig
+from ..checks import option
+from ..choices import (
     ClassSubset,
     EvalSplit,
     FrozenDtype,
@@ -39,11 +39,11 @@ from .choices import (
     Sampler,
     Schedule,
 )
-from .config_io import coerce, read_file
-from .errors import ConfigError
+from ..errors import ConfigError
+from .files import coerce, read_file
 from .recipes import METHOD_DEFAULTS, RECIPES, recipe_overrides  # noqa: F401 - re-exported
 
-# Allowed strings: the Literals of choices.py are the one source, read by these checks and the CLI (flags.py).
+# Allowed strings: the Literals of choices.py are the one source, read by these checks and the CLI (cli/flags.py).
 SAMPLERS, CLASS_SUBSETS, PRECISIONS = typing.get_args(Sampler), typing.get_args(ClassSubset), typing.get_args(Precision)
 LOSSES, SCHEDULES, FROZEN_DTYPES, NAN_POLICIES = typing.get_args(Loss), typing.get_args(Schedule), \
     typing.get_args(FrozenDtype), typing.get_args(NanPolicy)
@@ -136,7 +136,7 @@ class TrainConfig:
     # compute for a peak that no longer grows with depth (BENCHMARKS.md, "Step cost"). For large towers on small GPUs.
     grad_checkpointing: bool = option(False, "recompute block activations in backward: less memory, about a third "
                                       "more compute", flag="--grad-checkpointing")
-    # Start from a PEFT LoRA adapter trained elsewhere on the same backbone (peft_format.py: same modules and rank).
+    # Start from a PEFT LoRA adapter trained elsewhere on the same backbone (interop/peft.py: same modules and rank).
     init_adapter: str | None = option(None, "start from a PEFT LoRA adapter folder trained elsewhere on the same "
                                       "backbone (same modules and rank)", flag="--init-adapter", shown="none")
     log: Logger = option("none", "extra progress records beside metrics.jsonl: tensorboard writes TensorBoard "
@@ -288,7 +288,7 @@ class RunConfig:
                 fill[section][name] = value
         top: dict[str, Any] = {}
         if self.pretrained == "auto":
-            from .backbones import default_pretrained  # lazily: the backbones import the model libraries
+            from ..backbones import default_pretrained  # lazily: the backbones import the model libraries
 
             top["pretrained"] = default_pretrained(self.model)
         return dataclasses.replace(self, **top, data=dataclasses.replace(self.data, **data),

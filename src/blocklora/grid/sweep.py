@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlockLoRAError, ConfigError
 from . import slurm
-from .errors import BlockLoRAError, ConfigError
 from .reference import BENCHMARK
-from .sweep_runner import (  # noqa: F401 - cell_action, try_lock and Sweep's parts re-exported
+from .runner import (  # noqa: F401 - cell_action, try_lock and Sweep's parts re-exported
     MANIFEST,
     Cell,
     Outcome,
@@ -61,7 +61,7 @@ def parse_datasets(text: str) -> list[str]:
     names = [d.strip() for d in text.split(",") if d.strip()]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"--datasets {text!r}: expected all, or distinct dataset keys such as caltech101,dtd")
-    from .data.datasets import ALIASES, DATASETS
+    from ..data.datasets import ALIASES, DATASETS
 
     for name in names:
         if ALIASES.get(name, name) not in DATASETS:
@@ -106,7 +106,7 @@ def parse_devices(spec: str | None, environ: dict[str, str] | None = None) -> li
 # -- options ---------------------------------------------------------------------------------------------------------
 def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     """The sweep subcommand: its own grid options plus every train option (flags.py) except those in OWN."""
-    from .flags import add_config_file, add_config_flags, add_overrides, add_recipe
+    from ..cli.flags import add_config_file, add_config_flags, add_overrides, add_recipe
 
     p = sub.add_parser("sweep", help="run the benchmark grid (datasets x shots x seeds), one train process per cell",
                        description="Every train option given here is passed to each cell.")
@@ -131,7 +131,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
 
 def train_options(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(train options, key=value overrides) given to the sweep, as command-line words for each cell."""
-    from .flags import flag_words
+    from ..cli.flags import flag_words
 
     recipe = ["--recipe", args.recipe] if getattr(args, "recipe", None) else []
     return recipe + flag_words(args, exclude=OWN), list(args.overrides or [])
@@ -149,7 +149,7 @@ def cell_argv(cell: Cell, root: str, out: Path, options: Sequence[str], override
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .flags import run_config
+    from ..cli.flags import run_config
 
     datasets = parse_datasets(args.datasets)
     cells = expand(datasets, parse_ints(args.shots, "shots"), parse_ints(args.seeds, "seeds"))
@@ -175,7 +175,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.emit:
         out.mkdir(parents=True, exist_ok=True)
         if recorded is None:
-            from .engine.files import write_json
+            from ..engine.files import write_json
 
             write_json(out / OPTIONS, mine)
         script = slurm.emit(args, cells, slurm.sweep_argv(args, out, root, options, overrides), out)
@@ -193,7 +193,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if recorded is None:
-        from .engine.files import write_json
+        from ..engine.files import write_json
 
         write_json(out / OPTIONS, mine)
     sweep = Sweep(cells, slots, out, lambda c, a, s: cell_argv(c, root, out, options, overrides, a, s))
@@ -219,8 +219,8 @@ def _read_options(out: Path) -> dict[str, Any] | None:
 def _check_data(configs) -> None:
     """Each dataset (and cross-dataset target) opens under the root and fits the class protocol: one bad path must
     not fail 165 cells."""
-    from .data import load_dataset
-    from .data.protocols import check_classes
+    from ..data import load_dataset
+    from ..data.protocols import check_classes
 
     seen: set[str] = set()
     for cfg in configs:

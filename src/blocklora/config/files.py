@@ -1,6 +1,6 @@
 """Config values from text: a key=value override's value parsed by the field's annotated type, and config files.
 
-The checks themselves live with the fields (config.py, checks.py): this only turns text into typed values.
+The checks themselves live with the fields (run_config.py, ../checks.py): this only turns text into typed values.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def read_file(path: Path) -> Any:

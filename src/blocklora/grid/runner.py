@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine.rundir import RunDir
-from .errors import BlockLoRAError
+from ..engine.rundir import RunDir
+from ..errors import BlockLoRAError
 
 MANIFEST, LOGS, LOCKS = "sweep.jsonl", "logs", ".locks"
 
@@ -111,7 +111,7 @@ class Sweep:
             while not self.all_done.wait(0.2):
                 pass
         except KeyboardInterrupt as e:  # Ctrl-C, or a job scheduler's SIGTERM (signals.py)
-            from .signals import exit_code
+            from ..cli.signals import exit_code
 
             self.interrupted = exit_code(e)
             self.stop.set()

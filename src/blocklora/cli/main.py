@@ -1,4 +1,5 @@
-"""Command line: thin argparse subcommands over api.py. User errors print one line, "error: ...", exit 2."""
+"""Command line: thin argparse subcommands over the pipeline (pipeline/). User errors print one line, "error: ...",
+exit 2."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import checks
-from .config import CLASS_SUBSETS
-from .errors import BlockLoRAError, DataError, one_line
+from .. import checks
+from ..config.run_config import CLASS_SUBSETS
+from ..errors import BlockLoRAError, DataError, one_line
 
 if TYPE_CHECKING:
-    from .engine.results import RunResult
+    from ..engine.results import RunResult
 from .flags import (
     Parser,
     RawDescriptionHelpFormatter,
@@ -39,8 +40,8 @@ log = logging.getLogger("blocklora")
 
 # -- commands --------------------------------------------------------------------------------------------------------
 def cmd_params(args: argparse.Namespace) -> int:
-    from .adapters.report import adapter_cost
-    from .backbones import AUTO, default_pretrained, load_backbone
+    from ..adapters.report import adapter_cost
+    from ..backbones import AUTO, default_pretrained, load_backbone
 
     run = run_config(args)
     cfg = run.adapter
@@ -70,9 +71,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .api import run
-    from .engine.distributed import process_group
-    from .engine.runtime import deterministic
+    from ..engine.distributed import process_group
+    from ..engine.runtime import deterministic
+    from ..pipeline.run import run
 
     cfg = run_config(args)
     if not cfg.data.dataset and not cfg.data.split_file:
@@ -88,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(r: RunResult, output: str) -> None:
-    from .engine.rundir import RunDir
+    from ..engine.rundir import RunDir
 
     zs = r.zero_shot_top1
     line = f"top-1 {r.top1:.2f}%"
@@ -103,12 +104,12 @@ def _print_results(r: RunResult, output: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import evaluate_adapter
+    from ..pipeline.run import evaluate_adapter
 
     results = []
     for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
         if args.peft_adapter:
-            from .peft_format import evaluate_peft_adapter
+            from ..interop.peft import evaluate_peft_adapter
 
             result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root, args.model, args.pretrained,
                                            args.split, args.batch_size, args.workers, args.classes, args.template,
@@ -128,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .trained import evaluate_zero_shot
+    from ..pipeline.trained import evaluate_zero_shot
 
     template = None if args.dataset_template else args.template  # None: the dataset's own (CoOp's)
     cfg = run_config(args)  # the backbone flags, checked by the config
@@ -146,8 +147,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from .engine.logits import Logits
-    from .trained import image_paths, iter_predictions, load_trained
+    from ..engine.logits import Logits
+    from ..pipeline.trained import image_paths, iter_predictions, load_trained
 
     images = image_paths(args.images)
     backbone, meta, rt = load_trained(args.adapter, args.pretrained, args.force, args.device, tokenizer=args.tokenizer)
@@ -183,14 +184,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo, summary_lines
+    from ..pipeline.demo import run_demo, summary_lines
 
     options = {k: v for k, v in (("shots", args.shots), ("seed", args.seed), ("iters", args.iters),
                                   ("test_images", args.limit), ("root", args.root), ("device", args.device))
                if v is not None}
     output = Path(args.output) if args.output else None
     if output is None:
-        from .demo import default_output
+        from ..pipeline.demo import default_output
 
         output = default_output()
     results, examples = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
@@ -199,10 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export, export_load_hint
+    from ..pipeline.run import export, export_load_hint
 
     if args.format == "peft":
-        from .peft_format import export_peft
+        from ..interop.peft import export_peft
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
         print(f"PEFT LoRA adapter written: {', '.join(files)} (peft.PeftModel.from_pretrained(base_model, "
@@ -223,7 +224,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _json(data: Any) -> str:
-    from .engine.files import to_json  # strictly valid JSON: no bare NaN
+    from ..engine.files import to_json  # strictly valid JSON: no bare NaN
     return to_json(data)
 
 
@@ -235,7 +236,7 @@ def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="blocklora", description="Block-LoRA / LoRA few-shot fine-tuning of CLIP-style models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    from ._version import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"blocklora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", action="store_true", help="print one JSON object per image and line as it is done")
     p.set_defaults(func=cmd_predict)
 
-    from .export_forms import export_description
+    from ..interop.export_forms import export_description
 
     p = sub.add_parser("export", help="merge an adapter into the weights, in the backbone's own format",
                        formatter_class=RawDescriptionHelpFormatter, description=export_description())
@@ -330,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_file(p)
     add_overrides(p)
     p.set_defaults(func=cmd_config)
-    from .summarize import add_summarize_parser
-    from .sweep import add_sweep_parser
+    from ..grid.summarize import add_summarize_parser
+    from ..grid.sweep import add_sweep_parser
 
     add_sweep_parser(sub)  # every train option, passed to each cell
     add_summarize_parser(sub)

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.config import AdapterConfig
-from .adapters.core import fold_factor, scaling_factor
-from .adapters.fused import QKVAdapters
-from .adapters.inject import adapter_config, adapter_layers, plan
-from .adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
-from .errors import AdapterMismatchError, BlockLoRAError
-from .ownership import atomic_folder
+from ..adapters.config import AdapterConfig
+from ..adapters.core import fold_factor, scaling_factor
+from ..adapters.fused import QKVAdapters
+from ..adapters.inject import adapter_config, adapter_layers, plan
+from ..adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
+from ..errors import AdapterMismatchError, BlockLoRAError
+from ..ownership import atomic_folder
 
 # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CONFIG_FILE = "adapter_config.json"
@@ -254,7 +254,7 @@ def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[st
     """The blocklora LoRA config whose placement is the modules the PEFT file adapts (every tower, layer and
     projection the model has, narrowed to those named)."""
     widest = AdapterConfig(method="lora", projections=("q", "k", "v", "o"))
-    from .adapters.sites import find_placement
+    from ..adapters.sites import find_placement
 
     towers = tuple(t for t, sites in find_placement(model).sites.items() if sites)
     try:
@@ -277,7 +277,7 @@ def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[st
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, cfg: AdapterConfig | None = None
                       ) -> AdapterConfig:
     """Inject blocklora adapters into a fresh `model` holding a PEFT LoRA adapter's update (read_peft_adapter)."""
-    from .adapters.inject import inject
+    from ..adapters.inject import inject
 
     cfg, tensors = read_peft_adapter(directory, model, cfg)
     inject(model, cfg)
@@ -301,9 +301,9 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
     The backbone is loaded (and its fingerprint checked) as for every use of the adapter; an existing `output` is
     replaced only with overwrite and only when blocklora wrote it as a PEFT export. Raises BlockLoRAError for a
     fused q/k/v layout (peft_refusal) before anything is written."""
-    from .adapters.io import read_adapter_meta
-    from .ownership import check_deletable, marker_kind, protected
-    from .trained import load_trained, locate_adapter, recorded_weights, run_meta
+    from ..adapters.io import read_adapter_meta
+    from ..ownership import check_deletable, marker_kind, protected
+    from ..pipeline.trained import load_trained, locate_adapter, recorded_weights, run_meta
 
     output = Path(output)
     adapter_dir = locate_adapter(adapter_dir)
@@ -334,10 +334,10 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
                           tokenizer: str | None = None) -> dict[str, Any]:
     """`blocklora eval --peft-adapter`: top-1 of a PEFT LoRA adapter on its backbone (`model`, default: what the
     adapter records: blocklora's own export record, else "hf:" + base_model_name_or_path)."""
-    from . import checks
-    from .backbones import AUTO, load_backbone
-    from .engine.runtime import make_runtime
-    from .trained import eval_options, evaluate_loaded
+    from .. import checks
+    from ..backbones import AUTO, load_backbone
+    from ..engine.runtime import make_runtime
+    from ..pipeline.trained import eval_options, evaluate_loaded
 
     batch_size, workers = eval_options(batch_size, workers, split, limit)
     config = read_peft_config(directory)

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RECIPES, RunConfig, recipe_overrides
-from .engine.files import atomic_write
-from .engine.results import RunResult
-from .engine.rundir import RunDir
-from .errors import BlockLoRAError
-from .ownership import mark
+from ..config.run_config import RECIPES, RunConfig, recipe_overrides
+from ..engine.files import atomic_write
+from ..engine.results import RunResult
+from ..engine.rundir import RunDir
+from ..errors import BlockLoRAError
+from ..ownership import mark
 
 MODEL = "effnet-minilm"
 DATASET = "fashion-mnist"
@@ -59,7 +59,7 @@ def run_demo(output: str | Path | None = None, overwrite: bool = False,
     """Run the demo into `output` (default runs/demo-<time>): the run's results (results.json, which api.run writes
     once, with the example predictions measured on the saved adapter) and its example predictions, and demo.png."""
     _check_plotting()
-    from .api import run
+    from .run import run
 
     output = Path(output) if output is not None else default_output()
     cfg = demo_config(**kwargs)
@@ -87,11 +87,11 @@ def _predict_examples(rd: RunDir, cfg: RunConfig) -> list[dict[str, Any]]:
     """
     import torch
 
-    from .adapters.inject import adapters_disabled
-    from .api import load_trained
-    from .data import limit_split, load_dataset
-    from .engine import evaluate as ev
-    from .engine.runtime import make_runtime
+    from ..adapters.inject import adapters_disabled
+    from ..data import limit_split, load_dataset
+    from ..engine import evaluate as ev
+    from ..engine.runtime import make_runtime
+    from .run import load_trained
 
     data = load_dataset(cfg.data.dataset, cfg.data.root)
     items = getattr(limit_split(data, cfg.eval.split, cfg.eval.limit), cfg.eval.split)

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from .backbones import Backbone
-from .config import RunConfig
-from .data import DatasetSplits, limit_split, load_dataset, subsample_classes
-from .engine import evaluate as ev
-from .engine.evaluate import Features
-from .engine.runtime import Runtime
-from .errors import DataError
+from ..backbones import Backbone
+from ..config.run_config import RunConfig
+from ..data import DatasetSplits, limit_split, load_dataset, subsample_classes
+from ..engine import evaluate as ev
+from ..engine.evaluate import Features
+from ..engine.runtime import Runtime
+from ..errors import DataError
 
 Unreadable = Callable[[list[tuple[str, str]]], None]
 

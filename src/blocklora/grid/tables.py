@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine.rundir import RunDir
-from .errors import BlockLoRAError
+from ..engine.rundir import RunDir
+from ..errors import BlockLoRAError
 from .reference import BENCHMARK, DG_TARGETS, reference
 
 # data config keys that differ between the cells of one sweep or between protocols (not a different method)

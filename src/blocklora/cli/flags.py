@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checks
-from .checks import literal_choices
-from .config import EVAL_SPLITS, RunConfig
+from .. import checks
+from ..checks import literal_choices
+from ..config.run_config import EVAL_SPLITS, RunConfig
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
@@ -173,7 +173,7 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig the parsed options ask for: --config FILE (else the defaults), then --recipe's values, then the
     flags, then key=value overrides (the last word wins). Raises ConfigError naming the first bad key or value."""
-    from .config import recipe_overrides
+    from ..config.run_config import recipe_overrides
 
     path = getattr(args, "config", None)
     base = RunConfig.from_file(path) if path else RunConfig()
@@ -206,7 +206,7 @@ def field_help(key: str) -> str:
 
 def add_recipe(parser: Any, default: str | None = "reference") -> None:
     """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option."""
-    from .recipes import RECIPES
+    from ..config.recipes import RECIPES
 
     quick = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in RECIPES["quick"].items())
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=default,

@@ -353,7 +353,7 @@ def classifier(run: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
     act = backbone.activation
     names = list(run["classnames"])
     return {"format": CLASSIFIER_FORMAT, "model": run["model"], "classnames": names, "template": run["template"],
-            "prompts": [run["template"].format(n) for n in names], "logit_scale": run.get("logit_scale", 100.0),
+            "prompts": ev.prompts(names, run["template"]), "logit_scale": run.get("logit_scale", 100.0),
             "logit_bias": run.get("logit_bias"), "loss": run.get("loss", "softmax"),
             "activation": None if act is None else ("quick_gelu" if act.quick_gelu else "gelu")}
 

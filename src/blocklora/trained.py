@@ -6,7 +6,6 @@ run's own record: backbone, class names, template, logit scale), so a damaged or
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 
 from . import checks
 from .adapters.inject import merged_state_dict
@@ -29,6 +27,7 @@ from .data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
 from .data.images import verify_images
 from .data.protocols import check_classes
 from .engine import evaluate as ev
+from .engine.files import reported_write
 from .engine.logits import Logits
 from .engine.runtime import Runtime, default_workers, make_runtime
 from .errors import AdapterMismatchError, BlockLoRAError, DataError
@@ -321,13 +320,8 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     holder = Path(tempfile.mkdtemp(prefix=_temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
     tmp = holder / output.name
     try:
-        try:
+        with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
             backbone.export(state, tmp, classifier(run, backbone))
-        except (SafetensorError, RuntimeError) as e:  # how safetensors and torch.save report a failed write
-            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
-                raise
-            raise OSError(errno.EIO, f"cannot write the export ({str(e).splitlines()[0][:120]}): disk full or "
-                                     "not writable?", str(output)) from None
         if tmp.is_dir():
             mark(tmp, EXPORT)
         fix_modes(tmp)

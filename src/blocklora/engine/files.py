@@ -7,11 +7,14 @@ NaN or Infinity that strict parsers reject).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,27 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+@contextlib.contextmanager
+def reported_write(target: str | os.PathLike) -> Iterator[None]:
+    """Around a library's write of `target` (safetensors' save_file, torch.save, save_pretrained): a failed write
+    becomes the OSError it is, with its errno where the library gives it (ENOSPC, EFBIG, EACCES, ...), so the CLI
+    reports it on one line ("disk full or not writable?") like every other write. safetensors raises its own
+    SafetensorError ("I/O error: File too large (os error 27)") and torch.save a RuntimeError about its zip writer
+    ("inline_container ... file write failed"); any other RuntimeError is not a write and propagates unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, RuntimeError) and "inline_container" not in text and "write" not in text:
+            raise
+        code = re.search(r"os error (\d+)", text)
+        reason = (text.splitlines() or [type(e).__name__])[0][:120]
+        raise OSError(int(code.group(1)) if code else errno.EIO,
+                      f"cannot write {Path(target).name} ({reason}): disk full or not writable?", str(target)) from None
 
 
 def to_json(data: Any, indent: int | None = 2) -> str:

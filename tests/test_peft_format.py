@@ -189,6 +189,8 @@ CONFIG_DAMAGE = {
     "DoRA": ({"use_dora": True}, "uses use_dora"), "DoRA text": ({"use_dora": "false"}, "uses use_dora"),
     "modules to save": ({"modules_to_save": ["visual_projection"]}, "uses modules_to_save"),
     "modules to save text": ({"modules_to_save": "x"}, "uses modules_to_save"),
+    "activated LoRA": ({"alora_invocation_tokens": [5, 7]}, "uses alora_invocation_tokens \\(Activated LoRA"),
+    "layer replication": ({"layer_replication": [[0, 2], [1, 3]]}, "uses layer_replication"),
     "base model number": ({"base_model_name_or_path": 5}, "base_model_name_or_path must be"),
     "rank_pattern list": ({"rank_pattern": [1, 2]}, "rank_pattern must be a mapping"),
     "rank_pattern text": ({"rank_pattern": "q_proj"}, "rank_pattern must be a mapping"),

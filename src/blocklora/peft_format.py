@@ -58,10 +58,16 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
 RECORD = "blocklora"  # the safetensors metadata key of an export's record (model, pretrained, template, ...)
-# PEFT LoRA options that change the computation in ways blocklora's factors cannot hold
+# PEFT LoRA options that change the computation in ways blocklora's factors cannot hold (peft.LoraConfig's fields;
+# its LoRA variants, "is_lora_variant", but VeLoRA, which changes only the backward pass)
 UNSUPPORTED = {"use_dora": "DoRA's magnitude vector", "lora_bias": "a bias on lora_B",
                "fan_in_fan_out": "transposed (Conv1D) weights", "modules_to_save": "fully trained modules",
-               "trainable_token_indices": "trained token embeddings", "target_parameters": "parameter targets"}
+               "trainable_token_indices": "trained token embeddings", "target_parameters": "parameter targets",
+               "alora_invocation_tokens": "Activated LoRA: the update on some tokens only",
+               "use_qalora": "QALoRA's pooled input", "monteclora_config": "MonteCLoRA's sampled factors",
+               "layer_replication": "replicated layers", "use_bdlora": "BD-LoRA's block-diagonal factors",
+               "arrow_config": "Arrow's routing among adapters",
+               "kasa_config": "KaSA's truncated weights and singular values"}
 
 
 def peft_refusal(model: nn.Module) -> str | None:

@@ -29,7 +29,7 @@ from ..errors import AdapterMismatchError, BackboneError
 from .activation import Activation
 from .base import Backbone, write_classifier
 from .network import hub_reachable
-from .preprocess import Preprocess, from_hf_processor
+from .preprocess import Preprocess, from_image_processor
 
 CLIP_ATTENTION = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
 # A BERT / RoBERTa layer's `attention`: self.query / key / value, then output.dense (also effnet-minilm's MiniLM).
@@ -41,6 +41,11 @@ REFUSED = {"siglip2": "a SigLIP 2 NaFlex (variable-resolution) checkpoint: its i
                       "pixel_attention_mask and spatial_shapes, which blocklora does not build; use a fixed-resolution "
                       "SigLIP 2 checkpoint (model_type siglip, e.g. google/siglip2-base-patch16-224)"}
 PAD_TO_FIXED_LENGTH = ("siglip",)  # text towers that pool the last position (and were trained without a mask)
+# Text towers trained on canonicalized prompts: big_vision's canonicalize_text (lowercase, punctuation removed,
+# whitespace collapsed), which open_clip applies to every SigLIP and SigLIP 2 config (tokenizer_kwargs clean
+# "canonicalize"). SigLIP's own SiglipTokenizer does it too; the Gemma tokenizer of the fixed-resolution SigLIP 2
+# checkpoints (model_type siglip) is case-sensitive and does not (huggingface/transformers#43054).
+CANONICALIZED = ("siglip",)
 POSITION_OFFSET = {"altclip": 2}  # RoBERTa position ids start after padding_idx: 2 positions are never a token
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -140,7 +145,9 @@ class HFBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """SigLIP: ids padded to the fixed length, no mask (it pools the last position and was trained so).
         Others: ids and attention mask padded to the batch's longest prompt (exact: causal towers pool at the
-        end-of-text token, BERT towers mask the padding), cut to what the position table holds."""
+        end-of-text token, BERT towers mask the padding), cut to what the position table holds.
+        SigLIP / SigLIP 2 prompts are canonicalized first (CANONICALIZED), as open_clip does for the same weights."""
+        texts = self.clean_texts(texts)
         if self.model_type in PAD_TO_FIXED_LENGTH:
             out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens(),
                                  return_tensors="pt")
@@ -148,6 +155,14 @@ class HFBackbone(Backbone):
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens(),
                              return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def clean_texts(self, texts: Sequence[str]) -> list[str]:
+        """The prompts as the text tower was trained to read them (CANONICALIZED; others as written)."""
+        if self.model_type not in CANONICALIZED:
+            return list(texts)
+        from open_clip.tokenizer import canonicalize_text
+
+        return [canonicalize_text(t) for t in texts]
 
     def probe_tokens(self) -> dict[str, torch.Tensor]:
         """Three valid ids (start, a word, end) in tokenize's format, without the tokenizer."""
@@ -205,15 +220,39 @@ def _file(source: str | None, filename: str) -> str | None:
         return None
 
 
-def preprocess_of(source: str, model_type: str, image_size: int) -> Preprocess:
-    """The checkpoint's preprocessing: its preprocessor_config.json, else the family's published defaults."""
+def preprocess_of(source: str, model_type: str, image_size: int, local: bool = True) -> Preprocess:
+    """The checkpoint's preprocessing: its own image processor (AutoImageProcessor reads its
+    preprocessor_config.json, any form: legacy integer sizes, shortest_edge, height / width, ...), else the family's
+    processor at its defaults for the model's image size. Raises BackboneError when the processor cannot be read, or
+    when the images it gives are not the image_size x image_size the vision tower takes."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
     found = _file(source, "preprocessor_config.json")
     if found is not None:
-        return from_hf_processor(json.loads(Path(found).read_text()), image_size, f"{found}")
-    if model_type in PAD_TO_FIXED_LENGTH:
-        return Preprocess(image_size, SIGLIP_MEAN, SIGLIP_STD, "bicubic", "squash",
-                          "SiglipImageProcessor's defaults (no preprocessor_config.json)")
-    return Preprocess(image_size, source="CLIPImageProcessor's defaults (no preprocessor_config.json)")
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable())
+        except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...
+            raise BackboneError(f"cannot read the image processor of {source} ({found}): "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}; "
+                                "fix preprocessor_config.json (a file written by the image processor's "
+                                "save_pretrained)") from None
+        label = found
+    elif model_type in PAD_TO_FIXED_LENGTH:
+        processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+        label = "SiglipImageProcessor's defaults (no preprocessor_config.json)"
+    else:
+        processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+        label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
+    preprocess = from_image_processor(processor, label)
+    if preprocess.size != image_size:
+        raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
+                            f"images, but the vision tower takes {image_size}x{image_size} (config.json "
+                            f"vision_config.image_size): the preprocessor_config.json and the weights are for other "
+                            "image sizes; use the checkpoint's own preprocessor_config.json")
+    return preprocess
 
 
 def model_type_of(spec: str, local: bool) -> str:
@@ -262,6 +301,8 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
         raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
+    # before any weights are read: a processor that does not fit the tower fails at once
+    preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
     try:
         model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
@@ -271,10 +312,18 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     if missing:  # transformers would fill them with random values and only warn
         raise BackboneError(f"{spec} is not a complete {cls.__name__} checkpoint: {len(missing)} weights are missing "
                             f"(first: {missing[0]}); pass the checkpoint of this model type")
-    preprocess = preprocess_of(spec, model_type, model.config.vision_config.image_size)
     backbone = HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
     backbone.activation = act
     return backbone
+
+
+def _square(size: Any) -> int:
+    """A vision config's image_size (an int, or a (height, width) pair of equal sides) as one side."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise BackboneError(f"vision_config.image_size {list(size)} is not square: blocklora feeds square images")
+        size = size[0]
+    return int(size)
 
 
 def _activation(config, spec: str, request: str, recorded: bool | None) -> Activation:

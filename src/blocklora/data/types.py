@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .decode import open_image_file
+from .decode import open_benchmark_image, open_image_file
 
-__all__ = ["DatasetSplits", "Item", "open_image_file"]
+__all__ = ["DatasetSplits", "Item", "open_benchmark_image", "open_image_file"]
 
 
 @dataclass(frozen=True)

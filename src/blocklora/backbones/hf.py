@@ -16,6 +16,7 @@ A checkpoint is only ever loaded into the class its model_type names, and one mi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import AdapterMismatchError, BackboneError
 from .activation import Activation
 from .base import Backbone, write_classifier
 from .network import hub_reachable
-from .preprocess import Preprocess, from_image_processor
+from .preprocess import Preprocess, ProcessorError, from_image_processor
 
 CLIP_ATTENTION = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
 # A BERT / RoBERTa layer's `attention`: self.query / key / value, then output.dense (also effnet-minilm's MiniLM).
@@ -47,7 +48,6 @@ PAD_TO_FIXED_LENGTH = ("siglip",)  # text towers that pool the last position (an
 # checkpoints (model_type siglip) is case-sensitive and does not (huggingface/transformers#43054).
 CANONICALIZED = ("siglip",)
 POSITION_OFFSET = {"altclip": 2}  # RoBERTa position ids start after padding_idx: 2 positions are never a token
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _layers(model: nn.Module, path: str) -> nn.ModuleList | None:
@@ -246,7 +246,18 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                        crop_size={"height": image_size, "width": image_size})
         label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
-    preprocess = from_image_processor(processor, label)
+    try:
+        preprocess = from_image_processor(processor, label)
+    except ProcessorError:
+        # transformers 5's default torchvision backend cannot resample with some of PIL's filters (box, hamming):
+        # its PIL backend, the same processor class computed with PIL, can
+        if found is None or getattr(processor, "backend", None) != "torchvision":
+            raise
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable(),
+                                                       backend="pil")
+        preprocess = from_image_processor(processor, label)
     if preprocess.size != image_size:
         raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
                             f"images, but the vision tower takes {image_size}x{image_size} (config.json "
@@ -303,6 +314,8 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
     # before any weights are read: a processor that does not fit the tower fails at once
     preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
+    if local:
+        check_weight_shapes(spec, cls, config)
     try:
         model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
@@ -315,6 +328,58 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     backbone = HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
     backbone.activation = act
     return backbone
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a local model folder: model.safetensors, or the shards its index names."""
+    path = Path(folder)
+    if (path / "model.safetensors").is_file():
+        return [str(path / "model.safetensors")]
+    index = path / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [str(path / f) for f in shards if (path / f).is_file()]
+
+
+def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
+    """Refuse weights whose tensors have other shapes than the model config.json describes (another image size or
+    patch grid, context length, width), naming the tensor, both shapes and, for a position table, both sizes.
+
+    The shapes come from the safetensors headers and a model built on the meta device: no weight is read, and
+    transformers' own refusal (a table on the console, then an error about ignore_mismatched_sizes) never comes."""
+    files = _weight_files(folder)
+    if not files:
+        return
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    bad = []
+    for f in files:
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 - safe_open is not iterable
+                if k in own and tuple(fh.get_slice(k).get_shape()) != own[k]:
+                    bad.append((k, tuple(fh.get_slice(k).get_shape()), own[k]))
+    if not bad:
+        return
+    vision = config.vision_config
+    sizes = ""
+    for k, theirs, ours in bad:
+        if k.endswith("vision_model.embeddings.position_embedding.weight"):
+            extra = ours[0] - (_square(vision.image_size) // vision.patch_size) ** 2  # the class token(s)
+            grid = math.isqrt(max(theirs[0] - extra, 0))
+            sizes = (f": the weights are for {grid * vision.patch_size} px images ({grid}x{grid} patches of "
+                     f"{vision.patch_size} px), config.json says image_size {vision.image_size}")
+            break
+        if k.endswith("text_model.embeddings.position_embedding.weight"):
+            sizes = f": the weights hold {theirs[0]} text positions, config.json says {ours[0]}"
+            break
+    k, theirs, ours = bad[0]
+    raise BackboneError(f"{folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another shape, "
+                        f"first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
+                        f"describes){sizes}; use the config.json the weights were saved with")
 
 
 def _square(size: Any) -> int:

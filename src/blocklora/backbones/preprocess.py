@@ -168,18 +168,30 @@ def _rgb(image: Any) -> Any:
 PROBES = ((61, 37), (37, 61))
 
 
+class ProcessorError(BackboneError):
+    """A transformers image processor fails on an image (its own config is one it cannot apply)."""
+
+
 def from_image_processor(processor: Any, source: str) -> ProcessorPreprocess:
     """The preprocessing of a transformers image processor (CLIPImageProcessor, SiglipImageProcessor,
     ChineseCLIPImageProcessor, ...), as built by AutoImageProcessor from a preprocessor_config.json.
 
     The output size is what the processor itself gives on a landscape and a portrait probe image. Raises
-    BackboneError when it is not one fixed square size (the towers take size x size images).
+    ProcessorError when the processor fails on them, BackboneError when its output is not one fixed square size
+    (the towers take size x size images).
     """
     shapes = []
+    # the processor's own view of its file, and its class (transformers 5: the PIL backend's ends in "Pil")
+    settings = {**json.loads(processor.to_json_string()), "image_processor_class": type(processor).__name__}
     for w, h in PROBES:
-        out = processor(images=[Image.new("RGB", (w, h), (128, 128, 128))], return_tensors="pt")["pixel_values"]
+        try:
+            out = processor(images=[Image.new("RGB", (w, h), (128, 128, 128))], return_tensors="pt")["pixel_values"]
+        except Exception as e:  # noqa: BLE001 - the library refuses its own config: say which and why, on one line
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ProcessorError(f"the image processor of {source} ({type(processor).__name__}, "
+                                 f"{getattr(processor, 'backend', 'transformers')} backend) cannot process an image: "
+                                 f"{why}; fix its preprocessor_config.json") from None
         shapes.append(tuple(int(d) for d in out.shape[-2:]))
-    settings = json.loads(processor.to_json_string())
     described = ", ".join(f"{k} {json.dumps(settings[k])}" for k in ("size", "crop_size", "do_resize",
                                                                       "do_center_crop") if k in settings)
     if shapes[0] != shapes[1]:

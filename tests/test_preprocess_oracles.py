@@ -46,6 +46,8 @@ FORMS = {
     "legacy int Chinese-CLIP 40, crop 32": _form("ChineseCLIPFeatureExtractor", size=40, crop_size=32,
                                                  do_center_crop=True),
     "legacy int SigLIP size 32, crop 32": _form("SiglipImageProcessor", size=32, crop_size=32, do_center_crop=True),
+    "CLIPImageProcessorFast (saved by a 4.x fast processor)": _form("CLIPImageProcessorFast",
+                                                                    size={"shortest_edge": 40}, crop_size=CROP32),
     "shortest_edge 40 > crop 32": _form(size={"shortest_edge": 40}, crop_size=CROP32),
     "shortest_edge 24 < crop 32 (pads)": _form(size={"shortest_edge": 24}, crop_size=CROP32),
     "shortest_edge = crop 32": _form(size={"shortest_edge": 32}, crop_size=CROP32),

@@ -248,7 +248,7 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
     try:
         preprocess = from_image_processor(processor, label)
-    except ProcessorError:
+    except ProcessorError as failed:
         # transformers 5's default torchvision backend cannot resample with some of PIL's filters (box, hamming):
         # its PIL backend, the same processor class computed with PIL, can
         if found is None or getattr(processor, "backend", None) != "torchvision":
@@ -257,7 +257,10 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
 
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable(),
                                                        backend="pil")
-        preprocess = from_image_processor(processor, label)
+        try:
+            preprocess = from_image_processor(processor, label)
+        except ProcessorError:
+            raise failed from None  # neither backend can: the default one's reason
     if preprocess.size != image_size:
         raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
                             f"images, but the vision tower takes {image_size}x{image_size} (config.json "

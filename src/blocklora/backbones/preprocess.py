@@ -80,6 +80,7 @@ class Preprocess:
         return out
 
     def interpolation_mode(self) -> T.InterpolationMode:
+        """The torchvision interpolation the training crop is resized with (the model's own)."""
         return INTERPOLATIONS[self.interpolation]
 
     def eval_transform(self) -> Any:
@@ -114,7 +115,7 @@ class ProcessorPreprocess(Preprocess):
     `settings` is the processor's own configuration as it resolved the file (its to_dict()), recorded beside them.
     Build it with from_image_processor, which checks that the processor gives images of one fixed square size."""
 
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)
     processor: Any = field(default=None, compare=False, repr=False)
 
     def _validate(self) -> None:

@@ -175,3 +175,108 @@ def test_folder_walk_follows_links_once_and_refuses_undecodable_names(tmp_path):
         fh.write((tmp_path / "c" / "a.png").read_bytes())
     with pytest.raises(DataError, match=r"caf\\xe9\.png is not valid UTF-8"):
         list_image_files(tmp_path / "c")
+
+
+# -- images as users have them: transparency, palettes, 16-bit colour, EXIF orientation ------------------------------
+def _png16(path, width: int, height: int, colour_type: int, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit colour): colour type 2 = RGB, 6 = RGBA."""
+    import struct
+    import zlib
+
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_transparency_palettes_and_modes_decode_as_transformers_does(tmp_path):
+    """transformers' convert_to_rgb (what its image processors apply) is the oracle, pixel for pixel: transparency
+    onto white, palettes through their colours; a black drawing on a transparent background stays a drawing."""
+    from PIL import ImageDraw
+    from transformers.image_transforms import convert_to_rgb
+
+    from blocklora.data import open_benchmark_image, open_image_file
+    from photos import photos, sample_path
+
+    ring = Image.new("RGBA", (24, 24), (0, 0, 0, 0))  # transparent pixels store black, as most editors write them
+    ImageDraw.Draw(ring).ellipse((4, 4, 20, 20), outline=(0, 0, 0, 255), width=3)
+    half = Image.new("RGBA", (8, 8), (200, 40, 10, 128))  # semi-transparent
+    photo = photos()["tiny"]
+    files = {"drawing.png": Image.open(sample_path("Minduka_Present_Blue_Pack.png")), "ring.png": ring,
+             "half.png": half, "ring_la.png": ring.convert("LA"), "photo_cmyk.jpg": photo.convert("CMYK"),
+             "photo_l.png": photo.convert("L"), "photo_1.png": photo.convert("1"), "photo_rgb.png": photo,
+             "photo_p.png": photo.convert("P")}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    ring.convert("P").save(tmp_path / "ring_p.png", transparency=0)  # a palette with a transparent index
+    ring.convert("P").save(tmp_path / "ring.gif", transparency=0)
+    photo.convert("L").save(tmp_path / "photo_l_trns.png", transparency=int(np.asarray(photo.convert("L"))[0, 0]))
+    for path in sorted(tmp_path.iterdir()):
+        expected = convert_to_rgb(Image.open(path), return_numpy=True)
+        for reader in (open_image_file, open_benchmark_image):
+            got = np.asarray(reader(str(path)))
+            assert got.dtype == np.uint8 and np.array_equal(got, expected), (path.name, reader.__name__)
+    for name in ("ring.png", "ring_p.png", "ring_la.png", "ring.gif"):
+        px = np.asarray(open_image_file(str(tmp_path / name)))
+        assert px[0, 0].tolist() == [255, 255, 255] and px.min() == 0  # white around, the black ring kept
+    assert np.asarray(open_image_file(str(tmp_path / "half.png")))[0, 0].tolist() == [227, 147, 132]
+
+
+def test_16_bit_colour_and_alpha_are_scaled(tmp_path):
+    """16-bit RGB / RGBA PNGs (PIL keeps the high byte) come out at 8 bits, within one level of v * 255 / 65535;
+    a transparent 16-bit pixel is white."""
+    from blocklora.data import open_image_file
+
+    rgb = np.array([[[65535, 0, 300], [30000, 65535, 12345]]], dtype=np.uint16)
+    _png16(tmp_path / "rgb16.png", 2, 1, 2, rgb)
+    got = np.asarray(open_image_file(str(tmp_path / "rgb16.png"))).astype(int)
+    assert np.abs(got - np.rint(rgb.astype(np.float64) * 255 / 65535)).max() <= 1
+    rgba = np.array([[[65535, 0, 0, 65535], [0, 0, 0, 0]]], dtype=np.uint16)
+    _png16(tmp_path / "rgba16.png", 2, 1, 6, rgba)
+    assert np.asarray(open_image_file(str(tmp_path / "rgba16.png"))).tolist() == [[[255, 0, 0], [255, 255, 255]]]
+
+
+def test_exif_orientation_applies_to_user_images_not_to_benchmarks(tmp_path):
+    """Phones store photos sideways with an EXIF Orientation tag. User data (folder, CSV, predict) is turned upright
+    as PIL's ImageOps.exif_transpose and transformers' load_image do; the benchmark readers keep the stored pixels,
+    as CoOp's read_image (PIL Image.open + convert("RGB")), CLIP-LoRA and open_clip do."""
+    from PIL import ImageOps
+    from transformers.image_utils import load_image
+
+    from blocklora.data import open_benchmark_image, open_image_file
+    from photos import photos
+
+    photo = photos()["landscape"]
+    for tag in range(1, 9):
+        path = tmp_path / f"o{tag}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        photo.save(path, exif=exif, quality=95)
+        stored = Image.open(path).convert("RGB")
+        upright = np.asarray(open_image_file(str(path)))
+        assert np.array_equal(upright, np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
+        assert np.array_equal(upright, np.asarray(load_image(str(path))))
+        assert upright.shape[:2] == ((88, 150) if tag < 5 else (150, 88))  # 5..8 turn the image on its side
+        assert np.array_equal(np.asarray(open_benchmark_image(str(path))), np.asarray(stored))
+
+
+def test_user_datasets_read_upright_and_benchmark_readers_read_as_the_peers(tmp_path):
+    from blocklora.data import load_dataset, open_benchmark_image, open_image_file
+    from data_trees import make_fgvc, make_imagenet, make_zhou
+    from gen_data import make_folder_dataset
+
+    folder = make_folder_dataset(tmp_path / "folder", n_classes=2, train_per_class=1, test_per_class=1)
+    csv = tmp_path / "data.csv"
+    csv.write_text("path,label,split\n" + "".join(f"{p.relative_to(tmp_path)},{p.parent.name},{p.parts[-3]}\n"
+                                                  for p in sorted(folder.rglob("*.png"))))
+    assert load_dataset("folder", folder).image_reader is open_image_file
+    assert load_dataset("csv", csv).image_reader is open_image_file
+    make_zhou(tmp_path / "bench", "dtd")
+    make_imagenet(tmp_path / "bench")
+    make_fgvc(tmp_path / "bench")
+    for key in ("dtd", "imagenet", "fgvc_aircraft"):
+        assert load_dataset(key, tmp_path / "bench").image_reader is open_benchmark_image

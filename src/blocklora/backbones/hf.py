@@ -16,6 +16,7 @@ A checkpoint is only ever loaded into the class its model_type names, and one mi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import AdapterMismatchError, BackboneError
 from .activation import Activation
 from .base import Backbone, write_classifier
 from .network import hub_reachable
-from .preprocess import Preprocess, from_hf_processor
+from .preprocess import Preprocess, ProcessorError, from_image_processor
 
 CLIP_ATTENTION = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
 # A BERT / RoBERTa layer's `attention`: self.query / key / value, then output.dense (also effnet-minilm's MiniLM).
@@ -41,8 +42,12 @@ REFUSED = {"siglip2": "a SigLIP 2 NaFlex (variable-resolution) checkpoint: its i
                       "pixel_attention_mask and spatial_shapes, which blocklora does not build; use a fixed-resolution "
                       "SigLIP 2 checkpoint (model_type siglip, e.g. google/siglip2-base-patch16-224)"}
 PAD_TO_FIXED_LENGTH = ("siglip",)  # text towers that pool the last position (and were trained without a mask)
+# Text towers trained on canonicalized prompts: big_vision's canonicalize_text (lowercase, punctuation removed,
+# whitespace collapsed), which open_clip applies to every SigLIP and SigLIP 2 config (tokenizer_kwargs clean
+# "canonicalize"). SigLIP's own SiglipTokenizer does it too; the Gemma tokenizer of the fixed-resolution SigLIP 2
+# checkpoints (model_type siglip) is case-sensitive and does not (huggingface/transformers#43054).
+CANONICALIZED = ("siglip",)
 POSITION_OFFSET = {"altclip": 2}  # RoBERTa position ids start after padding_idx: 2 positions are never a token
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _layers(model: nn.Module, path: str) -> nn.ModuleList | None:
@@ -140,7 +145,9 @@ class HFBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """SigLIP: ids padded to the fixed length, no mask (it pools the last position and was trained so).
         Others: ids and attention mask padded to the batch's longest prompt (exact: causal towers pool at the
-        end-of-text token, BERT towers mask the padding), cut to what the position table holds."""
+        end-of-text token, BERT towers mask the padding), cut to what the position table holds.
+        SigLIP / SigLIP 2 prompts are canonicalized first (CANONICALIZED), as open_clip does for the same weights."""
+        texts = self.clean_texts(texts)
         if self.model_type in PAD_TO_FIXED_LENGTH:
             out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens(),
                                  return_tensors="pt")
@@ -148,6 +155,14 @@ class HFBackbone(Backbone):
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens(),
                              return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def clean_texts(self, texts: Sequence[str]) -> list[str]:
+        """The prompts as the text tower was trained to read them (CANONICALIZED; others as written)."""
+        if self.model_type not in CANONICALIZED:
+            return list(texts)
+        from open_clip.tokenizer import canonicalize_text
+
+        return [canonicalize_text(t) for t in texts]
 
     def probe_tokens(self) -> dict[str, torch.Tensor]:
         """Three valid ids (start, a word, end) in tokenize's format, without the tokenizer."""
@@ -205,15 +220,53 @@ def _file(source: str | None, filename: str) -> str | None:
         return None
 
 
-def preprocess_of(source: str, model_type: str, image_size: int) -> Preprocess:
-    """The checkpoint's preprocessing: its preprocessor_config.json, else the family's published defaults."""
+def preprocess_of(source: str, model_type: str, image_size: int, local: bool = True) -> Preprocess:
+    """The checkpoint's preprocessing: its own image processor (AutoImageProcessor reads its
+    preprocessor_config.json, any form: legacy integer sizes, shortest_edge, height / width, ...), else the family's
+    processor at its defaults for the model's image size. Raises BackboneError when the processor cannot be read, or
+    when the images it gives are not the image_size x image_size the vision tower takes."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
     found = _file(source, "preprocessor_config.json")
     if found is not None:
-        return from_hf_processor(json.loads(Path(found).read_text()), image_size, f"{found}")
-    if model_type in PAD_TO_FIXED_LENGTH:
-        return Preprocess(image_size, SIGLIP_MEAN, SIGLIP_STD, "bicubic", "squash",
-                          "SiglipImageProcessor's defaults (no preprocessor_config.json)")
-    return Preprocess(image_size, source="CLIPImageProcessor's defaults (no preprocessor_config.json)")
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable())
+        except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...
+            raise BackboneError(f"cannot read the image processor of {source} ({found}): "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}; "
+                                "fix preprocessor_config.json (a file written by the image processor's "
+                                "save_pretrained)") from None
+        label = found
+    elif model_type in PAD_TO_FIXED_LENGTH:
+        processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+        label = "SiglipImageProcessor's defaults (no preprocessor_config.json)"
+    else:
+        processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+        label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
+    try:
+        preprocess = from_image_processor(processor, label)
+    except ProcessorError as failed:
+        # transformers 5's default torchvision backend cannot resample with some of PIL's filters (box, hamming):
+        # its PIL backend, the same processor class computed with PIL, can
+        if found is None or getattr(processor, "backend", None) != "torchvision":
+            raise
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable(),
+                                                       backend="pil")
+        try:
+            preprocess = from_image_processor(processor, label)
+        except ProcessorError:
+            raise failed from None  # neither backend can: the default one's reason
+    if preprocess.size != image_size:
+        raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
+                            f"images, but the vision tower takes {image_size}x{image_size} (config.json "
+                            f"vision_config.image_size): the preprocessor_config.json and the weights are for other "
+                            "image sizes; use the checkpoint's own preprocessor_config.json")
+    return preprocess
 
 
 def model_type_of(spec: str, local: bool) -> str:
@@ -262,6 +315,10 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
         raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
+    # before any weights are read: a processor that does not fit the tower fails at once
+    preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
+    if local:
+        check_weight_shapes(spec, cls, config)
     try:
         model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
@@ -271,10 +328,70 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     if missing:  # transformers would fill them with random values and only warn
         raise BackboneError(f"{spec} is not a complete {cls.__name__} checkpoint: {len(missing)} weights are missing "
                             f"(first: {missing[0]}); pass the checkpoint of this model type")
-    preprocess = preprocess_of(spec, model_type, model.config.vision_config.image_size)
     backbone = HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
     backbone.activation = act
     return backbone
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a local model folder: model.safetensors, or the shards its index names."""
+    path = Path(folder)
+    if (path / "model.safetensors").is_file():
+        return [str(path / "model.safetensors")]
+    index = path / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [str(path / f) for f in shards if (path / f).is_file()]
+
+
+def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
+    """Refuse weights whose tensors have other shapes than the model config.json describes (another image size or
+    patch grid, context length, width), naming the tensor, both shapes and, for a position table, both sizes.
+
+    The shapes come from the safetensors headers and a model built on the meta device: no weight is read, and
+    transformers' own refusal (a table on the console, then an error about ignore_mismatched_sizes) never comes."""
+    files = _weight_files(folder)
+    if not files:
+        return
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    bad = []
+    for f in files:
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 - safe_open is not iterable
+                if k in own and tuple(fh.get_slice(k).get_shape()) != own[k]:
+                    bad.append((k, tuple(fh.get_slice(k).get_shape()), own[k]))
+    if not bad:
+        return
+    vision = config.vision_config
+    sizes = ""
+    for k, theirs, ours in bad:
+        if k.endswith("vision_model.embeddings.position_embedding.weight"):
+            extra = ours[0] - (_square(vision.image_size) // vision.patch_size) ** 2  # the class token(s)
+            grid = math.isqrt(max(theirs[0] - extra, 0))
+            sizes = (f": the weights are for {grid * vision.patch_size} px images ({grid}x{grid} patches of "
+                     f"{vision.patch_size} px), config.json says image_size {vision.image_size}")
+            break
+        if k.endswith("text_model.embeddings.position_embedding.weight"):
+            sizes = f": the weights hold {theirs[0]} text positions, config.json says {ours[0]}"
+            break
+    k, theirs, ours = bad[0]
+    raise BackboneError(f"{folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another shape, "
+                        f"first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
+                        f"describes){sizes}; use the config.json the weights were saved with")
+
+
+def _square(size: Any) -> int:
+    """A vision config's image_size (an int, or a (height, width) pair of equal sides) as one side."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise BackboneError(f"vision_config.image_size {list(size)} is not square: blocklora feeds square images")
+        size = size[0]
+    return int(size)
 
 
 def _activation(config, spec: str, request: str, recorded: bool | None) -> Activation:

@@ -176,8 +176,9 @@ class OpenClipBackbone(Backbone):
             return [str(path)]
         path.mkdir(parents=True)
         p = self.preprocess  # the weights' own preprocessing, as resolved (not open_clip's default for the name)
-        preprocess = {**dict(getattr(self.model.visual, "preprocess_cfg", {})), "mean": list(p.mean),
-                      "std": list(p.std), "interpolation": p.interpolation, "resize_mode": p.resize_mode}
+        preprocess = {**dict(getattr(self.model.visual, "preprocess_cfg", {})), "size": p.size, "mean": list(p.mean),
+                      "std": list(p.std), "interpolation": p.interpolation, "resize_mode": p.resize_mode,
+                      "fill_color": p.fill_color}
         config = {"model_cfg": {**self.model_config(), "quick_gelu": self.activation.quick_gelu},
                   "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
-    """Load a user's checkpoint file: safetensors, a torch file (weights_only=True), or an OpenAI TorchScript."""
+    """Load a user's checkpoint file: safetensors, a torch file (weights_only=True), or an OpenAI TorchScript.
+
+    The checkpoint must have the shapes of the model `name` builds (check_shapes): open_clip's load_checkpoint would
+    otherwise interpolate position embeddings of another image size or context length and run at the name's size,
+    silently. Raises BackboneError (one line) for a file that is not weights, or weights of another shape or
+    architecture."""
     from open_clip.factory import load_checkpoint, load_state_dict
 
     try:
@@ -33,11 +38,15 @@ def read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
             state = torch.jit.load(path, map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
+            check_shapes(model, state, path, name)
             missing, unexpected = model.load_state_dict(state, strict=False)
         else:
-            load_state_dict(path)  # fails fast with a clear reason on files that are not weights
+            state = load_state_dict(path)  # fails fast with a clear reason on files that are not weights
+            check_shapes(model, _as_open_clip(model, state), path, name)
             incompatible = load_checkpoint(model, path, strict=False, weights_only=True)
             missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+    except BackboneError:
+        raise
     except Exception as e:  # noqa: BLE001 - a user file: report the reason on one line
         raise BackboneError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}; pass a .safetensors "
                             "or torch state-dict file of this architecture") from None
@@ -47,6 +56,146 @@ def read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
         raise BackboneError(f"checkpoint {path} does not match architecture {name}: "
                             f"{len(missing)} missing and {len(unexpected)} unexpected keys (first: {first}); "
                             "check the --model name")
+
+
+def _as_open_clip(model: torch.nn.Module, state: dict) -> dict:
+    """The state dict as open_clip's load_checkpoint sees it before it resizes anything: third-party key layouts
+    converted (open_clip.convert.convert_state_dict), an old CLIP text layout moved under `text.`."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    return state
+
+
+# -- a checkpoint of another shape than the model name ----------------------------------------------------------------
+VISION_POS = ("visual.positional_embedding", "visual.trunk.pos_embed")
+PATCH_WEIGHT = ("visual.conv1.weight", "visual.trunk.patch_embed.proj.weight")
+TEXT_POS = ("positional_embedding", "text.positional_embedding")
+TOKEN_EMBEDDING = ("token_embedding.weight", "text.token_embedding.weight")
+SCALARS = ("logit_scale", "logit_bias")  # open_clip reshapes these between a scalar and a 1-element vector
+
+
+def check_shapes(model: torch.nn.Module, state: dict, path: str, name: str) -> None:
+    """Raise BackboneError when a tensor of the checkpoint has another shape than the same tensor of the model
+    `name` builds. The error names what differs in the field's terms (image size and patch grid, context length,
+    widths, vocabulary), both values, and the open_clip model names whose configs have the checkpoint's shapes."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and k not in SCALARS and hasattr(v, "shape")
+           and tuple(v.shape) != tuple(own[k].shape)]
+    if not bad:
+        return
+    prefix = _prefix_tokens(model, own)
+    theirs, ours = _facts(state, prefix), _facts(own, prefix)
+    differ = [f"{_LABELS[k]} {_show(k, theirs)} in the checkpoint, {_show(k, ours)} in {name}"
+              for k in _LABELS if k in theirs and k in ours and theirs[k] != ours[k]]
+    if not differ:
+        k = bad[0]
+        differ = [f"{k} has shape {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in {name}"]
+    fits = names_that_fit(theirs, exclude=name)
+    hint = (f"use --model {' or '.join(fits)}, whose config has the checkpoint's shapes" if fits else
+            "pass the model name the checkpoint was made for (no open_clip model config has its shapes)")
+    raise BackboneError(f"checkpoint {path} was made for another model than {name}: {'; '.join(differ)}. open_clip "
+                        "would interpolate position embeddings and run the weights at another size than they were "
+                        f"trained at, silently; {hint}")
+
+
+_LABELS = {"image_px": "image size", "context": "context length", "vision_width": "vision width",
+           "text_width": "text width", "vocab": "vocabulary"}
+
+
+def _show(key: str, facts: dict) -> str:
+    if key == "image_px":
+        grid, patch = facts.get("grid"), facts.get("patch")
+        return f"{facts[key]} px" + (f" ({grid}x{grid} patches of {patch} px)" if grid and patch else "")
+    return f"{facts[key]} tokens" if key in ("context", "vocab") else str(facts[key])
+
+
+def _first(state: dict, keys: tuple[str, ...]) -> tuple[int, ...] | None:
+    for k in keys:
+        if k in state and hasattr(state[k], "shape"):
+            return tuple(state[k].shape)
+    return None
+
+
+def _prefix_tokens(model: torch.nn.Module, own: dict) -> int:
+    """Position-table rows that are not patches (class token, registers) in the model built: rows - grid cells."""
+    visual = getattr(model, "visual", None)
+    grid = getattr(visual, "grid_size", None) or getattr(getattr(getattr(visual, "trunk", None), "patch_embed", None),
+                                                         "grid_size", None)
+    rows = _first(own, VISION_POS)
+    if grid is None or rows is None:
+        return 1
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    return rows[-2] - grid[0] * grid[1]
+
+
+def _facts(state: dict, prefix: int) -> dict[str, Any]:
+    """Image size (patch grid x patch), context length, widths and vocabulary a state dict's shapes imply."""
+    import math
+
+    facts: dict[str, Any] = {}
+    patch = _first(state, PATCH_WEIGHT)
+    if patch is not None and len(patch) == 4:
+        facts["patch"], facts["vision_width"] = patch[-1], patch[0]
+        facts["vision"] = "vit" if PATCH_WEIGHT[0] in state else "timm"
+    pos = _first(state, VISION_POS)
+    if pos is not None and len(pos) >= 2 and pos[-2] > prefix:
+        grid = math.isqrt(pos[-2] - prefix)
+        if grid * grid == pos[-2] - prefix and "patch" in facts:
+            facts["grid"], facts["image_px"] = grid, grid * facts["patch"]
+    text = _first(state, TEXT_POS)
+    if text is not None:
+        facts["context"] = text[-2] if len(text) >= 2 else text[0]
+    tokens = _first(state, TOKEN_EMBEDDING)
+    if tokens is not None and len(tokens) == 2:
+        facts["vocab"], facts["text_width"] = tokens
+    return facts
+
+
+def names_that_fit(facts: dict[str, Any], exclude: str = "") -> list[str]:
+    """open_clip model names (at most 3, -quickgelu twins folded) whose configs state every fact a checkpoint's
+    shapes give (tower kind, image size, patch, vision width, context length, vocabulary, text width), each equal."""
+    import open_clip
+
+    wanted = [k for k in facts if k != "grid"]
+    fits: list[str] = []
+    for n in open_clip.list_models():
+        base = n.removesuffix("-quickgelu")
+        if exclude in (n, base) or base in fits:
+            continue
+        own = _config_facts(open_clip.get_model_config(n) or {})
+        if "image_px" in facts and all(k in own and own[k] == facts[k] for k in wanted if k != "vision_width"
+                                       or own.get("vision") == "vit"):
+            fits.append(base)
+    return fits[:3]
+
+
+def _config_facts(cfg: dict) -> dict[str, Any]:
+    """The facts of _facts that an open_clip model config states (open_clip's CLIPTextCfg defaults included)."""
+    import re
+
+    vision, text = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+    facts: dict[str, Any] = {}
+    size = vision.get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    if size:
+        facts["image_px"] = int(size)
+    if vision.get("timm_model_name"):  # a timm tower: its patch is in its name (vit_base_patch16_siglip_224)
+        found = re.search(r"patch(\d+)", vision["timm_model_name"])
+        facts["vision"] = "timm"
+        if found:
+            facts["patch"] = int(found.group(1))
+    elif not isinstance(vision.get("layers"), (list, tuple)):  # a CLIP ViT (a list of layers is a ModifiedResNet)
+        facts["vision"] = "vit"
+        facts["patch"], facts["vision_width"] = int(vision.get("patch_size", 16)), int(vision.get("width", 768))
+    if not text.get("hf_model_name"):
+        facts["context"] = int(text.get("context_length", 77))
+        facts["vocab"], facts["text_width"] = int(text.get("vocab_size", 49408)), int(text.get("width", 512))
+    return facts
 
 
 def weights_file(name: str, pretrained: str) -> tuple[str, dict]:
@@ -115,19 +264,34 @@ def read_needs_file(path: str) -> None:
 
 
 # -- preprocessing and tokenizer ------------------------------------------------------------------------------------
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")  # open_clip's PreprocessCfg
+
+
 def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | None, has_weights: bool) -> Preprocess:
     """The preprocessing of the weights: what their source declares (`declared`: a pretrained tag's config, an
-    export folder's preprocess_cfg; `label` says which); without a declaration (a file, random weights), the
+    export or model folder's preprocess_cfg; `label` says which), over open_clip's PreprocessCfg defaults for the
+    keys it leaves out, as open_clip's create_model merges them; without a declaration (a file, random weights), the
     pretrained configs of `name` when all its tags agree (SigLIP: 0.5 / 0.5 and squash; MobileCLIP: no
-    normalisation), else open_clip's default for the architecture (OpenAI CLIP's)."""
+    normalisation), else open_clip's default for the architecture (OpenAI CLIP's). A declared `size` other than
+    the model's image size is a BackboneError (the weights would be fed images of another size)."""
     import open_clip
+    from open_clip.transform import PreprocessCfg
 
     size = getattr(model.visual, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    if declared.get("mean") is not None:
-        return Preprocess(size, declared["mean"], declared.get("std", OPENAI_STD),
-                          declared.get("interpolation") or "bicubic", declared.get("resize_mode") or "shortest",
-                          label or "the weights' own configuration")
+    given = {k: v for k, v in declared.items() if k in PREPROCESS_KEYS and v is not None}
+    if declared.get("size") is not None:
+        side = declared["size"]
+        side = list(side) if isinstance(side, (tuple, list)) else [side, side]
+        if side != [size, size]:
+            raise BackboneError(f"{label or 'the preprocessing config'} says size {declared['size']}, but {name} "
+                                f"takes {size}x{size} images: the config and the model are for other image sizes; "
+                                "pass the model name the weights were made for")
+    if given:
+        defaults = PreprocessCfg()
+        cfg = {k: given.get(k, getattr(defaults, k)) for k in PREPROCESS_KEYS}
+        return Preprocess(size, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["resize_mode"],
+                          label or "the weights' own configuration", cfg["fill_color"])
     known = open_clip.list_models()
     base = name.removesuffix("-quickgelu")
     tags = sorted({t for n in {name, base} if n in known for t in open_clip.list_pretrained_tags_by_model(n)})
@@ -137,13 +301,15 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
             cfg = open_clip.get_pretrained_cfg(n, t) if n in known else {}
             if cfg:
                 key = (tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)),
-                       cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
+                       cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
+                       int(cfg.get("fill_color", 0)))
                 found.setdefault(key, []).append(t)
                 break
     if len(found) == 1:
-        (mean, std, interpolation, resize_mode), used = next(iter(found.items()))
+        (mean, std, interpolation, resize_mode, fill), used = next(iter(found.items()))
         return Preprocess(size, mean, std, interpolation, resize_mode, f"open_clip's pretrained config of {name} "
-                                                                       f"(its {len(used)} tag(s), which all agree)")
+                                                                       f"(its {len(used)} tag(s), which all agree)",
+                          fill)
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     why = f"its tags disagree ({', '.join(sorted(t for ts in found.values() for t in ts))})" if found else \
         "it has no pretrained tags"
@@ -152,7 +318,7 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
                     "architecture; pass the pretrained tag to use its own", name, why)
     return Preprocess(size, cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD),
                       cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
-                      f"open_clip's default for {name} ({why})")
+                      f"open_clip's default for {name} ({why})", cfg.get("fill_color", 0))
 
 
 def load_tokenizer(model_name: str, directory: str | None = None) -> Any:

@@ -16,7 +16,7 @@ from .fewshot import (
 from .images import ImageDataset, verify_images
 from .layout import IMAGE_EXTENSIONS, TEMPLATES, prompt_name
 from .protocols import class_subset, evenly_spaced, limit_split, subsample_classes, subsample_fewshot
-from .types import DatasetSplits, Item, open_image_file
+from .types import DatasetSplits, Item, open_benchmark_image, open_image_file
 
 __all__ = [
     "DATASETS",
@@ -33,6 +33,7 @@ __all__ = [
     "group_by_label",
     "imagenet_indices",
     "load_dataset",
+    "open_benchmark_image",
     "open_image_file",
     "prompt_name",
     "read_split_file",

@@ -1,5 +1,8 @@
 """The benchmark readers: CoOp's datasets read through Kaiyang Zhou's split files, FGVC-Aircraft, ImageNet and its
-four domain-shift test sets (data/datasets.py describes each layout and the peers' readers it follows)."""
+four domain-shift test sets (data/datasets.py describes each layout and the peers' readers it follows).
+
+Their images are read with decode.open_benchmark_image: the stored pixels, no EXIF transposition, as CoOp, CLIP-LoRA
+and open_clip read them, so accuracies stay comparable with the published ones."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from .decode import open_benchmark_image
 from .layout import (
     COOP_DATASETS_MD,
     TEMPLATES,
@@ -138,7 +142,8 @@ def read_zhou(key: str, root: Path) -> DatasetSplits:
         raise DataError(f"{key}: image {bad[1]} (first {bad[0]} entry of {spec.split_file}) does not exist: the "
                         f"split's paths are relative to {image_dir}; extract the images there")
     classnames = [prompt_name(names[y]) for y in range(len(names))]
-    return DatasetSplits(key, ddir, classnames, parts["train"], parts["val"], parts["test"], TEMPLATES[key])
+    return DatasetSplits(key, ddir, classnames, parts["train"], parts["val"], parts["test"], TEMPLATES[key],
+                         open_benchmark_image)
 
 
 # -- FGVC-Aircraft ---------------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def read_fgvc(key: str, root: Path) -> DatasetSplits:
         raise DataError(f"{key}: image {bad[1]} (first line of images_variant_{bad[0]}.txt) does not exist: "
                         f"extract the images to {image_dir}")
     return DatasetSplits(key, ddir, [prompt_name(c) for c in classnames], parts["train"], parts["val"],
-                         parts["test"], TEMPLATES[key])
+                         parts["test"], TEMPLATES[key], open_benchmark_image)
 
 
 # -- ImageNet and its variants ---------------------------------------------------------------------------------------
@@ -271,7 +276,8 @@ def read_imagenet(key: str, root: Path) -> DatasetSplits:
                             "the train and val sets must have the same classes")
     train = scan_classes(base / "train", labels, key)
     test = scan_classes(base / "val", labels, key)
-    return DatasetSplits(key, ddir, [prompt_name(table.names[w]) for w in wnids], train, [], test, TEMPLATES[key])
+    return DatasetSplits(key, ddir, [prompt_name(table.names[w]) for w in wnids], train, [], test, TEMPLATES[key],
+                         open_benchmark_image)
 
 
 def _check_val_sorted(val: Path) -> None:
@@ -330,6 +336,6 @@ def read_variant(key: str, root: Path) -> DatasetSplits:
             labels = {w: index[w] for w in folders}
     test = scan_classes(image_dir, labels, key)
     return ImageNetVariantSplits(key, ddir, [prompt_name(table.names[w]) for w in kept], [], [], test,
-                                 TEMPLATES[key], imagenet_indices=[index[w] for w in kept])
+                                 TEMPLATES[key], open_benchmark_image, imagenet_indices=[index[w] for w in kept])
 
 

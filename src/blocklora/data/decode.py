@@ -1,6 +1,9 @@
-"""The one way blocklora opens an image file: safe on hostile files, exact on high bit depths.
+"""The one way blocklora opens an image file, for train, eval and predict: safe on hostile files, exact on
+transparency, palettes and high bit depths, upright.
 
-    open_image_file(path) -> RGB image          header_problem(path) -> None | why it cannot be used
+    open_image_file(path) -> RGB image          user data: folder, CSV, predict (EXIF orientation applied)
+    open_benchmark_image(path) -> RGB image     the benchmark readers (EXIF orientation not applied, as the peers)
+    header_problem(path) -> None | why it cannot be used
 
 Every failure is a DataError naming the file and the reason; nothing hangs and nothing is silently wrong:
 - only regular files are opened (a FIFO named x.png would block open() forever; sockets and devices too); the file is
@@ -10,7 +13,16 @@ Every failure is a DataError naming the file and the reason; nothing hangs and n
 - 16-bit and float images are scaled to 8 bits, not clipped as PIL's convert("RGB") does (it maps every 16-bit
   value above 255 to white and a float image in [0, 1] to black): I;16 by 255 / 65535; 32-bit integer ("I") images
   by the same factor when their values fit 0..65535 (as-is when they fit 0..255); float ("F") images in [0, 1] by
-  255 (as-is when they fit [0, 255]); other ranges, and NaN, are refused with the range found.
+  255 (as-is when they fit [0, 255]); other ranges, and NaN, are refused with the range found;
+- transparency (an alpha band, or a palette or grey image's transparent index) is composited onto white, as the
+  transformers image processors do (transformers.image_transforms.convert_to_rgb): PIL's convert("RGB") keeps the
+  colour a transparent pixel happens to store, black for most editors, and a black drawing on a transparent
+  background becomes one flat black image;
+- user images (folder, CSV, predict) are turned upright by their EXIF Orientation tag (PIL's
+  ImageOps.exif_transpose), as phones store photos sideways with the tag and every viewer, and transformers'
+  load_image, shows them upright. The benchmark readers (CoOp's 11 datasets, the ImageNet variants) read the pixels
+  as stored, as CoOp, CLIP-LoRA and open_clip do (PIL's Image.open + convert("RGB"), no transposition), so their
+  numbers stay comparable with the published ones.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import stat
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -74,16 +86,47 @@ def _fail(path: str, e: BaseException) -> DataError:
     return DataError(f"cannot read image {path}: {reason(e)}")
 
 
-def open_image_file(path: str) -> Image.Image:
-    """Decode an image file completely (corrupt and truncated files fail here, not later in a worker), as 8-bit RGB.
+def read_image_file(path: str, exif_orientation: bool = True) -> Image.Image:
+    """Decode an image file completely (corrupt and truncated files fail here, not later in a worker), as 8-bit RGB
+    (to_rgb), turned upright by its EXIF Orientation tag when `exif_orientation`.
 
     Raises DataError("cannot read image PATH: reason") for anything that is not a readable image."""
     try:
         with _opened(path) as image:
             image.load()
+            if exif_orientation and orientation(image) != 1:
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, struct.error, ...
         raise _fail(path, e) from None
+
+
+def open_image_file(path: str) -> Image.Image:
+    """A user's image (folder and CSV datasets, predict): read_image_file with its EXIF orientation applied."""
+    return read_image_file(path, exif_orientation=True)
+
+
+def open_benchmark_image(path: str) -> Image.Image:
+    """A benchmark dataset's image: read_image_file without EXIF transposition (CoOp, CLIP-LoRA and open_clip read
+    the stored pixels), so accuracies stay comparable with theirs."""
+    return read_image_file(path, exif_orientation=False)
+
+
+FILE_READERS = (open_image_file, open_benchmark_image)
+
+
+def reads_files(reader: object) -> bool:
+    """Whether `reader` is one of blocklora's file readers (an Item's path is then a file on disk)."""
+    return any(reader is r for r in FILE_READERS)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1..8; 1 = upright, also when there is no tag or it is not a number)."""
+    try:
+        value = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):  # a damaged EXIF block: the pixels are still fine
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def file_problem(path: str) -> str | None:
@@ -117,10 +160,15 @@ def _scaled_mode(mode: str) -> bool:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, scaling high bit depths (see the module docstring) instead of clipping them."""
+    """8-bit RGB: transparency composited onto white (transformers' convert_to_rgb, pixel for pixel), palettes
+    through their colours, high bit depths scaled instead of clipped (see the module docstring)."""
     if image.mode == "RGB":
         return image
     if not _scaled_mode(image.mode):
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     a = np.asarray(image, dtype=np.float64)
     if not np.isfinite(a).all():

@@ -46,8 +46,9 @@ from pathlib import Path
 
 from ..choices import Sampler
 from ..errors import ConfigError, DataError
+from .decode import reads_files
 from .layout import load_json
-from .types import DatasetSplits, Item, open_image_file
+from .types import DatasetSplits, Item
 
 SAMPLERS = typing.get_args(Sampler)
 SPLIT_FORMAT = "blocklora-fewshot-split/1"
@@ -279,7 +280,7 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
             raise _bad_file(path, f'has no "{part}" list')
     known = {os.path.normpath(i.path): i for items in (splits.train, splits.val, splits.test) for i in items}
     root = Path(splits.root)
-    file_based = splits.image_reader is open_image_file
+    file_based = reads_files(splits.image_reader)
     bad: list[str] = []
     for part in ("train", "val"):
         items = []

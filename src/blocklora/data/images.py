@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .decode import file_problem, header_problem, open_image_file, reason
+from .decode import file_problem, header_problem, open_image_file, reads_files, reason
 from .types import Item
 
 CHUNK = 4096  # images handed to the thread pool at a time (bounds the number of pending futures)
@@ -81,9 +81,9 @@ PROGRESS_FROM = 1000  # images: below this the check is over in a moment
 def _check(reader: Callable[[str], Image.Image], path: str, level: str) -> str | None:
     """None if the image passes the check at `level`, else why not. Only "decode" applies to custom readers (images
     held in memory: reading one is the cheap part)."""
-    if reader is open_image_file and level == "file":
+    if reads_files(reader) and level == "file":
         return file_problem(path)
-    if reader is open_image_file and level == "header":
+    if reads_files(reader) and level == "header":
         return header_problem(path)
     if level != "decode":
         return None

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .decode import open_image_file
+from .decode import open_benchmark_image, open_image_file
 
-__all__ = ["DatasetSplits", "Item", "open_image_file"]
+__all__ = ["DatasetSplits", "Item", "open_benchmark_image", "open_image_file"]
 
 
 @dataclass(frozen=True)
@@ -33,4 +33,6 @@ class DatasetSplits:
     val: list[Item] = field(default_factory=list)
     test: list[Item] = field(default_factory=list)
     template: str = "a photo of a {}."  # the per-dataset hand-made zero-shot template (CoOp)
-    image_reader: Callable[[str], Image.Image] = open_image_file  # Item.path -> RGB PIL image
+    # Item.path -> RGB PIL image: open_image_file for users' data (EXIF orientation applied), open_benchmark_image for
+    # the benchmark readers (stored pixels, as the peers), or a reader of images held in arrays (Fashion-MNIST)
+    image_reader: Callable[[str], Image.Image] = open_image_file

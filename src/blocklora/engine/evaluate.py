@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
+from ..data.decode import reads_files
 from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
-from ..data.types import DatasetSplits, Item, open_image_file
+from ..data.types import DatasetSplits, Item
 from ..errors import DataError
 from .runtime import Runtime, eval_mode
 
@@ -218,8 +219,9 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
 
 # -- zero-shot cache ------------------------------------------------------------------------------------------------
 # Part of every key: bump it whenever the cached result's layout changes, so that a cache written by another
-# version of blocklora (or another checkout sharing ~/.cache/blocklora) is a miss, never a misread.
-CACHE_FORMAT = 3
+# version of blocklora (or another checkout sharing ~/.cache/blocklora) is a miss, never a misread. 4: images with
+# transparency or an EXIF orientation decode differently (data/decode.py), transformers models use their processor.
+CACHE_FORMAT = 4
 
 
 def cache_dir() -> Path:
@@ -243,10 +245,11 @@ def zero_shot_key(backbone: Backbone, runtime: Runtime, data: DatasetSplits, spl
         "autocast": runtime.precision, "device": runtime.device.type, "size": backbone.image_size,
         "mean": backbone.mean, "std": backbone.std, "transform": repr(backbone.eval_transform()),
         "preprocess": {k: v for k, v in backbone.preprocess.to_dict().items() if k != "source"},
+        "reader": getattr(data.image_reader, "__qualname__", type(data.image_reader).__qualname__),
         "dataset": data.name, "root": str(data.root), "split": split, "classnames": list(data.classnames),
         "templates": list(templates), "prompts": [prompts(data.classnames, t) for t in templates],
     }, sort_keys=True).encode())
-    file_based = data.image_reader is open_image_file
+    file_based = reads_files(data.image_reader)
     for item in items:
         h.update(f"{item.path}\0{item.label}\0{_stamp(item.path) if file_based else ''}\n".encode())
     if not file_based:  # images decoded from files under the root (e.g. Fashion-MNIST's idx files)

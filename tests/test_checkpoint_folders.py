@@ -1,0 +1,220 @@
+"""Every real checkpoint folder loads and runs: zeroshot, a 2-step train, predict and export.
+
+The files of tests/fixtures/checkpoint_configs (config.json, preprocessor_config.json and the tokenizer settings of
+openai/clip-vit-base-patch32, openai/clip-vit-large-patch14, google/siglip-so400m-patch14-384 and
+OFA-Sys/chinese-clip-vit-base-patch16; provenance in its SOURCES.md) are copied into a model folder whose weights
+are random (from the real config.json, with fewer layers and narrower towers: the loader reads neither; the image
+size, patch size, position tables, vocabulary sizes and activations stay as published). Vocabularies are not in the
+fixtures: CLIP's BPE comes from open_clip's packaged copy (the same vocabulary), Chinese-CLIP's BERT vocabulary is a
+small one with the real special-token ids, and SigLIP's sentencepiece model, which cannot be had offline, is
+replaced by a word-level tokenizer passed with --tokenizer (its tokens are not tested; everything else is).
+Also here: a checkpoint whose shapes do not fit the model name is refused, naming both and the name that fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from blocklora.backbones import load_backbone
+from blocklora.cli.main import main
+from blocklora.errors import BackboneError
+from families import WORDS, save_tokenizer
+from gen_data import make_folder_dataset
+from photos import photos
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint_configs"
+FOLDERS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+# what the loader does not read: depth and widths (the probe, the sites and the adapters work at any of them)
+SHRINK = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+
+
+def _shrunk(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    for tower in ("text_config", "vision_config", "text_config_dict", "vision_config_dict"):
+        if tower.endswith("_config") or config.get(tower):
+            config.setdefault(tower, {}).update(SHRINK)
+            config[tower].pop("projection_dim", None)
+    if "projection_dim" in config:
+        config["projection_dim"] = 16
+    return config
+
+
+def _clip_bpe(folder: Path) -> None:
+    """OpenAI's BPE vocabulary and merges in CLIPTokenizer's files, from open_clip's packaged copy."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    renames = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({renames.get(k, k): v for k, v in tok.encoder.items()}))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
+
+
+def _bert_vocab(folder: Path) -> None:
+    """A BERT vocab.txt with Chinese-CLIP's special-token ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK]
+    103), then the test prompts' words and a few Chinese characters."""
+    tokens = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [w for w in dict.fromkeys(WORDS) if w not in tokens] + ["的", "一", "猫", "狗"]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+
+
+def build_folder(name: str, dest: Path) -> tuple[Path, list[str]]:
+    """The model folder of fixture `name` (random weights from its real config.json, its real preprocessor and
+    tokenizer settings) and the extra CLI arguments it needs."""
+    import transformers
+
+    real = FIXTURES / name
+    config = json.loads((real / "config.json").read_text())
+    cls = getattr(transformers, config["architectures"][0])
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text(json.dumps(_shrunk(config)))
+    torch.manual_seed(0)
+    cls(cls.config_class.from_pretrained(dest)).save_pretrained(dest)
+    for f in ("preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(real / f, dest / f)
+    extra: list[str] = []
+    if config["model_type"] == "clip":
+        _clip_bpe(dest)
+    elif config["model_type"] == "chinese_clip":
+        _bert_vocab(dest)
+    else:  # SiglipTokenizer: spiece.model (and the sentencepiece package) cannot be had offline
+        extra = ["--tokenizer", str(save_tokenizer(dest.parent / "tokenizer"))]
+    return dest, extra
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_real_checkpoint_folder_runs_every_command(name, tmp_path, capsys):
+    from transformers import AutoImageProcessor
+
+    folder, extra = build_folder(name, tmp_path / name)
+    real = json.loads((FIXTURES / name / "config.json").read_text())
+    size = int(real["vision_config"].get("image_size", 224))
+    data = make_folder_dataset(tmp_path / "data", n_classes=3, train_per_class=1, test_per_class=1)
+    model = ["--model", f"hf:{folder}", *extra]
+    common = ["--dataset", "folder", "--root", str(data), "--workers", "0"]
+
+    assert main(["zeroshot", *model, *common, "--no-cache", "--json"]) == 0, capsys.readouterr().err
+    zeroshot = json.loads(capsys.readouterr().out)
+    assert 0 <= zeroshot["top1"] <= 100
+
+    out = tmp_path / "run"
+    assert main(["train", *model, *common, "--shots", "1", "--iters", "2", "--batch-size", "3", "--output",
+                 str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    backbone = results["backbone"]
+    assert results["iters"] == 2 and backbone["image_size"] == size
+    assert backbone["preprocess"]["source"] == str(folder / "preprocessor_config.json")
+    oracle = AutoImageProcessor.from_pretrained(folder)
+    settings = {k: v for k, v in backbone["preprocess"]["settings"].items() if k != "image_processor_class"}
+    assert settings == json.loads(oracle.to_json_string())  # the processor's own reading of the real file
+
+    # predict: a photo stored sideways with an EXIF Orientation tag scores as the upright photo
+    photo = photos()["landscape"]
+    photo.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out / "adapter"), str(tmp_path / "upright.png"),
+                 str(tmp_path / "sideways.png"), "--json"]) == 0, capsys.readouterr().err
+    upright, sideways = json.loads(capsys.readouterr().out)
+    assert upright["top"] == sideways["top"]
+
+    export = tmp_path / "export"
+    assert main(["export", "--adapter", str(out / "adapter"), "--output", str(export)]) == 0, capsys.readouterr().err
+    stock = type(load_backbone(f"hf:{folder}", tokenizer=extra[1] if extra else None).model)
+    reloaded, info = stock.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    exported = AutoImageProcessor.from_pretrained(export)  # the export carries the real processor file
+    image = photos()["portrait"]
+    torch.testing.assert_close(exported(images=[image], return_tensors="pt")["pixel_values"],
+                               oracle(images=[image], return_tensors="pt")["pixel_values"], rtol=0, atol=0)
+
+
+def test_clip_large_tokens_equal_open_clips(tmp_path):
+    """openai/clip-vit-large-patch14's own tokenizer_config.json (tokenizer_class CLIPTokenizer) with OpenAI's BPE
+    gives open_clip's tokens for the same prompts (lower-cased, cleaned, truncated at 77)."""
+    import open_clip
+
+    folder, _ = build_folder("openai__clip-vit-large-patch14", tmp_path / "m")
+    prompts = ["a photo of a Red Apple.", "A  PHOTO of a café!", "word " * 90]
+    tokens = load_backbone(f"hf:{folder}").tokenize(prompts)
+    for row, mask, expected in zip(tokens["input_ids"], tokens["attention_mask"], open_clip.tokenize(prompts)):
+        n = int(mask.sum())
+        assert row[:n].tolist() == expected[:n].tolist() and int(expected[n:].abs().sum()) == 0
+
+
+# -- a checkpoint and a model name that disagree ---------------------------------------------------------------------
+def _tiny_clip_state(**changes) -> dict:
+    """tiny-clip's state dict at another image size / context length (open_clip.CLIP, as tiny-clip is built)."""
+    import open_clip
+
+    from blocklora.backbones.openclip import TINY_CLIP
+
+    cfg = copy.deepcopy(TINY_CLIP)
+    for key, value in changes.items():
+        tower, field = key.split("__")
+        cfg[tower][field] = value
+    torch.manual_seed(1)
+    return {k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()}, cfg
+
+
+def test_a_checkpoint_of_another_size_is_refused_naming_both_and_the_name_that_fits(tmp_path, capsys):
+    """open_clip's load_checkpoint would interpolate the position tables (64 px weights run at 32 px, a 16-token
+    text table stretched to 77) and the run would record the name's size. Refused, in one line, before anything is
+    written; a model config of the checkpoint's shape is named."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    data = make_folder_dataset(tmp_path / "data", n_classes=2, train_per_class=1, test_per_class=1)
+    state, cfg = _tiny_clip_state(vision_cfg__image_size=64)
+    save_file(state, str(tmp_path / "tiny-64px.safetensors"))
+    out = tmp_path / "run"
+    code = main(["train", "--model", "tiny-clip", "--pretrained", str(tmp_path / "tiny-64px.safetensors"),
+                 "--dataset", "folder", "--root", str(data), "--workers", "0", "--iters", "1", "--output", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert "image size 64 px (8x8 patches of 8 px) in the checkpoint, 32 px (4x4 patches of 8 px) in tiny-clip" \
+        in err[0] and "interpolate" in err[0]
+
+    configs = tmp_path / "configs"  # an open_clip model config with the checkpoint's shape: the error names it
+    configs.mkdir()
+    (configs / "tiny-clip-64-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(configs)
+    with pytest.raises(BackboneError, match="use --model tiny-clip-64-test, whose config has the checkpoint's"):
+        load_backbone("tiny-clip", str(tmp_path / "tiny-64px.safetensors"))
+    assert load_backbone("tiny-clip-64-test", str(tmp_path / "tiny-64px.safetensors")).image_size == 64
+
+    state, _ = _tiny_clip_state(text_cfg__context_length=16)
+    torch.save({"state_dict": state}, tmp_path / "ctx16.pt")
+    with pytest.raises(BackboneError, match="context length 16 tokens in the checkpoint, 77 tokens in tiny-clip"):
+        load_backbone("tiny-clip", str(tmp_path / "ctx16.pt"))
+    state, _ = _tiny_clip_state(vision_cfg__width=32)
+    save_file(state, str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(BackboneError, match="vision width 32 in the checkpoint, 64 in tiny-clip"):
+        load_backbone("tiny-clip", str(tmp_path / "narrow.safetensors"))
+
+
+def test_transformers_weights_and_processor_that_disagree_with_config_are_refused(tmp_path):
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")  # 32 px weights and processor
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    processor["crop_size"] = {"height": 40, "width": 40}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(BackboneError, match=r"gives 40x40 images, but the vision tower takes 32x32"):
+        load_backbone(f"hf:{folder}")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["image_size"] = 40
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=r"the weights are for 32 px images \(4x4 patches of 8 px\), config.json "
+                                            r"says image_size 40"):
+        load_backbone(f"hf:{folder}")

@@ -218,7 +218,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BlockLoRAError(f"{path} is missing: not a complete blocklora run") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
         raise BlockLoRAError(f"cannot read {what} {path} ({type(e).__name__}): the file is damaged") from None
     if not isinstance(data, dict):
         raise BlockLoRAError(f"{what} {path} is not a JSON object: the file is damaged")

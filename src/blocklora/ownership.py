@@ -291,18 +291,21 @@ class OwnedFiles:
             raise BlockLoRAError(f"refusing to replace {path}: it {why} (blocklora replaces only the files it "
                                  f"wrote); move it away, or choose another {option}")
 
-    def write(self, name: str, data: bytes) -> Path:
-        """Write directory/name atomically (call `check` first) and record it as blocklora's."""
+    def write(self, files: dict[str, bytes]) -> dict[str, Path]:
+        """Write each directory/name atomically (call `check` first) and record them as blocklora's."""
         from .engine.files import atomic_write
 
-        entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        self.record[name] = [*self.record.get(name, []), entry]  # old and new: a kill mid-way stays recognisable
+        entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                   for name, data in files.items()}
+        for name, entry in entries.items():  # old and new: a kill mid-way leaves files still recognisable
+            self.record[name] = [*self.record.get(name, []), entry]
         self._save_record()
-        path = self.directory / name
-        atomic_write(path, lambda fh: fh.write(data))
-        self.record[name] = [entry]
+        for name, data in files.items():
+            atomic_write(self.directory / name, lambda fh, d=data: fh.write(d))
+        for name, entry in entries.items():
+            self.record[name] = [entry]
         self._save_record()
-        return path
+        return {name: self.directory / name for name in files}
 
     def remove(self, name: str) -> bool:
         """Delete directory/name if blocklora wrote it and nobody changed it since; True if it was deleted."""

@@ -94,16 +94,12 @@ class RunResult:
         missing = [k for k in ("top1", "shots", "seed", "dataset") if k not in data]
         if missing:
             raise BlockLoRAError(f"{where} has no {missing[0]!r}: not a complete blocklora results file")
-        ok = isinstance(data["top1"], (int, float)) and not isinstance(data["top1"], bool) and \
-            all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("shots", "seed")) and \
-            isinstance(data["dataset"], Mapping)
-        if not ok:
-            raise BlockLoRAError(f"{where}: top1, shots, seed or dataset has the wrong type: the file is damaged")
         for name, value in data.items():
             if name in _FIELD_CHECKS and not (value is None and name not in _REQUIRED) and \
                     not _FIELD_CHECKS[name](value):
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-                raise BlockLoRAError(f"{where}: {name} must be {_FIELD_RULES[name]}, got {shown}: the file is damaged")
+                raise BlockLoRAError(f"{where}: {name} has the wrong type or value ({shown}): it must be "
+                                     f"{_FIELD_RULES[name]}; the file is damaged")
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
 

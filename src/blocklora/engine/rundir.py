@@ -30,7 +30,6 @@ from typing import Any
 
 from ..errors import BlockLoRAError
 from ..ownership import MARKER, Protected, check_deletable, fix_mode, mark, marker_kind, remove_stale_temps
-from .files import write_json
 from .results import RunResult
 
 log = logging.getLogger("blocklora")
@@ -103,6 +102,8 @@ class RunDir:
 
     def write_results(self, result: RunResult) -> None:
         """Written last: from here on the run is complete."""
+        from .files import write_json  # lazily: files imports torch, which reading a run folder never needs
+
         write_json(self.results, result.to_json())
 
     def read_config(self) -> dict[str, Any]:

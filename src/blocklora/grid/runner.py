@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ..engine.rundir import RunDir
 from ..errors import BlockLoRAError
 
 MANIFEST, LOGS, LOCKS = "sweep.jsonl", "logs", ".locks"
@@ -72,6 +71,8 @@ class Outcome:
 def cell_action(run_dir: Path) -> str:
     """skip (finished), start (new), resume (has a checkpoint) or overwrite (leftovers without a checkpoint; train
     clears them only if blocklora made the folder, and names the problem otherwise)."""
+    from ..engine.rundir import RunDir  # lazily: engine imports torch, which a sweep itself never needs
+
     return {"complete": "skip", "absent": "start", "resumable": "resume", "leftover": "overwrite",
             "other": "start"}[RunDir(run_dir).state()]  # "other" (a file there): train names the problem
 
@@ -102,7 +103,7 @@ class Sweep:
 
     def __init__(self, cells: Sequence[Cell], slots: Sequence[Slot], out: Path,
                  argv: Callable[[Cell, str, Slot], list[str]], program: Sequence[str] | None = None,
-                 manifest: IO[str] | None = None, poll: float = 0.5) -> None:
+                 manifest: IO[bytes] | None = None, poll: float = 0.5) -> None:
         self.cells, self.slots, self.out, self.argv = list(cells), list(slots), out, argv
         self.program = list(program or [sys.executable, "-m", "blocklora"])
         self.manifest, self.poll = manifest, poll
@@ -234,12 +235,12 @@ class Sweep:
             print(f"[{n:>{len(str(len(self.cells)))}}/{len(self.cells)}] {_progress(o)}", flush=True)
             # one short line per write, flushed at once: appends of concurrent sweeps do not interleave. An error
             # here (disk full) reaches _worker, which stops the sweep with it.
+            line = (json.dumps(record) + "\n").encode()
             if self.manifest is not None:
-                self.manifest.write(json.dumps(record) + "\n")
-                self.manifest.flush()
+                self.manifest.write(line)  # unbuffered: one write(2) per line, nothing left to flush at close
             else:
-                with open(self.out / MANIFEST, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                with open(self.out / MANIFEST, "ab") as fh:
+                    fh.write(line)
 
 
 def _now() -> str:
@@ -247,6 +248,8 @@ def _now() -> str:
 
 
 def _top1(run_dir: Path) -> float | None:
+    from ..engine.rundir import RunDir
+
     try:
         return float(RunDir(run_dir).read_results().top1)
     except BlockLoRAError:

@@ -453,7 +453,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _report(outcomes, len(cells), out, time.monotonic() - sweep.started, sweep.interrupted, sweep.errors)
 
 
-def _open_manifest(out: Path) -> IO[str]:
+def _open_manifest(out: Path) -> IO[bytes]:
     """DIR/sweep.jsonl opened for appending before any cell runs (the check is the handle the sweep then uses): a
     regular file only, never through a link (OSError otherwise: a folder, a FIFO, a link, no permission)."""
     path = out / MANIFEST
@@ -468,7 +468,7 @@ def _open_manifest(out: Path) -> IO[str]:
         os.close(fd)
         raise BlockLoRAError(f"cannot write the sweep's manifest {path} (not a regular file): nothing was run; "
                              "remove it and rerun")
-    return os.fdopen(fd, "a")
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 def _words(options: dict[str, Any]) -> str:
@@ -502,7 +502,6 @@ def _read_options(out: Path) -> dict[str, Any] | None:
 def _claim_options(out: Path, mine: dict[str, Any]) -> None:
     """Record the sweep's fixed options in DIR/sweep.json, created exclusively (a hard link of a complete temporary
     file: never a replace), so of two sweeps started at once with other options the second refuses."""
-    from ..engine.files import to_json
     from ..ownership import fix_mode, temp_prefix
 
     path = out / OPTIONS
@@ -512,7 +511,7 @@ def _claim_options(out: Path, mine: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(OPTIONS), suffix=".tmp", dir=out)
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(to_json(mine) + "\n")
+                fh.write(json.dumps(mine, indent=2) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             fix_mode(tmp)

@@ -98,11 +98,11 @@ def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
         try:
             run = _read(path)
         except BlockLoRAError as e:
-            warnings.append(f"skipped {path}: {e}")
+            warnings.append(f"skipped {path}: {str(e).removeprefix(f'{path}: ')}")
             continue
         key = (run.variant, run.dataset, run.subset, run.shots, run.seed)
         if key in runs:
-            warnings.append(f"duplicate: {path} and {runs[key].path} are the same configuration, {run.dataset} "
+            warnings.append(f"duplicate: {run.path} and {runs[key].path} are the same configuration, {run.dataset} "
                             f"shots {run.shots} seed {run.seed}: the tables use {runs[key].path}")
             continue
         runs[key] = run

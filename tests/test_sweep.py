@@ -328,7 +328,8 @@ def test_two_sweeps_with_other_options_at_once_the_second_refuses(tmp_path):
         winner = json.loads((out / "sweep.json").read_text())["train_options"][1]
         assert sorted(x.split(":")[0] for x in said) == ["claimed", "refused"], said
         loser = next(x for x in said if x.startswith("refused"))
-        assert f"was swept with other train options (--lr {winner} vs --lr" in loser
+        assert f"was swept by blocklora sweep (pid {procs[0 if winner == '0.1' else 1].pid} on " in loser
+        assert f"with other train options (--lr {winner} vs --lr" in loser
         assert [p.name for p in out.iterdir()] == ["sweep.json"]  # no temporary file left behind
 
 
@@ -397,7 +398,7 @@ def test_sweep_of_two_methods_and_an_n_axis_then_rerun_skips_then_summarize(tmp_
     assert main(args) == 0
     assert "3 cells: 3 skipped" in capsys.readouterr().out
     assert main([*args, "train.lr=1e-3"]) == 2  # other fixed options into the same directory: refused
-    assert "was swept with other train options" in capsys.readouterr().err
+    assert "with other train options (--model tiny-clip" in capsys.readouterr().err
     assert main(["summarize", str(out)]) == 0
     md = capsys.readouterr().out
     assert "3 runs of 3 configurations" in md

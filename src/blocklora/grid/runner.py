@@ -81,7 +81,7 @@ def cell_action(run_dir: Path) -> str:
 def try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on `path`, or None when another process (or open file) holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -178,6 +178,7 @@ class Sweep:
         fd = try_lock(path)
         if fd is not None or cell not in self.waiting:
             return fd
+        print(f"waiting     {cell.label}  (another sweep is running it)", flush=True)
         while fd is None and not self.stop.is_set():
             time.sleep(self.poll)
             fd = try_lock(path)
@@ -205,7 +206,9 @@ class Sweep:
             cmd = [*self.program, *self.argv(cell, action, slot)]
             env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
             t0 = time.monotonic()
-            with open(log_path, "a") as log:
+            # a regular file only, never through a link (a FIFO there: ENXIO, not a hang); the sweep stops, named
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+            with os.fdopen(os.open(log_path, flags, 0o666), "a") as log:
                 log.write(f"=== {_now()} {socket.gethostname()} {slot.name}: {' '.join(cmd)}\n")
                 log.flush()
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -41,6 +41,7 @@ import itertools
 import json
 import os
 import shlex
+import socket
 import stat
 import sys
 import time
@@ -417,7 +418,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out, cells = g.out, g.cells
     mine = {"train_options": g.options, "overrides": g.fixed}
     recorded = _read_options(out)
-    if recorded is not None and recorded != mine:
+    if recorded is not None and not _same(recorded, mine):
         raise _other_options(out, recorded, mine)
     if args.emit:
         out.mkdir(parents=True, exist_ok=True)
@@ -476,9 +477,14 @@ def _words(options: dict[str, Any]) -> str:
 
 
 def _other_options(out: Path, recorded: dict[str, Any], mine: dict[str, Any]) -> BlockLoRAError:
-    return BlockLoRAError(f"{out} was swept with other train options ({_words(recorded)} vs {_words(mine)}): sweep "
-                          f"into another --output, make them an axis (key=v1,v2), or delete {out / OPTIONS} to mix "
-                          "configurations")
+    by = f" by {recorded['written_by']}" if isinstance(recorded.get("written_by"), str) else ""
+    return BlockLoRAError(f"{out} was swept{by} with other train options ({_words(recorded)} vs {_words(mine)}): "
+                          f"sweep into another --output, make them an axis (key=v1,v2), or delete {out / OPTIONS} to "
+                          "mix configurations")
+
+
+def _same(recorded: dict[str, Any] | None, mine: dict[str, Any]) -> bool:
+    return recorded is not None and all(recorded.get(k) == mine[k] for k in ("train_options", "overrides"))
 
 
 def _read_options(out: Path) -> dict[str, Any] | None:
@@ -511,7 +517,8 @@ def _claim_options(out: Path, mine: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(OPTIONS), suffix=".tmp", dir=out)
         try:
             with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(mine, indent=2) + "\n")
+                by = f"blocklora sweep (pid {os.getpid()} on {socket.gethostname()})"
+                fh.write(json.dumps({**mine, "written_by": by}, indent=2) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             fix_mode(tmp)
@@ -520,7 +527,7 @@ def _claim_options(out: Path, mine: dict[str, Any]) -> None:
         finally:
             os.unlink(tmp)
     recorded = _read_options(out)
-    if recorded != mine:
+    if not _same(recorded, mine):
         raise _other_options(out, recorded or {}, mine)
 
 

@@ -53,6 +53,18 @@ def single(tmp_path_factory):
     return data, out
 
 
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def _check_written_once(out: Path, stdout: str) -> dict:
     r = json.loads((out / "results.json").read_text())
     assert r["world_size"] == 2 and r["iters"] == 6
@@ -67,12 +79,21 @@ def _check_written_once(out: Path, stdout: str) -> dict:
 def test_torchrun_two_processes_equal_one(single, tmp_path):
     data, ref = single
     out = tmp_path / "ddp"
-    proc = _torchrun(*_args(data, out))
+    proc = _torchrun(*_args(data, out, "train.log=tensorboard"))  # (torchrun would take "--log" as its own)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = _check_written_once(out, proc.stdout)
     assert (out / "train.log").read_text().count(f"run {out}:") == 1
     _assert_close(_adapter(out), _adapter(ref))
     single_r = json.loads((ref / "results.json").read_text())
+    # the recorded loss and batch accuracy are the global batch's (both shards), as one process records them: in
+    # metrics.jsonl, TensorBoard and results.json's final_loss
+    two, one = _metrics(out), _metrics(ref)
+    assert [m["acc"] for m in two] == [m["acc"] for m in one]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    assert r["final_loss"] == pytest.approx(single_r["final_loss"], rel=1e-5) and r["final_loss"] == two[-1]["loss"]
+    scalars = _scalars(out / "tensorboard")
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    assert [v for _, v in scalars["train/batch_accuracy"]] == [m["acc"] for m in one]
     # evaluation counts are summed over the two shards: the same test set, the same (or float-tie) accuracy
     assert r["n_test"] == single_r["n_test"] == 9
     assert abs(r["top1"] - single_r["top1"]) <= 100 / 9 + 1e-6

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import blocklora
@@ -242,6 +243,38 @@ def test_open_clip_exports_carry_the_classifier_and_load_in_stock_open_clip(caps
     with torch.no_grad():
         text = model.encode_text(open_clip.get_tokenizer("ViT-B-32")(meta["prompts"]))
     assert text.shape[0] == len(meta["classnames"])
+
+
+def test_an_exports_prompts_are_the_texts_blocklora_scores_with(tmp_path):
+    """Class names saved from Python with underscores: the export's prompts, encoded by stock open_clip from the
+    export alone, give the class embeddings predict and eval score with (engine.evaluate.prompts, the one place a
+    class name becomes text)."""
+    import open_clip
+
+    from blocklora.engine import evaluate as ev
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.pipeline.trained import export, load_trained
+
+    backbone = load_backbone("tiny-clip", None)
+    blocklora.inject(backbone.model, blocklora.AdapterConfig(n_blocks=4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a text-side update that matters (B starts at zero)
+        for name, p in backbone.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    names = ["red_apple", " green_leaf_", "blue sky"]
+    blocklora.save_adapter(backbone.model, tmp_path / "adapter", backbone="tiny-clip", classnames=names,
+                           pretrained=None)
+    export(tmp_path / "adapter", tmp_path / "folder")
+    meta = json.loads((tmp_path / "folder" / "blocklora_classifier.json").read_text())
+    assert meta["classnames"] == names
+    assert meta["prompts"] == ["a photo of a red apple.", "a photo of a green leaf.", "a photo of a blue sky."]
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'folder'}").eval()  # stock open_clip, no blocklora
+    with torch.no_grad():
+        stock = F.normalize(model.encode_text(open_clip.get_tokenizer("ViT-B-32")(meta["prompts"])), dim=-1)
+        loaded, _, _ = load_trained(tmp_path / "adapter", device="cpu")
+        ours = ev.encode_classes(loaded, names, [meta["template"]], make_runtime("cpu"))
+    torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_exports_get_id2label_and_folder_only_families_refuse_a_file_name(capsys, data, tmp_path):

@@ -4,6 +4,12 @@ PeftModel.from_pretrained gives blocklora's features; a PEFT adapter read back g
 from __future__ import annotations
 
 import json
+import math
+import resource
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from blocklora.interop.peft import (
     load_peft_adapter,
     peft_refusal,
     read_peft_adapter,
+    read_record,
     write_peft_adapter,
 )
 from conftest import example_inputs, hf_features, make_hf, make_openclip, randomize_adapters
@@ -96,6 +103,161 @@ def test_peft_trained_adapter_evaluates_in_blocklora(tmp_path):
     # nor a run placed elsewhere
     with pytest.raises(AdapterMismatchError, match="missing .*k_proj"):
         read_peft_adapter(tmp_path / "peft", make_hf(), AdapterConfig(method="lora", r=4, projections="qkv"))
+
+
+# rank_pattern / alpha_pattern keys in every form PEFT takes; the oracle is PEFT's own model built from them
+PATTERNS = {
+    "suffix": ({}, {"q_proj": 16}),
+    "dotted suffix": ({}, {"layers.0.self_attn.q_proj": 16}),
+    "full name": ({}, {"vision_model.encoder.layers.1.self_attn.v_proj": 0.5}),
+    "regex alternation": ({}, {"(q|v)_proj": 16}),
+    "anchored regex": ({}, {"^text_model.*": 3, "k_proj": 7}),
+    "first key wins": ({}, {"v_proj": 6, ".*_proj": 2}),
+    "first key wins, reversed": ({}, {".*_proj": 2, "v_proj": 6}),
+    "one rank for all, per-tower alpha": ({".*": 2}, {r"text_model\..*": 5,
+                                                      r"vision_model\.encoder\.layers\.[02]\..*": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_pattern_keys_are_matched_as_peft_matches_them(name, tmp_path):
+    """A PEFT adapter with rank_pattern / alpha_pattern keys (plain names, suffixes, regular expressions, several
+    matching keys: the first in the file wins) read by blocklora gives the features PEFT's own loader gives."""
+    rank_pattern, alpha_pattern = PATTERNS[name]
+    r = 4 if rank_pattern else 2
+    trained = peft.get_peft_model(make_hf(), peft.LoraConfig(
+        r=r, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
+    trained.save_pretrained(str(tmp_path / "peft"))
+    # PEFT writes its config with sorted keys; the patterns go back in their own order (the order decides)
+    config_path = tmp_path / "peft" / CONFIG_FILE
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "rank_pattern": rank_pattern,
+                                       "alpha_pattern": alpha_pattern}))
+    theirs = peft.PeftModel.from_pretrained(make_hf(), str(tmp_path / "peft")).eval()
+    scalings = {float(m.scaling["default"]) for m in theirs.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert scalings != {4 / r}  # the patterns change the scaling of some modules
+    ours = make_hf()
+    cfg = load_peft_adapter(ours, tmp_path / "peft")
+    assert cfg.r == 2
+    diff = _max_diff(hf_features(ours), hf_features(theirs))
+    assert diff < 1e-5, diff
+
+
+def test_pattern_key_is_pefts_rule():
+    """pattern_key / module_value against peft.utils.other.get_pattern_key on every module name of a CLIP."""
+    from peft.utils.other import get_pattern_key
+
+    from blocklora.interop.peft import module_value
+
+    names = [n for n, _ in make_hf().named_modules() if n]
+    patterns = [{"q_proj": 1}, {"proj": 2}, {"self_attn.q_proj": 3, "q_proj": 4}, {"(q|v)_proj": 5},
+                {r"layers\.1\..*": 6, "out_proj": 7}, {"^vision_model.*": 8}, {"model.encoder": 9},
+                {"_proj": 10}, {"layers.1": 11}, {"text_model.encoder.layers.0.self_attn.q_proj": 12}]
+    for pattern in patterns:
+        for module in names:
+            assert module_value(pattern, module, -1) == pattern.get(get_pattern_key(pattern, module), -1), \
+                (pattern, module)
+
+
+def test_modules_of_different_ranks_are_refused_by_name(tmp_path):
+    theirs = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                            rank_pattern={"(.*)v_proj": 4}))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(AdapterMismatchError, match=r"different ranks .*q_proj: 2, .*v_proj: 4"):
+        read_peft_adapter(tmp_path / "peft", make_hf())
+    with pytest.raises(AdapterMismatchError, match=r"v_proj has rank 4 \(rank_pattern\['\(\.\*\)v_proj'\] 4\)"):
+        read_peft_adapter(tmp_path / "peft", make_hf(), AdapterConfig(method="lora", r=2, projections="qv"))
+
+
+# adapter_config.json damaged field by field, every wrong type and range: (fields set, what the error names)
+CONFIG_DAMAGE = {
+    "config a list": ([1, 2], "not a PEFT LoRA adapter"), "peft_type number": ({"peft_type": 5}, "peft_type 5"),
+    "r missing": ({"r": None}, "r must be an integer >= 1, got None"), "r text": ({"r": "2"}, "r must be"),
+    "r zero": ({"r": 0}, "r must be"), "r fraction": ({"r": 2.5}, "r must be"), "r bool": ({"r": True}, "r must be"),
+    "alpha missing": ({"lora_alpha": None}, "lora_alpha must be"), "alpha text": ({"lora_alpha": "abc"}, "lora_alpha"),
+    "alpha zero": ({"lora_alpha": 0}, "lora_alpha must be a finite number > 0"),
+    "alpha negative": ({"lora_alpha": -1}, "lora_alpha"), "alpha NaN": ({"lora_alpha": math.nan}, "lora_alpha"),
+    "alpha infinite": ({"lora_alpha": math.inf}, "lora_alpha"), "alpha bool": ({"lora_alpha": True}, "lora_alpha"),
+    "alpha list": ({"lora_alpha": [1]}, "lora_alpha"),
+    "alpha huge": ({"lora_alpha": 1e308}, "overflows float32 with scaling .* \\(lora_alpha 1e\\+308\\)"),
+    "rslora text": ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    "rslora number": ({"use_rslora": 1}, "use_rslora"),
+    "dropout text": ({"lora_dropout": "0.1"}, "lora_dropout"), "dropout one": ({"lora_dropout": 1.0}, "lora_dropout"),
+    "dropout negative": ({"lora_dropout": -0.1}, "lora_dropout"),
+    "dropout NaN": ({"lora_dropout": math.nan}, "lora_dropout"),
+    "bias": ({"bias": "all"}, "trains biases"), "bias number": ({"bias": 5}, "trains biases"),
+    "DoRA": ({"use_dora": True}, "uses use_dora"), "DoRA text": ({"use_dora": "false"}, "uses use_dora"),
+    "modules to save": ({"modules_to_save": ["visual_projection"]}, "uses modules_to_save"),
+    "modules to save text": ({"modules_to_save": "x"}, "uses modules_to_save"),
+    "activated LoRA": ({"alora_invocation_tokens": [5, 7]}, "uses alora_invocation_tokens \\(Activated LoRA"),
+    "layer replication": ({"layer_replication": [[0, 2], [1, 3]]}, "uses layer_replication"),
+    "base model number": ({"base_model_name_or_path": 5}, "base_model_name_or_path must be"),
+    "rank_pattern list": ({"rank_pattern": [1, 2]}, "rank_pattern must be a mapping"),
+    "rank_pattern text": ({"rank_pattern": "q_proj"}, "rank_pattern must be a mapping"),
+    "rank_pattern bad regex": ({"rank_pattern": {"[": 2}}, "rank_pattern key '\\[' is not a regular expression"),
+    "rank_pattern value text": ({"rank_pattern": {"q_proj": "2"}}, "rank_pattern\\['q_proj'\\] must be an integer"),
+    "rank_pattern value zero": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+    "rank_pattern value fraction": ({"rank_pattern": {"q_proj": 1.5}}, "rank_pattern"),
+    "rank_pattern value null": ({"rank_pattern": {"q_proj": None}}, "rank_pattern"),
+    "rank_pattern value bool": ({"rank_pattern": {"q_proj": True}}, "rank_pattern"),
+    "alpha_pattern list": ({"alpha_pattern": [1]}, "alpha_pattern must be a mapping"),
+    "alpha_pattern bad regex": ({"alpha_pattern": {"(q": 1}}, "alpha_pattern key '\\(q' is not a regular expression"),
+    "alpha_pattern value text": ({"alpha_pattern": {"q_proj": "abc"}}, "alpha_pattern\\['q_proj'\\] must be a fin"),
+    "alpha_pattern value zero": ({"alpha_pattern": {"q_proj": 0}}, "alpha_pattern"),
+    "alpha_pattern value negative": ({"alpha_pattern": {"q_proj": -2}}, "alpha_pattern"),
+    "alpha_pattern value NaN": ({"alpha_pattern": {"q_proj": math.nan}}, "alpha_pattern"),
+    "alpha_pattern value infinite": ({"alpha_pattern": {"q_proj": math.inf}}, "alpha_pattern"),
+    "alpha_pattern value null": ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern"),
+    "alpha_pattern value list": ({"alpha_pattern": {"q_proj": [1]}}, "alpha_pattern"),
+    "alpha_pattern value huge": ({"alpha_pattern": {"(q|v)_proj": 1e308}},
+                                 "overflows float32 .*alpha_pattern\\['\\(q\\|v\\)_proj'\\] 1e\\+308"),
+    "nested too deep": ("[" * 100_000 + "]" * 100_000, "cannot read"),
+    "not JSON": ("{'r': 2", "cannot read"),
+}
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tmp_path_factory):
+    model = make_hf()
+    inject(model, AdapterConfig(method="lora", r=2, projections="qv"))
+    randomize_adapters(model)
+    path = tmp_path_factory.mktemp("peft") / "peft"
+    write_peft_adapter(model, path)
+    return path
+
+
+@pytest.mark.parametrize("damage", list(CONFIG_DAMAGE))
+def test_damaged_config_fields_are_one_error_naming_the_field(damage, peft_dir, tmp_path):
+    fields, needle = CONFIG_DAMAGE[damage]
+    damaged = tmp_path / "peft"
+    shutil.copytree(peft_dir, damaged)
+    config = json.loads((peft_dir / CONFIG_FILE).read_text())
+    text = fields if isinstance(fields, str) else json.dumps(fields if isinstance(fields, list) else
+                                                             {**config, **fields})
+    (damaged / CONFIG_FILE).write_text(text)
+    with pytest.raises(AdapterMismatchError, match=needle) as e:
+        read_peft_adapter(damaged, make_hf())
+    assert "\n" not in str(e.value) and str(damaged) in str(e.value)
+
+
+def test_damaged_export_record_is_one_error_line(peft_dir, tmp_path, capsys):
+    """The record an export keeps in the weights' header (model, pretrained, template) is checked when eval reads
+    it: a damaged one is one error line, before any model is loaded."""
+    from safetensors.torch import load_file, save_file
+
+    for record, needle in (('{"model": 5}', "names model 5"), ('{"pretrained": [1]}', "names pretrained"),
+                           ('{"template": "no slot"}', "template 'no slot' has no '{}'"),
+                           ("[1]", "not a JSON object"), ("{", "not a JSON object")):
+        shutil.rmtree(tmp_path / "r", ignore_errors=True)
+        shutil.copytree(peft_dir, tmp_path / "r")
+        weights = tmp_path / "r" / WEIGHTS_FILE
+        save_file(load_file(weights), weights, metadata={"format": "pt", "blocklora": record})
+        with pytest.raises(AdapterMismatchError, match=needle):
+            read_record(tmp_path / "r")
+        code = main(["eval", "--peft-adapter", str(tmp_path / "r"), "--dataset", "folder", "--root", str(tmp_path),
+                     "--workers", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("error:") == 1 and needle.split("'")[0] in err and "Traceback" not in err
 
 
 def test_misfits_are_refused_by_name(tmp_path):
@@ -177,6 +339,14 @@ def test_cli_export_format_peft(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["export", "--format", "peft", "--adapter", str(run / "adapter"), "--output",
                  str(tmp_path / "peft"), "--overwrite"]) == 0
+    # a full disk (a file size limit here) is one error line, as for every other writer, and leaves nothing
+    proc = subprocess.run([sys.executable, "-m", "blocklora", "export", "--format", "peft", "--adapter", str(run),
+                           "--output", str(tmp_path / "full" / "peft")], capture_output=True, text=True,
+                          preexec_fn=_file_size_limit)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "File too large" in errors[0] and "disk full or not writable" in errors[0]
+    assert not list((tmp_path / "full").iterdir())
     # eval reads the PEFT folder on the same backbone
     capsys.readouterr()
     assert main(["eval", "--peft-adapter", str(tmp_path / "peft"), "--model", f"hf:{model_dir}", "--dataset",
@@ -186,6 +356,11 @@ def test_cli_export_format_peft(tmp_path, capsys):
                  "0", "--json"]) == 0
     own_eval = json.loads(capsys.readouterr().out)
     assert peft_eval["top1"] == own_eval["top1"] and peft_eval["n"] == own_eval["n"]
+
+
+def _file_size_limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
 
 
 def test_init_adapter_starts_a_run_from_a_peft_adapter(tmp_path):

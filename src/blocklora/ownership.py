@@ -15,6 +15,7 @@ file is replaced only while it is exactly as blocklora wrote it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -323,3 +324,24 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def reported_write(target: str | os.PathLike) -> Iterator[None]:
+    """Around a library's write of `target` (safetensors' save_file, torch.save, save_pretrained): a failed write
+    becomes the OSError it is, with its errno where the library gives it (ENOSPC, EFBIG, EACCES, ...), so the CLI
+    reports it on one line ("disk full or not writable?") like every other write. safetensors raises its own
+    SafetensorError ("I/O error: File too large (os error 27)") and torch.save a RuntimeError about its zip writer
+    ("inline_container ... file write failed"); any other RuntimeError is not a write and propagates unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, RuntimeError) and "inline_container" not in text and "write" not in text:
+            raise
+        code = re.search(r"os error (\d+)", text)
+        reason = (text.splitlines() or [type(e).__name__])[0][:120]
+        raise OSError(int(code.group(1)) if code else errno.EIO,
+                      f"cannot write {Path(target).name} ({reason}): disk full or not writable?", str(target)) from None

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._version import __version__
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
-from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected
+from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected, reported_write
 from .config import AdapterConfig
 from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
 from .sites import Placement
@@ -80,10 +79,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
     except (TypeError, ValueError) as e:
         raise ConfigError(f"save_adapter(extra=...) must hold finite JSON values: {e}") from None
     with atomic_folder(directory, KIND) as tmp:
-        try:
+        with reported_write(directory / WEIGHTS_FILE):  # e.g. a full disk: the OS error it is
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        except SafetensorError as e:  # e.g. a full disk: report it as the OS error it is
-            raise OSError(f"cannot write {directory / WEIGHTS_FILE}: {e}") from None
         (tmp / CONFIG_FILE).write_text(text)
     return directory
 

@@ -4,8 +4,10 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process. The engine does the rest:
 every rank draws the same global batch of each step and takes global_batch[rank::world] (stream.py), the loss is
-summed over the rank's samples / global batch and gradients are summed in one flat all-reduce (fit.py), evaluation
-counts are summed (evaluate.py), and only rank 0 writes files, caches and progress bars (pipeline/run.py).
+summed over the rank's samples / global batch and gradients are summed in one flat all-reduce (fit.py) that also
+sums the step's metrics (so metrics.jsonl, TensorBoard and results.json's final_loss report the global batch, as one
+process would, never rank 0's shard), evaluation counts are summed (evaluate.py), and only rank 0 writes files,
+caches and progress bars (pipeline/run.py).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset, collate_reported
+from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item, open_image_file
 from ..errors import DataError
 from .runtime import Runtime, eval_mode
@@ -30,7 +31,12 @@ TEXT_CHUNK = 1000  # prompts per text-tower pass (bounds memory for large class 
 
 
 def prompts(classnames: Sequence[str], template: str) -> list[str]:
-    return [template.format(c.replace("_", " ")) for c in classnames]
+    """The texts the text tower encodes for `classnames` under `template` (one '{}'), in class order.
+
+    The one place a class name becomes prompt text (data.layout.prompt_name: "_" -> space, stripped, as CoOp and
+    CLIP-LoRA do): training, eval, predict, the demo, the zero-shot cache key and an export's classifier
+    (trained.classifier) all go through it, so an export's "prompts" are the texts blocklora scores with."""
+    return [template.format(prompt_name(c)) for c in classnames]
 
 
 def encode_classes(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],

@@ -6,6 +6,11 @@
         txt = normalize(encode_classes(classnames))        # (C, D); cached once when the text tower is frozen
         loss = cross_entropy(logit_scale * img @ txt.T, labels)   # or SigLIP's sigmoid loss: engine/logits.py
         backward; (all-reduce grads under torchrun); AdamW step; cosine schedule step
+        record loss (the mean over the global batch) and batch accuracy (% of it right), both before the step
+
+Under torchrun each rank holds global_batch[rank::world]; its loss is its samples' sum / the global batch size, so
+the ranks' losses (and correct counts) summed are the global batch's: the recorded metrics are the run's, equal to
+one process's on the same batches (to float rounding), never one shard's.
 
 The frozen model stays in eval mode (BatchNorm statistics and the backbone's own dropout untouched); only the
 adapter layers are in train mode, so adapter dropout is the only randomness besides augmentation.
@@ -228,10 +233,12 @@ class Trainer:
         rt, cfg = self.runtime, self.cfg
         step = self.state.step
         finite = self._agree(torch.isfinite(loss.detach()))
+        with torch.no_grad():  # this rank's share of the step's metrics: loss sum / global batch, correct predictions
+            shares = torch.stack([loss.detach().float(), (logits.argmax(-1) == labels).sum().float()])
         if finite:
             self.scaler.scale(loss).backward()
             if rt.world_size > 1:
-                _all_reduce_grads(self.params)
+                shares = _all_reduce_grads(self.params, shares)
             if not self.scaler.is_enabled():  # (fp16's grad scaler skips non-finite gradients itself)
                 finite = self._agree(torch.tensor(self._finite(p.grad for p in self.params)))
         if not finite:
@@ -260,11 +267,13 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.state.step += 1
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == labels).float().mean().item() * 100 if labels.numel() else 0.0
-        # this rank's mean loss (the exact global mean on one process)
-        self.state.last_loss = loss.item() * self._global_batch / max(1, labels.numel())
-        return {"step": self.state.step, "loss": self.state.last_loss, "acc": round(acc, 2), "lr": lr}
+        # The run's metrics, not one shard's (summed over ranks with the gradients): the mean loss over the step's
+        # global batch (what was minimised) and the percentage of it classified right, both before the update; the
+        # same numbers on any number of processes.
+        loss_mean, correct = shares.tolist()
+        self.state.last_loss = loss_mean
+        acc = 100.0 * correct / self._global_batch
+        return {"step": self.state.step, "loss": loss_mean, "acc": round(acc, 2), "lr": lr}
 
     def _agree(self, flag: torch.Tensor) -> bool:
         """`flag` on every rank (the minimum): all ranks must take the same decision."""
@@ -276,18 +285,20 @@ class Trainer:
         return bool(flag)
 
 
-def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks in one flat buffer (adapters are small: one collective per step)."""
+def _all_reduce_grads(params: Sequence[torch.nn.Parameter], extra: torch.Tensor) -> torch.Tensor:
+    """Sum gradients over ranks in one flat float32 buffer with `extra` (the step's metric shares, 1-d) appended:
+    adapters are small, so one collective per step. Returns `extra` summed over ranks."""
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.float().to(grads[0].device)])
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view(p.shape).to(p.dtype, copy=True)
         offset += n
+    return flat[offset:]
 
 
 def _duration(seconds: float) -> str:

@@ -55,7 +55,7 @@ class RunResult:
     replacement: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
     iters: int | None = None  # steps done
     skipped_steps: int | None = None  # non-finite losses skipped (train.nan_policy = skip)
-    final_loss: float | None = None
+    final_loss: float | None = None  # the last step's loss: its mean over the global batch (all ranks' samples)
     dataset: dict[str, Any]  # name, root, classes, classes_subset, n_train, n_test
     skipped_images: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} (data.skip_bad_images)
     backbone: dict[str, Any] = field(default_factory=dict)  # Backbone.describe()

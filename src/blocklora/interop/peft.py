@@ -23,7 +23,10 @@ adapters as they are.
 
 Reading (`read_peft_adapter`) is the inverse: PEFT's factors are mapped onto blocklora's module names, B rescaled
 by PEFT's scaling over blocklora's (exact when they are equal), A folded back to one block when n_blocks > 1 (only
-an A that is n equal blocks can be: anything else is refused by name). Only JSON and safetensors are read.
+an A that is n equal blocks can be: anything else is refused by name). Each module's rank and alpha are PEFT's own:
+rank_pattern / alpha_pattern keys are matched as PEFT matches them (pattern_key). Every field read from
+adapter_config.json is checked (read_peft_config) and each module's update must be finite in float32; what fails
+is one AdapterMismatchError naming the file, field and value. Only JSON and safetensors are read.
 """
 
 from __future__ import annotations
@@ -31,20 +34,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import checks
 from ..adapters.config import AdapterConfig
 from ..adapters.core import fold_factor, scaling_factor
 from ..adapters.fused import QKVAdapters
 from ..adapters.inject import adapter_config, adapter_layers, plan
 from ..adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
-from ..errors import AdapterMismatchError, BlockLoRAError
-from ..ownership import atomic_folder
+from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
+from ..ownership import atomic_folder, reported_write
 
 # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CONFIG_FILE = "adapter_config.json"
@@ -52,10 +57,16 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
 RECORD = "blocklora"  # the safetensors metadata key of an export's record (model, pretrained, template, ...)
-# PEFT LoRA options that change the computation in ways blocklora's factors cannot hold
+# PEFT LoRA options that change the computation in ways blocklora's factors cannot hold (peft.LoraConfig's fields;
+# its LoRA variants, "is_lora_variant", but VeLoRA, which changes only the backward pass)
 UNSUPPORTED = {"use_dora": "DoRA's magnitude vector", "lora_bias": "a bias on lora_B",
                "fan_in_fan_out": "transposed (Conv1D) weights", "modules_to_save": "fully trained modules",
-               "trainable_token_indices": "trained token embeddings", "target_parameters": "parameter targets"}
+               "trainable_token_indices": "trained token embeddings", "target_parameters": "parameter targets",
+               "alora_invocation_tokens": "Activated LoRA: the update on some tokens only",
+               "use_qalora": "QALoRA's pooled input", "monteclora_config": "MonteCLoRA's sampled factors",
+               "layer_replication": "replicated layers", "use_bdlora": "BD-LoRA's block-diagonal factors",
+               "arrow_config": "Arrow's routing among adapters",
+               "kasa_config": "KaSA's truncated weights and singular values"}
 
 
 def peft_refusal(model: nn.Module) -> str | None:
@@ -120,59 +131,152 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
     metadata = {"format": "pt", **({RECORD: json.dumps(dict(extra), allow_nan=False)} if extra else {})}
     output = Path(output)
     with atomic_folder(output, KIND) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        with reported_write(output / WEIGHTS_FILE):  # a full disk, a file size limit: the OS error it is
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
     return sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
 
 
 # -- reading ---------------------------------------------------------------------------------------------------------
+# adapter_config.json fields for PEFT options blocklora cannot hold: absent, null, false or empty is "not used"
+_OFF = (None, False, [], {})
+
+
+def _bad(path: Path, message: str) -> AdapterMismatchError:
+    return AdapterMismatchError(f"{path}: {message} (the file is damaged or not PEFT's: save or export it again)")
+
+
+def _number(path: Path, name: str, value: Any, allowed: checks.Range) -> int | float:
+    try:
+        return checks.number(name, value, allowed)
+    except ConfigError as e:
+        raise _bad(path, str(e)) from None
+
+
+def _pattern(path: Path, config: Mapping[str, Any], name: str, allowed: checks.Range) -> dict[str, int | float]:
+    """rank_pattern / alpha_pattern checked: a mapping (or null) from keys PEFT can match (pattern_key) to values
+    in `allowed`, in the file's order (the first matching key wins, as in PEFT)."""
+    pattern = config.get(name)
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise _bad(path, f"{name} must be a mapping from module names or regular expressions to values, got "
+                         f"{type(pattern).__name__} {_short(pattern)}")
+    out: dict[str, int | float] = {}
+    for key, value in pattern.items():
+        try:
+            re.compile(_PEFT_MATCH.format(key=key))
+        except (re.error, RecursionError, OverflowError) as e:
+            reason = getattr(e, "msg", None) or type(e).__name__  # (re.error's position is in PEFT's wrapper)
+            raise _bad(path, f"{name} key {key!r} is not a regular expression PEFT can match ({reason})") from None
+        out[key] = _number(path, f"{name}[{key!r}]", value, allowed)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """adapter_config.json of a PEFT LoRA adapter, checked: a LoRA, with nothing blocklora's factors cannot hold."""
+    """adapter_config.json of a PEFT LoRA adapter, every field blocklora reads checked (types and ranges): a LoRA
+    (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), r a positive integer,
+    lora_alpha a positive finite number, use_rslora a boolean, lora_dropout in [0, 1), base_model_name_or_path a
+    string, rank_pattern / alpha_pattern mappings of matchable keys to positive ranks / alphas. Returns the config
+    with those fields normalised (absent patterns {}, use_rslora False). Raises AdapterMismatchError naming the
+    file, the field and its value."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise AdapterMismatchError(f"no PEFT adapter at {directory}: {CONFIG_FILE} is missing")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterMismatchError(f"cannot read {path}: {str(e).splitlines()[0][:120]}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to parse
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise AdapterMismatchError(f"cannot read {path}: {reason}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         got = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise AdapterMismatchError(f"{path} is not a PEFT LoRA adapter (peft_type {got!r}): blocklora reads LoRA only")
+        raise AdapterMismatchError(f"{path} is not a PEFT LoRA adapter (peft_type {_short(got)}): blocklora reads "
+                                   "LoRA only")
     for key, what in UNSUPPORTED.items():
-        if config.get(key):
-            raise AdapterMismatchError(f"{path} uses {key} ({what}), which blocklora's adapters cannot hold")
-    if config.get("bias", "none") != "none":
-        raise AdapterMismatchError(f"{path} trains biases (bias={config['bias']!r}), which blocklora's adapters "
+        value = config.get(key)
+        if not any(value is off or (type(value) is type(off) and value == off) for off in _OFF):
+            raise AdapterMismatchError(f"{path} uses {key} ({what}: {_short(value)}), which blocklora's adapters "
+                                       "cannot hold")
+    bias = config.get("bias", "none")
+    if bias is not None and bias != "none":
+        raise AdapterMismatchError(f"{path} trains biases (bias={_short(bias)}), which blocklora's adapters "
                                    "cannot hold")
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterMismatchError(f"{path}: r {r!r} is not a positive integer")
-    alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterMismatchError(f"{path}: lora_alpha {alpha!r} is not a positive number")
-    return config
+    r = _number(path, "r", config.get("r"), checks.Range(1, integer=True))
+    alpha = _number(path, "lora_alpha", config.get("lora_alpha"), checks.Range(0, lo_open=True))
+    rslora = config.get("use_rslora", False)
+    if rslora is None:
+        rslora = False
+    if not isinstance(rslora, bool):
+        raise _bad(path, f"use_rslora must be true or false, got {_short(rslora)}")
+    dropout = config.get("lora_dropout")
+    dropout = 0.0 if dropout is None else _number(path, "lora_dropout", dropout, checks.Range(0, 1, hi_open=True))
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise _bad(path, f"base_model_name_or_path must be a model name or path, got {_short(base)}")
+    return {**config, "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": float(dropout),
+            "rank_pattern": _pattern(path, config, "rank_pattern", checks.Range(1, integer=True)),
+            "alpha_pattern": _pattern(path, config, "alpha_pattern", checks.Range(0, lo_open=True))}
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
-    """The record blocklora's export keeps in the weights file's header ({} for a PEFT adapter made elsewhere)."""
+    """The record blocklora's export keeps in the weights file's header ({} for a PEFT adapter made elsewhere, or
+    a weights file read_peft_adapter will report as unreadable), its fields checked: model a model name,
+    pretrained a string or null, template a prompt template. Raises AdapterMismatchError for a damaged record."""
     from safetensors import safe_open
 
+    path = Path(directory) / WEIGHTS_FILE
     try:
-        with safe_open(str(Path(directory) / WEIGHTS_FILE), "pt") as f:
-            record = json.loads((f.metadata() or {}).get(RECORD, "{}"))
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(RECORD)
     except Exception:  # noqa: BLE001 - unreadable here is reported by read_peft_adapter, which reads the tensors
         return {}
-    return record if isinstance(record, dict) else {}
+    if text is None:
+        return {}
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise _bad(path, f"the {RECORD!r} record in its header is not a JSON object")
+    model, pretrained, template = record.get("model"), record.get("pretrained"), record.get("template")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _bad(path, f"the {RECORD!r} record names model {_short(model)}, not a model name")
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise _bad(path, f"the {RECORD!r} record names pretrained {_short(pretrained)}, not a path or tag")
+    if template is not None:
+        try:
+            checks.template("its template", template)
+        except ConfigError as e:
+            raise _bad(path, f"the {RECORD!r} record's {e}") from None
+    return record
 
 
-def _module_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key the module's name ends with (or matches)."""
-    import re
+# PEFT's rule for rank_pattern / alpha_pattern keys (peft.utils.other.get_pattern_key, as in peft 0.21, the version
+# tested against): a key is a module name, a dotted suffix of one or a regular expression matched against the
+# module's full name
+_PEFT_MATCH = r"(.*\.)?({key})$"
 
-    for key, value in (pattern or {}).items():
-        if module == key or module.endswith(f".{key}") or re.fullmatch(key, module):
-            return value
-    return default
+
+def pattern_key(keys: Iterable[str], module: str) -> str | None:
+    """The rank_pattern / alpha_pattern key PEFT applies to `module` (its full name in the wrapped model): the first
+    key, in the file's order, for which re.match(rf"(.*\\.)?({key})$", module) holds; None when none does (PEFT then
+    looks the module's own name up, which only an exact key equal to it can be). peft.utils.other.get_pattern_key."""
+    for key in keys:
+        if re.match(_PEFT_MATCH.format(key=key), module):
+            return key
+    return None
+
+
+def module_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's per-module rank or alpha: pattern[pattern_key(...)], else the module's own name, else `default` (r or
+    lora_alpha). peft.tuners.lora.model.LoraModel._create_and_replace."""
+    key = pattern_key(pattern, module)
+    return pattern.get(module if key is None else key, default)
 
 
 def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: AdapterConfig | None = None
@@ -207,8 +311,11 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
     if half is not None:
         raise AdapterMismatchError(f"adapter {directory}: {half} has only lora_{next(iter(factors[half]))}; "
                                    "the file is damaged")
+    # each module's rank and alpha as PEFT gives them (rank_pattern / alpha_pattern keys matched as PEFT does)
+    ranks = {m: module_value(config["rank_pattern"], m, config["r"]) for m in factors}
+    alphas = {m: module_value(config["alpha_pattern"], m, config["lora_alpha"]) for m in factors}
     if cfg is None:
-        cfg = _config_for(model, factors, config, directory)
+        cfg = _config_for(model, factors, config, directory, ranks, alphas)
     targets = {t.path: t for t in plan(model, cfg)}
     fused = next((t.path for t in targets.values() if t.kind != "linear" and t.kind != "conv1x1"), None)
     if fused is not None:
@@ -230,13 +337,24 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
         layer = model.get_submodule(path)
         d_in = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
         d_out = getattr(layer, "out_features", None) or getattr(layer, "out_channels", None)
-        r = _module_value(config.get("rank_pattern"), path, config["r"])
-        if a.shape != (r, d_in) or b.shape != (d_out, r) or r != cfg.r:
+        r, alpha = ranks[path], alphas[path]
+        if r != cfg.r:
+            raise AdapterMismatchError(f"adapter {directory} does not fit: {path} has rank {r} "
+                                       f"({_source(config, 'rank_pattern', 'r', path)}), the run's adapters "
+                                       f"{cfg.r}; blocklora's adapters have one rank for every module")
+        if a.shape != (r, d_in) or b.shape != (d_out, r):
             raise AdapterMismatchError(f"adapter {directory} does not fit this model: {path} has lora_A "
                                        f"{tuple(a.shape)} and lora_B {tuple(b.shape)}, the model needs "
                                        f"({cfg.r}, {d_in}) and ({d_out}, {cfg.r})")
-        alpha = _module_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-        s_peft = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        # PEFT's scaling (peft.tuners.lora.layer.LoraLayer.update_layer); its update s * B @ A and blocklora's
+        # rescaled B must be finite in float32, the precision the adapters compute in (lora_alpha 1e308 is not)
+        s_peft = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+        b_ours = b if s_peft == s_blocklora else b * (s_peft / s_blocklora)
+        scaled = b.double() * s_peft
+        if not all(bool(torch.isfinite(t.float()).all()) for t in (b_ours, scaled, scaled @ a.double())):
+            raise AdapterMismatchError(f"adapter {directory}: the update of {path} overflows float32 with scaling "
+                                       f"{s_peft:g} ({_source(config, 'alpha_pattern', 'lora_alpha', path)}): "
+                                       "the alpha is out of range; the file is damaged or not a trained adapter")
         if cfg.n_blocks > 1:
             blocks = a.unflatten(1, (cfg.n_blocks, d_in // cfg.n_blocks))
             if not torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
@@ -245,14 +363,29 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
                                            "(a plain LoRA); use --method lora")
             a = blocks[:, 0]
         tensors[f"{path}.lora_A"] = a.contiguous()
-        tensors[f"{path}.lora_B"] = (b if s_peft == s_blocklora else b * (s_peft / s_blocklora)).contiguous()
+        tensors[f"{path}.lora_B"] = b_ours.contiguous()
     return cfg, tensors
 
 
-def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[str, Any],
-                where: Path) -> AdapterConfig:
+def _source(config: Mapping[str, Any], pattern: str, default: str, module: str) -> str:
+    """Where a module's rank or alpha comes from, for messages: 'alpha_pattern['(q|v)_proj'] 16' or 'r 8'."""
+    key = pattern_key(config[pattern], module)
+    if key is None and module in config[pattern]:
+        key = module
+    return f"{pattern}[{key!r}] {config[pattern][key]:g}" if key is not None else f"{default} {config[default]:g}"
+
+
+def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[str, Any], where: Path,
+                ranks: Mapping[str, int], alphas: Mapping[str, float]) -> AdapterConfig:
     """The blocklora LoRA config whose placement is the modules the PEFT file adapts (every tower, layer and
-    projection the model has, narrowed to those named)."""
+    projection the model has, narrowed to those named), with their rank (one for all: rank_pattern may only move
+    every module to the same one) and their alpha where all share one, else lora_alpha (B is rescaled per module)."""
+    (m1, r1), *rest = ranks.items()
+    other = next(((m, r) for m, r in rest if r != r1), None)
+    if other is not None:
+        raise AdapterMismatchError(f"adapter {where} has modules of different ranks ({m1}: {r1}, {other[0]}: "
+                                   f"{other[1]}, from rank_pattern): blocklora's adapters have one rank for every "
+                                   "module")
     widest = AdapterConfig(method="lora", projections=("q", "k", "v", "o"))
     from ..adapters.sites import find_placement
 
@@ -265,13 +398,16 @@ def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[st
     if not hit:
         raise AdapterMismatchError(f"adapter {where} does not fit this model: none of its modules (e.g. "
                                    f"{next(iter(factors), '?')}) is an attention projection of this model")
-    dropout = config.get("lora_dropout", 0.0)
-    return AdapterConfig(
-        method="lora", r=config["r"], alpha=float(config["lora_alpha"]),
-        dropout=float(dropout) if isinstance(dropout, (int, float)) and 0 <= dropout < 1 else 0.0,
-        scaling="rslora" if config.get("use_rslora") else "standard",
-        towers=tuple(dict.fromkeys(t.tower for t in hit)), layers=tuple(sorted({t.layer for t in hit})),
-        projections=tuple(p for p in "qkvo" if any(p in t.projections for t in hit)))
+    shared = set(alphas.values())
+    try:
+        return AdapterConfig(
+            method="lora", r=next(iter(ranks.values())),
+            alpha=float(shared.pop() if len(shared) == 1 else config["lora_alpha"]), dropout=config["lora_dropout"],
+            scaling="rslora" if config["use_rslora"] else "standard",
+            towers=tuple(dict.fromkeys(t.tower for t in hit)), layers=tuple(sorted({t.layer for t in hit})),
+            projections=tuple(p for p in "qkvo" if any(p in t.projections for t in hit)))
+    except ConfigError as e:  # a rank or alpha beyond what blocklora's adapters take
+        raise AdapterMismatchError(f"adapter {where} cannot be held by blocklora's adapters: {e}") from None
 
 
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, cfg: AdapterConfig | None = None

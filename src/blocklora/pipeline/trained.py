@@ -6,7 +6,6 @@ run's own record: backbone, class names, template, logit scale), so a damaged or
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 
 from .. import checks
 from ..adapters.inject import merged_state_dict
@@ -33,7 +31,16 @@ from ..engine.logits import Logits
 from ..engine.runtime import Runtime, default_workers, make_runtime
 from ..errors import AdapterMismatchError, BlockLoRAError, DataError
 from ..interop.export_forms import export_form
-from ..ownership import TEMP_SUFFIX, check_deletable, fix_modes, mark, marker_kind, protected, remove_stale_temps
+from ..ownership import (
+    TEMP_SUFFIX,
+    check_deletable,
+    fix_modes,
+    mark,
+    marker_kind,
+    protected,
+    remove_stale_temps,
+    reported_write,
+)
 from ..ownership import temp_prefix as _temp_prefix
 
 log = logging.getLogger("blocklora")
@@ -321,13 +328,8 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     holder = Path(tempfile.mkdtemp(prefix=_temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
     tmp = holder / output.name
     try:
-        try:
+        with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
             backbone.export(state, tmp, classifier(run, backbone))
-        except (SafetensorError, RuntimeError) as e:  # how safetensors and torch.save report a failed write
-            if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
-                raise
-            raise OSError(errno.EIO, f"cannot write the export ({str(e).splitlines()[0][:120]}): disk full or "
-                                     "not writable?", str(output)) from None
         if tmp.is_dir():
             mark(tmp, EXPORT)
         fix_modes(tmp)
@@ -353,7 +355,7 @@ def classifier(run: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
     act = backbone.activation
     names = list(run["classnames"])
     return {"format": CLASSIFIER_FORMAT, "model": run["model"], "classnames": names, "template": run["template"],
-            "prompts": [run["template"].format(n) for n in names], "logit_scale": run.get("logit_scale", 100.0),
+            "prompts": ev.prompts(names, run["template"]), "logit_scale": run.get("logit_scale", 100.0),
             "logit_bias": run.get("logit_bias"), "loss": run.get("loss", "softmax"),
             "activation": None if act is None else ("quick_gelu" if act.quick_gelu else "gelu")}
 

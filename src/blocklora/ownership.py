@@ -263,9 +263,8 @@ class OwnedFiles:
         return {str(k): [e for e in v if isinstance(e, dict)] for k, v in files.items() if isinstance(v, list)}
 
     def _save_record(self) -> None:
-        from .engine.files import write_json  # lazily: engine imports torch
-
-        write_json(self.record_path, {"made_by": "blocklora", "command": self.command, "files": self.record})
+        data = {"made_by": "blocklora", "command": self.command, "files": self.record}
+        _write_file(self.record_path, (json.dumps(data, indent=2) + "\n").encode())
 
     def owned(self, name: str) -> bool:
         """Whether directory/name is a regular file exactly as blocklora last wrote it (the record says so)."""
@@ -294,15 +293,13 @@ class OwnedFiles:
 
     def write(self, files: dict[str, bytes]) -> dict[str, Path]:
         """Write each directory/name atomically (call `check` first) and record them as blocklora's."""
-        from .engine.files import atomic_write
-
         entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                    for name, data in files.items()}
         for name, entry in entries.items():  # old and new: a kill mid-way leaves files still recognisable
             self.record[name] = [*self.record.get(name, []), entry]
         self._save_record()
         for name, data in files.items():
-            atomic_write(self.directory / name, lambda fh, d=data: fh.write(d))
+            _write_file(self.directory / name, data)
         for name, entry in entries.items():
             self.record[name] = [entry]
         self._save_record()
@@ -316,6 +313,25 @@ class OwnedFiles:
         self.record.pop(name, None)
         self._save_record()
         return True
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`data` into `path` atomically: a temporary sibling (temp_prefix), fsync-ed, given the mode the umask gives,
+    renamed over `path` (which replaces a link there, never writes through it). engine.files.atomic_write does the
+    same for the engine; this module stays a leaf (the method library imports it)."""
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fix_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _sha256(path: Path) -> str:

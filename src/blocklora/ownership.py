@@ -8,12 +8,15 @@ blocklora deletes only what it can prove it made itself:
 - temporary files and folders are named `.<name>.blocklora-<pid>-<random>.tmp`, so a leftover of a killed write is
   recognisably ours and stale once its process is gone.
 Files and folders are created with the modes the user's umask allows (mkstemp / mkdtemp alone would give 0600/0700).
+Files blocklora writes into a folder it did not make (summarize's tables) are recorded one by one (OwnedFiles): a
+file is replaced only while it is exactly as blocklora wrote it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -23,6 +26,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BlockLoRAError
 
@@ -198,6 +202,144 @@ def atomic_folder(target: Path, kind: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# -- files blocklora writes into a folder it did not make ------------------------------------------------------------
+class OwnedFiles:
+    """A group of files blocklora writes into a folder it did not make (summarize's DIR/summary.md, .csv, _runs.csv,
+    .png). Such a folder cannot carry the marker, so ownership is recorded per file:
+
+    - `.<group>.lock` beside them is flock-ed from `__enter__` to `__exit__`: a second command writing the same group
+      fails at once with one line naming the first (its command, pid and host), whatever the timing;
+    - `.<group>.owned.json` records the sha256 and size of each file as blocklora wrote it. `check` refuses, by name,
+      a file of the group that is not a regular file with a recorded hash (a user's own file, one edited since
+      blocklora wrote it, a link), so callers check every name before writing any; `write` replaces a file
+      atomically and records it (the new hash is recorded before the rename and the old one dropped after it, so a
+      kill at any point leaves a file the next run still recognises).
+    """
+
+    def __init__(self, directory: str | os.PathLike, group: str, command: str) -> None:
+        self.directory, self.group, self.command = Path(directory), group, command
+        self.lock_path = self.directory / f".{group}.lock"
+        self.record_path = self.directory / f".{group}.owned.json"
+        self.record: dict[str, list[dict[str, Any]]] = {}
+        self._fd: int | None = None
+
+    def __enter__(self) -> OwnedFiles:
+        import fcntl
+        import socket
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "blocklora command"
+            os.close(fd)
+            raise BlockLoRAError(f"another {holder} is writing {self.directory / self.group}.* right now: wait for "
+                                 "it to finish, or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"blocklora {self.command} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        self._fd = fd
+        self.record = self._read_record()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock file stays: deleting it would let a third command lock a fresh inode
+            self._fd = None
+
+    def _read_record(self) -> dict[str, list[dict[str, Any]]]:
+        """The record, or {} when there is none or it is damaged (then no file of the group is replaced)."""
+        try:
+            if not stat.S_ISREG(self.record_path.lstat().st_mode):
+                return {}
+            data = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return {}
+        files = data.get("files") if isinstance(data, dict) and data.get("made_by") == "blocklora" else None
+        if not isinstance(files, dict):
+            return {}
+        return {str(k): [e for e in v if isinstance(e, dict)] for k, v in files.items() if isinstance(v, list)}
+
+    def _save_record(self) -> None:
+        data = {"made_by": "blocklora", "command": self.command, "files": self.record}
+        _write_file(self.record_path, (json.dumps(data, indent=2) + "\n").encode())
+
+    def owned(self, name: str) -> bool:
+        """Whether directory/name is a regular file exactly as blocklora last wrote it (the record says so)."""
+        path = self.directory / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return False
+        entries = self.record.get(name, [])
+        if not stat.S_ISREG(st.st_mode) or not any(e.get("size") == st.st_size for e in entries):
+            return False
+        digest = _sha256(path)
+        return any(e.get("sha256") == digest for e in entries)
+
+    def check(self, names: Iterable[str], option: str = "--output") -> None:
+        """Refuse (one line naming the first) unless every existing file among `names` is one blocklora wrote."""
+        for name in names:
+            path = self.directory / name
+            if not (path.exists() or path.is_symlink()) or self.owned(name):
+                continue
+            why = "is a symbolic link" if path.is_symlink() else "is not a regular file" if not path.is_file() else \
+                "was not written by blocklora, or was changed since" if name in self.record else \
+                "was not written by blocklora"
+            raise BlockLoRAError(f"refusing to replace {path}: it {why} (blocklora replaces only the files it "
+                                 f"wrote); move it away, or choose another {option}")
+
+    def write(self, files: dict[str, bytes]) -> dict[str, Path]:
+        """Write each directory/name atomically (call `check` first) and record them as blocklora's."""
+        entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                   for name, data in files.items()}
+        for name, entry in entries.items():  # old and new: a kill mid-way leaves files still recognisable
+            self.record[name] = [*self.record.get(name, []), entry]
+        self._save_record()
+        for name, data in files.items():
+            _write_file(self.directory / name, data)
+        for name, entry in entries.items():
+            self.record[name] = [entry]
+        self._save_record()
+        return {name: self.directory / name for name in files}
+
+    def remove(self, name: str) -> bool:
+        """Delete directory/name if blocklora wrote it and nobody changed it since; True if it was deleted."""
+        if not self.owned(name):
+            return False
+        os.unlink(self.directory / name)
+        self.record.pop(name, None)
+        self._save_record()
+        return True
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`data` into `path` atomically: a temporary sibling (temp_prefix), fsync-ed, given the mode the umask gives,
+    renamed over `path` (which replaces a link there, never writes through it). engine.files.atomic_write does the
+    same for the engine; this module stays a leaf (the method library imports it)."""
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fix_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

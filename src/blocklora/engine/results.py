@@ -10,7 +10,8 @@ and keys this version does not know (a later version's, or a tool's) are kept in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,18 +84,83 @@ class RunResult:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "results.json") -> RunResult:
-        """Read a results.json object (of this or an earlier version). Raises BlockLoRAError naming `where` when it
-        is not one: not an object, or no numeric top1, integer shots and seed, and dataset object."""
+        """Read a results.json object (of this or an earlier version). Raises BlockLoRAError naming `where` and the
+        field when it is not one: not an object, no numeric top1, integer shots and seed, and dataset object, or a
+        known field outside what it may hold (_FIELD_RULES: accuracies in [0, 100], shots 1..10000, counts >= 0, the
+        objects and lists by type); null is accepted for every optional field."""
         if not isinstance(data, Mapping):
             raise BlockLoRAError(f"{where} is not a JSON object: not a blocklora results file")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         missing = [k for k in ("top1", "shots", "seed", "dataset") if k not in data]
         if missing:
             raise BlockLoRAError(f"{where} has no {missing[0]!r}: not a complete blocklora results file")
-        ok = isinstance(data["top1"], (int, float)) and not isinstance(data["top1"], bool) and \
-            all(isinstance(data[k], int) and not isinstance(data[k], bool) for k in ("shots", "seed")) and \
-            isinstance(data["dataset"], Mapping)
-        if not ok:
-            raise BlockLoRAError(f"{where}: top1, shots, seed or dataset has the wrong type: the file is damaged")
+        for name, value in data.items():
+            if name in _FIELD_CHECKS and not (value is None and name not in _REQUIRED) and \
+                    not _FIELD_CHECKS[name](value):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise BlockLoRAError(f"{where}: {name} has the wrong type or value ({shown}): it must be "
+                                     f"{_FIELD_RULES[name]}; the file is damaged")
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
+
+
+# -- what each field may hold: a reader (summarize, sweep, the CLI) trusts nothing beyond it --------------------------
+_REQUIRED = ("top1", "shots", "seed", "dataset")
+
+
+def _num(x: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
+
+
+def _int(x: Any, lo: int = 0, hi: int = 2**63 - 1) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _percent(x: Any) -> bool:
+    return _num(x, 0.0, 100.0)
+
+
+def _str_map(values: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, Mapping) and all(isinstance(k, str) and values(v) for k, v in x.items())
+
+
+def _records(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(i, Mapping) for i in x)
+
+
+def _dataset(x: Any) -> bool:
+    return isinstance(x, Mapping) and isinstance(x.get("name"), str) and bool(x["name"].strip()) and \
+        x.get("classes_subset", "all") in ("all", "base", "new")
+
+
+_PERCENT_RULE = "a percentage (a finite number in [0, 100])"
+_FIELD_RULES: dict[str, str] = {
+    **dict.fromkeys(("top1", "mean_per_class", "zero_shot_top1", "zero_shot_dataset_template_top1", "base_top1",
+                     "new_top1", "harmonic_mean"), _PERCENT_RULE),
+    "shots": "an integer from 1 to 10000 (images per class)", "seed": "an integer from 0 to 2^63 - 1",
+    **dict.fromkeys(("n_test", "trainable_params", "adapted_modules", "iters", "skipped_steps", "world_size"),
+                    "an integer >= 0"),
+    "final_loss": "a finite number",
+    "dataset": "an object whose name is a non-empty string (classes_subset: all, base or new)",
+    "cross_dataset": f"an object of dataset name -> {_PERCENT_RULE}",
+    **dict.fromkeys(("wall_time_s", "peak_memory"), "an object of name -> a finite number >= 0 (or null)"),
+    **dict.fromkeys(("backbone", "config", "logits", "replacement", "cross_dataset_detail"), "an object"),
+    **dict.fromkeys(("per_class", "skipped_images", "examples", "zero_shot_per_class"), "a list of objects"),
+    **dict.fromkeys(("blocklora_version", "split_sha256", "split_file", "sampler", "device", "precision",
+                     "config_hash"), "a string"),
+}
+_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("top1", "mean_per_class", "zero_shot_top1", "zero_shot_dataset_template_top1", "base_top1",
+                     "new_top1", "harmonic_mean"), _percent),
+    "shots": lambda x: _int(x, 1, 10_000), "seed": _int,  # DataConfig's ranges (config/run_config.py, checks.py)
+    **dict.fromkeys(("n_test", "trainable_params", "adapted_modules", "iters", "skipped_steps", "world_size"), _int),
+    "final_loss": _num,
+    "dataset": _dataset,
+    "cross_dataset": _str_map(_percent),
+    **dict.fromkeys(("wall_time_s", "peak_memory"), _str_map(lambda v: v is None or _num(v, 0.0))),
+    **dict.fromkeys(("backbone", "config", "logits", "replacement", "cross_dataset_detail"),
+                    lambda x: isinstance(x, Mapping)),
+    **dict.fromkeys(("per_class", "skipped_images", "examples", "zero_shot_per_class"), _records),
+    **dict.fromkeys(("blocklora_version", "split_sha256", "split_file", "sampler", "device", "precision",
+                     "config_hash"), lambda x: isinstance(x, str)),
+}

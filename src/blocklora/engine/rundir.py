@@ -30,7 +30,6 @@ from typing import Any
 
 from ..errors import BlockLoRAError
 from ..ownership import MARKER, Protected, check_deletable, fix_mode, mark, marker_kind, remove_stale_temps
-from .files import write_json
 from .results import RunResult
 
 log = logging.getLogger("blocklora")
@@ -103,6 +102,8 @@ class RunDir:
 
     def write_results(self, result: RunResult) -> None:
         """Written last: from here on the run is complete."""
+        from .files import write_json  # lazily: files imports torch, which reading a run folder never needs
+
         write_json(self.results, result.to_json())
 
     def read_config(self) -> dict[str, Any]:
@@ -218,7 +219,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BlockLoRAError(f"{path} is missing: not a complete blocklora run") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
         raise BlockLoRAError(f"cannot read {what} {path} ({type(e).__name__}): the file is damaged") from None
     if not isinstance(data, dict):
         raise BlockLoRAError(f"{what} {path} is not a JSON object: the file is damaged")

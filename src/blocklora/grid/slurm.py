@@ -52,10 +52,11 @@ def select(cells: Sequence, k: int) -> list:
 
 
 def sweep_argv(args: argparse.Namespace, out: Path, root: str, options: Sequence[str],
-               overrides: Sequence[str]) -> list[str]:
-    """The `blocklora sweep` words that name this grid and its train options (no --emit, --cell or --devices)."""
+               overrides: Sequence[str], axes: Sequence[str] = ()) -> list[str]:
+    """The `blocklora sweep` words that name this grid, its train options and its axes (no --emit, --cell or
+    --devices): each array task rebuilds the same grid, in the same order."""
     return ["sweep", "--datasets", args.datasets, "--shots", args.shots, "--seeds", args.seeds, "--root", root,
-            "--output", str(out), *options, *overrides]
+            "--output", str(out), *options, *overrides, *axes]
 
 
 def script_text(args: argparse.Namespace, cells: Sequence, argv: Sequence[str], out: Path) -> str:

@@ -1,22 +1,51 @@
-"""The runs under a folder and the tables of `blocklora summarize` (summarize.py writes them out): each run's
-results.json read as a RunResult, grouped by dataset and shot count, mean ± std over seeds."""
+"""The runs under a folder and the tables of `blocklora summarize` (summarize.py writes them out).
+
+Reading: every results.json under the folder goes through RunResult's validating reader (engine/results.py); a file
+that fails (damaged JSON, a field of the wrong type or out of range: top1 250, shots -4) is skipped and named in the
+warnings, never averaged in, never a traceback.
+
+Grouping: runs are grouped by their configuration, the resolved config recorded in results.json minus the keys that
+say where or how a run was done (PLACE_KEYS) and the keys of the cell itself (dataset, shots, seed, classes subset).
+Runs of different configurations are never pooled and never dropped; the keys whose values differ between the
+groups (method, n_blocks, lr, model, ...) name them. The same configuration, dataset, classes subset, shots and seed
+twice is a duplicate: the first by path is used and both paths are named in the warnings.
+
+Statistics: mean ± sample std over seeds (std 0 for one seed). The paired difference of a configuration to the
+reference configuration (Block-LoRA by default) is taken seed by seed on the seeds both ran (same draws, same test
+images), then mean ± sample std over those seeds; over datasets, per seed on the datasets both ran.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..engine.rundir import RunDir
-from ..errors import BlockLoRAError
+from ..errors import BlockLoRAError, ConfigError
 from .reference import BENCHMARK, DG_TARGETS, reference
 
-# data config keys that differ between the cells of one sweep or between protocols (not a different method)
-_CELL_KEYS = ("dataset", "root", "shots", "seed", "workers", "classes")
+# Config keys that say where or how a run was done, not what was trained and measured: they never split a
+# configuration. (The cell's own keys, data.dataset/shots/seed/classes, are the table's rows, columns and seeds.)
+PLACE_KEYS = ("device", "tokenizer", "data.root", "data.split_file", "data.workers", "data.skip_bad_images",
+              "eval.batch_size", "eval.zero_shot", "eval.dataset_templates", "eval.datasets", "train.log_every",
+              "train.checkpoint_every", "train.log", "train.deterministic", "train.grad_checkpointing")
+CELL_KEYS = ("data.dataset", "data.shots", "data.seed", "data.classes")
+# What the frozen model's (zero-shot) accuracy depends on: runs that agree on these share a zero-shot row.
+ZERO_SHOT_KEYS = ("model", "pretrained", "quick_gelu", "train.template", "eval.split", "eval.limit")
+# The settings the summary names when every run shares them (the rest is in summary_runs.csv and each config.json).
+NAMED_KEYS = ("model", "pretrained", "adapter.method", "adapter.r", "adapter.n_blocks", "adapter.alpha",
+              "adapter.dropout", "adapter.towers", "adapter.layers", "adapter.projections", "train.lr",
+              "train.iters", "train.iters_per_shot", "train.batch_size", "train.schedule", "train.precision",
+              "eval.split", "eval.limit")
+REFERENCE_METHOD = "block_lora"  # the paired differences are taken to it unless --compare-to says otherwise
 
 
 @dataclass
@@ -32,9 +61,14 @@ class Run:
     hm: float | None = None
     cross: dict[str, float] = field(default_factory=dict)
     zero_shot: float | None = None
-    variant: str = ""  # hash of the configuration minus the per-cell keys
+    variant: str = ""  # hash of the configuration (config minus PLACE_KEYS and CELL_KEYS)
     params: int | None = None
     seconds: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # that configuration, flattened: {"train.lr": 2e-4, ...}
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("adapter.method", "?"))
 
 
 @dataclass(frozen=True)
@@ -50,44 +84,54 @@ def stat(values: Sequence[float]) -> Stat:
 
 # -- reading ---------------------------------------------------------------------------------------------------------
 def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
-    """Every readable results.json under `directory` (warnings for unreadable and duplicate ones)."""
+    """Every valid results.json under `directory`, and warnings naming each file skipped (damaged, not a regular
+    file) and each duplicate (the same configuration, dataset, classes, shots and seed as an earlier path)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BlockLoRAError(f"{directory} is not a folder: pass the sweep's --output (or a folder of runs)")
     runs: dict[tuple, Run] = {}
     warnings: list[str] = []
     for path in sorted(directory.rglob(RunDir.RESULTS)):
+        if not path.is_file():  # a FIFO would hang the read, a folder cannot be one
+            warnings.append(f"skipped {path}: not a regular file")
+            continue
         try:
             run = _read(path)
-        except (BlockLoRAError, KeyError, TypeError, ValueError) as e:
-            warnings.append(f"skipped {path}: not a blocklora results file ({type(e).__name__}: {e})")
+        except BlockLoRAError as e:
+            warnings.append(f"skipped {path}: {str(e).removeprefix(f'{path}: ')}")
             continue
-        key = (run.dataset, run.subset, run.shots, run.seed)
+        key = (run.variant, run.dataset, run.subset, run.shots, run.seed)
         if key in runs:
-            warnings.append(f"skipped {path}: {run.dataset} shots {run.shots} seed {run.seed} is also in "
-                            f"{runs[key].path}")
+            warnings.append(f"duplicate: {run.path} and {runs[key].path} are the same configuration, {run.dataset} "
+                            f"shots {run.shots} seed {run.seed}: the tables use {runs[key].path}")
             continue
         runs[key] = run
-    out = list(runs.values())
-    if len({r.variant for r in out}) > 1:
-        warnings.append(f"these runs use {len({r.variant for r in out})} different configurations (beyond dataset, "
-                        "shots and seed): the tables mix them")
-    return out, warnings
+    return list(runs.values()), warnings
 
 
 def _read(path: Path) -> Run:
     r = RunDir(path.parent).read_results()
-    cfg = {k: v for k, v in (r.config or {}).items() if k not in ("device", "eval")}
-    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _CELL_KEYS}
-    variant = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    config = {k: v for k, v in flat(r.config).items() if k not in PLACE_KEYS and k not in CELL_KEYS}
+    variant = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     opt = lambda v: float(v) if v is not None else None  # noqa: E731
     return Run(path.parent, str(r.dataset["name"]), r.shots, r.seed, str(r.dataset.get("classes_subset", "all")),
                float(r.top1), opt(r.base_top1), opt(r.new_top1), opt(r.harmonic_mean),
                {str(k): float(v) for k, v in (r.cross_dataset or {}).items()}, opt(r.zero_shot_top1), variant,
-               r.trainable_params, (r.wall_time_s or {}).get("total"))
+               r.trainable_params, (r.wall_time_s or {}).get("total"), config)
 
 
-# -- tables ----------------------------------------------------------------------------------------------------------
+def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}; lists become tuples (hashable, comparable)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + str(k)] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+# -- one configuration's tables --------------------------------------------------------------------------------------
 def benchmark_order(names: Iterable[str]) -> list[str]:
     names = set(names)
     known = [d for d in (*BENCHMARK, *DG_TARGETS) if d in names]
@@ -112,6 +156,7 @@ class Tables:
 
 
 def build(runs: Sequence[Run], ref_name: str | None = None) -> Tables:
+    """The tables of the runs of ONE configuration (see group() for several)."""
     full = [r for r in runs if r.subset == "all"]
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in full:
@@ -159,3 +204,182 @@ def harmonic_mean(a: float, b: float) -> float:
     return 2 * a * b / (a + b) if a + b else 0.0
 
 
+# -- several configurations ------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """The runs of one configuration: its flattened config, its row label and its tables."""
+
+    variant: str
+    config: dict[str, Any]
+    runs: list[Run]
+    tables: Tables
+    label: str = ""
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("adapter.method", "?"))
+
+    def top1(self, dataset: str, shots: int) -> dict[int, float]:
+        """seed -> top-1 of the all-classes runs of (dataset, shots)."""
+        return {r.seed: r.top1 for r in self.runs if r.subset == "all" and r.dataset == dataset and r.shots == shots}
+
+    @property
+    def params(self) -> tuple[int, int] | None:
+        """(min, max) trainable parameters over its runs (they differ by dataset for a class-sized head)."""
+        values = [r.params for r in self.runs if r.params is not None]
+        return (min(values), max(values)) if values else None
+
+
+@dataclass
+class ZeroShot:
+    """The frozen model's accuracy, measured by the runs (results.json's zero_shot_top1) on their own test images."""
+
+    label: str
+    config: dict[str, Any]  # its ZERO_SHOT_KEYS values
+    main: dict[tuple[str, int], Stat]
+
+
+@dataclass
+class Summary:
+    runs: list[Run]
+    groups: list[Group]  # display order: other methods first, Block-LoRA (the reference method) last
+    differing: list[str]  # config keys whose values differ between the groups
+    common: dict[str, Any]  # NAMED_KEYS every run shares
+    names: dict[str, str]  # config key -> the short name the labels use
+    datasets: list[str]
+    shots: list[int]
+    ref: Group | None  # the group the paired differences are taken to
+    zero_shot: list[ZeroShot]
+    published: str | None = None  # --reference name
+
+    def paired(self, row: Group | None, dataset: str, shots: int) -> dict[int, float]:
+        """seed -> the reference's top-1 minus `row`'s, on the seeds both ran (same draws, same test images); `row`
+        None: minus the frozen model's accuracy that the reference runs measured themselves (zero-shot)."""
+        if self.ref is None:
+            return {}
+        mine = {r.seed: r for r in self.ref.runs if r.subset == "all" and r.dataset == dataset and r.shots == shots}
+        if row is None:
+            return {s: r.top1 - r.zero_shot for s, r in mine.items() if r.zero_shot is not None}
+        theirs = row.top1(dataset, shots)
+        return {s: mine[s].top1 - theirs[s] for s in sorted(set(mine) & set(theirs))}
+
+
+def over_datasets(per_dataset: Sequence[Mapping[int, float]]) -> Stat | None:
+    """The mean over datasets of per-seed values: per seed over the seeds every dataset has (mean ± sample std over
+    those seeds); without such seeds the mean of the per-dataset means (std nan, n 0). None when there is nothing."""
+    per_dataset = [d for d in per_dataset if d]
+    if not per_dataset:
+        return None
+    seeds = set.intersection(*(set(d) for d in per_dataset))
+    if seeds:
+        return stat([statistics.fmean(d[s] for d in per_dataset) for s in sorted(seeds)])
+    return Stat(statistics.fmean(statistics.fmean(d.values()) for d in per_dataset), math.nan, 0)
+
+
+def group(runs: Sequence[Run], published: str | None = None, compare_to: str | None = None) -> Summary:
+    """Group `runs` by configuration (see the module's docstring) and choose the reference group: `compare_to`
+    ("method=lora,lr=0.001": every key=value must match one group's configuration; keys by their full or short
+    name), else the Block-LoRA group with the most runs, else the group with the most runs. Raises ConfigError for a
+    `compare_to` that matches no group or several."""
+    by_variant: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_variant[r.variant].append(r)
+    configs = {v: rs[0].config for v, rs in by_variant.items()}
+    keys = sorted({k for c in configs.values() for k in c})
+    differing = [k for k in keys if len({_canon(c.get(k)) for c in configs.values()}) > 1]
+    names = _short_names(differing)
+    groups = [Group(v, configs[v], rs, build(rs, published)) for v, rs in by_variant.items()]
+    # label: the method, and the differing keys that vary among the groups of that same method
+    for g in groups:
+        same = [h.config for h in groups if h.method == g.method]
+        own = [k for k in differing if k != "adapter.method" and len({_canon(c.get(k)) for c in same}) > 1]
+        g.label = " ".join([g.method, *(f"{names[k]}={show(g.config.get(k))}" for k in own)])
+    groups.sort(key=lambda g: (g.method == REFERENCE_METHOD, _method_rank(g.method), g.method,
+                               [_sort_value(g.config.get(k)) for k in differing]))
+    all_runs = [r for g in groups for r in g.runs]
+    datasets = benchmark_order({r.dataset for r in all_runs if r.subset == "all"})
+    shots = sorted({r.shots for r in all_runs if r.subset == "all"})
+    common = {k: configs[groups[0].variant].get(k) for k in NAMED_KEYS if k in keys and k not in differing}
+    if common.get("train.iters") is not None:
+        common.pop("train.iters_per_shot", None)  # a fixed step count: iters_per_shot is not used
+    elif "train.iters" in common:
+        common.pop("train.iters")  # None: iters_per_shot x shots
+    ref = _reference_group(groups, compare_to, names)
+    return Summary(list(runs), groups, differing, common, names, datasets, shots, ref, _zero_shot(groups), published)
+
+
+def _reference_group(groups: Sequence[Group], compare_to: str | None, names: dict[str, str]) -> Group | None:
+    if compare_to is None:
+        if len(groups) < 2:
+            return groups[0] if groups else None
+        ours = [g for g in groups if g.method == REFERENCE_METHOD] or list(groups)
+        return max(ours, key=lambda g: len(g.runs))  # max keeps the first of equals: display order
+    wanted = []
+    for part in compare_to.replace(" ", ",").split(","):
+        key, sep, value = part.partition("=")
+        if not part.strip():
+            continue
+        if not sep:
+            raise ConfigError(f"--compare-to {compare_to!r}: write key=value pairs such as method=lora,n_blocks=4")
+        wanted.append((key.strip(), value.strip()))
+    full = {**{v: k for k, v in names.items()}, "method": "adapter.method"}
+    hits = [g for g in groups if all(show(g.config.get(full.get(k, k))) == v for k, v in wanted)]
+    if len(hits) != 1:
+        what = "no configuration" if not hits else f"{len(hits)} configurations"
+        raise ConfigError(f"--compare-to {compare_to!r} matches {what}; the configurations here: "
+                          f"{'; '.join(g.label for g in groups)}")
+    return hits[0]
+
+
+def _zero_shot(groups: Sequence[Group]) -> list[ZeroShot]:
+    """One row per frozen model (ZERO_SHOT_KEYS): its accuracy per (dataset, shots), one measurement per seed (the
+    runs of every configuration measure the same frozen model on the same test images: counted once)."""
+    per: dict[str, tuple[dict[str, Any], dict[tuple[str, int], dict[int, float]]]] = {}
+    for g in groups:
+        zs = {k: g.config.get(k) for k in ZERO_SHOT_KEYS}
+        key = json.dumps(zs, sort_keys=True, default=str)
+        per.setdefault(key, (zs, defaultdict(dict)))
+        for r in g.runs:
+            if r.subset == "all" and r.zero_shot is not None:
+                per[key][1][(r.dataset, r.shots)].setdefault(r.seed, r.zero_shot)
+    found = [(zs, values) for zs, values in per.values() if values]
+    varying = [k for k in ZERO_SHOT_KEYS if len({_canon(zs.get(k)) for zs, _ in found}) > 1]
+    names = _short_names(varying)
+    return [ZeroShot(" ".join(["zero-shot", *(f"{names[k]}={show(zs.get(k))}" for k in varying)]), zs,
+                     {k: stat(list(v.values())) for k, v in values.items()}) for zs, values in found]
+
+
+def show(value: Any) -> str:
+    """A config value as the labels show it (sweep folder names spell values the same way)."""
+    from .sweep import value_text
+
+    return value_text(value)
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+    from .sweep import short_names
+
+    return short_names(keys)
+
+
+def _method_rank(method: str) -> int:
+    from ..adapters.config import METHODS
+
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def _sort_value(value: Any) -> tuple[int, Any]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, _canon(value))
+
+
+def relpath(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:
+        return str(path)

@@ -15,7 +15,6 @@ A checkpoint is only ever loaded into the class its model_type names, and one mi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import AdapterMismatchError, BackboneError
+from ..reading import loads, read_text, reason
 from .activation import Activation
 from .base import Backbone, write_classifier
 from .network import hub_reachable
@@ -209,7 +209,11 @@ def preprocess_of(source: str, model_type: str, image_size: int) -> Preprocess:
     """The checkpoint's preprocessing: its preprocessor_config.json, else the family's published defaults."""
     found = _file(source, "preprocessor_config.json")
     if found is not None:
-        return from_hf_processor(json.loads(Path(found).read_text()), image_size, f"{found}")
+        try:
+            processor = loads(read_text(found))  # reading.py: a regular file, nesting bounded
+        except (OSError, ValueError) as e:
+            raise BackboneError(f"cannot read {found} ({reason(e)}): the model folder is damaged") from None
+        return from_hf_processor(processor, image_size, f"{found}")
     if model_type in PAD_TO_FIXED_LENGTH:
         return Preprocess(image_size, SIGLIP_MEAN, SIGLIP_STD, "bicubic", "squash",
                           "SiglipImageProcessor's defaults (no preprocessor_config.json)")
@@ -222,7 +226,8 @@ def model_type_of(spec: str, local: bool) -> str:
     if found is None:
         raise BackboneError(f"{spec} has no config.json: pass a folder written by save_pretrained, or a hub id")
     try:
-        model_type = json.loads(Path(found).read_text()).get("model_type")
+        config = loads(read_text(found))  # reading.py: a regular file, nesting bounded
+        model_type = config.get("model_type") if isinstance(config, dict) else None
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot read {found}: {e}") from None
     if model_type in REFUSED:

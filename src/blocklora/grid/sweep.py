@@ -18,7 +18,6 @@ resumes it. Cells are ordered by shots (most first: the longest runs start first
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlockLoRAError, ConfigError
+from ..reading import loads, read_text
 from . import slurm
 from .reference import BENCHMARK
 from .runner import (  # noqa: F401 - cell_action, try_lock and Sweep's parts re-exported
@@ -210,7 +210,7 @@ def _read_options(out: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return loads(read_text(path))  # reading.py: a regular file, nesting bounded
     except (OSError, ValueError) as e:
         raise BlockLoRAError(f"cannot read {path} ({e}): delete it if the sweep's options are what you pass now") \
             from None

@@ -101,13 +101,20 @@ def read_checkpoint(path: Path, trainer: Trainer, split_sha256: str, backbone: B
         fields(state, {"skipped": num(0, step, integer=True)}, "checkpoint", defaults={"skipped": 0})
         _check_adapter(f["adapter"], trainer)
         _check_schedule(f["scheduler"], f["optimizer"], step, trainer)
-        fields(f["rng"], {"python": listof(), "torch": _tensor}, "checkpoint.rng")
+        fields(f["rng"], {"python": _python_rng, "torch": _tensor}, "checkpoint.rng")
     return state
 
 
 def _tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ConfigError(f"{name} must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def _python_rng(name: str, value: Any) -> tuple:
+    """random.getstate(): (version, 625 ints, gauss_next), saved as a tuple."""
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ConfigError(f"{name} must be random.getstate()'s (version, state, gauss_next)")
     return value
 
 

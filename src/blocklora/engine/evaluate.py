@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone, move
 from ..data.images import ImageDataset, collate_reported
 from ..data.types import DatasetSplits, Item, open_image_file
-from ..errors import BlockLoRAError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .runtime import Runtime, eval_mode
 
 log = logging.getLogger("blocklora")
@@ -262,16 +262,16 @@ def _stamp(path: str) -> str:
 def read_cached(key: str, items: Sequence[Item], classnames: Sequence[str]) -> dict[str, Any] | None:
     """The cached zero-shot accuracy of `items` (labels index `classnames`), or None: no entry, or one that is
     unreadable or fails check_cached (a warning says so; the caller recomputes it and replaces the entry)."""
-    from ..reading import read_json
+    from ..reading import loads, read_text, reason
 
     path = cache_dir() / "zeroshot" / f"{key}.json"
     if not os.path.lexists(path):
         return None
     try:
-        return check_cached(read_json(path, "zero-shot cache entry"), items, classnames)
-    except BlockLoRAError as e:
-        log.warning("warning: ignoring the zero-shot cache entry %s (%s): computing it again", path,
-                    str(e).removeprefix(f"cannot read zero-shot cache entry {path} "))
+        return check_cached(loads(read_text(path)), items, classnames)
+    except (OSError, ValueError) as e:  # unreadable, not JSON, too deep, or failing the check (ConfigError)
+        log.warning("warning: ignoring the zero-shot cache entry %s (%s): computing the accuracy again", path,
+                    e if isinstance(e, ConfigError) else reason(e))
         return None
 
 

@@ -29,12 +29,12 @@ class Checkpoints:
 
     The file holds everything a resume needs: adapter, optimizer, scheduler, grad scaler, RNG states and step
     (Trainer.state_dict), plus what it must match: the K-shot split's sha256, the config hash, the frozen
-    weights' fingerprint and the MLP activation the model computes (backbones.activation.mlp_activation: the
-    fingerprint cannot tell QuickGELU from GELU)."""
+    weights' fingerprint and `activation`, the MLP activation the model computes (backbones.activation.mlp_activation,
+    None for a model without GELU: the fingerprint cannot tell QuickGELU from GELU)."""
 
     def __init__(self, rd: RunDir, split_sha256: str, config_hash: str, fingerprint: str, main: bool,
-                 last_step: int | None = None, write: Callable[[Path, Any], None] = save_torch,
-                 activation: str | None = None) -> None:
+                 last_step: int | None = None, write: Callable[[Path, Any], None] = save_torch, *,
+                 activation: str | None) -> None:
         self.rd, self.main, self.write = rd, main, write  # write(path, obj): api.run passes api.save_torch
         self.stamp = {"split_sha256": split_sha256, "config_hash": config_hash, "weights_fingerprint": fingerprint,
                       "activation": activation}

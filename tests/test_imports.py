@@ -86,10 +86,10 @@ def test_no_import_cycle_among_blocklora_modules():
 
 
 def test_the_method_library_imports_no_model_family():
-    """adapters/ depends only on itself and leaf utilities (errors, value checks and choices, file ownership, the
-    version): placement comes in through adapters.sites."""
+    """adapters/ depends only on itself and leaf utilities (errors, value checks and choices, file ownership and
+    reading, the version): placement comes in through adapters.sites."""
     allowed = ("blocklora.adapters", "blocklora.errors", "blocklora._version", "blocklora.checks", "blocklora.choices",
-               "blocklora.ownership")
+               "blocklora.ownership", "blocklora.reading")
     for name, targets in import_graph().items():
         if name.startswith("blocklora.adapters"):
             assert all(t.startswith(allowed) for t in targets), (name, targets)
@@ -150,7 +150,7 @@ def test_the_application_sits_in_folders_and_old_module_paths_still_import():
     import importlib
 
     top = sorted(p.stem for p in SRC.glob("*.py"))
-    assert top == ["__init__", "__main__", "_version", "checks", "choices", "errors", "ownership"], top
+    assert top == ["__init__", "__main__", "_version", "checks", "choices", "errors", "ownership", "reading"], top
     for old, new in blocklora._MOVED.items():
         assert importlib.import_module(f"blocklora.{old}") is importlib.import_module(f"blocklora.{new}"), old
     assert all(not n.startswith("_") or n == "__version__" for n in dir(blocklora)), dir(blocklora)

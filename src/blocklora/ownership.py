@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BlockLoRAError
+from .reading import loads, read_text
 
 MARKER = ".blocklora"
 TEMP_TAG = ".blocklora-"
@@ -53,7 +54,7 @@ def marker_kind(directory: str | os.PathLike) -> str | None:
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads(read_text(path))  # a regular file, nesting bounded (reading.py)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("made_by") != "blocklora" or not isinstance(data.get("kind"), str):

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from .._version import __version__
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected, reported_write
+from ..reading import loads, read_bytes, read_text, reason
 from .config import AdapterConfig
 from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
 from .sites import Placement
@@ -113,15 +114,14 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
     Raises AdapterMismatchError naming the file for anything missing, damaged or of the wrong type."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         hint = " (a PEFT adapter? blocklora reads only its own format)" if (Path(directory) /
                                                                           "adapter_config.json").exists() else ""
         raise AdapterMismatchError(f"no adapter at {directory}: {path.name} is missing{hint}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise AdapterMismatchError(f"cannot read {path}: {reason}; the adapter directory is damaged") from None
+        meta = loads(read_text(path))  # a regular file, UTF-8, nesting bounded (reading.py)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, too deep, or bytes that are not UTF-8
+        raise AdapterMismatchError(f"cannot read {path}: {reason(e)}; the adapter directory is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterMismatchError(f"{path} is not a blocklora adapter file")
     version = meta.get("format_version", 0)
@@ -158,7 +158,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Plac
     meta = read_adapter_meta(directory)
     cfg = AdapterConfig.from_dict(meta["config"])
     try:
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        tensors = load(read_bytes(directory / WEIGHTS_FILE))  # read as a regular file: a FIFO would block
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged or missing file
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {reason}; the adapter directory is "

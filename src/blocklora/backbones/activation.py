@@ -20,7 +20,6 @@ of an adapter) must agree with (2): a disagreement is an error, never a silent s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AdapterMismatchError
+from ..reading import loads, read_text
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def weights_evidence(name: str, pretrained: str | None) -> Activation | None:
 def local_dir_config(folder: Path) -> dict | None:
     path = folder / "open_clip_config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = loads(read_text(path))  # reading.py: a regular file, nesting bounded
     except (OSError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict) else None

@@ -88,6 +88,7 @@ from torch import nn
 from ..adapters.layers import AdapterLayer
 from ..adapters.sites import LAYERS, Placement, Site
 from ..errors import BackboneError
+from ..reading import loads, read_text, reason
 from . import effnet_projection as projection
 from .base import Backbone, write_classifier
 from .effnet_projection import MAX_TOKENS, mean_pooled
@@ -320,7 +321,13 @@ def _load_export(path: Path, image_size: int) -> EffnetMiniLMBackbone:
     if missing:
         raise BackboneError(f"--pretrained for effnet-minilm is 'packaged' or a directory written by its export: "
                             f"{missing[0]} is missing")
-    meta: dict[str, Any] = json.loads((path / "effnet_minilm.json").read_text())
+    try:
+        meta: dict[str, Any] = loads(read_text(path / "effnet_minilm.json"))  # a regular file, nesting bounded
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"cannot read {path / 'effnet_minilm.json'} ({reason(e)}): export the model again") \
+            from None
+    if not isinstance(meta, dict):
+        raise BackboneError(f"{path / 'effnet_minilm.json'} is not a JSON object: export the model again")
     if "top_k" in meta:  # blocklora 0.1.0's ConSE model: its image embedding cannot be rebuilt from these files
         raise BackboneError(f"{path} is an export of the earlier ConSE effnet-minilm (blocklora 0.1.0), which this "
                             "version replaced: export the model again from an adapter trained with this version")

@@ -15,7 +15,6 @@ A checkpoint is only ever loaded into the class its model_type names, and one mi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import AdapterMismatchError, BackboneError
+from ..reading import loads, read_text, reason
 from .activation import Activation
 from .base import Backbone, write_classifier
 from .network import hub_reachable
@@ -232,6 +232,10 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         from transformers import AutoImageProcessor
 
         try:
+            loads(read_text(found))  # reading.py first: a regular file, nesting bounded (transformers would hang on
+        except (OSError, ValueError) as e:  # a FIFO and overflow the stack on deep nesting)
+            raise BackboneError(f"cannot read {found} ({reason(e)}): the model folder is damaged") from None
+        try:
             processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable())
         except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...
             raise BackboneError(f"cannot read the image processor of {source} ({found}): "
@@ -275,7 +279,8 @@ def model_type_of(spec: str, local: bool) -> str:
     if found is None:
         raise BackboneError(f"{spec} has no config.json: pass a folder written by save_pretrained, or a hub id")
     try:
-        model_type = json.loads(Path(found).read_text()).get("model_type")
+        config = loads(read_text(found))  # reading.py: a regular file, nesting bounded
+        model_type = config.get("model_type") if isinstance(config, dict) else None
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot read {found}: {e}") from None
     if model_type in REFUSED:
@@ -340,7 +345,7 @@ def _weight_files(folder: str) -> list[str]:
         return [str(path / "model.safetensors")]
     index = path / "model.safetensors.index.json"
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(loads(read_text(index))["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
     return [str(path / f) for f in shards if (path / f).is_file()]

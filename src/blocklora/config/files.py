@@ -5,34 +5,26 @@ The checks themselves live with the fields (run_config.py, ../checks.py): this o
 
 from __future__ import annotations
 
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..reading import read_json, read_toml
 
 
 def read_file(path: Path) -> Any:
-    """The content of a JSON or TOML (*.toml) config file; ConfigError naming the file when it cannot be read."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read the config file {path} ({e.strerror or e}): check --config") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib  # Python >= 3.11
-
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
-    except ImportError:
-        raise ConfigError(f"{path}: TOML configs need Python 3.11 or newer; write it as JSON") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
-                          f"({e}): fix the file") from None
-    return data
+    """The content of a JSON or TOML (*.toml) config file; ConfigError naming the file when it cannot be read (also
+    a FIFO or other special file, bytes that are not UTF-8, nesting past reading.MAX_DEPTH)."""
+    path = Path(path)
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib  # noqa: F401 - Python >= 3.11
+        except ImportError:
+            raise ConfigError(f"{path}: TOML configs need Python 3.11 or newer; write it as JSON") from None
+        return read_toml(path, "the config file", ConfigError, "check --config and fix the file")
+    return read_json(path, "the config file", ConfigError, "check --config and fix the file")
 
 
 def coerce(raw: str, typ: Any, key: str) -> Any:

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
+from ..reading import open_text
 from .benchmarks import VARIANTS, ZHOU, read_fgvc, read_imagenet, read_variant, read_zhou
 from .layout import DEFAULT_TEMPLATE, existing_root, prompt_name, scan_classes, subfolders
 from .types import DatasetSplits, Item
@@ -114,7 +115,7 @@ CSV_COLUMNS = ("path", "label", "split")
 def _csv_rows(path: Path) -> list[tuple[int, str, str, str]]:
     """(line number, path, class name, split) of each data row; the header is line 1."""
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_text(path, encoding="utf-8-sig", newline="") as f:  # a regular file only: a FIFO would block
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in CSV_COLUMNS if c not in header]

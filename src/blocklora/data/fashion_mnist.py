@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..reading import open_regular
 from .types import DatasetSplits, Item
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -59,10 +60,9 @@ def _folder_with_files(root: Path) -> Path | None:
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (LeCun's MNIST format, optionally gzipped) as a uint8 array of its stated shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        with open_regular(path) as raw:  # a FIFO or device by that name is refused, never blocked on
+            data = gzip.GzipFile(fileobj=raw).read() if path.suffix == ".gz" else raw.read()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}; the file is damaged, reinstall or download it again") from None
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:

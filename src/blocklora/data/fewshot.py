@@ -46,8 +46,8 @@ from pathlib import Path
 
 from ..choices import Sampler
 from ..errors import ConfigError, DataError
+from ..reading import loads, open_regular, read_bytes, reason
 from .decode import reads_files
-from .layout import load_json
 from .types import DatasetSplits, Item
 
 SAMPLERS = typing.get_args(Sampler)
@@ -152,9 +152,9 @@ def repeated_shots(fewshot: FewShotSplit, splits: DatasetSplits) -> list[dict[st
 
 # -- split files -----------------------------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes (reading.open_regular: NotRegularFile for a FIFO, device or folder)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -204,21 +204,25 @@ def _bad_file(path: Path, why: str) -> DataError:
     return DataError(f"split file {path} {why}")
 
 
-def _load_split_json(path: Path) -> dict:
-    if not path.is_file():
+def _read_raw(path: Path) -> bytes:
+    """The split file's bytes, read once (what is parsed is what is hashed): a regular file only."""
+    if not os.path.lexists(path):
         raise _bad_file(path, "does not exist: give the split.json of an earlier run, or leave data.split_file unset "
                               "to draw a new split")
-    data = load_json(path, "split file")
+    try:
+        return read_bytes(path)
+    except OSError as e:
+        raise _bad_file(path, f"cannot be read ({reason(e)})") from None
+
+
+def _load_split_json(path: Path, raw: bytes) -> dict:
+    try:
+        data = loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, TooDeep
+        raise _bad_file(path, f"is {reason(e)}: the file is damaged or truncated, get it again") from None
     if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise _bad_file(path, f'is not a blocklora split file (no "format": "{SPLIT_FORMAT}")')
     return data
-
-
-def _published_header(path: Path) -> dict | None:
-    """published_splits.header for a file that exists (its own error otherwise comes from _load_split_json)."""
-    from .published_splits import header
-
-    return header(path) if path.is_file() else None
 
 
 def _draw_params(data: dict, path: Path) -> dict:
@@ -239,11 +243,14 @@ def read_split_header(path: str | os.PathLike) -> dict:
     """How a split file's images were drawn, checked: {dataset, classnames, shots, seed, sampler, replace}.
 
     A split file is the truth about its run (RunConfig.resolved takes these values from it)."""
+    from .published_splits import header
+
     path = Path(path).expanduser()
-    published = _published_header(path)
+    raw = _read_raw(path)
+    published = header(path, raw)
     if published is not None:  # another project's split: it names no dataset, classes or sampler
         return {**published, "dataset": None, "classnames": None}
-    data = _load_split_json(path)
+    data = _load_split_json(path, raw)
     params = _draw_params(data, path)
     params["sampler"] = params.pop("order")
     return {**params, "classnames": list(data["classnames"])}
@@ -251,16 +258,22 @@ def read_split_header(path: str | os.PathLike) -> dict:
 
 def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:
     """Read and validate a split file written by write_split_file (or a published one: published_splits.py)
-    against the dataset; returns it and its sha256."""
-    path = Path(path).expanduser()
-    if _published_header(path) is not None:
-        from .published_splits import read_published
+    against the dataset; returns it and the sha256 of the bytes read.
 
-        info, parts, sha = read_published(path, splits)
+    Every entry must be an image of the dataset with the dataset's label (or, for a hand-made file, an existing
+    image outside the dataset's lists), and the file must agree with the dataset's own splits and with its header:
+    training entries from the dataset's train split, no entry a test image (compared by real path: a link to one is
+    one), every class with exactly `shots` training entries (the draw's K), no repeated image without "replace".
+    Raises DataError naming the file and the first problem."""
+    from .published_splits import header, read_published
+
+    path = Path(path).expanduser()
+    raw = _read_raw(path)
+    if header(path, raw) is not None:
+        info, parts, sha = read_published(path, splits, raw)
         seed = info["seed"] if info["seed"] is not None else 1  # the run's default seed when the file names none
         return FewShotSplit(splits.name, info["shots"], seed, "clip-lora", parts["train"], parts["val"]), sha
-    data = _load_split_json(path)
-    raw = path.read_bytes()
+    data = _load_split_json(path, raw)
     params = _draw_params(data, path)
     if data.get("dataset") != splits.name:
         raise _bad_file(path, f"was drawn from dataset {data.get('dataset')!r}, not {splits.name!r}: use the split "
@@ -278,14 +291,15 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
     for part in ("train", "val"):
         if not isinstance(data.get(part), list):
             raise _bad_file(path, f'has no "{part}" list')
-    known = {os.path.normpath(i.path): i for items in (splits.train, splits.val, splits.test) for i in items}
+    known = _parts_of(splits)
     root = Path(splits.root)
     file_based = reads_files(splits.image_reader)
+    tests = _RealPaths(splits.test) if file_based else None
     bad: list[str] = []
     for part in ("train", "val"):
         items = []
         for i, entry in enumerate(data[part]):
-            item, why = _resolve(entry, known, root, len(splits.classnames), file_based)
+            item, why = _resolve(entry, known, root, len(splits.classnames), file_based, part, tests)
             if item is None:
                 bad.append(f"{part}[{i}] = {json.dumps(entry, ensure_ascii=False)[:100]}: {why}")
             else:
@@ -296,12 +310,60 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
                               "changed; draw a new split")
     if not parts["train"]:
         raise _bad_file(path, "has no training entries")
+    _check_counts(path, splits, parts["train"], params["shots"], params["replace"])
     return FewShotSplit(splits.name, params["shots"], params["seed"], params["order"], parts["train"], parts["val"],
                         params["replace"]), hashlib.sha256(raw).hexdigest()
 
 
-def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int,
-             file_based: bool) -> tuple[Item | None, str]:
+def _check_counts(path: Path, splits: DatasetSplits, train: list[Item], shots: int, replace: bool) -> None:
+    """The training entries against the header: every class drawn, each with exactly `shots` entries (sample_few_shot
+    draws K per class, with replacement when a class is short), repeats only where "replace" allowed them."""
+    groups = group_by_label(train)
+    for label in range(len(splits.classnames)):
+        group = groups.get(label, [])
+        if not group:
+            raise _bad_file(path, f"has no training entry for {_class(splits, label, 'train')} (a draw gives every "
+                                  "class its shots; training without it would leave the class unlearned): draw a new "
+                                  "split")
+        if len(group) != shots:
+            raise _bad_file(path, f"lists {len(group)} training entries for {_class(splits, label, 'train')}, but its "
+                                  f'"shots" is {shots}: the file was edited; draw a new split')
+        if not replace and len({i.path for i in group}) < len(group):
+            raise _bad_file(path, f'repeats a training image of {_class(splits, label, "train")} but its "replace" is '
+                                  "false: the file was edited; draw a new split")
+
+
+def _parts_of(splits: DatasetSplits) -> dict[str, tuple[Item, frozenset[str]]]:
+    """Every item of the dataset by normalised path, with the dataset splits that list it."""
+    out: dict[str, tuple[Item, frozenset[str]]] = {}
+    for part in ("train", "val", "test"):
+        for item in getattr(splits, part):
+            key = os.path.normpath(item.path)
+            held = out.get(key)
+            out[key] = (held[0] if held else item, (held[1] if held else frozenset()) | {part})
+    return out
+
+
+class _RealPaths:
+    """The real paths (links resolved) of some items, computed on first use: a hand-made entry outside the
+    dataset's lists is compared with the test images by what it points to."""
+
+    def __init__(self, items: Sequence[Item]) -> None:
+        self.items, self.paths = items, None
+
+    def __contains__(self, path: str) -> bool:
+        if self.paths is None:
+            self.paths = {os.path.realpath(i.path) for i in self.items}
+        return os.path.realpath(path) in self.paths
+
+
+# where a split file's part may take its images from: blocklora draws train shots from the train split and val
+# shots from the val split (or, without one, from train: CLIP-LoRA's ImageNet rule); never from test
+_ALLOWED = {"train": {"train"}, "val": {"train", "val"}}
+
+
+def _resolve(entry: object, known: dict[str, tuple[Item, frozenset[str]]], root: Path, n_classes: int,
+             file_based: bool, part: str = "train", tests: _RealPaths | None = None) -> tuple[Item | None, str]:
     if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
             or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
         return None, "not a [path, label] pair"
@@ -309,11 +371,18 @@ def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int,
     if not 0 <= label < n_classes:
         return None, f"label {label} outside 0..{n_classes - 1}"
     full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(str(root), rel))
-    item = known.get(full) or known.get(os.path.normpath(rel))
-    if item is not None:
+    found = known.get(full) or known.get(os.path.normpath(rel))
+    if found is not None:
+        item, held = found
+        if not held & _ALLOWED[part]:
+            leak = " (training or validating on test images leaks them into the result)" if "test" in held else ""
+            return None, f"an image of the dataset's {'/'.join(sorted(held))} split, not of its " \
+                         f"{' or '.join(sorted(_ALLOWED[part]))}{leak}"
         if item.label != label:
             return None, f"labelled {label}, but the dataset labels it {item.label}"
         return item, ""
-    if file_based and os.path.isfile(full):  # an image outside the dataset's lists (a hand-made split): trust it
+    if file_based and os.path.isfile(full):  # an image outside the dataset's lists (a hand-made split)
+        if tests is not None and full in tests:
+            return None, "a link to a test image of the dataset (training on it leaks the test set)"
         return Item(full, label), ""
     return None, f"no such image ({full})" if file_based else "not an image of the dataset"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DataError
+from ..reading import read_json, read_text, reason
 from .types import Item
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -150,10 +151,11 @@ def short(value: object, limit: int = 80) -> str:
 
 
 def read_lines(path: Path, key: str) -> list[str]:
+    """The lines of a dataset's list file (a regular file, UTF-8), or a DataError naming it."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{key}: cannot read {path}: {e}") from None
+        raise DataError(f"{key}: cannot read {path}: {reason(e)}") from None
 
 
 def first_missing_image(parts: dict[str, list[Item]]) -> tuple[str, str] | None:
@@ -166,15 +168,6 @@ def first_missing_image(parts: dict[str, list[Item]]) -> tuple[str, str] | None:
 
 # -- JSON files -------------------------------------------------------------------------------------------------------
 def load_json(path: Path, what: str) -> object:
-    """A JSON file, or a DataError naming the file and the line/column of the syntax error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): "
-                        "the file is damaged or truncated, get it again") from None
-
-
+    """A JSON file (reading.read_json: a regular file, UTF-8, nesting bounded), or a DataError naming the file and
+    why (for a syntax error, its line and column)."""
+    return read_json(path, what, DataError, "the file is damaged or truncated, get it again")

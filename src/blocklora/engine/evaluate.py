@@ -23,7 +23,7 @@ from ..data.decode import reads_files
 from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .runtime import Runtime, eval_mode
 
 log = logging.getLogger("blocklora")
@@ -203,7 +203,7 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
         raise DataError(f"dataset {data.name} at {data.root} has no {split} images: check --root and the "
                         f"dataset's layout, or choose another --split")
     key = zero_shot_key(backbone, runtime, data, split, items, templates)
-    cached = read_cached(key) if use_cache else None
+    cached = read_cached(key, items, data.classnames) if use_cache else None
     if runtime.world_size > 1 and not all_ranks(cached is not None, runtime.device):
         cached = None  # a cache on some ranks only (node-local homes): all compute, as the evaluation is collective
     if cached is not None and not need_features:
@@ -268,12 +268,55 @@ def _stamp(path: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def read_cached(key: str) -> dict[str, Any] | None:
+def read_cached(key: str, items: Sequence[Item], classnames: Sequence[str]) -> dict[str, Any] | None:
+    """The cached zero-shot accuracy of `items` (labels index `classnames`), or None: no entry, or one that is
+    unreadable or fails check_cached (a warning says so; the caller recomputes it and replaces the entry)."""
+    from ..reading import loads, read_text, reason
+
     path = cache_dir() / "zeroshot" / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    if not os.path.lexists(path):
         return None
+    try:
+        return check_cached(loads(read_text(path)), items, classnames)
+    except (OSError, ValueError) as e:  # unreadable, not JSON, too deep, or failing the check (ConfigError)
+        log.warning("warning: ignoring the zero-shot cache entry %s (%s): computing the accuracy again", path,
+                    e if isinstance(e, ConfigError) else reason(e))
+        return None
+
+
+def check_cached(entry: Any, items: Sequence[Item], classnames: Sequence[str]) -> dict[str, Any]:
+    """A cache entry as `accuracy` returned it for these items, or ConfigError: the fields and their types, the
+    unreadable images among the items, each class's count equal to its readable items, and top1, mean_per_class and
+    each class's top1 what `summarize` gives for whole numbers of correct images (a number nobody measured, or one
+    measured on other images, fails)."""
+    from ..checks import maybe, num, text
+    from ..reading import fields, listof, mapping
+
+    n_classes = len(classnames)
+    rules = {"top1": num(0, 100), "n": num(0, len(items), integer=True), "mean_per_class": num(0, 100),
+             "per_class": listof(mapping, n_classes, n_classes), "unreadable": listof(listof(text(), 2, 2))}
+    f = fields(entry, rules, "the entry")
+    if set(entry) != set(rules):
+        raise ConfigError(f"the entry has the fields {sorted(entry)}, not {sorted(rules)}")
+    paths = {i.path for i in items}
+    bad = [tuple(pair) for pair in f["unreadable"]]
+    if not {p for p, _ in bad} <= paths or len({p for p, _ in bad}) != len(bad):
+        raise ConfigError("the entry's unreadable images are not among the images evaluated")
+    skipped = {p for p, _ in bad}
+    total = [0] * n_classes
+    for item in items:
+        if item.path not in skipped:
+            total[item.label] += 1
+    correct = []
+    for i, row in enumerate(f["per_class"]):
+        share = fields(row, {"top1": maybe(num(0, 100))}, f"the entry's per_class[{i}]")["top1"]
+        correct.append(round(share * total[i] / 100) if share is not None and total[i] else 0)
+    expected = summarize(torch.tensor(correct), torch.tensor(total), classnames)
+    wrong = next((k for k in expected if entry[k] != expected[k]), None)
+    if wrong is not None:
+        raise ConfigError(f"the entry's {wrong} does not follow from whole numbers of correct images of the "
+                          f"{sum(total)} readable test images (a number nobody measured?)")
+    return {**expected, "unreadable": bad}
 
 
 def write_cached(key: str, result: dict[str, Any]) -> None:

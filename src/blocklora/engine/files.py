@@ -80,9 +80,12 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
 def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """Only ever weights_only=True: a checkpoint cannot run code. A damaged, empty or foreign file (or a pickle that
-    would run code) is one BlockLoRAError naming the file."""
+    would run code, or a FIFO, socket or device by that name) is one BlockLoRAError naming the file."""
+    from ..reading import open_regular
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as fh:  # a FIFO or device is refused here: torch.load(path) would block on it
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError (bad zip), ...: a bad file

@@ -20,7 +20,6 @@ deletes them. Temporary files of a killed write are removed when the run takes t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 
 from ..errors import BlockLoRAError
 from ..ownership import MARKER, Protected, check_deletable, fix_mode, mark, marker_kind, remove_stale_temps
+from ..reading import loads, not_regular, read_json, read_text, reason
 from .results import RunResult
 
 log = logging.getLogger("blocklora")
@@ -76,7 +76,7 @@ class RunDir:
         if marker_kind(self.path) is not None or not self.config.is_file():
             return False
         try:
-            return "blocklora_version" in json.loads(self.config.read_text())
+            return "blocklora_version" in loads(read_text(self.config))
         except (OSError, ValueError, TypeError):
             return False
 
@@ -156,7 +156,7 @@ class RunDir:
         """
         import fcntl
 
-        fh = open(self.path / self.LOCK, "a")  # noqa: SIM115 - "a": never truncate a file another run holds
+        fh = _open_lock(self.path / self.LOCK)
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -214,13 +214,34 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _open_lock(path: Path):
+    """The lock file, opened for appending (never truncate a file another run holds) when it is a regular file,
+    checked before and after a non-blocking open: a FIFO named .lock is an error, not a hang (open() for writing
+    waits for a reader)."""
+    def refuse(why: str) -> BlockLoRAError:
+        return BlockLoRAError(f"cannot use the run's lock file {path} ({why}): remove it")
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BlockLoRAError(f"{path} is missing: not a complete blocklora run") from None
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested beyond Python's stack
-        raise BlockLoRAError(f"cannot read {what} {path} ({type(e).__name__}): the file is damaged") from None
+        why = not_regular(os.stat(path).st_mode) if os.path.lexists(path) else None
+        if why:
+            raise refuse(why)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
+    except OSError as e:
+        raise refuse(reason(e)) from None
+    why = not_regular(os.fstat(fd).st_mode)
+    if why:
+        os.close(fd)
+        raise refuse(why)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A run's JSON file (reading.read_json: a regular file, UTF-8, valid, nesting bounded) holding an object."""
+    if not os.path.lexists(path):
+        raise BlockLoRAError(f"{path} is missing: not a complete blocklora run")
+    data = read_json(path, what, BlockLoRAError, "the file is damaged")
     if not isinstance(data, dict):
         raise BlockLoRAError(f"{what} {path} is not a JSON object: the file is damaged")
     return data

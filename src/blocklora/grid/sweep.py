@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import BlockLoRAError, ConfigError
+from ..reading import loads, read_text
 from . import slurm
 from .reference import BENCHMARK
 from .runner import (  # noqa: F401 - cell_action, try_lock and Sweep's parts re-exported
@@ -492,10 +493,8 @@ def _read_options(out: Path) -> dict[str, Any] | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        if not path.is_file():
-            raise OSError("not a regular file")
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        data = loads(read_text(path))  # reading.py: a regular file, nesting bounded
+    except (OSError, ValueError) as e:
         raise BlockLoRAError(f"cannot read {path} ({e}): delete it if the sweep's options are what you pass now") \
             from None
     if not isinstance(data, dict) or not isinstance(data.get("train_options"), list) or \

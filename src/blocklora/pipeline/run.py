@@ -26,7 +26,9 @@ import torch
 
 from .._version import __version__
 from ..adapters.inject import count_trainable
+from ..backbones.activation import mlp_activation
 from ..backbones.fingerprint import save_adapter
+from ..checks import boolean, maybe
 from ..config.run_config import RESUMABLE, RunConfig
 from ..data import write_split_file
 from ..data.fewshot import split_file_bytes
@@ -38,6 +40,7 @@ from ..engine.rundir import RunDir
 from ..engine.runtime import Runtime, default_workers, deterministic, seed_everything
 from ..engine.tensorboard import Loggers, TensorBoardLog
 from ..errors import BlockLoRAError
+from ..reading import fields
 from .evaluation import Evaluation, ZeroShot, evaluate, zero_shot
 from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
 from .trained import (  # noqa: F401 - re-exported
@@ -130,7 +133,8 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
     # Checkpoints are written through this module's save_torch, the one seam a fault-injection test (or a user's
     # script) replaces to stop a run right after a checkpoint, as a kill would.
     saver = checkpoint.Checkpoints(rd, sha, cfg.hash(), p.backbone.fingerprint, main,
-                                   trainer.state.step if resuming else None, write=save_torch)
+                                   trainer.state.step if resuming else None, write=save_torch,
+                                   activation=mlp_activation(p.backbone.model))
     tb = None
     if main:
         for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime):
@@ -236,6 +240,14 @@ def _check_same_run(rd: RunDir, cfg: RunConfig) -> dict[str, Any]:
         saved = rd.read_config()
         saved["config"] = RunConfig.from_dict(saved["config"])
         saved["request"] = RunConfig.from_dict(saved["request"]) if "request" in saved else saved["config"]
+        # the activation the run started with (None: a family without the choice): a bool, and the config's
+        # own explicit --quick-gelu agrees; the checkpoint is checked against the model it builds (checkpoint.py)
+        saved["quick_gelu"] = fields(saved, {"quick_gelu": maybe(boolean)}, "config.json",
+                                     defaults={"quick_gelu": None})["quick_gelu"]
+        asked = saved["config"].quick_gelu
+        if saved["quick_gelu"] is not None and asked in ("yes", "no") and saved["quick_gelu"] != (asked == "yes"):
+            raise BlockLoRAError(f"config.json records quick_gelu={saved['quick_gelu']} but its config asked "
+                                 f"quick_gelu={asked}")
     except (KeyError, TypeError, BlockLoRAError) as e:
         raise BlockLoRAError(f"{rd.config} is not a readable run configuration ({e}): start the run again with "
                              "--overwrite") from None

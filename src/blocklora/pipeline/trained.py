@@ -27,9 +27,10 @@ from ..data import DatasetSplits, evenly_spaced, load_dataset, subsample_classes
 from ..data.images import verify_images
 from ..data.protocols import check_classes
 from ..engine import evaluate as ev
+from ..engine.logits import KINDS as LOSS_KINDS
 from ..engine.logits import Logits
 from ..engine.runtime import Runtime, default_workers, make_runtime
-from ..errors import AdapterMismatchError, BlockLoRAError, DataError
+from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError, DataError
 from ..interop.export_forms import export_form
 from ..ownership import (
     TEMP_SUFFIX,
@@ -42,36 +43,52 @@ from ..ownership import (
     reported_write,
 )
 from ..ownership import temp_prefix as _temp_prefix
+from ..reading import damaged, fields, listof
 
 log = logging.getLogger("blocklora")
 EXPORT = "export"  # the ownership marker's kind for an exported model folder
 CLASSIFIER_FORMAT = "blocklora-classifier/1"  # an export's class names, template and logits (classifier())
 
 
+# The "run" record's fields (what pipeline/run.py's _save_adapter writes) and, for those an older or hand-made
+# adapter may lack (backbones.fingerprint.save_adapter writes no logit_bias), the value they then take.
+RUN_FIELDS: dict[str, checks.Rule] = {
+    "model": checks.text(empty=False), "pretrained": checks.text(optional=True),
+    "classnames": listof(checks.text(), lo=2), "template": checks.template,
+    "quick_gelu": checks.maybe(checks.one_of("yes", "no", "auto")), "frozen_dtype": checks.one_of("fp32", "autocast"),
+    "logit_scale": checks.num(0, 1e4, lo_open=True), "logit_bias": checks.num(-1e4, 1e4, optional=True),
+    "loss": checks.one_of(*LOSS_KINDS), "tokenizer": checks.text(optional=True),
+    "dataset": checks.text(optional=True), "split_sha256": checks.text(optional=True),
+}
+RUN_DEFAULTS = {"pretrained": None, "quick_gelu": None, "frozen_dtype": "fp32", "logit_scale": 100.0,
+                "logit_bias": None, "loss": "softmax", "tokenizer": None, "dataset": None, "split_sha256": None}
+
+
 def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
-    """The "run" record a trained adapter carries (what `blocklora train` saved), checked field by field."""
+    """The "run" record a trained adapter carries (what `blocklora train` saved), every field checked (RUN_FIELDS:
+    types, ranges, allowed values; absent optional ones take RUN_DEFAULTS) and the logits cross-checked: sigmoid
+    (SigLIP's loss) needs its bias, with |bias| < logit_scale (else sigma(scale * cos + bias) is on one side of 1/2
+    for every cosine in [-1, 1]: every class in or every class out, whatever the image), softmax has none. Returns
+    the record with its defaults filled in. Raises BlockLoRAError (no record) or AdapterMismatchError (a bad field)."""
     run = meta.get("run")
     if not isinstance(run, dict) or "model" not in run:
-        name = (meta.get("backbone") or {}).get("name")
+        backbone = meta.get("backbone")
+        name = backbone.get("name") if isinstance(backbone, dict) else None
         has = f"records its backbone ({name}) but not" if name else "records neither its backbone nor"
         raise BlockLoRAError(
             f"{where} {has} the class names and prompt template that predict, eval and export need: save it with "
             f"blocklora.save_adapter(model, DIR, backbone={name or 'MODEL'!r}, classnames=[...], "
             "template='a photo of a {}.', logit_scale=100.0) (and pretrained=... for other weights than the "
             "model's default), train it with `blocklora train`, or load it in Python with load_adapter")
-    try:
-        checks.text(empty=False)("run.model", run["model"])
-        checks.text(optional=True)("run.pretrained", run.get("pretrained"))
-        names = run.get("classnames")
-        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-            raise BlockLoRAError(f"run.classnames must be a list of at least 2 class names, got {names!r}")
-        checks.template("run.template", run.get("template"))
-        checks.maybe(checks.one_of("yes", "no", "auto"))("run.quick_gelu", run.get("quick_gelu"))
-        checks.one_of("fp32", "autocast")("run.frozen_dtype", run.get("frozen_dtype", "fp32"))
-        checks.number("run.logit_scale", run.get("logit_scale", 100.0), checks.Range(0, 1e4, lo_open=True))
-    except BlockLoRAError as e:
-        raise AdapterMismatchError(f"{Path(where) / 'blocklora_adapter.json'}: {e}; the file is damaged") from None
-    return run
+    with damaged(Path(where) / "blocklora_adapter.json", AdapterMismatchError):
+        checked = fields(run, RUN_FIELDS, "run", RUN_DEFAULTS)
+        bias, scale = checked["logit_bias"], checked["logit_scale"]
+        if checked["loss"] == "sigmoid" and (bias is None or abs(bias) >= scale):
+            raise ConfigError(f"run.loss is sigmoid, whose run.logit_bias must be a number with |bias| < "
+                              f"run.logit_scale ({scale:g}), got {bias!r}")
+        if checked["loss"] == "softmax" and bias is not None:
+            raise ConfigError(f"run.logit_bias is {bias!r}, but run.loss is softmax, which has no bias")
+    return {**run, **checked}
 
 
 def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, force: bool = False,
@@ -84,6 +101,7 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
     adapter_dir = locate_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     run = run_meta(meta, adapter_dir)
+    meta = {**meta, "run": run}  # the checked record, defaults filled in
     weights = pretrained if pretrained is not None else recorded_weights(run, adapter_dir)
     recorded = run.get("quick_gelu")
     tokenizer = tokenizer or run.get("tokenizer")
@@ -271,7 +289,9 @@ def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str]
 
     logits = logits or Logits(logit_scale)
     topk = checks.number("topk", topk, checks.Range(1, integer=True))
-    txt = ev.encode_classes(backbone, classnames, [checks.template("template", template)], runtime)
+    for warning in ev.prompt_collisions(classnames, checks.template("template", template)):
+        log.warning("warning: %s", warning)  # e.g. an adapter whose class names repeat: rows that cannot differ
+    txt = ev.encode_classes(backbone, classnames, [template], runtime)
     transform = backbone.eval_transform()
     backbone.model.eval()
     for start in range(0, len(images), batch_size):

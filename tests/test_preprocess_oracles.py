@@ -214,29 +214,74 @@ PROMPTS = ["a photo of a Red Apple.", "a photo of a red apple.", "A PHOTO of a  
            "itap of a (blue) sky, on a table?"]
 
 
-def test_siglip2_through_transformers_is_tokenized_as_open_clip_tokenizes_the_same_weights(tmp_path):
-    """SigLIP 2's Gemma tokenizer is case-sensitive; open_clip canonicalizes every prompt for SigLIP 2 (lowercase,
-    punctuation removed: tokenizer_kwargs clean=canonicalize), as big_vision trained it. blocklora's transformers
-    path gives the tokens open_clip's HFTokenizer gives on the same tokenizer files."""
+def _siglip_gemma(folder: Path) -> Path:
+    """A tiny SigLIP folder with a case-sensitive Gemma tokenizer (one token per character), as the fixed-resolution
+    SigLIP 2 checkpoints ship (model_type siglip)."""
     import string
 
-    from open_clip.tokenizer import HFTokenizer
     from transformers import GemmaTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation) + ["\u2581"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
-    GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True).save_pretrained(tmp_path)
+    GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True).save_pretrained(folder)
     text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=len(vocab),
                 max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=32,
                   patch_size=8)
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_siglip2_through_transformers_is_tokenized_as_open_clip_tokenizes_the_same_weights(tmp_path):
+    """SigLIP 2's Gemma tokenizer is case-sensitive; open_clip canonicalizes every prompt for SigLIP 2 (lowercase,
+    punctuation removed: tokenizer_kwargs clean=canonicalize), as big_vision trained it. blocklora's transformers
+    path gives the tokens open_clip's HFTokenizer gives on the same tokenizer files."""
+    from open_clip.tokenizer import HFTokenizer
+
+    _siglip_gemma(tmp_path)
     ours = load_backbone(f"hf:{tmp_path}").tokenize(PROMPTS)["input_ids"]
     theirs = HFTokenizer(str(tmp_path), context_length=64, clean="canonicalize")(PROMPTS)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[0], ours[1]) and torch.equal(ours[0], ours[2])  # case, punctuation, "_" do not matter
+
+
+def test_siglip_export_prompts_are_the_texts_its_stock_tokenizer_is_given(tmp_path):
+    """An export's classifier "prompts" of a transformers SigLIP are canonicalized, as blocklora scores them: the stock
+    model and tokenizer of the export, given those prompts (padded to the fixed length, as SigLIP was trained), give
+    blocklora's class embeddings; the raw "A photo of a Red_Apple." would be other tokens for the Gemma tokenizer."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, SiglipModel
+
+    import blocklora
+    from blocklora.engine import evaluate as ev
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.pipeline.trained import export, load_trained
+
+    folder = _siglip_gemma(tmp_path / "siglip")
+    backbone = load_backbone(f"hf:{folder}")
+    blocklora.inject(backbone.model, blocklora.AdapterConfig(n_blocks=2))
+    with torch.no_grad():  # a text-side update that matters (B starts at zero)
+        for name, p in backbone.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    names = ["Red_Apple", "Blue-Sky!", "green leaf"]
+    blocklora.save_adapter(backbone.model, tmp_path / "adapter", backbone=f"hf:{folder}", classnames=names,
+                           pretrained=None)
+    export(tmp_path / "adapter", tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "blocklora_classifier.json").read_text())
+    assert meta["prompts"] == ["a photo of a red apple", "a photo of a bluesky", "a photo of a green leaf"]
+    model = SiglipModel.from_pretrained(tmp_path / "export").eval()
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "export")(meta["prompts"], padding="max_length", max_length=64,
+                                                                 return_tensors="pt")
+    with torch.no_grad():
+        stock = model.get_text_features(input_ids=tokens["input_ids"])
+        stock = F.normalize(stock if isinstance(stock, torch.Tensor) else stock.pooler_output, dim=-1)
+        loaded, _, _ = load_trained(tmp_path / "adapter", device="cpu")
+        ours = ev.encode_classes(loaded, names, [meta["template"]], make_runtime("cpu"))
+    torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_clip_tokens_equal_open_clips_for_the_same_weights(tmp_path):

@@ -194,6 +194,12 @@ class Backbone(ABC):
     def tokenize(self, texts: Sequence[str]) -> Any:
         """Prompts -> whatever encode_texts takes (a tensor or a dict of tensors), on the CPU."""
 
+    def clean_texts(self, texts: Sequence[str]) -> list[str]:
+        """The prompts as tokenize hands them to the model's own tokenizer: what an export's classifier records, so
+        that the stock tokenizer given its "prompts" gives the tokens blocklora scored with. As written here;
+        a family that cleans prompts before its tokenizer (HFBackbone: SigLIP's canonicalization) overrides it."""
+        return list(texts)
+
     @abstractmethod
     def encode_texts(self, tokens: Any) -> torch.Tensor:
         """Tokenized prompts -> (C, D) text embeddings (not L2-normalised)."""

@@ -351,11 +351,14 @@ def check_export_path(model: str, output: Path) -> None:
 
 
 def classifier(run: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
-    """What it takes to classify with an export beside its weights: class names, template, logits, activation."""
+    """What it takes to classify with an export beside its weights: class names, template, logits, activation.
+    "prompts" are the texts the model's own tokenizer is given when blocklora scores (Backbone.clean_texts of the
+    filled template: canonicalized for a transformers SigLIP, whose stock tokenizer may be case-sensitive)."""
     act = backbone.activation
     names = list(run["classnames"])
     return {"format": CLASSIFIER_FORMAT, "model": run["model"], "classnames": names, "template": run["template"],
-            "prompts": ev.prompts(names, run["template"]), "logit_scale": run.get("logit_scale", 100.0),
+            "prompts": backbone.clean_texts(ev.prompts(names, run["template"])),
+            "logit_scale": run.get("logit_scale", 100.0),
             "logit_bias": run.get("logit_bias"), "loss": run.get("loss", "softmax"),
             "activation": None if act is None else ("quick_gelu" if act.quick_gelu else "gelu")}
 

@@ -140,6 +140,31 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
 # -- reading ---------------------------------------------------------------------------------------------------------
 # adapter_config.json fields for PEFT options blocklora cannot hold: absent, null, false or empty is "not used"
 _OFF = (None, False, [], {})
+# init_lora_weights values whose initialization rewrites the base weights to W - scaling * B0 @ A0 (the residual
+# of the initial factors; peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, olora_init,
+# loftq_init, lora_ga_init). PEFT recomputes that residual whenever it loads such an adapter onto the base model, so
+# its trained factors only hold with it; blocklora keeps the base weights as they are. By name prefix ("pissa"
+# also covers "pissa_niter_N", "corda" CorDA's modes).
+RESIDUAL_INITS = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+# those that leave the base weights alone (PEFT 0.21's LoraConfig.init_lora_weights; True / False besides)
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+
+def _init_problem(value: Any) -> str | None:
+    """Why an adapter_config.json's init_lora_weights keeps blocklora from reading its factors as PEFT does, or
+    None (a plain LoRA initialization: the factors alone are the update)."""
+    if value is None or isinstance(value, bool) or value in PLAIN_INITS:
+        return None
+    if not isinstance(value, str):
+        return f"init_lora_weights must be true, false or an initialization's name, got {_short(value)}"
+    method = next((m for p, m in RESIDUAL_INITS.items() if value.lower().startswith(p)), None)
+    if method is None:
+        return (f"init_lora_weights {value!r} is not an initialization blocklora knows (PEFT's: true, false, "
+                f"{', '.join(PLAIN_INITS)}, {', '.join(RESIDUAL_INITS)})")
+    return (f"init_lora_weights {value!r} ({method}) rewrites the base weights to W - scaling * B0 @ A0 when PEFT "
+            "loads the adapter, so its factors only hold on that residual model and blocklora keeps the base "
+            "weights; convert it to a plain LoRA with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) and pass that")
 
 
 def _bad(path: Path, message: str) -> AdapterMismatchError:
@@ -180,7 +205,8 @@ def _short(value: Any) -> str:
 
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     """adapter_config.json of a PEFT LoRA adapter, every field blocklora reads checked (types and ranges): a LoRA
-    (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), r a positive integer,
+    (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), no initialization that
+    rewrites the base weights (RESIDUAL_INITS: PiSSA, OLoRA, ...), r a positive integer,
     lora_alpha a positive finite number, use_rslora a boolean, lora_dropout in [0, 1), base_model_name_or_path a
     string, rank_pattern / alpha_pattern mappings of matchable keys to positive ranks / alphas. Returns the config
     with those fields normalised (absent patterns {}, use_rslora False). Raises AdapterMismatchError naming the
@@ -202,6 +228,9 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         if not any(value is off or (type(value) is type(off) and value == off) for off in _OFF):
             raise AdapterMismatchError(f"{path} uses {key} ({what}: {_short(value)}), which blocklora's adapters "
                                        "cannot hold")
+    problem = _init_problem(config.get("init_lora_weights"))
+    if problem is not None:
+        raise AdapterMismatchError(f"{path}: {problem}")
     bias = config.get("bias", "none")
     if bias is not None and bias != "none":
         raise AdapterMismatchError(f"{path} trains biases (bias={_short(bias)}), which blocklora's adapters "

@@ -218,3 +218,34 @@ def test_transformers_weights_and_processor_that_disagree_with_config_are_refuse
     with pytest.raises(BackboneError, match=r"the weights are for 32 px images \(4x4 patches of 8 px\), config.json "
                                             r"says image_size 40"):
         load_backbone(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_model_bin_folders_load_and_other_shapes_are_refused_by_name(sharded, tmp_path):
+    """Older hub snapshots hold pytorch_model.bin (or its shards and index) instead of safetensors: such a folder
+    loads, and weights of another shape than its config.json are the same one-line refusal as for safetensors
+    (transformers' own would print a table, then point at ignore_mismatched_sizes)."""
+    from safetensors.torch import load_file
+
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    if sharded:
+        keys = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in shards.items():
+            torch.save({k: state[k] for k in part}, folder / name)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    loaded = load_backbone(f"hf:{folder}").model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 40
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=r"position_embedding.weight: \(77, 48\) in the weights, \(40, 48\) .*the "
+                                            r"weights hold 77 text positions, config.json says 40"):
+        load_backbone(f"hf:{folder}")

@@ -333,38 +333,56 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     return backbone
 
 
+# The weights of a local model folder, in transformers' order of preference: one file, or the shards its index names
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
 def _weight_files(folder: str) -> list[str]:
-    """The safetensors files of a local model folder: model.safetensors, or the shards its index names."""
+    """The weights files of a local model folder: model.safetensors or its shards, else pytorch_model.bin (older
+    hub snapshots) or its shards."""
     path = Path(folder)
-    if (path / "model.safetensors").is_file():
-        return [str(path / "model.safetensors")]
-    index = path / "model.safetensors.index.json"
+    for single, index in WEIGHT_FILES:
+        if (path / single).is_file():
+            return [str(path / single)]
+        try:
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return [str(path / f) for f in shards if (path / f).is_file()]
+    return []
+
+
+def _tensor_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a weights file without reading its tensors: the safetensors header, or a torch zip file's
+    records mapped onto the meta device ({} for a file torch cannot map so: transformers' own check then applies)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not iterable
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-    return [str(path / f) for f in shards if (path / f).is_file()]
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (pre-zip) or damaged file: transformers reports it when loading
+        return {}
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) \
+        else {}
 
 
 def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
     """Refuse weights whose tensors have other shapes than the model config.json describes (another image size or
     patch grid, context length, width), naming the tensor, both shapes and, for a position table, both sizes.
 
-    The shapes come from the safetensors headers and a model built on the meta device: no weight is read, and
-    transformers' own refusal (a table on the console, then an error about ignore_mismatched_sizes) never comes."""
+    The shapes come from the weights files' headers (safetensors; a pytorch_model.bin mapped onto the meta device)
+    and a model built on the meta device: no weight is read, and transformers' own refusal (a table on the console,
+    then an error about ignore_mismatched_sizes) never comes."""
     files = _weight_files(folder)
     if not files:
         return
-    from safetensors import safe_open
-
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-    bad = []
-    for f in files:
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():  # noqa: SIM118 - safe_open is not iterable
-                if k in own and tuple(fh.get_slice(k).get_shape()) != own[k]:
-                    bad.append((k, tuple(fh.get_slice(k).get_shape()), own[k]))
+    bad = [(k, shape, own[k]) for f in files for k, shape in _tensor_shapes(f).items()
+           if k in own and shape != own[k]]
     if not bad:
         return
     vision = config.vision_config

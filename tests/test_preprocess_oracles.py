@@ -300,3 +300,42 @@ def test_transformers_clip_tokens_equal_open_clips_for_the_same_weights(tmp_path
     for row, mask, expected in zip(tokens["input_ids"], tokens["attention_mask"], theirs):
         n = int(mask.sum())
         assert row[:n].tolist() == expected[:n].tolist() and int(expected[n:].abs().sum()) == 0
+
+
+def test_open_clip_folder_export_carries_its_hub_tokenizer(tmp_path):
+    """A model whose tokenizer comes from the Hugging Face hub (SigLIP's in open_clip: text_cfg.hf_tokenizer_name):
+    its folder export holds the tokenizer, as open_clip's local-dir reads it from the folder itself. Stock open_clip
+    (create_model and get_tokenizer on "local-dir:") gives blocklora's class embeddings from the export's prompts, and
+    blocklora reads the folder back with that tokenizer, no --tokenizer needed."""
+    import open_clip
+    import torch.nn.functional as F
+
+    import blocklora
+    from blocklora.engine import evaluate as ev
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.pipeline.trained import export, load_trained
+    from families import register, save_tokenizer
+
+    register()
+    tokenizer = str(save_tokenizer(tmp_path / "tokenizer"))
+    backbone = load_backbone("tiny-siglip-test", None, tokenizer=tokenizer)
+    blocklora.inject(backbone.model, blocklora.AdapterConfig(n_blocks=2))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a text-side update that matters (B starts at zero)
+        for name, p in backbone.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    names = ["red apple", "blue sky", "green leaf"]
+    blocklora.save_adapter(backbone.model, tmp_path / "adapter", backbone="tiny-siglip-test", classnames=names,
+                           pretrained=None)
+    export(tmp_path / "adapter", tmp_path / "folder", tokenizer=tokenizer)
+    meta = json.loads((tmp_path / "folder" / "blocklora_classifier.json").read_text())
+    stock = open_clip.create_model(f"local-dir:{tmp_path / 'folder'}").eval()
+    stock_tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'folder'}")
+    with torch.no_grad():
+        theirs = F.normalize(stock.encode_text(stock_tokenizer(meta["prompts"])), dim=-1)
+        loaded, _, _ = load_trained(tmp_path / "adapter", device="cpu", tokenizer=tokenizer)
+        ours = ev.encode_classes(loaded, names, [meta["template"]], make_runtime("cpu"))
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    again = load_backbone("tiny-siglip-test", str(tmp_path / "folder"), text=True)
+    assert torch.equal(again.tokenize(meta["prompts"]), loaded.tokenize(meta["prompts"]))

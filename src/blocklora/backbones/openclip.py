@@ -30,7 +30,14 @@ from ..interop.export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
 from .base import Backbone, write_classifier
 from .hf import bert_sites
-from .openclip_sources import load_tokenizer, preprocess_for, read_checkpoint_into, weights_file
+from .openclip_sources import (
+    folder_tokenizer,
+    hub_tokenizer,
+    load_tokenizer,
+    preprocess_for,
+    read_checkpoint_into,
+    weights_file,
+)
 from .preprocess import Preprocess
 from .timm_towers import trunk_sites
 
@@ -157,8 +164,9 @@ class OpenClipBackbone(Backbone):
         NAME.safetensors   a state dict, the activation in the safetensors metadata
         NAME.pt / other    torch.save({"state_dict": ..., "blocklora_export": metadata}); open_clip reads "state_dict"
         DIR (no suffix)    open_clip's local-dir format: open_clip_config.json (model_cfg with quick_gelu,
-                           preprocess_cfg) + open_clip_model.safetensors; `open_clip.create_model("local-dir:DIR")`
-                           builds the right activation with no flag at all
+                           preprocess_cfg) + open_clip_model.safetensors, and a hub tokenizer's files (SigLIP's:
+                           open_clip.get_tokenizer("local-dir:DIR") reads them there); `open_clip.create_model(
+                           "local-dir:DIR")` builds the right activation with no flag at all
         For the two files, stock open_clip needs the -quickgelu name or force_quick_gelu (export_metadata's hint).
         """
         from safetensors.torch import save_file
@@ -182,6 +190,8 @@ class OpenClipBackbone(Backbone):
         config = {"model_cfg": {**self.model_config(), "quick_gelu": self.activation.quick_gelu},
                   "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if hub_tokenizer(self.tokenizer_name):  # open_clip reads a local-dir's hub tokenizer from the folder itself
+            self.tokenizer.tokenizer.save_pretrained(path)
         save_file(tensors, str(path / "open_clip_model.safetensors"), metadata=meta)
         write_classifier(path, classifier)
         return sorted(str(p) for p in path.iterdir())
@@ -231,8 +241,9 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     The MLP activation is resolved once (activation.resolve: the request, what the weights say, the model name) and
     built explicitly, whatever open_clip's own default for the name is; `recorded_quick_gelu` (an adapter's record)
     must agree with the weights. `tokenizer`: a local folder holding the model's tokenizer when it comes from a hub
-    (SigLIP's). text=True loads the tokenizer first, before any weights: a command that encodes prompts then fails
-    at once when a hub tokenizer is out of reach. Raises BackboneError (one line) for an unknown name or tag, a
+    (SigLIP's); by default a model folder given as `pretrained` that holds it (folder_tokenizer). text=True loads the
+    tokenizer first, before any weights: a command that encodes prompts then fails at once when a hub tokenizer is
+    out of reach. Raises BackboneError (one line) for an unknown name or tag, a
     missing or mismatched file, a tokenizer or weights out of reach.
     """
     import open_clip
@@ -240,6 +251,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     none = pretrained in (None, "none")
     check_name(name)
     tokenizer_name = "ViT-B-32" if name == "tiny-clip" else name
+    tokenizer = tokenizer or folder_tokenizer(tokenizer_name, None if none else pretrained)
     loaded_tokenizer = load_tokenizer(tokenizer_name, tokenizer) if text else None
     weights, declared = (None, {}) if none else weights_file(name, pretrained)
     act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)

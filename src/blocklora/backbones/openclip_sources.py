@@ -321,6 +321,25 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
                       f"open_clip's default for {name} ({why})", cfg.get("fill_color", 0))
 
 
+def hub_tokenizer(model_name: str) -> str:
+    """The Hugging Face hub tokenizer open_clip's config of `model_name` names (text_cfg.hf_tokenizer_name: SigLIP's,
+    XLM-R's, ...), or "" for open_clip's bundled one."""
+    import open_clip
+
+    return ((open_clip.get_model_config(model_name) or {}).get("text_cfg", {}) or {}).get("hf_tokenizer_name", "")
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what a tokenizer's save_pretrained always writes
+
+
+def folder_tokenizer(model_name: str, pretrained: str | None) -> str | None:
+    """The model folder `pretrained` itself when it holds the model's hub tokenizer (open_clip's local-dir rule: a
+    folder's HFTokenizer is read from that folder; blocklora's folder exports carry it), else None."""
+    if not pretrained or not os.path.isdir(pretrained) or not hub_tokenizer(model_name):
+        return None
+    return pretrained if any(os.path.isfile(os.path.join(pretrained, f)) for f in TOKENIZER_FILES) else None
+
+
 def load_tokenizer(model_name: str, directory: str | None = None) -> Any:
     """open_clip's tokenizer of `model_name`; one that comes from a hub (SigLIP's) from `directory`, the hub
     cache, or the hub. Offline with no copy, a BackboneError at once naming the tokenizer and the fix."""

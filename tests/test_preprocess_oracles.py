@@ -168,7 +168,9 @@ OPEN_CLIP_FORMS = [dict(resize_mode=m, interpolation=i) for m in ("shortest", "s
                    for i in ("bicubic", "bilinear", "random")]
 OPEN_CLIP_FORMS += [dict(resize_mode="longest", fill_color=255, mean=(0.5,) * 3, std=(0.5,) * 3),
                     dict(resize_mode="longest", fill_color=128, interpolation="bilinear", mean=(0.0,) * 3,
-                         std=(1.0,) * 3)]
+                         std=(1.0,) * 3),
+                    dict(resize_mode="longest", fill_color=[255, 0, 128]),  # one fill per channel
+                    dict(resize_mode="squash", mean=0.5, std=[0.25])]  # a scalar, a 1-element list (broadcast)
 
 
 @pytest.mark.parametrize("cfg", OPEN_CLIP_FORMS, ids=lambda c: "-".join(str(v) for v in c.values()))
@@ -179,6 +181,28 @@ def test_open_clip_eval_transform_is_image_transform_v2(cfg):
     oracle = image_transform_v2(PreprocessCfg(size=32, **cfg), is_train=False)
     for name, photo in photos().items():
         torch.testing.assert_close(preprocess.eval_transform()(photo), oracle(photo), rtol=0, atol=1e-6, msg=name)
+
+
+# preprocess_cfg values open_clip cannot apply (its transform fails or asserts): one line naming the value
+OPEN_CLIP_REFUSED = {
+    "mean text": (dict(mean="0.5"), 'mean "0.5" in a folder\'s preprocess_cfg: must be a number or a list of 1 or 3'),
+    "mean of 2": (dict(mean=[0.5, 0.5]), "mean \\[0.5, 0.5\\] in"),
+    "std null channel": (dict(std=[0.5, None, 0.5]), "std \\[0.5, null, 0.5\\] in"),
+    "std zero": (dict(std=[0.0, 1.0, 1.0]), "every channel's std must be > 0"),
+    "std NaN": (dict(std=float("nan")), "std NaN in"),
+    "fill text": (dict(resize_mode="longest", fill_color="white"), 'fill_color "white" in'),
+    "fill of 2": (dict(resize_mode="longest", fill_color=[1, 2]), "fill_color \\[1, 2\\] in"),
+    "mode L": (dict(mode="L"), "says mode 'L': open_clip feeds its models RGB images"),
+    "interpolation nearest": (dict(interpolation="nearest"), "unsupported preprocessing \\(nearest, shortest\\)"),
+}
+
+
+@pytest.mark.parametrize("form", list(OPEN_CLIP_REFUSED))
+def test_open_clip_preprocess_cfg_it_cannot_apply_is_refused_in_one_line(form):
+    cfg, needle = OPEN_CLIP_REFUSED[form]
+    with pytest.raises(BackboneError, match=needle) as err:
+        preprocess_for("tiny-clip", _Model(), cfg, "a folder's preprocess_cfg", has_weights=True)
+    assert "\n" not in str(err.value)
 
 
 def test_open_clip_model_folder_is_read_as_open_clip_reads_it(tmp_path, capsys):

@@ -8,6 +8,7 @@ tokenizer: open_clip's bundled BPE, or one from the Hugging Face hub (SigLIP's),
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -280,6 +281,9 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
     size = getattr(model.visual, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     given = {k: v for k, v in declared.items() if k in PREPROCESS_KEYS and v is not None}
+    if declared.get("mode") not in (None, "RGB"):  # open_clip's PreprocessCfg asserts it
+        raise BackboneError(f"{label or 'the preprocessing config'} says mode {declared['mode']!r}: open_clip "
+                            "feeds its models RGB images (PreprocessCfg.mode 'RGB')")
     if declared.get("size") is not None:
         side = declared["size"]
         side = list(side) if isinstance(side, (tuple, list)) else [side, side]
@@ -302,14 +306,14 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
             if cfg:
                 key = (tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)),
                        cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
-                       int(cfg.get("fill_color", 0)))
+                       json.dumps(cfg.get("fill_color", 0)))
                 found.setdefault(key, []).append(t)
                 break
     if len(found) == 1:
         (mean, std, interpolation, resize_mode, fill), used = next(iter(found.items()))
         return Preprocess(size, mean, std, interpolation, resize_mode, f"open_clip's pretrained config of {name} "
                                                                        f"(its {len(used)} tag(s), which all agree)",
-                          fill)
+                          json.loads(fill))
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     why = f"its tags disagree ({', '.join(sorted(t for ts in found.values() for t in ts))})" if found else \
         "it has no pretrained tags"

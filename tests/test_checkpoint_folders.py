@@ -249,3 +249,37 @@ def test_pytorch_model_bin_folders_load_and_other_shapes_are_refused_by_name(sha
     with pytest.raises(BackboneError, match=r"position_embedding.weight: \(77, 48\) in the weights, \(40, 48\) .*the "
                                             r"weights hold 77 text positions, config.json says 40"):
         load_backbone(f"hf:{folder}")
+
+
+def _word_tokenizer(folder: Path, pad: bool = True) -> str:
+    """A word-level tokenizer of another model: the prompt words at ids from 60000 (beyond a 49408-token CLIP)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: 60000 + i for i, w in enumerate(("a", "photo", "of", "red", "apple"))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **({"pad_token": "[PAD]"} if pad else {})
+                            ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_tokenizer_of_another_model_is_refused_by_name(tmp_path):
+    """A tokenizer whose ids the text tower's embedding does not hold (torch: "index out of range in self"), or
+    without a padding token (the model's own processor refuses it too), is one error naming both, in both
+    families."""
+    from conftest import make_hf_dir
+    from families import register
+
+    folder = make_hf_dir(tmp_path / "clip")
+    other, no_pad = _word_tokenizer(tmp_path / "other"), _word_tokenizer(tmp_path / "nopad", pad=False)
+    with pytest.raises(BackboneError, match=r"gives token id 600\d\d, but the text tower's vocabulary has 49408 "
+                                            r"tokens .*another model's"):
+        load_backbone(f"hf:{folder}", tokenizer=other).tokenize(["a photo of a red apple."])
+    with pytest.raises(BackboneError, match=r"\(.*nopad\) has no padding token"):
+        load_backbone(f"hf:{folder}", tokenizer=no_pad, text=True)
+    register()  # tiny-siglip-test: an open_clip model whose tokenizer comes from a hub, 128 tokens
+    with pytest.raises(BackboneError, match=r"gives token id 600\d\d, but the text tower's vocabulary has 128"):
+        load_backbone("tiny-siglip-test", None, tokenizer=other).tokenize(["a photo of a red apple."])
+    with pytest.raises(BackboneError, match="has no padding token"):
+        load_backbone("tiny-siglip-test", None, tokenizer=no_pad, text=True)

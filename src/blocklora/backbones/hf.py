@@ -28,7 +28,7 @@ from torch import nn
 from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import AdapterMismatchError, BackboneError
 from .activation import Activation
-from .base import Backbone, write_classifier
+from .base import Backbone, check_padding, check_token_ids, write_classifier
 from .network import hub_reachable
 from .preprocess import Preprocess, ProcessorError, from_image_processor
 
@@ -136,11 +136,13 @@ class HFBackbone(Backbone):
 
         local = os.path.isdir(self.tokenizer_source)
         try:
-            return AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
         except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
             raise BackboneError(f"cannot load the tokenizer of {self.name} from {self.tokenizer_source}: "
                                 f"{str(e).strip().splitlines()[0][:160]}; pass --tokenizer DIR (a folder written "
                                 "by the tokenizer's save_pretrained)") from None
+        check_padding(tokenizer, self.name, self.tokenizer_source)
+        return tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """SigLIP: ids padded to the fixed length, no mask (it pools the last position and was trained so).
@@ -148,12 +150,12 @@ class HFBackbone(Backbone):
         end-of-text token, BERT towers mask the padding), cut to what the position table holds.
         SigLIP / SigLIP 2 prompts are canonicalized first (CANONICALIZED), as open_clip does for the same weights."""
         texts = self.clean_texts(texts)
-        if self.model_type in PAD_TO_FIXED_LENGTH:
-            out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens(),
-                                 return_tensors="pt")
+        fixed = self.model_type in PAD_TO_FIXED_LENGTH
+        out = self.tokenizer(list(texts), padding="max_length" if fixed else True, truncation=True,
+                             max_length=self.max_tokens(), return_tensors="pt")
+        check_token_ids(out["input_ids"], int(self._text_config().vocab_size), self.name, self.tokenizer_source)
+        if fixed:
             return {"input_ids": out["input_ids"]}
-        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens(),
-                             return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def clean_texts(self, texts: Sequence[str]) -> list[str]:

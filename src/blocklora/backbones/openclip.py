@@ -28,7 +28,7 @@ from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
 from ..errors import BackboneError
 from ..interop.export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
-from .base import Backbone, write_classifier
+from .base import Backbone, check_token_ids, write_classifier
 from .hf import bert_sites
 from .openclip_sources import (
     folder_tokenizer,
@@ -129,7 +129,10 @@ class OpenClipBackbone(Backbone):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """(C, context_length) ids, padded to the fixed length (SigLIP pools its last position: it needs that)."""
-        return self.tokenizer(list(texts))
+        ids = self.tokenizer(list(texts))
+        check_token_ids(ids, int(getattr(self.model, "vocab_size", 0) or 0), self.name,
+                        self.tokenizer_dir or f"open_clip's tokenizer of {self.tokenizer_name}")
+        return ids
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP.encode_text on prompts cut after the batch's last end-of-text token.

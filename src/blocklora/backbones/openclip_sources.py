@@ -377,8 +377,12 @@ def load_tokenizer(model_name: str, directory: str | None = None) -> Any:
 
 
 def _hf_tokenizer(cls: type, source: str, model_name: str, **kwargs: Any) -> Any:
+    from .base import check_padding
+
     try:
-        return cls(source, **kwargs)
+        tokenizer = cls(source, **kwargs)
     except (OSError, ValueError, ImportError) as e:  # a hub miss, a damaged folder, sentencepiece not installed
         raise BackboneError(f"cannot load the tokenizer of {model_name} from {source}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
+    check_padding(getattr(tokenizer, "tokenizer", None), model_name, source)  # HFTokenizer pads to max_length
+    return tokenizer

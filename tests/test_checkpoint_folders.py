@@ -283,3 +283,42 @@ def test_a_tokenizer_of_another_model_is_refused_by_name(tmp_path):
         load_backbone("tiny-siglip-test", None, tokenizer=other).tokenize(["a photo of a red apple."])
     with pytest.raises(BackboneError, match="has no padding token"):
         load_backbone("tiny-siglip-test", None, tokenizer=no_pad, text=True)
+
+
+def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, monkeypatch, capsys):
+    """`--model hf:org/name` on a machine without network, the checkpoint downloaded before into the Hugging Face
+    cache (models--org--name/snapshots/REV, refs/main): read from the cache, as transformers does, through every
+    command; its weights' shapes are checked as a folder's; a hub id not in the cache is one error line."""
+    import huggingface_hub.constants
+
+    from blocklora.backbones.network import hub_reachable
+    from conftest import make_hf_dir
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-clip"
+    make_hf_dir(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        data = make_folder_dataset(tmp_path / "data", n_classes=2, train_per_class=1, test_per_class=1)
+        common = ["--dataset", "folder", "--root", str(data), "--workers", "0"]
+        out = tmp_path / "run"
+        assert main(["train", "--model", "hf:acme/tiny-clip", *common, "--shots", "1", "--iters", "1", "--output",
+                     str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["backbone"]["name"] == "hf:acme/tiny-clip"
+        assert main(["export", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "export")]) == 0
+        assert (tmp_path / "export" / "preprocessor_config.json").is_file()
+        capsys.readouterr()
+        assert main(["zeroshot", "--model", "hf:acme/other", *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "acme/other" in err and "not in the Hugging Face cache" in err
+        config = json.loads((repo / "snapshots" / "0123abcd" / "config.json").read_text())
+        config["text_config"]["max_position_embeddings"] = 40
+        (repo / "snapshots" / "0123abcd" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(BackboneError, match=r"^acme/tiny-clip: the weights do not fit its config.json .*77 text"):
+            load_backbone("hf:acme/tiny-clip")
+    finally:
+        hub_reachable.cache_clear()

@@ -134,7 +134,7 @@ class HFBackbone(Backbone):
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        local = os.path.isdir(self.tokenizer_source)
+        local = os.path.isdir(self.tokenizer_source) or not hub_reachable()  # offline: the hub cache
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
         except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
@@ -303,26 +303,29 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     if not local and (spec.startswith((".", "/", "~")) or os.path.sep in spec and spec.count("/") > 1):
         raise BackboneError(f"transformers model directory {spec} does not exist: pass a directory holding "
                             "config.json and model.safetensors, or a hub id")
-    if not local and not hub_reachable():
-        raise BackboneError(f"cannot download {spec} from the hub (no network): download it elsewhere "
-                            "(save_pretrained) and pass --model hf:/path/to/dir")
+    # offline, a hub id is read from the Hugging Face cache (where a download put it), as transformers does
+    cache_only = local or not hub_reachable()
+    found = _file(spec, "config.json")
+    if not local and cache_only and found is None:
+        raise BackboneError(f"cannot download {spec} from the hub (no network) and it is not in the Hugging Face "
+                            "cache: download it elsewhere (save_pretrained) and pass --model hf:/path/to/dir")
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise BackboneError(f"tokenizer directory {tokenizer} does not exist: pass a folder written by the "
                             "tokenizer's save_pretrained")
     model_type = model_type_of(spec, local)
     cls = getattr(transformers, FAMILIES[model_type])
     try:
-        config = cls.config_class.from_pretrained(spec, local_files_only=local)
+        config = cls.config_class.from_pretrained(spec, local_files_only=cache_only)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
     # before any weights are read: a processor that does not fit the tower fails at once
     preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
-    if local:
-        check_weight_shapes(spec, cls, config)
+    if found is not None:  # the folder, or the hub cache's snapshot folder (the weights beside config.json, if any)
+        check_weight_shapes(str(Path(found).parent), cls, config, spec)
     try:
-        model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
+        model, info = cls.from_pretrained(spec, config=config, local_files_only=cache_only, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise BackboneError(f"cannot load {spec} as a transformers {cls.__name__}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -371,9 +374,10 @@ def _tensor_shapes(file: str) -> dict[str, tuple[int, ...]]:
         else {}
 
 
-def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
+def check_weight_shapes(folder: str, cls: type, config: Any, label: str | None = None) -> None:
     """Refuse weights whose tensors have other shapes than the model config.json describes (another image size or
     patch grid, context length, width), naming the tensor, both shapes and, for a position table, both sizes.
+    `label`: how the error names the checkpoint (default `folder`; a hub id for the hub cache's snapshot folder).
 
     The shapes come from the weights files' headers (safetensors; a pytorch_model.bin mapped onto the meta device)
     and a model built on the meta device: no weight is read, and transformers' own refusal (a table on the console,
@@ -400,8 +404,8 @@ def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
             sizes = f": the weights hold {theirs[0]} text positions, config.json says {ours[0]}"
             break
     k, theirs, ours = bad[0]
-    raise BackboneError(f"{folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another shape, "
-                        f"first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
+    raise BackboneError(f"{label or folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another "
+                        f"shape, first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
                         f"describes){sizes}; use the config.json the weights were saved with")
 
 

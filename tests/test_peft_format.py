@@ -105,6 +105,27 @@ def test_peft_trained_adapter_evaluates_in_blocklora(tmp_path):
         read_peft_adapter(tmp_path / "peft", make_hf(), AdapterConfig(method="lora", r=4, projections="qkv"))
 
 
+def test_an_older_pefts_adapter_model_bin_is_read_as_peft_reads_it(tmp_path):
+    """PEFT before safetensors saved adapter_model.bin (safe_serialization=False still does): read with torch's
+    weights_only loader, as PEFT's load_peft_weights does, it gives PEFT's features; a pickle that would run code
+    is refused, naming the file."""
+    theirs = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert not (tmp_path / "peft" / WEIGHTS_FILE).exists() and (tmp_path / "peft" / "adapter_model.bin").is_file()
+    ours = make_hf()
+    load_peft_adapter(ours, tmp_path / "peft")
+    assert _max_diff(hf_features(ours), hf_features(theirs.eval())) < 1e-5
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"base_model.model.x.lora_A.weight": RunsCode()}, tmp_path / "peft" / "adapter_model.bin")
+    with pytest.raises(AdapterMismatchError, match=r"cannot read .*adapter_model.bin: .*weights_only loader"):
+        read_peft_adapter(tmp_path / "peft", make_hf())
+
+
 # rank_pattern / alpha_pattern keys in every form PEFT takes; the oracle is PEFT's own model built from them
 PATTERNS = {
     "suffix": ({}, {"q_proj": 16}),

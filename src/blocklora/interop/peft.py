@@ -26,7 +26,8 @@ by PEFT's scaling over blocklora's (exact when they are equal), A folded back to
 an A that is n equal blocks can be: anything else is refused by name). Each module's rank and alpha are PEFT's own:
 rank_pattern / alpha_pattern keys are matched as PEFT matches them (pattern_key). Every field read from
 adapter_config.json is checked (read_peft_config) and each module's update must be finite in float32; what fails
-is one AdapterMismatchError naming the file, field and value. Only JSON and safetensors are read.
+is one AdapterMismatchError naming the file, field and value. The weights are read as PEFT reads them:
+adapter_model.safetensors, else an older adapter_model.bin through torch's weights_only loader (no code runs).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from ..ownership import atomic_folder, reported_write
 # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # PEFT's WEIGHTS_NAME: what versions before safetensors wrote
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
 RECORD = "blocklora"  # the safetensors metadata key of an export's record (model, pretrained, template, ...)
@@ -316,22 +318,15 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
     and have its rank; without it, the config is read off the file (method lora, the towers / layers / projections
     its modules cover, its r, alpha and scaling). B is rescaled by PEFT's scaling over blocklora's, so the update
     is the same. Raises AdapterMismatchError naming the first module, key or shape that does not fit."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_peft_config(directory)
-    try:
-        raw = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as e:  # noqa: BLE001 - a damaged or missing file (PEFT's pickled .bin is never read)
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {reason} (blocklora reads PEFT's "
-                                   "safetensors file only, never adapter_model.bin)") from None
+    weights, raw = _read_weights(directory)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         module, _, leaf = name.rpartition(".lora_")
         if leaf not in ("A.weight", "B.weight") or not module:
-            raise AdapterMismatchError(f"{directory / WEIGHTS_FILE}: {key} is not a LoRA factor (lora_A.weight / "
+            raise AdapterMismatchError(f"{weights}: {key} is not a LoRA factor (lora_A.weight / "
                                        "lora_B.weight): blocklora reads plain LoRA adapters only")
         if not bool(torch.isfinite(value).all()):
             raise AdapterMismatchError(f"adapter {directory}: {key} holds NaN or infinite values")
@@ -394,6 +389,32 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
         tensors[f"{path}.lora_A"] = a.contiguous()
         tensors[f"{path}.lora_B"] = b_ours.contiguous()
     return cfg, tensors
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, tensors) of a PEFT adapter folder, by PEFT's rule (peft.utils.save_and_load.load_peft_weights):
+    adapter_model.safetensors, else adapter_model.bin (older PEFT's default, torch.save), read with torch's
+    weights_only unpickler as PEFT reads it (tensors and plain containers only: no code runs). Raises
+    AdapterMismatchError naming the file for a missing, damaged or non-tensor file."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file() and (directory / PICKLED_WEIGHTS_FILE).is_file():
+        path = directory / PICKLED_WEIGHTS_FILE
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in raw.items()):
+                raise ValueError("not a state dict of tensors")
+    except Exception as e:  # noqa: BLE001 - a damaged or missing file
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise AdapterMismatchError(f"cannot read {path}: {reason} (blocklora reads PEFT's {WEIGHTS_FILE}, or an "
+                                   f"older {PICKLED_WEIGHTS_FILE} with torch's weights_only loader, as PEFT does)"
+                                   ) from None
+    return path, raw
 
 
 def _source(config: Mapping[str, Any], pattern: str, default: str, module: str) -> str:

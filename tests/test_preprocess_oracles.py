@@ -143,6 +143,31 @@ def test_hf_forms_that_cannot_feed_a_square_model_are_refused_in_one_line(form, 
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_hf_processor_saved_by_transformers_5_is_found_where_transformers_finds_it(tmp_path):
+    """transformers 5's processor save_pretrained writes processor_config.json with the image processor nested in
+    it, and no preprocessor_config.json; transformers reads the nested one first even when both exist. blocklora
+    finds it the same way (it used to fall back to the family's defaults: another resize and resample, silently), and
+    an export carries both files, so the exported folder's processor is the checkpoint's."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    (folder / "preprocessor_config.json").unlink()
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 40}, crop_size=CROP32, resample=2),
+                  tokenizer=CLIPTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    preprocess = hf.preprocess_of(str(folder), "clip", 32)
+    assert preprocess.source == str(folder / "processor_config.json") and preprocess.interpolation == "bilinear"
+    _assert_feeds_what_the_processor_gives(preprocess.eval_transform(), _oracle(folder))
+    _write(folder, FORMS["legacy int size = crop 32"])  # an older file beside it: transformers reads the nested one
+    _assert_feeds_what_the_processor_gives(hf.preprocess_of(str(folder), "clip", 32).eval_transform(), _oracle(folder))
+    backbone = load_backbone(f"hf:{folder}")
+    backbone.export(backbone.model.state_dict(), tmp_path / "export")
+    _assert_feeds_what_the_processor_gives(preprocess.eval_transform(), AutoImageProcessor.from_pretrained(
+        tmp_path / "export"))
+
+
 @pytest.mark.parametrize("folder", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
 def test_hf_real_checkpoint_files_equal_their_processor(folder, tmp_path):
     """Every real preprocessor_config.json (openai CLIP's legacy form, SigLIP's 384 squash, Chinese-CLIP's re-saved

@@ -195,9 +195,10 @@ class HFBackbone(Backbone):
         self.model.save_pretrained(path, state_dict=state_dict)
         write_classifier(path, classifier)
         self.tokenizer.save_pretrained(path)
-        processor = _file(self.pretrained, "preprocessor_config.json")
-        if processor is not None:
-            (path / "preprocessor_config.json").write_text(Path(processor).read_text())
+        for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE):  # the processor's files, as the checkpoint has them
+            found = _file(self.pretrained, name)
+            if found is not None:
+                (path / name).write_text(Path(found).read_text())
         return sorted(str(p) for p in path.iterdir())
 
 
@@ -222,14 +223,36 @@ def _file(source: str | None, filename: str) -> str | None:
         return None
 
 
+# Where a checkpoint's image processor is, in transformers' order (ImageProcessingMixin.get_image_processor_dict):
+# processor_config.json's nested "image_processor" (what a processor's save_pretrained writes in transformers 5),
+# else preprocessor_config.json (every earlier save, and the hub's files)
+PROCESSOR_FILE, IMAGE_PROCESSOR_FILE = "processor_config.json", "preprocessor_config.json"
+
+
+def image_processor_file(source: str | None) -> str | None:
+    """The file transformers reads the checkpoint's image processor from (PROCESSOR_FILE with an "image_processor"
+    entry, else IMAGE_PROCESSOR_FILE), or None when it has none."""
+    nested = _file(source, PROCESSOR_FILE)
+    if nested is not None:
+        try:
+            holds = "image_processor" in json.loads(Path(nested).read_text())
+        except (OSError, ValueError, TypeError):
+            holds = True  # unreadable: AutoImageProcessor reports why
+        if holds:
+            return nested
+    return _file(source, IMAGE_PROCESSOR_FILE)
+
+
 def preprocess_of(source: str, model_type: str, image_size: int, local: bool = True) -> Preprocess:
     """The checkpoint's preprocessing: its own image processor (AutoImageProcessor reads its
     preprocessor_config.json, any form: legacy integer sizes, shortest_edge, height / width, ...), else the family's
-    processor at its defaults for the model's image size. Raises BackboneError when the processor cannot be read, or
-    when the images it gives are not the image_size x image_size the vision tower takes."""
+    processor at its defaults for the model's image size. The processor's file is found as transformers finds it
+    (image_processor_file: a transformers 5 processor's processor_config.json first). Raises BackboneError when the
+    processor cannot be read, or when the images it gives are not the image_size x image_size the vision tower
+    takes."""
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    found = _file(source, "preprocessor_config.json")
+    found = image_processor_file(source)
     if found is not None:
         from transformers import AutoImageProcessor
 
@@ -238,16 +261,16 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...
             raise BackboneError(f"cannot read the image processor of {source} ({found}): "
                                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}; "
-                                "fix preprocessor_config.json (a file written by the image processor's "
+                                f"fix {Path(found).name} (a file written by the image processor's "
                                 "save_pretrained)") from None
         label = found
     elif model_type in PAD_TO_FIXED_LENGTH:
         processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-        label = "SiglipImageProcessor's defaults (no preprocessor_config.json)"
+        label = "SiglipImageProcessor's defaults (no preprocessor_config.json or processor_config.json)"
     else:
         processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                        crop_size={"height": image_size, "width": image_size})
-        label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
+        label = "CLIPImageProcessor's defaults (no preprocessor_config.json or processor_config.json)"
     try:
         preprocess = from_image_processor(processor, label)
     except ProcessorError as failed:
@@ -266,8 +289,8 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
     if preprocess.size != image_size:
         raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
                             f"images, but the vision tower takes {image_size}x{image_size} (config.json "
-                            f"vision_config.image_size): the preprocessor_config.json and the weights are for other "
-                            "image sizes; use the checkpoint's own preprocessor_config.json")
+                            f"vision_config.image_size): the image processor's config and the weights are for other "
+                            "image sizes; use the checkpoint's own image processor config")
     return preprocess
 
 

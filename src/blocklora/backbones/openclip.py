@@ -265,8 +265,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
         else:
             # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
             # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=act.quick_gelu,
-                                           force_preprocess_cfg=declared, quick_gelu=act.quick_gelu)
+            model = _create(name, act.quick_gelu, declared)
     if weights is not None:
         read_checkpoint_into(model, weights, name)
     source = None if none else (str(Path(pretrained).resolve()) if weights == pretrained or os.path.isdir(pretrained)
@@ -278,6 +277,27 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     backbone._tokenizer = loaded_tokenizer
     backbone.activation = act
     return backbone
+
+
+def _create(name: str, quick_gelu: bool, declared: dict) -> nn.Module:
+    """open_clip.create_model without weights. A text tower that is a transformers model (text_cfg.hf_model_name,
+    e.g. XLM-R) is built from that model's hub config: out of reach and not cached, a BackboneError saying so."""
+    import open_clip
+
+    try:
+        # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
+        # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
+                                      force_preprocess_cfg=declared, quick_gelu=quick_gelu)
+    except OSError as e:
+        hub = ((open_clip.get_model_config(name) or {}).get("text_cfg") or {}).get("hf_model_name")
+        if not hub:
+            raise
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BackboneError(f"{name}'s text tower is the transformers model {hub}, built from its config on the "
+                            f"Hugging Face hub, which could not be read ({why}): on a machine with a network run "
+                            f"`python -c \"from transformers import AutoConfig; AutoConfig.from_pretrained('{hub}')\"` "
+                            "and copy its Hugging Face cache here") from None
 
 
 @contextlib.contextmanager

@@ -322,3 +322,31 @@ def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, monkeypatch,
             load_backbone("hf:acme/tiny-clip")
     finally:
         hub_reachable.cache_clear()
+
+
+def test_an_open_clip_model_folder_given_as_a_model_name_says_the_flags_that_load_it(tmp_path, capsys):
+    """A hub repository's open_clip files (open_clip_config.json + weights, no blocklora record) passed as open_clip
+    writes it (--model local-dir:DIR) or as a transformers folder (hf:DIR): one error naming the model whose config
+    the folder holds and the --pretrained flag; those flags then load it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from families import register
+
+    register()
+    folder = tmp_path / "ViT-tiny-SigLIP"
+    folder.mkdir()
+    model = open_clip.create_model("tiny-siglip-test")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": open_clip.get_model_config("tiny-siglip-test"),
+        "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    data = make_folder_dataset(tmp_path / "data", n_classes=2, train_per_class=1, test_per_class=1)
+    for given in (f"local-dir:{folder}", f"hf:{folder}"):
+        code = main(["zeroshot", "--model", given, "--dataset", "folder", "--root", str(data), "--workers", "0"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err
+        assert f"open_clip model folder (open_clip_config.json): pass --model tiny-siglip-test --pretrained {folder}" \
+            in err
+    loaded = load_backbone("tiny-siglip-test", str(folder))
+    assert loaded.preprocess.resize_mode == "squash" and loaded.preprocess.source.endswith("open_clip_config.json")

@@ -298,6 +298,10 @@ def model_type_of(spec: str, local: bool) -> str:
     """config.json's model_type, read without building anything; one-line errors for what blocklora refuses."""
     found = _file(spec, "config.json")
     if found is None:
+        if os.path.isfile(os.path.join(spec, "open_clip_config.json")):
+            from .openclip_sources import open_clip_folder_hint
+
+            raise BackboneError(f"{spec} is {open_clip_folder_hint(spec)}, not hf:")
         raise BackboneError(f"{spec} has no config.json: pass a folder written by save_pretrained, or a hub id")
     try:
         model_type = json.loads(Path(found).read_text()).get("model_type")

@@ -34,6 +34,7 @@ from .openclip_sources import (
     folder_tokenizer,
     hub_tokenizer,
     load_tokenizer,
+    open_clip_folder_hint,
     preprocess_for,
     read_checkpoint_into,
     weights_file,
@@ -214,6 +215,13 @@ def check_name(name: str) -> None:
     import open_clip
 
     if name != "tiny-clip" and name not in open_clip.list_models():
+        schema, _, rest = name.partition(":")
+        if schema == "local-dir":  # open_clip's own schemas: blocklora takes the architecture and the weights apart
+            raise BackboneError(f"--model {name}: {rest} is {open_clip_folder_hint(rest)}")
+        if schema == "hf-hub":
+            raise BackboneError(f"--model {name}: pass the open_clip model name with --pretrained, a pretrained tag "
+                                f"(open_clip.list_pretrained()) or the folder holding the files of {rest} "
+                                "(open_clip_config.json and the weights)")
         raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
 

@@ -199,6 +199,47 @@ def _config_facts(cfg: dict) -> dict[str, Any]:
     return facts
 
 
+def folder_model_names(folder: str) -> list[str]:
+    """The open_clip model names (at most 3, -quickgelu twins folded) whose config is the model_cfg of a model
+    folder's open_clip_config.json (its quick_gelu flag aside), [] when none is or it has none."""
+    import open_clip
+
+    cfg = local_dir_config(Path(folder))
+    if cfg is None:
+        return []
+    recorded = _recorded_model(Path(folder) / "open_clip_model.safetensors")  # a blocklora export names it
+    if recorded:
+        return [recorded]
+    own = {k: v for k, v in cfg["model_cfg"].items() if k != "quick_gelu"}
+    names: list[str] = []
+    for n in open_clip.list_models():
+        base = n.removesuffix("-quickgelu")
+        theirs = {k: v for k, v in (open_clip.get_model_config(n) or {}).items() if k != "quick_gelu"}
+        if base not in names and theirs == own:
+            names.append(base)
+    return names[:3]
+
+
+def _recorded_model(weights: Path) -> str | None:
+    """The --model name a blocklora export's safetensors metadata records ("blocklora.model"), if any."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            name = (f.metadata() or {}).get("blocklora.model")
+    except Exception:  # noqa: BLE001 - no file, not safetensors: nothing recorded
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def open_clip_folder_hint(folder: str) -> str:
+    """How to load an open_clip model folder (open_clip's local-dir / a hub repository's files): the flags, with
+    the model names its config matches."""
+    names = folder_model_names(folder)
+    name = " or ".join(names) if names else "NAME (the open_clip model it was saved from)"
+    return f"an open_clip model folder (open_clip_config.json): pass --model {name} --pretrained {folder}"
+
+
 def weights_file(name: str, pretrained: str) -> tuple[str, dict]:
     """The checkpoint file behind `pretrained` (the file itself, an export folder's weights, or a tag's download)
     and the preprocessing its source declares (a tag's or the folder's mean, std, interpolation, resize mode)."""

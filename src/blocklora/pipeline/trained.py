@@ -230,16 +230,20 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
-    from ..data.layout import list_image_files
+    from collections import Counter
+
+    from ..data.layout import list_image_files, warn_skipped
 
     out: list[str] = []
+    skipped: Counter = Counter()
     for p in map(Path, paths):
         if p.is_dir():
-            out += list_image_files(p)
+            out += list_image_files(p, skipped)
         elif os.path.lexists(p):
             out.append(str(p))  # the image opener names what is wrong with a special file
         else:
             raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
+    warn_skipped(skipped, "predict")
     if not out:
         raise BlockLoRAError(f"no images found in {', '.join(map(str, paths))}")
     return out

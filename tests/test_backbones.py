@@ -269,3 +269,24 @@ def test_two_step_train(family, data, tokenizer_dir, tmp_path, capsys):
     results = _train(args, data, tmp_path / "run", capsys)
     assert results["iters"] == 2 and results["trainable_params"] > 0 and 0 <= results["top1"] <= 100
     assert results["adapted_modules"] > 0 and results["backbone"]["preprocess"]["size"] > 0
+
+
+def test_an_open_clip_text_tower_from_the_hub_out_of_reach_is_one_error(monkeypatch, tmp_path):
+    """open_clip builds a transformers text tower (text_cfg.hf_model_name: XLM-R) from its hub config; with no
+    network and an empty Hugging Face cache that is one error naming the model and how to get the config (it was
+    transformers' two-line connection error, with a hint about free space)."""
+    import huggingface_hub.constants
+    import open_clip
+
+    real = open_clip.get_model_config("xlm-roberta-base-ViT-B-32")  # its text_cfg, on a tiny vision tower
+    tiny = {**real, "vision_cfg": dict(image_size=32, patch_size=8, width=64, layers=1, head_width=16)}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny-xlmr-test.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path / "configs")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(BackboneError) as err:
+        load_backbone("tiny-xlmr-test", "none", tokenizer=str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and "text tower is the transformers model xlm-roberta-base" in message
+    assert "AutoConfig.from_pretrained('xlm-roberta-base')" in message

@@ -218,3 +218,135 @@ def test_transformers_weights_and_processor_that_disagree_with_config_are_refuse
     with pytest.raises(BackboneError, match=r"the weights are for 32 px images \(4x4 patches of 8 px\), config.json "
                                             r"says image_size 40"):
         load_backbone(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_model_bin_folders_load_and_other_shapes_are_refused_by_name(sharded, tmp_path):
+    """Older hub snapshots hold pytorch_model.bin (or its shards and index) instead of safetensors: such a folder
+    loads, and weights of another shape than its config.json are the same one-line refusal as for safetensors
+    (transformers' own would print a table, then point at ignore_mismatched_sizes)."""
+    from safetensors.torch import load_file
+
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    if sharded:
+        keys = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in shards.items():
+            torch.save({k: state[k] for k in part}, folder / name)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    loaded = load_backbone(f"hf:{folder}").model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 40
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=r"position_embedding.weight: \(77, 48\) in the weights, \(40, 48\) .*the "
+                                            r"weights hold 77 text positions, config.json says 40"):
+        load_backbone(f"hf:{folder}")
+
+
+def _word_tokenizer(folder: Path, pad: bool = True) -> str:
+    """A word-level tokenizer of another model: the prompt words at ids from 60000 (beyond a 49408-token CLIP)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: 60000 + i for i, w in enumerate(("a", "photo", "of", "red", "apple"))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **({"pad_token": "[PAD]"} if pad else {})
+                            ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_tokenizer_of_another_model_is_refused_by_name(tmp_path):
+    """A tokenizer whose ids the text tower's embedding does not hold (torch: "index out of range in self"), or
+    without a padding token (the model's own processor refuses it too), is one error naming both, in both
+    families."""
+    from conftest import make_hf_dir
+    from families import register
+
+    folder = make_hf_dir(tmp_path / "clip")
+    other, no_pad = _word_tokenizer(tmp_path / "other"), _word_tokenizer(tmp_path / "nopad", pad=False)
+    with pytest.raises(BackboneError, match=r"gives token id 600\d\d, but the text tower's vocabulary has 49408 "
+                                            r"tokens .*another model's"):
+        load_backbone(f"hf:{folder}", tokenizer=other).tokenize(["a photo of a red apple."])
+    with pytest.raises(BackboneError, match=r"\(.*nopad\) has no padding token"):
+        load_backbone(f"hf:{folder}", tokenizer=no_pad, text=True)
+    register()  # tiny-siglip-test: an open_clip model whose tokenizer comes from a hub, 128 tokens
+    with pytest.raises(BackboneError, match=r"gives token id 600\d\d, but the text tower's vocabulary has 128"):
+        load_backbone("tiny-siglip-test", None, tokenizer=other).tokenize(["a photo of a red apple."])
+    with pytest.raises(BackboneError, match="has no padding token"):
+        load_backbone("tiny-siglip-test", None, tokenizer=no_pad, text=True)
+
+
+def test_a_hub_id_in_the_hugging_face_cache_loads_offline(tmp_path, monkeypatch, capsys):
+    """`--model hf:org/name` on a machine without network, the checkpoint downloaded before into the Hugging Face
+    cache (models--org--name/snapshots/REV, refs/main): read from the cache, as transformers does, through every
+    command; its weights' shapes are checked as a folder's; a hub id not in the cache is one error line."""
+    import huggingface_hub.constants
+
+    from blocklora.backbones.network import hub_reachable
+    from conftest import make_hf_dir
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-clip"
+    make_hf_dir(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    try:
+        data = make_folder_dataset(tmp_path / "data", n_classes=2, train_per_class=1, test_per_class=1)
+        common = ["--dataset", "folder", "--root", str(data), "--workers", "0"]
+        out = tmp_path / "run"
+        assert main(["train", "--model", "hf:acme/tiny-clip", *common, "--shots", "1", "--iters", "1", "--output",
+                     str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["backbone"]["name"] == "hf:acme/tiny-clip"
+        assert main(["export", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "export")]) == 0
+        assert (tmp_path / "export" / "preprocessor_config.json").is_file()
+        capsys.readouterr()
+        assert main(["zeroshot", "--model", "hf:acme/other", *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "acme/other" in err and "not in the Hugging Face cache" in err
+        config = json.loads((repo / "snapshots" / "0123abcd" / "config.json").read_text())
+        config["text_config"]["max_position_embeddings"] = 40
+        (repo / "snapshots" / "0123abcd" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(BackboneError, match=r"^acme/tiny-clip: the weights do not fit its config.json .*77 text"):
+            load_backbone("hf:acme/tiny-clip")
+    finally:
+        hub_reachable.cache_clear()
+
+
+def test_an_open_clip_model_folder_given_as_a_model_name_says_the_flags_that_load_it(tmp_path, capsys):
+    """A hub repository's open_clip files (open_clip_config.json + weights, no blocklora record) passed as open_clip
+    writes it (--model local-dir:DIR) or as a transformers folder (hf:DIR): one error naming the model whose config
+    the folder holds and the --pretrained flag; those flags then load it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from families import register
+
+    register()
+    folder = tmp_path / "ViT-tiny-SigLIP"
+    folder.mkdir()
+    model = open_clip.create_model("tiny-siglip-test")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": open_clip.get_model_config("tiny-siglip-test"),
+        "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    data = make_folder_dataset(tmp_path / "data", n_classes=2, train_per_class=1, test_per_class=1)
+    for given in (f"local-dir:{folder}", f"hf:{folder}"):
+        code = main(["zeroshot", "--model", given, "--dataset", "folder", "--root", str(data), "--workers", "0"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err
+        assert f"open_clip model folder (open_clip_config.json): pass --model tiny-siglip-test --pretrained {folder}" \
+            in err
+    loaded = load_backbone("tiny-siglip-test", str(folder))
+    assert loaded.preprocess.resize_mode == "squash" and loaded.preprocess.source.endswith("open_clip_config.json")

@@ -281,6 +281,29 @@ def test_folder_dataset(tmp_path):
     assert_files(d)
 
 
+def test_image_files_the_scan_leaves_out_are_reported(tmp_path, caplog):
+    """Folder scans list torchvision ImageFolder's extensions (the peers' rule); a GIF or JFIF file beside them,
+    which PIL reads, is left out with one warning per split naming the count by extension, not silently."""
+    import logging
+
+    from blocklora.pipeline.trained import image_paths
+
+    root = tmp_path / "my_set"
+    make_class_tree(root / "train", {"cat": 1, "dog": 1})
+    make_class_tree(root / "test", {"cat": 1, "dog": 1})
+    for name in ("a.gif", "b.GIF", "c.jfif"):
+        write_image(root / "train" / "cat" / name)
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="blocklora"):
+        d = load_dataset("folder", root)
+        files = image_paths([root / "train" / "cat"])
+    assert len(d.train) == 2 and not any(i.path.lower().endswith((".gif", ".jfif")) for i in d.train)
+    assert len(files) == 1
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("3 image file(s) left out (2 .gif, 1 .jfif)" in w for w in warned)
+    assert str(root / "train") in warned[0] and warned[1].startswith("predict:")
+
+
 def test_folder_errors(tmp_path):
     root = tmp_path / "set"
     root.mkdir()

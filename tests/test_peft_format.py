@@ -105,6 +105,27 @@ def test_peft_trained_adapter_evaluates_in_blocklora(tmp_path):
         read_peft_adapter(tmp_path / "peft", make_hf(), AdapterConfig(method="lora", r=4, projections="qkv"))
 
 
+def test_an_older_pefts_adapter_model_bin_is_read_as_peft_reads_it(tmp_path):
+    """PEFT before safetensors saved adapter_model.bin (safe_serialization=False still does): read with torch's
+    weights_only loader, as PEFT's load_peft_weights does, it gives PEFT's features; a pickle that would run code
+    is refused, naming the file."""
+    theirs = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert not (tmp_path / "peft" / WEIGHTS_FILE).exists() and (tmp_path / "peft" / "adapter_model.bin").is_file()
+    ours = make_hf()
+    load_peft_adapter(ours, tmp_path / "peft")
+    assert _max_diff(hf_features(ours), hf_features(theirs.eval())) < 1e-5
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"base_model.model.x.lora_A.weight": RunsCode()}, tmp_path / "peft" / "adapter_model.bin")
+    with pytest.raises(AdapterMismatchError, match=r"cannot read .*adapter_model.bin: .*weights_only loader"):
+        read_peft_adapter(tmp_path / "peft", make_hf())
+
+
 # rank_pattern / alpha_pattern keys in every form PEFT takes; the oracle is PEFT's own model built from them
 PATTERNS = {
     "suffix": ({}, {"q_proj": 16}),
@@ -140,6 +161,32 @@ def test_pattern_keys_are_matched_as_peft_matches_them(name, tmp_path):
     cfg = load_peft_adapter(ours, tmp_path / "peft")
     assert cfg.r == 2
     diff = _max_diff(hf_features(ours), hf_features(theirs))
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("init", ["pissa"])  # (the other such initializations: CONFIG_DAMAGE)
+def test_adapters_on_a_residual_base_are_refused_and_their_conversion_gives_pefts_model(init, tmp_path):
+    """PiSSA and OLoRA adapters hold only on W - scaling * B0 @ A0, which PEFT recomputes when it loads them: read
+    as plain factors on the unchanged base they would compute another model. Refused by name, with PEFT's own way
+    out; the converted file (path_initial_model_for_weight_conversion: a plain LoRA of twice the rank) gives the
+    trained PEFT model's features in blocklora."""
+    trained = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=init))
+    trained.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial factors, saved as plain
+    trained.save_pretrained(str(tmp_path / "initial"))
+    trained.peft_config["default"].init_lora_weights = init
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    trained.save_pretrained(str(tmp_path / "raw"))
+    with pytest.raises(AdapterMismatchError, match=rf"init_lora_weights '{init}' .*path_initial_model_for_weight_"):
+        read_peft_adapter(tmp_path / "raw", make_hf())
+    trained.save_pretrained(str(tmp_path / "converted"),
+                            path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = make_hf()
+    assert load_peft_adapter(ours, tmp_path / "converted").r == 4
+    diff = _max_diff(hf_features(ours), hf_features(trained.eval()))
     assert diff < 1e-5, diff
 
 
@@ -187,6 +234,11 @@ CONFIG_DAMAGE = {
     "dropout NaN": ({"lora_dropout": math.nan}, "lora_dropout"),
     "bias": ({"bias": "all"}, "trains biases"), "bias number": ({"bias": 5}, "trains biases"),
     "DoRA": ({"use_dora": True}, "uses use_dora"), "DoRA text": ({"use_dora": "false"}, "uses use_dora"),
+    **{f"init {v}": ({"init_lora_weights": v}, f"init_lora_weights '{v}' \\({m}\\) rewrites the base weights")
+       for v, m in (("pissa", "PiSSA"), ("pissa_niter_4", "PiSSA"), ("olora", "OLoRA"), ("corda", "CorDA"),
+                    ("loftq", "LoftQ"), ("lora_ga", "LoRA-GA"))},
+    "init unknown": ({"init_lora_weights": "spectral"}, "init_lora_weights 'spectral' is not an initialization"),
+    "init number": ({"init_lora_weights": 2}, "init_lora_weights must be true, false or"),
     "modules to save": ({"modules_to_save": ["visual_projection"]}, "uses modules_to_save"),
     "modules to save text": ({"modules_to_save": "x"}, "uses modules_to_save"),
     "activated LoRA": ({"alora_invocation_tokens": [5, 7]}, "uses alora_invocation_tokens \\(Activated LoRA"),
@@ -238,6 +290,18 @@ def test_damaged_config_fields_are_one_error_naming_the_field(damage, peft_dir, 
     with pytest.raises(AdapterMismatchError, match=needle) as e:
         read_peft_adapter(damaged, make_hf())
     assert "\n" not in str(e.value) and str(damaged) in str(e.value)
+
+
+def test_initializations_that_leave_the_base_alone_are_read(peft_dir, tmp_path):
+    """The factors alone are the update for these init_lora_weights (PEFT 0.21's that do not touch the base)."""
+    config = json.loads((peft_dir / CONFIG_FILE).read_text())
+    expected = read_peft_adapter(peft_dir, make_hf())[1]
+    for init in (True, False, None, "gaussian", "eva", "orthogonal", "mica"):
+        shutil.rmtree(tmp_path / "p", ignore_errors=True)
+        shutil.copytree(peft_dir, tmp_path / "p")
+        (tmp_path / "p" / CONFIG_FILE).write_text(json.dumps({**config, "init_lora_weights": init}))
+        _, tensors = read_peft_adapter(tmp_path / "p", make_hf())
+        assert all(torch.equal(tensors[k], expected[k]) for k in expected), init
 
 
 def test_damaged_export_record_is_one_error_line(peft_dir, tmp_path, capsys):

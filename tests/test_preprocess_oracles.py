@@ -143,6 +143,31 @@ def test_hf_forms_that_cannot_feed_a_square_model_are_refused_in_one_line(form, 
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+def test_hf_processor_saved_by_transformers_5_is_found_where_transformers_finds_it(tmp_path):
+    """transformers 5's processor save_pretrained writes processor_config.json with the image processor nested in
+    it, and no preprocessor_config.json; transformers reads the nested one first even when both exist. blocklora
+    finds it the same way (it used to fall back to the family's defaults: another resize and resample, silently), and
+    an export carries both files, so the exported folder's processor is the checkpoint's."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    (folder / "preprocessor_config.json").unlink()
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 40}, crop_size=CROP32, resample=2),
+                  tokenizer=CLIPTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    preprocess = hf.preprocess_of(str(folder), "clip", 32)
+    assert preprocess.source == str(folder / "processor_config.json") and preprocess.interpolation == "bilinear"
+    _assert_feeds_what_the_processor_gives(preprocess.eval_transform(), _oracle(folder))
+    _write(folder, FORMS["legacy int size = crop 32"])  # an older file beside it: transformers reads the nested one
+    _assert_feeds_what_the_processor_gives(hf.preprocess_of(str(folder), "clip", 32).eval_transform(), _oracle(folder))
+    backbone = load_backbone(f"hf:{folder}")
+    backbone.export(backbone.model.state_dict(), tmp_path / "export")
+    _assert_feeds_what_the_processor_gives(preprocess.eval_transform(), AutoImageProcessor.from_pretrained(
+        tmp_path / "export"))
+
+
 @pytest.mark.parametrize("folder", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
 def test_hf_real_checkpoint_files_equal_their_processor(folder, tmp_path):
     """Every real preprocessor_config.json (openai CLIP's legacy form, SigLIP's 384 squash, Chinese-CLIP's re-saved
@@ -168,7 +193,9 @@ OPEN_CLIP_FORMS = [dict(resize_mode=m, interpolation=i) for m in ("shortest", "s
                    for i in ("bicubic", "bilinear", "random")]
 OPEN_CLIP_FORMS += [dict(resize_mode="longest", fill_color=255, mean=(0.5,) * 3, std=(0.5,) * 3),
                     dict(resize_mode="longest", fill_color=128, interpolation="bilinear", mean=(0.0,) * 3,
-                         std=(1.0,) * 3)]
+                         std=(1.0,) * 3),
+                    dict(resize_mode="longest", fill_color=[255, 0, 128]),  # one fill per channel
+                    dict(resize_mode="squash", mean=0.5, std=[0.25])]  # a scalar, a 1-element list (broadcast)
 
 
 @pytest.mark.parametrize("cfg", OPEN_CLIP_FORMS, ids=lambda c: "-".join(str(v) for v in c.values()))
@@ -179,6 +206,28 @@ def test_open_clip_eval_transform_is_image_transform_v2(cfg):
     oracle = image_transform_v2(PreprocessCfg(size=32, **cfg), is_train=False)
     for name, photo in photos().items():
         torch.testing.assert_close(preprocess.eval_transform()(photo), oracle(photo), rtol=0, atol=1e-6, msg=name)
+
+
+# preprocess_cfg values open_clip cannot apply (its transform fails or asserts): one line naming the value
+OPEN_CLIP_REFUSED = {
+    "mean text": (dict(mean="0.5"), 'mean "0.5" in a folder\'s preprocess_cfg: must be a number or a list of 1 or 3'),
+    "mean of 2": (dict(mean=[0.5, 0.5]), "mean \\[0.5, 0.5\\] in"),
+    "std null channel": (dict(std=[0.5, None, 0.5]), "std \\[0.5, null, 0.5\\] in"),
+    "std zero": (dict(std=[0.0, 1.0, 1.0]), "every channel's std must be > 0"),
+    "std NaN": (dict(std=float("nan")), "std NaN in"),
+    "fill text": (dict(resize_mode="longest", fill_color="white"), 'fill_color "white" in'),
+    "fill of 2": (dict(resize_mode="longest", fill_color=[1, 2]), "fill_color \\[1, 2\\] in"),
+    "mode L": (dict(mode="L"), "says mode 'L': open_clip feeds its models RGB images"),
+    "interpolation nearest": (dict(interpolation="nearest"), "unsupported preprocessing \\(nearest, shortest\\)"),
+}
+
+
+@pytest.mark.parametrize("form", list(OPEN_CLIP_REFUSED))
+def test_open_clip_preprocess_cfg_it_cannot_apply_is_refused_in_one_line(form):
+    cfg, needle = OPEN_CLIP_REFUSED[form]
+    with pytest.raises(BackboneError, match=needle) as err:
+        preprocess_for("tiny-clip", _Model(), cfg, "a folder's preprocess_cfg", has_weights=True)
+    assert "\n" not in str(err.value)
 
 
 def test_open_clip_model_folder_is_read_as_open_clip_reads_it(tmp_path, capsys):
@@ -214,29 +263,74 @@ PROMPTS = ["a photo of a Red Apple.", "a photo of a red apple.", "A PHOTO of a  
            "itap of a (blue) sky, on a table?"]
 
 
-def test_siglip2_through_transformers_is_tokenized_as_open_clip_tokenizes_the_same_weights(tmp_path):
-    """SigLIP 2's Gemma tokenizer is case-sensitive; open_clip canonicalizes every prompt for SigLIP 2 (lowercase,
-    punctuation removed: tokenizer_kwargs clean=canonicalize), as big_vision trained it. blocklora's transformers
-    path gives the tokens open_clip's HFTokenizer gives on the same tokenizer files."""
+def _siglip_gemma(folder: Path) -> Path:
+    """A tiny SigLIP folder with a case-sensitive Gemma tokenizer (one token per character), as the fixed-resolution
+    SigLIP 2 checkpoints ship (model_type siglip)."""
     import string
 
-    from open_clip.tokenizer import HFTokenizer
     from transformers import GemmaTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation) + ["\u2581"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
-    GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True).save_pretrained(tmp_path)
+    GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True).save_pretrained(folder)
     text = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=len(vocab),
                 max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=32,
                   patch_size=8)
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_siglip2_through_transformers_is_tokenized_as_open_clip_tokenizes_the_same_weights(tmp_path):
+    """SigLIP 2's Gemma tokenizer is case-sensitive; open_clip canonicalizes every prompt for SigLIP 2 (lowercase,
+    punctuation removed: tokenizer_kwargs clean=canonicalize), as big_vision trained it. blocklora's transformers
+    path gives the tokens open_clip's HFTokenizer gives on the same tokenizer files."""
+    from open_clip.tokenizer import HFTokenizer
+
+    _siglip_gemma(tmp_path)
     ours = load_backbone(f"hf:{tmp_path}").tokenize(PROMPTS)["input_ids"]
     theirs = HFTokenizer(str(tmp_path), context_length=64, clean="canonicalize")(PROMPTS)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[0], ours[1]) and torch.equal(ours[0], ours[2])  # case, punctuation, "_" do not matter
+
+
+def test_siglip_export_prompts_are_the_texts_its_stock_tokenizer_is_given(tmp_path):
+    """An export's classifier "prompts" of a transformers SigLIP are canonicalized, as blocklora scores them: the stock
+    model and tokenizer of the export, given those prompts (padded to the fixed length, as SigLIP was trained), give
+    blocklora's class embeddings; the raw "A photo of a Red_Apple." would be other tokens for the Gemma tokenizer."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, SiglipModel
+
+    import blocklora
+    from blocklora.engine import evaluate as ev
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.pipeline.trained import export, load_trained
+
+    folder = _siglip_gemma(tmp_path / "siglip")
+    backbone = load_backbone(f"hf:{folder}")
+    blocklora.inject(backbone.model, blocklora.AdapterConfig(n_blocks=2))
+    with torch.no_grad():  # a text-side update that matters (B starts at zero)
+        for name, p in backbone.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    names = ["Red_Apple", "Blue-Sky!", "green leaf"]
+    blocklora.save_adapter(backbone.model, tmp_path / "adapter", backbone=f"hf:{folder}", classnames=names,
+                           pretrained=None)
+    export(tmp_path / "adapter", tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "blocklora_classifier.json").read_text())
+    assert meta["prompts"] == ["a photo of a red apple", "a photo of a bluesky", "a photo of a green leaf"]
+    model = SiglipModel.from_pretrained(tmp_path / "export").eval()
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "export")(meta["prompts"], padding="max_length", max_length=64,
+                                                                 return_tensors="pt")
+    with torch.no_grad():
+        stock = model.get_text_features(input_ids=tokens["input_ids"])
+        stock = F.normalize(stock if isinstance(stock, torch.Tensor) else stock.pooler_output, dim=-1)
+        loaded, _, _ = load_trained(tmp_path / "adapter", device="cpu")
+        ours = ev.encode_classes(loaded, names, [meta["template"]], make_runtime("cpu"))
+    torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_clip_tokens_equal_open_clips_for_the_same_weights(tmp_path):
@@ -255,3 +349,42 @@ def test_transformers_clip_tokens_equal_open_clips_for_the_same_weights(tmp_path
     for row, mask, expected in zip(tokens["input_ids"], tokens["attention_mask"], theirs):
         n = int(mask.sum())
         assert row[:n].tolist() == expected[:n].tolist() and int(expected[n:].abs().sum()) == 0
+
+
+def test_open_clip_folder_export_carries_its_hub_tokenizer(tmp_path):
+    """A model whose tokenizer comes from the Hugging Face hub (SigLIP's in open_clip: text_cfg.hf_tokenizer_name):
+    its folder export holds the tokenizer, as open_clip's local-dir reads it from the folder itself. Stock open_clip
+    (create_model and get_tokenizer on "local-dir:") gives blocklora's class embeddings from the export's prompts, and
+    blocklora reads the folder back with that tokenizer, no --tokenizer needed."""
+    import open_clip
+    import torch.nn.functional as F
+
+    import blocklora
+    from blocklora.engine import evaluate as ev
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.pipeline.trained import export, load_trained
+    from families import register, save_tokenizer
+
+    register()
+    tokenizer = str(save_tokenizer(tmp_path / "tokenizer"))
+    backbone = load_backbone("tiny-siglip-test", None, tokenizer=tokenizer)
+    blocklora.inject(backbone.model, blocklora.AdapterConfig(n_blocks=2))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a text-side update that matters (B starts at zero)
+        for name, p in backbone.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    names = ["red apple", "blue sky", "green leaf"]
+    blocklora.save_adapter(backbone.model, tmp_path / "adapter", backbone="tiny-siglip-test", classnames=names,
+                           pretrained=None)
+    export(tmp_path / "adapter", tmp_path / "folder", tokenizer=tokenizer)
+    meta = json.loads((tmp_path / "folder" / "blocklora_classifier.json").read_text())
+    stock = open_clip.create_model(f"local-dir:{tmp_path / 'folder'}").eval()
+    stock_tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'folder'}")
+    with torch.no_grad():
+        theirs = F.normalize(stock.encode_text(stock_tokenizer(meta["prompts"])), dim=-1)
+        loaded, _, _ = load_trained(tmp_path / "adapter", device="cpu", tokenizer=tokenizer)
+        ours = ev.encode_classes(loaded, names, [meta["template"]], make_runtime("cpu"))
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    again = load_backbone("tiny-siglip-test", str(tmp_path / "folder"), text=True)
+    assert torch.equal(again.tokenize(meta["prompts"]), loaded.tokenize(meta["prompts"]))

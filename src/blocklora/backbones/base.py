@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject
 from ..adapters.sites import Placement
-from ..errors import ConfigError
+from ..errors import BackboneError, ConfigError
 from ..interop.export_forms import CLASSIFIER_FILE
 from .activation import Activation, mlp_activation
 from .fingerprint import fingerprint
@@ -194,6 +194,12 @@ class Backbone(ABC):
     def tokenize(self, texts: Sequence[str]) -> Any:
         """Prompts -> whatever encode_texts takes (a tensor or a dict of tensors), on the CPU."""
 
+    def clean_texts(self, texts: Sequence[str]) -> list[str]:
+        """The prompts as tokenize hands them to the model's own tokenizer: what an export's classifier records, so
+        that the stock tokenizer given its "prompts" gives the tokens blocklora scored with. As written here;
+        a family that cleans prompts before its tokenizer (HFBackbone: SigLIP's canonicalization) overrides it."""
+        return list(texts)
+
     @abstractmethod
     def encode_texts(self, tokens: Any) -> torch.Tensor:
         """Tokenized prompts -> (C, D) text embeddings (not L2-normalised)."""
@@ -216,6 +222,25 @@ class Backbone(ABC):
         """Write a merged state dict in the family's own format at `path` (interop/export_forms.py), with `classifier`
         (trained.classifier: class names, template, logits, activation) where the format keeps metadata; returns the
         files written."""
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, model: str, source: str) -> None:
+    """Raise BackboneError when a tokenizer gives ids the text tower's embedding table (`vocab_size` rows) does not
+    hold: the tokenizer is another model's (torch would fail inside the embedding with "index out of range")."""
+    if vocab_size > 0 and ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise BackboneError(f"the tokenizer of {model} ({source}) gives token id {bad}, but the text tower's "
+                            f"vocabulary has {vocab_size} tokens (ids 0..{vocab_size - 1}): the tokenizer is another "
+                            "model's; pass the checkpoint's own tokenizer (--tokenizer DIR)")
+
+
+def check_padding(tokenizer: Any, model: str, source: str) -> None:
+    """Raise BackboneError when a transformers tokenizer has no padding token: prompts are padded to one length
+    (the model's own processor pads them too, and refuses such a tokenizer with the same reason)."""
+    if getattr(tokenizer, "pad_token", "") is None:
+        raise BackboneError(f"the tokenizer of {model} ({source}) has no padding token (pad_token in its "
+                            "tokenizer_config.json / special_tokens_map.json), so prompts cannot be padded to one "
+                            "length: pass the checkpoint's own tokenizer (--tokenizer DIR)")
 
 
 def write_classifier(folder: str | os.PathLike, classifier: dict[str, Any] | None) -> None:

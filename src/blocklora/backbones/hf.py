@@ -28,7 +28,7 @@ from ..adapters.sites import LINEARS, Placement, Site
 from ..errors import AdapterMismatchError, BackboneError
 from ..reading import loads, read_text, reason
 from .activation import Activation
-from .base import Backbone, write_classifier
+from .base import Backbone, check_padding, check_token_ids, write_classifier
 from .network import hub_reachable
 from .preprocess import Preprocess, ProcessorError, from_image_processor
 
@@ -134,13 +134,15 @@ class HFBackbone(Backbone):
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        local = os.path.isdir(self.tokenizer_source)
+        local = os.path.isdir(self.tokenizer_source) or not hub_reachable()  # offline: the hub cache
         try:
-            return AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
         except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
             raise BackboneError(f"cannot load the tokenizer of {self.name} from {self.tokenizer_source}: "
                                 f"{str(e).strip().splitlines()[0][:160]}; pass --tokenizer DIR (a folder written "
                                 "by the tokenizer's save_pretrained)") from None
+        check_padding(tokenizer, self.name, self.tokenizer_source)
+        return tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """SigLIP: ids padded to the fixed length, no mask (it pools the last position and was trained so).
@@ -148,12 +150,12 @@ class HFBackbone(Backbone):
         end-of-text token, BERT towers mask the padding), cut to what the position table holds.
         SigLIP / SigLIP 2 prompts are canonicalized first (CANONICALIZED), as open_clip does for the same weights."""
         texts = self.clean_texts(texts)
-        if self.model_type in PAD_TO_FIXED_LENGTH:
-            out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens(),
-                                 return_tensors="pt")
+        fixed = self.model_type in PAD_TO_FIXED_LENGTH
+        out = self.tokenizer(list(texts), padding="max_length" if fixed else True, truncation=True,
+                             max_length=self.max_tokens(), return_tensors="pt")
+        check_token_ids(out["input_ids"], int(self._text_config().vocab_size), self.name, self.tokenizer_source)
+        if fixed:
             return {"input_ids": out["input_ids"]}
-        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens(),
-                             return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def clean_texts(self, texts: Sequence[str]) -> list[str]:
@@ -193,9 +195,10 @@ class HFBackbone(Backbone):
         self.model.save_pretrained(path, state_dict=state_dict)
         write_classifier(path, classifier)
         self.tokenizer.save_pretrained(path)
-        processor = _file(self.pretrained, "preprocessor_config.json")
-        if processor is not None:
-            (path / "preprocessor_config.json").write_text(Path(processor).read_text())
+        for name in (PROCESSOR_FILE, IMAGE_PROCESSOR_FILE):  # the processor's files, as the checkpoint has them
+            found = _file(self.pretrained, name)
+            if found is not None:
+                (path / name).write_text(Path(found).read_text())
         return sorted(str(p) for p in path.iterdir())
 
 
@@ -220,14 +223,36 @@ def _file(source: str | None, filename: str) -> str | None:
         return None
 
 
+# Where a checkpoint's image processor is, in transformers' order (ImageProcessingMixin.get_image_processor_dict):
+# processor_config.json's nested "image_processor" (what a processor's save_pretrained writes in transformers 5),
+# else preprocessor_config.json (every earlier save, and the hub's files)
+PROCESSOR_FILE, IMAGE_PROCESSOR_FILE = "processor_config.json", "preprocessor_config.json"
+
+
+def image_processor_file(source: str | None) -> str | None:
+    """The file transformers reads the checkpoint's image processor from (PROCESSOR_FILE with an "image_processor"
+    entry, else IMAGE_PROCESSOR_FILE), or None when it has none."""
+    nested = _file(source, PROCESSOR_FILE)
+    if nested is not None:
+        try:
+            holds = "image_processor" in loads(read_text(nested))
+        except (OSError, ValueError, TypeError):
+            holds = True  # unreadable: AutoImageProcessor reports why
+        if holds:
+            return nested
+    return _file(source, IMAGE_PROCESSOR_FILE)
+
+
 def preprocess_of(source: str, model_type: str, image_size: int, local: bool = True) -> Preprocess:
     """The checkpoint's preprocessing: its own image processor (AutoImageProcessor reads its
     preprocessor_config.json, any form: legacy integer sizes, shortest_edge, height / width, ...), else the family's
-    processor at its defaults for the model's image size. Raises BackboneError when the processor cannot be read, or
-    when the images it gives are not the image_size x image_size the vision tower takes."""
+    processor at its defaults for the model's image size. The processor's file is found as transformers finds it
+    (image_processor_file: a transformers 5 processor's processor_config.json first). Raises BackboneError when the
+    processor cannot be read, or when the images it gives are not the image_size x image_size the vision tower
+    takes."""
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    found = _file(source, "preprocessor_config.json")
+    found = image_processor_file(source)
     if found is not None:
         from transformers import AutoImageProcessor
 
@@ -240,16 +265,16 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...
             raise BackboneError(f"cannot read the image processor of {source} ({found}): "
                                 f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}; "
-                                "fix preprocessor_config.json (a file written by the image processor's "
+                                f"fix {Path(found).name} (a file written by the image processor's "
                                 "save_pretrained)") from None
         label = found
     elif model_type in PAD_TO_FIXED_LENGTH:
         processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-        label = "SiglipImageProcessor's defaults (no preprocessor_config.json)"
+        label = "SiglipImageProcessor's defaults (no preprocessor_config.json or processor_config.json)"
     else:
         processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                        crop_size={"height": image_size, "width": image_size})
-        label = "CLIPImageProcessor's defaults (no preprocessor_config.json)"
+        label = "CLIPImageProcessor's defaults (no preprocessor_config.json or processor_config.json)"
     try:
         preprocess = from_image_processor(processor, label)
     except ProcessorError as failed:
@@ -268,8 +293,8 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
     if preprocess.size != image_size:
         raise BackboneError(f"{source}: its image processor ({label}) gives {preprocess.size}x{preprocess.size} "
                             f"images, but the vision tower takes {image_size}x{image_size} (config.json "
-                            f"vision_config.image_size): the preprocessor_config.json and the weights are for other "
-                            "image sizes; use the checkpoint's own preprocessor_config.json")
+                            f"vision_config.image_size): the image processor's config and the weights are for other "
+                            "image sizes; use the checkpoint's own image processor config")
     return preprocess
 
 
@@ -277,6 +302,10 @@ def model_type_of(spec: str, local: bool) -> str:
     """config.json's model_type, read without building anything; one-line errors for what blocklora refuses."""
     found = _file(spec, "config.json")
     if found is None:
+        if os.path.isfile(os.path.join(spec, "open_clip_config.json")):
+            from .openclip_sources import open_clip_folder_hint
+
+            raise BackboneError(f"{spec} is {open_clip_folder_hint(spec)}, not hf:")
         raise BackboneError(f"{spec} has no config.json: pass a folder written by save_pretrained, or a hub id")
     try:
         config = loads(read_text(found))  # reading.py: a regular file, nesting bounded
@@ -306,26 +335,29 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     if not local and (spec.startswith((".", "/", "~")) or os.path.sep in spec and spec.count("/") > 1):
         raise BackboneError(f"transformers model directory {spec} does not exist: pass a directory holding "
                             "config.json and model.safetensors, or a hub id")
-    if not local and not hub_reachable():
-        raise BackboneError(f"cannot download {spec} from the hub (no network): download it elsewhere "
-                            "(save_pretrained) and pass --model hf:/path/to/dir")
+    # offline, a hub id is read from the Hugging Face cache (where a download put it), as transformers does
+    cache_only = local or not hub_reachable()
+    found = _file(spec, "config.json")
+    if not local and cache_only and found is None:
+        raise BackboneError(f"cannot download {spec} from the hub (no network) and it is not in the Hugging Face "
+                            "cache: download it elsewhere (save_pretrained) and pass --model hf:/path/to/dir")
     if tokenizer is not None and not os.path.isdir(tokenizer):
         raise BackboneError(f"tokenizer directory {tokenizer} does not exist: pass a folder written by the "
                             "tokenizer's save_pretrained")
     model_type = model_type_of(spec, local)
     cls = getattr(transformers, FAMILIES[model_type])
     try:
-        config = cls.config_class.from_pretrained(spec, local_files_only=local)
+        config = cls.config_class.from_pretrained(spec, local_files_only=cache_only)
     except (OSError, ValueError) as e:
         raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
     # before any weights are read: a processor that does not fit the tower fails at once
     preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
-    if local:
-        check_weight_shapes(spec, cls, config)
+    if found is not None:  # the folder, or the hub cache's snapshot folder (the weights beside config.json, if any)
+        check_weight_shapes(str(Path(found).parent), cls, config, spec)
     try:
-        model, info = cls.from_pretrained(spec, config=config, local_files_only=local, output_loading_info=True)
+        model, info = cls.from_pretrained(spec, config=config, local_files_only=cache_only, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise BackboneError(f"cannot load {spec} as a transformers {cls.__name__}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -338,38 +370,57 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     return backbone
 
 
+# The weights of a local model folder, in transformers' order of preference: one file, or the shards its index names
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
 def _weight_files(folder: str) -> list[str]:
-    """The safetensors files of a local model folder: model.safetensors, or the shards its index names."""
+    """The weights files of a local model folder: model.safetensors or its shards, else pytorch_model.bin (older
+    hub snapshots) or its shards."""
     path = Path(folder)
-    if (path / "model.safetensors").is_file():
-        return [str(path / "model.safetensors")]
-    index = path / "model.safetensors.index.json"
+    for single, index in WEIGHT_FILES:
+        if (path / single).is_file():
+            return [str(path / single)]
+        try:
+            shards = sorted(set(loads(read_text(path / index))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return [str(path / f) for f in shards if (path / f).is_file()]
+    return []
+
+
+def _tensor_shapes(file: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a weights file without reading its tensors: the safetensors header, or a torch zip file's
+    records mapped onto the meta device ({} for a file torch cannot map so: transformers' own check then applies)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not iterable
     try:
-        shards = sorted(set(loads(read_text(index))["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-    return [str(path / f) for f in shards if (path / f).is_file()]
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy (pre-zip) or damaged file: transformers reports it when loading
+        return {}
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) \
+        else {}
 
 
-def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
+def check_weight_shapes(folder: str, cls: type, config: Any, label: str | None = None) -> None:
     """Refuse weights whose tensors have other shapes than the model config.json describes (another image size or
     patch grid, context length, width), naming the tensor, both shapes and, for a position table, both sizes.
+    `label`: how the error names the checkpoint (default `folder`; a hub id for the hub cache's snapshot folder).
 
-    The shapes come from the safetensors headers and a model built on the meta device: no weight is read, and
-    transformers' own refusal (a table on the console, then an error about ignore_mismatched_sizes) never comes."""
+    The shapes come from the weights files' headers (safetensors; a pytorch_model.bin mapped onto the meta device)
+    and a model built on the meta device: no weight is read, and transformers' own refusal (a table on the console,
+    then an error about ignore_mismatched_sizes) never comes."""
     files = _weight_files(folder)
     if not files:
         return
-    from safetensors import safe_open
-
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
-    bad = []
-    for f in files:
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():  # noqa: SIM118 - safe_open is not iterable
-                if k in own and tuple(fh.get_slice(k).get_shape()) != own[k]:
-                    bad.append((k, tuple(fh.get_slice(k).get_shape()), own[k]))
+    bad = [(k, shape, own[k]) for f in files for k, shape in _tensor_shapes(f).items()
+           if k in own and shape != own[k]]
     if not bad:
         return
     vision = config.vision_config
@@ -385,8 +436,8 @@ def check_weight_shapes(folder: str, cls: type, config: Any) -> None:
             sizes = f": the weights hold {theirs[0]} text positions, config.json says {ours[0]}"
             break
     k, theirs, ours = bad[0]
-    raise BackboneError(f"{folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another shape, "
-                        f"first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
+    raise BackboneError(f"{label or folder}: the weights do not fit its config.json ({len(bad)} tensor(s) of another "
+                        f"shape, first {k}: {theirs} in the weights, {ours} for the {cls.__name__} config.json "
                         f"describes){sizes}; use the config.json the weights were saved with")
 
 

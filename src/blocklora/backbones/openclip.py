@@ -28,9 +28,17 @@ from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
 from ..errors import BackboneError
 from ..interop.export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
-from .base import Backbone, write_classifier
+from .base import Backbone, check_token_ids, write_classifier
 from .hf import bert_sites
-from .openclip_sources import load_tokenizer, preprocess_for, read_checkpoint_into, weights_file
+from .openclip_sources import (
+    folder_tokenizer,
+    hub_tokenizer,
+    load_tokenizer,
+    open_clip_folder_hint,
+    preprocess_for,
+    read_checkpoint_into,
+    weights_file,
+)
 from .preprocess import Preprocess
 from .timm_towers import trunk_sites
 
@@ -122,7 +130,10 @@ class OpenClipBackbone(Backbone):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """(C, context_length) ids, padded to the fixed length (SigLIP pools its last position: it needs that)."""
-        return self.tokenizer(list(texts))
+        ids = self.tokenizer(list(texts))
+        check_token_ids(ids, int(getattr(self.model, "vocab_size", 0) or 0), self.name,
+                        self.tokenizer_dir or f"open_clip's tokenizer of {self.tokenizer_name}")
+        return ids
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP.encode_text on prompts cut after the batch's last end-of-text token.
@@ -157,8 +168,9 @@ class OpenClipBackbone(Backbone):
         NAME.safetensors   a state dict, the activation in the safetensors metadata
         NAME.pt / other    torch.save({"state_dict": ..., "blocklora_export": metadata}); open_clip reads "state_dict"
         DIR (no suffix)    open_clip's local-dir format: open_clip_config.json (model_cfg with quick_gelu,
-                           preprocess_cfg) + open_clip_model.safetensors; `open_clip.create_model("local-dir:DIR")`
-                           builds the right activation with no flag at all
+                           preprocess_cfg) + open_clip_model.safetensors, and a hub tokenizer's files (SigLIP's:
+                           open_clip.get_tokenizer("local-dir:DIR") reads them there); `open_clip.create_model(
+                           "local-dir:DIR")` builds the right activation with no flag at all
         For the two files, stock open_clip needs the -quickgelu name or force_quick_gelu (export_metadata's hint).
         """
         from safetensors.torch import save_file
@@ -182,6 +194,8 @@ class OpenClipBackbone(Backbone):
         config = {"model_cfg": {**self.model_config(), "quick_gelu": self.activation.quick_gelu},
                   "preprocess_cfg": preprocess}
         (path / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if hub_tokenizer(self.tokenizer_name):  # open_clip reads a local-dir's hub tokenizer from the folder itself
+            self.tokenizer.tokenizer.save_pretrained(path)
         save_file(tensors, str(path / "open_clip_model.safetensors"), metadata=meta)
         write_classifier(path, classifier)
         return sorted(str(p) for p in path.iterdir())
@@ -201,6 +215,13 @@ def check_name(name: str) -> None:
     import open_clip
 
     if name != "tiny-clip" and name not in open_clip.list_models():
+        schema, _, rest = name.partition(":")
+        if schema == "local-dir":  # open_clip's own schemas: blocklora takes the architecture and the weights apart
+            raise BackboneError(f"--model {name}: {rest} is {open_clip_folder_hint(rest)}")
+        if schema == "hf-hub":
+            raise BackboneError(f"--model {name}: pass the open_clip model name with --pretrained, a pretrained tag "
+                                f"(open_clip.list_pretrained()) or the folder holding the files of {rest} "
+                                "(open_clip_config.json and the weights)")
         raise BackboneError(f"unknown model {name!r}: use an open_clip name (e.g. ViT-B-16, ViT-B-32, ViT-L-14), "
                             "tiny-clip, effnet-minilm, or hf:PATH_OR_ID")
 
@@ -231,8 +252,9 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     The MLP activation is resolved once (activation.resolve: the request, what the weights say, the model name) and
     built explicitly, whatever open_clip's own default for the name is; `recorded_quick_gelu` (an adapter's record)
     must agree with the weights. `tokenizer`: a local folder holding the model's tokenizer when it comes from a hub
-    (SigLIP's). text=True loads the tokenizer first, before any weights: a command that encodes prompts then fails
-    at once when a hub tokenizer is out of reach. Raises BackboneError (one line) for an unknown name or tag, a
+    (SigLIP's); by default a model folder given as `pretrained` that holds it (folder_tokenizer). text=True loads the
+    tokenizer first, before any weights: a command that encodes prompts then fails at once when a hub tokenizer is
+    out of reach. Raises BackboneError (one line) for an unknown name or tag, a
     missing or mismatched file, a tokenizer or weights out of reach.
     """
     import open_clip
@@ -240,6 +262,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     none = pretrained in (None, "none")
     check_name(name)
     tokenizer_name = "ViT-B-32" if name == "tiny-clip" else name
+    tokenizer = tokenizer or folder_tokenizer(tokenizer_name, None if none else pretrained)
     loaded_tokenizer = load_tokenizer(tokenizer_name, tokenizer) if text else None
     weights, declared = (None, {}) if none else weights_file(name, pretrained)
     act = resolve(name, None if none else pretrained, quick_gelu, recorded_quick_gelu)
@@ -250,8 +273,7 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
         else:
             # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
             # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=act.quick_gelu,
-                                           force_preprocess_cfg=declared, quick_gelu=act.quick_gelu)
+            model = _create(name, act.quick_gelu, declared)
     if weights is not None:
         read_checkpoint_into(model, weights, name)
     source = None if none else (str(Path(pretrained).resolve()) if weights == pretrained or os.path.isdir(pretrained)
@@ -263,6 +285,27 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
     backbone._tokenizer = loaded_tokenizer
     backbone.activation = act
     return backbone
+
+
+def _create(name: str, quick_gelu: bool, declared: dict) -> nn.Module:
+    """open_clip.create_model without weights. A text tower that is a transformers model (text_cfg.hf_model_name,
+    e.g. XLM-R) is built from that model's hub config: out of reach and not cached, a BackboneError saying so."""
+    import open_clip
+
+    try:
+        # force_quick_gelu sets the config's flag (and keeps open_clip's tag check quiet); the model keyword
+        # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu,
+                                      force_preprocess_cfg=declared, quick_gelu=quick_gelu)
+    except OSError as e:
+        hub = ((open_clip.get_model_config(name) or {}).get("text_cfg") or {}).get("hf_model_name")
+        if not hub:
+            raise
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise BackboneError(f"{name}'s text tower is the transformers model {hub}, built from its config on the "
+                            f"Hugging Face hub, which could not be read ({why}): on a machine with a network run "
+                            f"`python -c \"from transformers import AutoConfig; AutoConfig.from_pretrained('{hub}')\"` "
+                            "and copy its Hugging Face cache here") from None
 
 
 @contextlib.contextmanager

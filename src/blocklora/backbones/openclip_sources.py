@@ -8,6 +8,7 @@ tokenizer: open_clip's bundled BPE, or one from the Hugging Face hub (SigLIP's),
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -198,6 +199,47 @@ def _config_facts(cfg: dict) -> dict[str, Any]:
     return facts
 
 
+def folder_model_names(folder: str) -> list[str]:
+    """The open_clip model names (at most 3, -quickgelu twins folded) whose config is the model_cfg of a model
+    folder's open_clip_config.json (its quick_gelu flag aside), [] when none is or it has none."""
+    import open_clip
+
+    cfg = local_dir_config(Path(folder))
+    if cfg is None:
+        return []
+    recorded = _recorded_model(Path(folder) / "open_clip_model.safetensors")  # a blocklora export names it
+    if recorded:
+        return [recorded]
+    own = {k: v for k, v in cfg["model_cfg"].items() if k != "quick_gelu"}
+    names: list[str] = []
+    for n in open_clip.list_models():
+        base = n.removesuffix("-quickgelu")
+        theirs = {k: v for k, v in (open_clip.get_model_config(n) or {}).items() if k != "quick_gelu"}
+        if base not in names and theirs == own:
+            names.append(base)
+    return names[:3]
+
+
+def _recorded_model(weights: Path) -> str | None:
+    """The --model name a blocklora export's safetensors metadata records ("blocklora.model"), if any."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            name = (f.metadata() or {}).get("blocklora.model")
+    except Exception:  # noqa: BLE001 - no file, not safetensors: nothing recorded
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def open_clip_folder_hint(folder: str) -> str:
+    """How to load an open_clip model folder (open_clip's local-dir / a hub repository's files): the flags, with
+    the model names its config matches."""
+    names = folder_model_names(folder)
+    name = " or ".join(names) if names else "NAME (the open_clip model it was saved from)"
+    return f"an open_clip model folder (open_clip_config.json): pass --model {name} --pretrained {folder}"
+
+
 def weights_file(name: str, pretrained: str) -> tuple[str, dict]:
     """The checkpoint file behind `pretrained` (the file itself, an export folder's weights, or a tag's download)
     and the preprocessing its source declares (a tag's or the folder's mean, std, interpolation, resize mode)."""
@@ -280,6 +322,9 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
     size = getattr(model.visual, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     given = {k: v for k, v in declared.items() if k in PREPROCESS_KEYS and v is not None}
+    if declared.get("mode") not in (None, "RGB"):  # open_clip's PreprocessCfg asserts it
+        raise BackboneError(f"{label or 'the preprocessing config'} says mode {declared['mode']!r}: open_clip "
+                            "feeds its models RGB images (PreprocessCfg.mode 'RGB')")
     if declared.get("size") is not None:
         side = declared["size"]
         side = list(side) if isinstance(side, (tuple, list)) else [side, side]
@@ -302,14 +347,14 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
             if cfg:
                 key = (tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD)),
                        cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
-                       int(cfg.get("fill_color", 0)))
+                       json.dumps(cfg.get("fill_color", 0)))
                 found.setdefault(key, []).append(t)
                 break
     if len(found) == 1:
         (mean, std, interpolation, resize_mode, fill), used = next(iter(found.items()))
         return Preprocess(size, mean, std, interpolation, resize_mode, f"open_clip's pretrained config of {name} "
                                                                        f"(its {len(used)} tag(s), which all agree)",
-                          fill)
+                          json.loads(fill))
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     why = f"its tags disagree ({', '.join(sorted(t for ts in found.values() for t in ts))})" if found else \
         "it has no pretrained tags"
@@ -319,6 +364,25 @@ def preprocess_for(name: str, model: nn.Module, declared: dict, label: str | Non
     return Preprocess(size, cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD),
                       cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"),
                       f"open_clip's default for {name} ({why})", cfg.get("fill_color", 0))
+
+
+def hub_tokenizer(model_name: str) -> str:
+    """The Hugging Face hub tokenizer open_clip's config of `model_name` names (text_cfg.hf_tokenizer_name: SigLIP's,
+    XLM-R's, ...), or "" for open_clip's bundled one."""
+    import open_clip
+
+    return ((open_clip.get_model_config(model_name) or {}).get("text_cfg", {}) or {}).get("hf_tokenizer_name", "")
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what a tokenizer's save_pretrained always writes
+
+
+def folder_tokenizer(model_name: str, pretrained: str | None) -> str | None:
+    """The model folder `pretrained` itself when it holds the model's hub tokenizer (open_clip's local-dir rule: a
+    folder's HFTokenizer is read from that folder; blocklora's folder exports carry it), else None."""
+    if not pretrained or not os.path.isdir(pretrained) or not hub_tokenizer(model_name):
+        return None
+    return pretrained if any(os.path.isfile(os.path.join(pretrained, f)) for f in TOKENIZER_FILES) else None
 
 
 def load_tokenizer(model_name: str, directory: str | None = None) -> Any:
@@ -354,8 +418,12 @@ def load_tokenizer(model_name: str, directory: str | None = None) -> Any:
 
 
 def _hf_tokenizer(cls: type, source: str, model_name: str, **kwargs: Any) -> Any:
+    from .base import check_padding
+
     try:
-        return cls(source, **kwargs)
+        tokenizer = cls(source, **kwargs)
     except (OSError, ValueError, ImportError) as e:  # a hub miss, a damaged folder, sentencepiece not installed
         raise BackboneError(f"cannot load the tokenizer of {model_name} from {source}: "
                             f"{str(e).strip().splitlines()[0][:200]}") from None
+    check_padding(getattr(tokenizer, "tokenizer", None), model_name, source)  # HFTokenizer pads to max_length
+    return tokenizer

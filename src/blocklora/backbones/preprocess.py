@@ -20,6 +20,7 @@ tensor step (the same normalisation, for a processor its own rescale and normali
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -58,13 +59,15 @@ class Preprocess:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     source: str = "OpenAI CLIP's preprocessing (default)"
-    fill_color: int = 0  # open_clip's padding value (0..255) of resize_mode "longest"
+    # open_clip's padding value of resize_mode "longest": one grey level (0..255) or one per channel (R, G, B), as
+    # torchvision's pad takes it
+    fill_color: int | tuple[int, ...] = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", int(self.size))
-        object.__setattr__(self, "mean", _triple(self.mean))
-        object.__setattr__(self, "std", _triple(self.std))
-        object.__setattr__(self, "fill_color", int(self.fill_color))
+        object.__setattr__(self, "mean", _channels(self.mean, "mean", self.source))
+        object.__setattr__(self, "std", _channels(self.std, "std", self.source))
+        object.__setattr__(self, "fill_color", _fill(self.fill_color, self.source))
         self._validate()
 
     def _validate(self) -> None:
@@ -72,11 +75,16 @@ class Preprocess:
             raise BackboneError(f"unsupported preprocessing ({self.interpolation}, {self.resize_mode}) in "
                                 f"{self.source}: interpolation must be one of {', '.join(INTERPOLATIONS)}, resize mode "
                                 f"one of {', '.join(RESIZE_MODES)} (open_clip's PreprocessCfg)")
+        if not all(v > 0 for v in self.std):
+            raise BackboneError(f"std {list(self.std)} in {self.source}: every channel's std must be > 0 (the "
+                                "normalisation divides by it)")
 
     def to_dict(self) -> dict[str, Any]:
         """What results.json records (backbone.preprocess)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "processor"}  # not asdict: it
         out["mean"], out["std"] = list(self.mean), list(self.std)  # would deep-copy the processor
+        if isinstance(self.fill_color, tuple):
+            out["fill_color"] = list(self.fill_color)
         return out
 
     def interpolation_mode(self) -> T.InterpolationMode:
@@ -153,11 +161,39 @@ class ImageProcessorTransform:
                 f"{json.dumps(self.settings, sort_keys=True)})")
 
 
-def _triple(values: Any) -> tuple[float, ...]:
-    """A per-channel statistic: a scalar (as open_clip and transformers allow) stands for all three channels."""
-    if isinstance(values, (int, float)):
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _channels(values: Any, name: str, source: str) -> tuple[float, ...]:
+    """A per-channel statistic (mean or std): a scalar (as open_clip and transformers allow) stands for all three
+    channels; a list of 1 or 3 numbers is kept (one value broadcasts over the channels in the normalisation).
+    Raises BackboneError naming the value and the config it came from."""
+    if _real(values):
         return (float(values),) * 3
-    return tuple(float(v) for v in values)
+    if isinstance(values, (list, tuple)) and len(values) in (1, 3) and all(_real(v) for v in values):
+        return tuple(float(v) for v in values)
+    raise BackboneError(f"{name} {json.dumps(values) if _jsonable(values) else repr(values)} in {source}: must be a "
+                        "number or a list of 1 or 3 numbers (R, G, B)")
+
+
+def _fill(value: Any, source: str) -> int | tuple[int, ...]:
+    """open_clip's fill_color: one integer, or one per channel (R, G, B). Raises BackboneError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in value):
+        return tuple(value)
+    raise BackboneError(f"fill_color {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: must be "
+                        "an integer (0..255) or a list of 3 (R, G, B)")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _rgb(image: Any) -> Any:

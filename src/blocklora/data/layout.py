@@ -5,7 +5,9 @@ ImageFolder does, reading class folders, list files and JSON, and CoOp's per-dat
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from ..errors import DataError
 from ..reading import read_json, read_text, reason
 from .types import Item
 
+log = logging.getLogger("blocklora")
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's extensions (matched case-insensitively), so folder scans list the files it lists
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -74,12 +77,31 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(folder: str | os.PathLike) -> list[str]:
+def pil_extension(name: str) -> str | None:
+    """The extension of a visible file PIL can read but IMAGE_EXTENSIONS leaves out (.gif, .jfif, .avif, ...)."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(name)[1].lower()
+    return ext if not name.startswith(".") and ext in Image.registered_extensions() and not is_image(name) else None
+
+
+def warn_skipped(skipped: Counter, where: str) -> None:
+    """One warning for the image files a folder scan left out: the user put them there to be used."""
+    if skipped:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in skipped.most_common())
+        log.warning("%s: %d image file(s) left out (%s): blocklora lists the extensions torchvision's ImageFolder "
+                    "lists (%s); convert them to one of those to use them", where, sum(skipped.values()), kinds,
+                    " ".join(IMAGE_EXTENSIONS))
+
+
+def list_image_files(folder: str | os.PathLike, skipped: Counter | None = None) -> list[str]:
     """Image files under `folder`, recursively, in torchvision ImageFolder's order (sorted walk, sorted names).
 
     Symbolic links to folders are followed (datasets are often assembled from links), but each real folder is
     walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. A file name that is not
-    valid UTF-8 is an error naming it (it could not be written to split files, JSON results or logs).
+    valid UTF-8 is an error naming it (it could not be written to split files, JSON results or logs). `skipped`
+    counts, by extension, the files left out that PIL could read (pil_extension; warn_skipped reports them).
     """
     folder = Path(folder)
     out, seen = [], set()
@@ -106,6 +128,8 @@ def list_image_files(folder: str | os.PathLike) -> list[str]:
         if any(part.startswith(".") for part in Path(dirpath).relative_to(folder).parts):
             continue
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+        if skipped is not None:
+            skipped.update(e for e in map(pil_extension, filenames) if e)
     check_utf8(out, folder)
     return out
 
@@ -134,14 +158,16 @@ def subfolders(folder: Path) -> list[str]:
 def scan_classes(folder: Path, labels: dict[str, int], key: str) -> list[Item]:
     """Items of folder/<class>/... for the class folders named in `labels`; an empty class folder is an error."""
     items: list[Item] = []
+    skipped: Counter = Counter()
     for name in subfolders(folder):
         if name not in labels:
             continue
-        files = list_image_files(folder / name)
+        files = list_image_files(folder / name, skipped)
         if not files:
             raise DataError(f"{key}: class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")
         items += [Item(p, labels[name]) for p in files]
+    warn_skipped(skipped, f"{key} {folder}")
     return items
 
 

@@ -174,16 +174,19 @@ class Trainer:
         timed: tuple[int, float] | None = None  # (step, time) where the ETA's clock starts
         try:
             for images, labels in loader:
-                images = images.to(rt.device, non_blocking=True)
-                labels = labels.to(rt.device, non_blocking=True)
-                with rt.autocast():
-                    img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
-                    txt = self._text_features()
-                    logits = self.logits(img @ txt.T)  # (B, C): scale * cos (+ SigLIP's bias)
-                    # Sum over this rank's samples / this step's global batch (smaller for a kept last partial
-                    # batch): summed over ranks it is the global mean, CLIP-LoRA's cross-entropy over its batch.
-                    self._global_batch = sampler.global_size(self.state.step)  # type: ignore[union-attr]
-                    loss = self.logits.loss(logits, labels) / self._global_batch
+                # Sum over this rank's samples / this step's global batch (smaller for a kept last partial
+                # batch): summed over ranks it is the global mean, CLIP-LoRA's cross-entropy over its batch.
+                self._global_batch = sampler.global_size(self.state.step)  # type: ignore[union-attr]
+                if images is None:  # an empty share (fewer images in the step than ranks): it adds nothing
+                    loss, logits, labels = self._empty_share()
+                else:
+                    images = images.to(rt.device, non_blocking=True)
+                    labels = labels.to(rt.device, non_blocking=True)
+                    with rt.autocast():
+                        img = F.normalize(self.backbone.encode_images(images).float(), dim=-1)
+                        txt = self._text_features()
+                        logits = self.logits(img @ txt.T)  # (B, C): scale * cos (+ SigLIP's bias)
+                        loss = self.logits.loss(logits, labels) / self._global_batch
                 metrics = self._step(loss, logits, labels)
                 now = time.perf_counter()
                 metrics["step_s"], tick = round(now - tick, 4), now
@@ -203,6 +206,14 @@ class Trainer:
             raise TrainingDiverged(f"every one of the {self.state.step} steps was skipped (non-finite loss): nothing "
                                    f"was trained; {self._cause()}")
         return self.state
+
+    def _empty_share(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, logits, labels) of a rank with no image in this step: a zero loss connected to every trained
+        parameter (its gradients are zeros, so the rank still joins the step's gradient all-reduce), no logits."""
+        device = self.runtime.device
+        loss = sum(p.sum() * 0.0 for p in self.params)
+        return loss, torch.zeros(0, len(self.classnames), device=device), torch.zeros(0, dtype=torch.long,
+                                                                                        device=device)
 
     def _report_eta(self, timed: tuple[int, float] | None, now: float) -> tuple[int, float] | None:
         """Log the ETA once, ETA_AFTER steps after the first (which pays for start-up); returns the clock's start."""

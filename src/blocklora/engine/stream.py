@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ..data.types import Item
 
@@ -50,6 +50,9 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
         return [(i, _mix(self.seed, step, j)) for j, i in enumerate(perm)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # a rank's share is empty when the step's global batch (a kept last partial batch, or a batch size below
+        # the number of processes) has fewer images than there are ranks: the step still comes, so every rank
+        # joins the step's collectives (collate_share gives (None, None))
         for step in range(self.start, self.total):
             yield self.global_batch(step)[self.rank::self.world]
 
@@ -75,6 +78,11 @@ class AugmentedImages(Dataset):
             return self.transform(image), item.label
 
 
+def collate_share(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(images (B, 3, H, W), labels (B,)) of this rank's share of a step; (None, None) for an empty share."""
+    return default_collate(batch) if batch else (None, None)
+
+
 def train_stream(items: Sequence[Item], transform: Callable, reader: Callable, batch_size: int, seed: int,
                  start: int, total: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, drop_last: bool = True) -> DataLoader:
@@ -82,5 +90,6 @@ def train_stream(items: Sequence[Item], transform: Callable, reader: Callable, b
     # A private generator: making the loader's iterator must not draw from the global RNG, which the adapters'
     # dropout reads (a resumed run would otherwise see shifted masks). Augmentation is seeded per sample.
     return DataLoader(AugmentedImages(items, transform, reader), batch_sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=collate_share, pin_memory=pin_memory, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed),
                       prefetch_factor=4 if workers > 0 else None)

@@ -24,9 +24,9 @@ class ExportForm:
 
 _OPEN_CLIP = ("NAME.safetensors or NAME.pt: one state dict file for open_clip.create_model(..., pretrained=FILE), the "
               "classifier in its metadata; NAME without a suffix: open_clip's local-dir folder (open_clip_config.json, "
-              f"open_clip_model.safetensors, {CLASSIFIER_FILE})")
+              f"open_clip_model.safetensors, {CLASSIFIER_FILE}, and the tokenizer when it comes from a hub)")
 _TRANSFORMERS = ("a save_pretrained folder (config.json with id2label/label2id, model.safetensors, the tokenizer, "
-                 f"preprocessor_config.json, {CLASSIFIER_FILE})")
+                 f"the image processor's preprocessor_config.json / processor_config.json, {CLASSIFIER_FILE})")
 _EFFNET = ("a folder: visual.safetensors (EfficientNet-Lite0 with its projection), text/ (a stock BertModel and its "
            f"tokenizer), effnet_minilm.json, {CLASSIFIER_FILE}")
 FORMS = {

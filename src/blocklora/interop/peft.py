@@ -26,7 +26,8 @@ by PEFT's scaling over blocklora's (exact when they are equal), A folded back to
 an A that is n equal blocks can be: anything else is refused by name). Each module's rank and alpha are PEFT's own:
 rank_pattern / alpha_pattern keys are matched as PEFT matches them (pattern_key). Every field read from
 adapter_config.json is checked (read_peft_config) and each module's update must be finite in float32; what fails
-is one AdapterMismatchError naming the file, field and value. Only JSON and safetensors are read.
+is one AdapterMismatchError naming the file, field and value. The weights are read as PEFT reads them:
+adapter_model.safetensors, else an older adapter_model.bin through torch's weights_only loader (no code runs).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from ..ownership import atomic_folder, reported_write
 # PEFT's own file names (peft.utils.constants CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"  # PEFT's WEIGHTS_NAME: what versions before safetensors wrote
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's module names in the saved keys
 KIND = "peft-export"  # the ownership marker's kind
 RECORD = "blocklora"  # the safetensors metadata key of an export's record (model, pretrained, template, ...)
@@ -140,6 +142,31 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
 # -- reading ---------------------------------------------------------------------------------------------------------
 # adapter_config.json fields for PEFT options blocklora cannot hold: absent, null, false or empty is "not used"
 _OFF = (None, False, [], {})
+# init_lora_weights values whose initialization rewrites the base weights to W - scaling * B0 @ A0 (the residual
+# of the initial factors; peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, olora_init,
+# loftq_init, lora_ga_init). PEFT recomputes that residual whenever it loads such an adapter onto the base model, so
+# its trained factors only hold with it; blocklora keeps the base weights as they are. By name prefix ("pissa"
+# also covers "pissa_niter_N", "corda" CorDA's modes).
+RESIDUAL_INITS = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+# those that leave the base weights alone (PEFT 0.21's LoraConfig.init_lora_weights; True / False besides)
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+
+
+def _init_problem(value: Any) -> str | None:
+    """Why an adapter_config.json's init_lora_weights keeps blocklora from reading its factors as PEFT does, or
+    None (a plain LoRA initialization: the factors alone are the update)."""
+    if value is None or isinstance(value, bool) or value in PLAIN_INITS:
+        return None
+    if not isinstance(value, str):
+        return f"init_lora_weights must be true, false or an initialization's name, got {_short(value)}"
+    method = next((m for p, m in RESIDUAL_INITS.items() if value.lower().startswith(p)), None)
+    if method is None:
+        return (f"init_lora_weights {value!r} is not an initialization blocklora knows (PEFT's: true, false, "
+                f"{', '.join(PLAIN_INITS)}, {', '.join(RESIDUAL_INITS)})")
+    return (f"init_lora_weights {value!r} ({method}) rewrites the base weights to W - scaling * B0 @ A0 when PEFT "
+            "loads the adapter, so its factors only hold on that residual model and blocklora keeps the base "
+            "weights; convert it to a plain LoRA with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) and pass that")
 
 
 def _bad(path: Path, message: str) -> AdapterMismatchError:
@@ -180,7 +207,8 @@ def _short(value: Any) -> str:
 
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     """adapter_config.json of a PEFT LoRA adapter, every field blocklora reads checked (types and ranges): a LoRA
-    (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), r a positive integer,
+    (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), no initialization that
+    rewrites the base weights (RESIDUAL_INITS: PiSSA, OLoRA, ...), r a positive integer,
     lora_alpha a positive finite number, use_rslora a boolean, lora_dropout in [0, 1), base_model_name_or_path a
     string, rank_pattern / alpha_pattern mappings of matchable keys to positive ranks / alphas. Returns the config
     with those fields normalised (absent patterns {}, use_rslora False). Raises AdapterMismatchError naming the
@@ -202,6 +230,9 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         if not any(value is off or (type(value) is type(off) and value == off) for off in _OFF):
             raise AdapterMismatchError(f"{path} uses {key} ({what}: {_short(value)}), which blocklora's adapters "
                                        "cannot hold")
+    problem = _init_problem(config.get("init_lora_weights"))
+    if problem is not None:
+        raise AdapterMismatchError(f"{path}: {problem}")
     bias = config.get("bias", "none")
     if bias is not None and bias != "none":
         raise AdapterMismatchError(f"{path} trains biases (bias={_short(bias)}), which blocklora's adapters "
@@ -287,22 +318,15 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
     and have its rank; without it, the config is read off the file (method lora, the towers / layers / projections
     its modules cover, its r, alpha and scaling). B is rescaled by PEFT's scaling over blocklora's, so the update
     is the same. Raises AdapterMismatchError naming the first module, key or shape that does not fit."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_peft_config(directory)
-    try:
-        raw = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as e:  # noqa: BLE001 - a damaged or missing file (PEFT's pickled .bin is never read)
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise AdapterMismatchError(f"cannot read {directory / WEIGHTS_FILE}: {reason} (blocklora reads PEFT's "
-                                   "safetensors file only, never adapter_model.bin)") from None
+    weights, raw = _read_weights(directory)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         module, _, leaf = name.rpartition(".lora_")
         if leaf not in ("A.weight", "B.weight") or not module:
-            raise AdapterMismatchError(f"{directory / WEIGHTS_FILE}: {key} is not a LoRA factor (lora_A.weight / "
+            raise AdapterMismatchError(f"{weights}: {key} is not a LoRA factor (lora_A.weight / "
                                        "lora_B.weight): blocklora reads plain LoRA adapters only")
         if not bool(torch.isfinite(value).all()):
             raise AdapterMismatchError(f"adapter {directory}: {key} holds NaN or infinite values")
@@ -365,6 +389,32 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
         tensors[f"{path}.lora_A"] = a.contiguous()
         tensors[f"{path}.lora_B"] = b_ours.contiguous()
     return cfg, tensors
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, tensors) of a PEFT adapter folder, by PEFT's rule (peft.utils.save_and_load.load_peft_weights):
+    adapter_model.safetensors, else adapter_model.bin (older PEFT's default, torch.save), read with torch's
+    weights_only unpickler as PEFT reads it (tensors and plain containers only: no code runs). Raises
+    AdapterMismatchError naming the file for a missing, damaged or non-tensor file."""
+    path = directory / WEIGHTS_FILE
+    if not path.is_file() and (directory / PICKLED_WEIGHTS_FILE).is_file():
+        path = directory / PICKLED_WEIGHTS_FILE
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in raw.items()):
+                raise ValueError("not a state dict of tensors")
+    except Exception as e:  # noqa: BLE001 - a damaged or missing file
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise AdapterMismatchError(f"cannot read {path}: {reason} (blocklora reads PEFT's {WEIGHTS_FILE}, or an "
+                                   f"older {PICKLED_WEIGHTS_FILE} with torch's weights_only loader, as PEFT does)"
+                                   ) from None
+    return path, raw
 
 
 def _source(config: Mapping[str, Any], pattern: str, default: str, module: str) -> str:

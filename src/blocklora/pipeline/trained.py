@@ -248,16 +248,20 @@ def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: s
 
 def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Image files and folders (walked as dataset folders are: image extensions, each real folder once) -> files."""
-    from ..data.layout import list_image_files
+    from collections import Counter
+
+    from ..data.layout import list_image_files, warn_skipped
 
     out: list[str] = []
+    skipped: Counter = Counter()
     for p in map(Path, paths):
         if p.is_dir():
-            out += list_image_files(p)
+            out += list_image_files(p, skipped)
         elif os.path.lexists(p):
             out.append(str(p))  # the image opener names what is wrong with a special file
         else:
             raise BlockLoRAError(f"image {p} does not exist: pass image files or folders")
+    warn_skipped(skipped, "predict")
     if not out:
         raise BlockLoRAError(f"no images found in {', '.join(map(str, paths))}")
     return out
@@ -371,11 +375,14 @@ def check_export_path(model: str, output: Path) -> None:
 
 
 def classifier(run: dict[str, Any], backbone: Backbone) -> dict[str, Any]:
-    """What it takes to classify with an export beside its weights: class names, template, logits, activation."""
+    """What it takes to classify with an export beside its weights: class names, template, logits, activation.
+    "prompts" are the texts the model's own tokenizer is given when blocklora scores (Backbone.clean_texts of the
+    filled template: canonicalized for a transformers SigLIP, whose stock tokenizer may be case-sensitive)."""
     act = backbone.activation
     names = list(run["classnames"])
     return {"format": CLASSIFIER_FORMAT, "model": run["model"], "classnames": names, "template": run["template"],
-            "prompts": ev.prompts(names, run["template"]), "logit_scale": run.get("logit_scale", 100.0),
+            "prompts": backbone.clean_texts(ev.prompts(names, run["template"])),
+            "logit_scale": run.get("logit_scale", 100.0),
             "logit_bias": run.get("logit_bias"), "loss": run.get("loss", "softmax"),
             "activation": None if act is None else ("quick_gelu" if act.quick_gelu else "gelu")}
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import checks
 from ..config.run_config import CLASS_SUBSETS
-from ..errors import BlockLoRAError, DataError, one_line
+from ..errors import BlockLoRAError, DataError, one_line, printable
 
 if TYPE_CHECKING:
     from ..engine.results import RunResult
@@ -143,7 +143,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
+    import base64
 
     from tqdm.auto import tqdm
 
@@ -165,15 +165,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
               disable=len(images) < 2) as bar:
         for row in bar:
+            shown = printable(row["image"])
+            if shown != row["image"]:  # a name that is not UTF-8: shown with \xNN escapes, its bytes kept exactly
+                row = {"image": shown, "image_bytes_base64": base64.b64encode(os.fsencode(row["image"])).decode(),
+                       **{k: v for k, v in row.items() if k != "image"}}
             if "error" in row:
                 bad.append(row)
-                bar.write(f"skipped: {row['error']}", file=sys.stderr)
+                bar.write(f"skipped: {printable(row['error'])}", file=sys.stderr)
             else:
                 best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
                 if args.json:
                     done.append(row)
                     continue
-                bar.write(json.dumps(row) if args.jsonl else f"{row['image']}: {best}", file=sys.stdout)
+                bar.write(_json(row, indent=None) if args.jsonl else f"{shown}: {best}", file=sys.stdout)
                 sys.stdout.flush()  # each row as it is done, also into a pipe
     if args.json:
         print(_json(done))
@@ -223,9 +227,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json(data: Any) -> str:
-    from ..engine.files import to_json  # strictly valid JSON: no bare NaN
-    return to_json(data)
+def _json(data: Any, indent: int | None = 2) -> str:
+    from ..engine.files import to_json  # strictly valid JSON: no bare NaN, no lone surrogates
+    return to_json(data, indent)
 
 
 def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
@@ -363,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockLoRAError as e:
         if debug:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {printable(one_line(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
         if debug:

@@ -40,13 +40,13 @@ import json
 import os
 import random
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..choices import Sampler
 from ..errors import ConfigError, DataError
-from .layout import load_json
+from .layout import load_json, real_path
 from .types import DatasetSplits, Item, open_image_file
 
 SAMPLERS = typing.get_args(Sampler)
@@ -280,11 +280,12 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
     known = {os.path.normpath(i.path): i for items in (splits.train, splits.val, splits.test) for i in items}
     root = Path(splits.root)
     file_based = splits.image_reader is open_image_file
+    same_file = _same_file(splits) if file_based else lambda path: None
     bad: list[str] = []
     for part in ("train", "val"):
         items = []
         for i, entry in enumerate(data[part]):
-            item, why = _resolve(entry, known, root, len(splits.classnames), file_based)
+            item, why = _resolve(entry, known, root, len(splits.classnames), file_based, same_file)
             if item is None:
                 bad.append(f"{part}[{i}] = {json.dumps(entry, ensure_ascii=False)[:100]}: {why}")
             else:
@@ -299,8 +300,23 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
                         params["replace"]), hashlib.sha256(raw).hexdigest()
 
 
-def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int,
-             file_based: bool) -> tuple[Item | None, str]:
+def _same_file(splits: DatasetSplits) -> Callable[[str], Item | None]:
+    """path -> the dataset's item that is the same file (compared by real path: a link to one of its images is that
+    image), or None. The real paths are found once, on the first call (split files name the dataset's own paths)."""
+    by_real: dict[str, Item] = {}
+    dirs: dict[str, str] = {}
+
+    def find(path: str) -> Item | None:
+        if not by_real:
+            for items in (splits.train, splits.val, splits.test):  # each file is in one split (distinct_images)
+                by_real.update((real_path(i.path, dirs), i) for i in items)
+        return by_real.get(real_path(path, dirs))
+
+    return find
+
+
+def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int, file_based: bool,
+             same_file: Callable[[str], Item | None] = lambda path: None) -> tuple[Item | None, str]:
     if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
             or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
         return None, "not a [path, label] pair"
@@ -308,7 +324,7 @@ def _resolve(entry: object, known: dict[str, Item], root: Path, n_classes: int,
     if not 0 <= label < n_classes:
         return None, f"label {label} outside 0..{n_classes - 1}"
     full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(str(root), rel))
-    item = known.get(full) or known.get(os.path.normpath(rel))
+    item = known.get(full) or known.get(os.path.normpath(rel)) or (same_file(full) if os.path.exists(full) else None)
     if item is not None:
         if item.label != label:
             return None, f"labelled {label}, but the dataset labels it {item.label}"

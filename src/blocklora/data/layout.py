@@ -5,12 +5,15 @@ ImageFolder does, reading class folders, list files and JSON, and CoOp's per-dat
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DataError
 from .types import Item
+
+log = logging.getLogger("blocklora")
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's extensions (matched case-insensitively), so folder scans list the files it lists
@@ -73,39 +76,103 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(folder: str | os.PathLike) -> list[str]:
+def list_image_files(folder: str | os.PathLike, real: dict[str, str] | None = None) -> list[str]:
     """Image files under `folder`, recursively, in torchvision ImageFolder's order (sorted walk, sorted names).
 
     Symbolic links to folders are followed (datasets are often assembled from links), but each real folder is
-    walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. A file name that is not
-    valid UTF-8 is an error naming it (it could not be written to split files, JSON results or logs).
+    walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. Hidden folders are not
+    walked. A file name that is not valid UTF-8 is an error naming it (it could not be written to split files, JSON
+    results or logs). `real`, when given, receives each file's real path (links resolved: os.path.realpath, found
+    at the cost of one call per link, not per file), by which readers tell one image reached by two names
+    (distinct_images).
     """
     folder = Path(folder)
-    out, seen = [], set()
+    out: list[str] = []
+    seen: set[tuple[int, int] | None] = set()
 
-    def real(path: str) -> tuple[int, int] | None:
+    def key(path: str) -> tuple[int, int] | None:
         try:
             st = os.stat(path)
         except OSError:
             return None  # a broken link: os.walk skips it too
         return st.st_dev, st.st_ino
 
-    seen.add(real(str(folder)))
-    walk = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            key = real(os.path.join(dirpath, d))
-            if key is not None and key not in seen:
-                seen.add(key)
-                keep.append(d)
-        dirnames[:] = keep
-        walk.append((dirpath, filenames))
+    walk: list[tuple[str, list[str]]] = []
+    reals: dict[str, str] = {}
+
+    def visit(dirpath: str, real_dir: str) -> None:  # os.walk(followlinks=True), top-down, sorted subfolders
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            return  # os.walk skips folders it cannot list
+        files, subdirs = [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            (subdirs if is_dir else files).append(e)
+        walk.append((dirpath, [e.name for e in files]))
+        for e in files:
+            reals[e.path] = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
+        for e in subdirs:
+            if e.name.startswith("."):
+                continue
+            k = key(e.path)
+            if k is None or k in seen:
+                continue
+            seen.add(k)
+            visit(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name))
+
+    seen.add(key(str(folder)))
+    visit(str(folder), os.path.realpath(folder))
     for dirpath, filenames in sorted(walk):
-        if any(part.startswith(".") for part in Path(dirpath).relative_to(folder).parts):
-            continue
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
     check_utf8(out, folder)
+    if real is not None:
+        real.update((p, reals[p]) for p in out)
+    return out
+
+
+def real_path(path: str, real_dirs: dict[str, str]) -> str:
+    """os.path.realpath(path) at the cost of one realpath per folder (cached in `real_dirs`) and one lstat per file."""
+    folder, name = os.path.split(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    return os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[folder], name)
+
+
+def distinct_images(parts: dict[str, list[Item]], real: dict[str, str], classnames: Sequence[str],
+                    where: str) -> dict[str, list[Item]]:
+    """`parts` (split -> items) with each image file counted once, compared by real path (`real`: path -> its
+    real path; paths not in it are compared as they are).
+
+    One file reached by two names (a symbolic link to a class folder or to an image) in two splits is an error (the
+    test set would hold training images), and so it is under two labels; twice in one split under one label it is
+    read once, with a warning counting such names."""
+    first: dict[str, tuple[str, Item]] = {}
+    again: list[tuple[str, str]] = []
+    out: dict[str, list[Item]] = {}
+    for part, items in parts.items():
+        kept = []
+        for item in items:
+            key = real.get(item.path, item.path)
+            if key in first:
+                part0, item0 = first[key]
+                if (part0, item0.label) == (part, item.label):
+                    again.append((item.path, item0.path))
+                    continue
+                what = (f"in {part0} and in {part} (an image in two splits leaks test data)" if part0 != part else
+                        f"labelled {classnames[item0.label]!r} and {classnames[item.label]!r}")
+                raise DataError(f"{where}: {item0.path} and {item.path} are the same file ({key}) reached by two "
+                                f"names, {what}: remove the link so that each image has one name")
+            first[key] = (part, item)
+            kept.append(item)
+        out[part] = kept
+    if again:
+        log.warning("warning: %s: %d image(s) reached by a second name (a symbolic link) are read once, e.g. %s "
+                    "(the same file as %s)", where, len(again), *again[0])
     return out
 
 
@@ -130,13 +197,14 @@ def subfolders(folder: Path) -> list[str]:
     return names
 
 
-def scan_classes(folder: Path, labels: dict[str, int], key: str) -> list[Item]:
-    """Items of folder/<class>/... for the class folders named in `labels`; an empty class folder is an error."""
+def scan_classes(folder: Path, labels: dict[str, int], key: str, real: dict[str, str] | None = None) -> list[Item]:
+    """Items of folder/<class>/... for the class folders named in `labels`; an empty class folder is an error.
+    `real` receives each file's real path (list_image_files)."""
     items: list[Item] = []
     for name in subfolders(folder):
         if name not in labels:
             continue
-        files = list_image_files(folder / name)
+        files = list_image_files(folder / name, real)
         if not files:
             raise DataError(f"{key}: class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")

@@ -273,7 +273,7 @@ class RunDir:
             except BlockingIOError:
                 raise BlockLoRAError(f"another blocklora run is writing to {self.path} right now ({self.holder()}): "
                                      "wait for it or choose another --output") from None
-            record = json.dumps({"pid": os.getpid(), "command": " ".join(["blocklora", *sys.argv[1:]])[:400],
+            record = json.dumps({"pid": os.getpid(), "command": _command()[:400],
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")})
             os.ftruncate(fd, 0)
             os.pwrite(fd, record.encode("utf-8", "backslashreplace") + b"\n", 0)
@@ -374,6 +374,14 @@ class RunDir:
         """Remove a directory this process created and that holds nothing worth keeping (a failed start)."""
         if self.made_by_blocklora:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _command() -> str:
+    """This process's command line, as the user typed it ("blocklora train ..." for the CLI and python -m)."""
+    argv = sys.argv or [""]
+    prog = os.path.basename(argv[0])
+    prog = "blocklora" if prog in ("blocklora", "__main__.py") else (argv[0] or "python")
+    return " ".join([prog, *argv[1:]])
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -97,26 +97,28 @@ def list_image_files(folder: str | os.PathLike, real: dict[str, str] | None = No
             return None  # a broken link: os.walk skips it too
         return st.st_dev, st.st_ino
 
-    walk: list[tuple[str, list[str]]] = []
-    reals: dict[str, str] = {}
+    walk: list[tuple[str, str, list[str], set[str]]] = []  # (folder, its real path, file names, those that are links)
 
-    def visit(dirpath: str, real_dir: str) -> None:  # os.walk(followlinks=True), top-down, sorted subfolders
+    def visit(dirpath: str, real_dir: str) -> None:  # os.walk(followlinks=True): top-down, sorted subfolders
         try:
             with os.scandir(dirpath) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = list(it)
         except OSError:
             return  # os.walk skips folders it cannot list
-        files, subdirs = [], []
+        files, links, subdirs = [], set(), []
         for e in entries:
             try:
                 is_dir = e.is_dir()
             except OSError:
                 is_dir = False
-            (subdirs if is_dir else files).append(e)
-        walk.append((dirpath, [e.name for e in files]))
-        for e in files:
-            reals[e.path] = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name)
-        for e in subdirs:
+            if is_dir:
+                subdirs.append(e)
+            else:
+                files.append(e.name)
+                if e.is_symlink():  # from the directory entry's type: no system call
+                    links.add(e.name)
+        walk.append((dirpath, real_dir, files, links))
+        for e in sorted(subdirs, key=lambda e: e.name):
             if e.name.startswith("."):
                 continue
             k = key(e.path)
@@ -127,11 +129,16 @@ def list_image_files(folder: str | os.PathLike, real: dict[str, str] | None = No
 
     seen.add(key(str(folder)))
     visit(str(folder), os.path.realpath(folder))
-    for dirpath, filenames in sorted(walk):
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+    for dirpath, real_dir, filenames, links in sorted(walk, key=lambda w: w[0]):
+        names = sorted(f for f in filenames if is_image(f))
+        prefix = os.path.join(dirpath, "")  # os.path.join(dirpath, f), a string concatenation per file
+        paths = [prefix + f for f in names]
+        out += paths
+        if real is not None:
+            real_prefix = os.path.join(real_dir, "")
+            real.update(zip(paths, [os.path.realpath(p) if f in links else real_prefix + f
+                                    for p, f in zip(paths, names)]))
     check_utf8(out, folder)
-    if real is not None:
-        real.update((p, reals[p]) for p in out)
     return out
 
 

@@ -326,3 +326,16 @@ def test_predict_json_of_a_file_name_that_is_not_utf8(capsys, data, run, tmp_pat
         assert rows[0]["image"] == f"{tmp_path}/caf\\xe9.png"
         assert base64.b64decode(rows[0]["image_bytes_base64"]) == raw  # the exact name, for opening the file
         assert rows[0]["top"][0]["class"] in ("red apple", "green leaf", "blue sky")
+
+
+def test_a_run_folder_whose_name_is_not_utf8_writes_valid_utf8(capsys, data, tmp_path):
+    """results.json, config.json and train.log name the folder with \\xNN escapes: every file stays valid UTF-8, and
+    the log has no "Logging error" traceback."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9"
+    code, err = cli(capsys, *train_args(data, os.fsdecode(raw)))
+    assert code == 0 and "Traceback" not in err and "Logging error" not in err, err
+    for name in (b"results.json", b"config.json", b"split.json", b"train.log", b".lock"):
+        with open(raw + b"/" + name, "rb") as fh:
+            fh.read().decode("utf-8")
+    with open(raw + b"/results.json", "rb") as fh:
+        assert json.load(fh)["split_file"] == f"{tmp_path}/caf\\xe9/split.json"

@@ -100,7 +100,7 @@ def _print_results(r: RunResult, output: str) -> None:
     if r.base_to_new:
         line += f" | base {r.base_top1:.2f} new {r.new_top1:.2f} HM {r.harmonic_mean:.2f}"
     print(f"{line} | {r.trainable_params:,} trainable params | {r.wall_time_s['total']:.1f}s | "
-          f"results: {RunDir(output).results}")
+          f"results: {printable(str(RunDir(output).results))}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -199,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         output = default_output()
     results, examples = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
-    print("\n".join(summary_lines(results, examples, output)))
+    print(printable("\n".join(summary_lines(results, examples, output))))
     return 0
 
 
@@ -210,14 +210,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..interop.peft import export_peft
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-        print(f"PEFT LoRA adapter written: {', '.join(files)} (peft.PeftModel.from_pretrained(base_model, "
+        print(f"PEFT LoRA adapter written: {printable(', '.join(files))} (peft.PeftModel.from_pretrained(base_model, "
               f"{args.output!r}) loads it)")
         return 0
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-    print(f"merged checkpoint written: {', '.join(files)}")
+    print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
     if hint:  # a plain model name would build the default activation: say which call gives the trained one
-        print(f"stock open_clip loads it with: {hint}")
+        print(f"stock open_clip loads it with: {printable(hint)}")
     return 0
 
 
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where} (check free space, permissions and paths)", file=sys.stderr)
+        print(printable(f"error: {e.strerror or e}{where} (check free space, permissions and paths)"), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         signals.report()

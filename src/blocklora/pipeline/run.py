@@ -220,7 +220,9 @@ def _logging_to(path: Path | None, append: bool) -> Iterator[None]:
     if path is None:
         yield
         return
-    handler = logging.FileHandler(path, mode="a" if append else "w")
+    # UTF-8 whatever the locale; a path that is not UTF-8 (lone surrogates) is written with \xNN escapes, never a
+    # "Logging error" traceback
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

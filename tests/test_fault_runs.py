@@ -185,6 +185,9 @@ def test_every_step_skipped_is_an_error_and_json_stays_valid(capsys, monkeypatch
                                                                            real(s, k)[1]))
     out = tmp_path / "r"
     refused(capsys, train_args(data, out, "--iters", "3", "train.nan_policy=skip"), "every one of the 3 steps")
+    assert not out.exists()  # it failed before its first checkpoint: nothing is left behind
+    refused(capsys, train_args(data, out, "--iters", "3", "train.nan_policy=skip", "--checkpoint-every", "1"),
+            "every one of the 3 steps")
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     for line in (out / "metrics.jsonl").read_text().splitlines():  # strictly valid: null, never NaN
         assert json.loads(line, parse_constant=lambda c: pytest.fail(c))["loss"] is None

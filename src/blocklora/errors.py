@@ -35,3 +35,17 @@ def one_line(e: BaseException) -> str:
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
     return lines[0] if lines else type(e).__name__
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for JSON, logs and terminals: the bytes of a file name that is not UTF-8 (which Python
+    holds as lone surrogates, os.fsdecode) are shown as \\xNN escapes, as Python's own messages show them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: its code point, escaped
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

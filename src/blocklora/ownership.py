@@ -6,7 +6,10 @@ blocklora deletes only what it can prove it made itself:
 - no deletion touches a path that is, contains, or lies inside one of the operation's inputs (dataset root, split
   file, adapter being read, pretrained weights), nor one that is or contains the current or the home directory;
 - temporary files and folders are named `.<name>.blocklora-<pid>-<random>.tmp`, so a leftover of a killed write is
-  recognisably ours and stale once its process is gone.
+  recognisably ours and stale once its process is gone;
+- nothing is created inside an input (a new --output inside the dataset root would become part of the dataset);
+- a finished result is moved into place without replacing what appeared there meanwhile (`rename_noreplace`): two
+  commands given one output path never silently replace each other's result, whatever the timing.
 Files and folders are created with the modes the user's umask allows (mkstemp / mkdtemp alone would give 0600/0700).
 Files blocklora writes into a folder it did not make (summarize's tables) are recorded one by one (OwnedFiles): a
 file is replaced only while it is exactly as blocklora wrote it.
@@ -15,7 +18,9 @@ file is replaced only while it is exactly as blocklora wrote it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +28,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +101,17 @@ def conflict(target: str | os.PathLike, inputs: Iterable[Protected]) -> str | No
     return None
 
 
+def check_creatable(target: str | os.PathLike, inputs: Iterable[Protected], what: str) -> None:
+    """Raise a one-line refusal when a new `target` would lie inside a folder the operation reads (its dataset root,
+    model folder, ...): a run folder made there becomes part of the input (a new class of the dataset)."""
+    t = Path(os.path.realpath(target))
+    for p in inputs:
+        q = Path(os.path.realpath(p.path))
+        if p.inside and (t == q or t.is_relative_to(q)):
+            raise BlockLoRAError(f"refusing to create {target} inside {p.role} ({p.path}): what blocklora writes there "
+                                 f"would become part of what it reads; choose another {what}")
+
+
 def check_deletable(target: str | os.PathLike, inputs: Iterable[Protected], what: str) -> None:
     """Raise a one-line refusal when `target` may not be deleted because of an input."""
     why = conflict(target, inputs)
@@ -117,6 +133,23 @@ def remove_owned(directory: str | os.PathLike, kind: str, inputs: Iterable[Prote
 def temp_prefix(name: str) -> str:
     """mkstemp / mkdtemp prefix for a temporary sibling of `name`: ours, and stale once this process is gone."""
     return f".{name}{TEMP_TAG}{os.getpid()}-"
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one of blocklora's temporary names (temp_prefix)."""
+    return _TEMP.match(name) is not None
+
+
+def live_writers(directory: str | os.PathLike, name: str) -> list[int]:
+    """The ids of other live processes with a temporary sibling of `name` in `directory`: blocklora commands
+    writing `name` right now (their temporaries exist from start to finish)."""
+    pids = set()
+    with contextlib.suppress(OSError), os.scandir(directory) as it:
+        for entry in it:
+            m = _TEMP.match(entry.name)
+            if m is not None and m["name"] == name and int(m["pid"]) != os.getpid() and _alive(int(m["pid"])):
+                pids.add(int(m["pid"]))
+    return sorted(pids)
 
 
 def remove_stale_temps(directory: str | os.PathLike, name: str | None = None, every: bool = False) -> list[str]:
@@ -180,14 +213,118 @@ def fix_modes(tree: str | os.PathLike) -> None:
             fix_mode(os.path.join(dirpath, name))
 
 
+# -- moving a finished result into place ---------------------------------------------------------------------------
+RENAME_NOREPLACE = 1  # linux/fs.h: renameat2 fails with EEXIST instead of replacing the destination
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2_fn() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.?; not macOS
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: str, dst: str) -> bool:
+    """Linux renameat2(RENAME_NOREPLACE); False where the C library or the file system does not have it."""
+    fn = _renameat2_fn()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # an old kernel, a file system without the flag
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move `src` to `dst` atomically, never replacing what is at `dst`: FileExistsError when something is there.
+
+    os.rename replaces a file (and an empty folder) silently, so a check before it leaves a window in which another
+    process's result is lost. Linux's renameat2(RENAME_NOREPLACE) closes it; elsewhere a file is hard-linked
+    (link() fails on an existing name, atomically) then unlinked, and a folder renamed, which POSIX lets replace only
+    an empty folder, after a check."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if _renameat2(src, dst):
+        return
+    if os.path.isdir(src) and not os.path.islink(src):
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "File exists", dst)
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(errno.EEXIST, "File exists", dst) from None
+            raise
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: the check-then-rename fallback
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "File exists", dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def appeared(target: str | os.PathLike, what: str) -> BlockLoRAError:
+    """The refusal when `target`, free when the command checked it, was taken by another command meanwhile."""
+    return BlockLoRAError(f"{target} was written by another command while this one ran (it was free when this one "
+                          f"checked): nothing was replaced; choose another {what}, or run this command again once "
+                          "the other is done")
+
+
+def place(tmp: Path, target: Path, replace: bool, check: Callable[[Path], None] | None = None,
+          what: str = "--output") -> None:
+    """Move the finished `tmp` (a file or folder beside `target`) onto `target`, atomically.
+
+    replace=False: `target` must still be free (another command may have written it since the caller looked):
+    BlockLoRAError when it is not, and nothing is replaced. replace=True: what is at `target` now is checked again
+    by `check` (what the caller may replace) and moved aside under a temporary name, the result moved in without
+    replacing, and the old one removed; a file or folder that appeared in between is never replaced."""
+    if replace and os.path.lexists(target):
+        if check is not None:
+            check(target)
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
+        try:
+            os.rename(target, old / "old")  # the name is free from here on; a rename never writes through a link
+            try:
+                rename_noreplace(tmp, target)
+            except FileExistsError:
+                raise appeared(target, what) from None
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise appeared(target, what) from None
+
+
 @contextlib.contextmanager
-def atomic_folder(target: Path, kind: str) -> Iterator[Path]:
+def atomic_folder(target: Path, kind: str, replace: bool | None = None) -> Iterator[Path]:
     """A temporary sibling folder of `target` to fill. On success it is marked as blocklora's (`kind`), its files
-    fsync-ed, given the modes the umask gives, and moved onto `target` (replacing a folder the caller checked may be
-    replaced); on any failure it is removed: `target` is a complete folder or untouched. Leftovers of killed writes
-    in the parent folder (their process is gone) are removed first."""
+    fsync-ed, given the modes the umask gives, and moved onto `target` by `place`; on any failure it is removed:
+    `target` is a complete folder or untouched. replace: whether an existing `target` (a folder of this kind, checked
+    again) may be replaced; None: whether one existed when the write began (pass what the caller checked, when it
+    checked earlier). Leftovers of killed writes in the parent folder (their process is gone) are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
+    if replace is None:
+        replace = os.path.lexists(target)
+
+    def same_kind(path: Path) -> None:
+        if path.is_symlink() or not path.is_dir() or marker_kind(path) != kind:
+            raise BlockLoRAError(f"{path} was replaced by something blocklora did not write while this command ran: "
+                                 "refusing to replace it; choose another path")
+
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=TEMP_SUFFIX, dir=target.parent))
     try:
         yield tmp
@@ -197,9 +334,7 @@ def atomic_folder(target: Path, kind: str) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fix_modes(tmp)  # mkdtemp makes a private folder; the user's umask decides
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        place(tmp, target, replace, same_kind, "path")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

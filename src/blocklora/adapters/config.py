@@ -16,6 +16,12 @@ from ..errors import ConfigError
 METHODS, SCALINGS, FOLDS, A_INITS = (typing.get_args(t) for t in (Method, Scaling, Fold, AInit))
 TOWERS = ("vision", "text")
 PROJECTIONS = ("q", "k", "v", "o")
+# The scaling numerator's upper bound. s = alpha / sqrt(r) (or / r) multiplies B A x; with AdamW each entry of B
+# moves by about lr in the first step (B starts at 0), so the adapter adds about s * lr * |A x| to an output that is
+# O(1): past 10^4 (s in the thousands) one step swamps the frozen weights, and alpha near 1e308 overflows float32
+# (3.4e38) at the first forward. The recipes use alpha = 1 (CLIP-LoRA) to 2 r (LoRA practice; 8192 at the largest
+# rank allowed, 4096), all within it.
+MAX_ALPHA = 1e4
 DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
 # CLIP-LoRA's named layer ranges, defined for any depth (its tables are the 12- and 24-layer cases).
 LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
@@ -134,8 +140,8 @@ class AdapterConfig:
             set_(self, "layers", blocks)
         c.apply(self, "adapter", {"method": c.one_of(*METHODS), "r": c.num(1, 4096, integer=True),
                                   "n_blocks": c.num(1, 4096, integer=True, optional=True),
-                                  # alpha 0 (or NaN) would train nothing, or nothing finite
-                                  "alpha": c.num(0, lo_open=True), "dropout": c.num(0, 1, hi_open=True),
+                                  # alpha 0 (or NaN) would train nothing, or nothing finite; MAX_ALPHA above
+                                  "alpha": c.num(0, MAX_ALPHA, lo_open=True), "dropout": c.num(0, 1, hi_open=True),
                                   "scaling": c.one_of(*SCALINGS), "fold": c.one_of(*FOLDS),
                                   "a_init": c.one_of(*A_INITS), "dropout_mask": c.one_of(*DROPOUT_MASKS)})
         n = self.n_blocks

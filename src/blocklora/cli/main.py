@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import checks
 from ..config.run_config import CLASS_SUBSETS
-from ..errors import BlockLoRAError, DataError, one_line
+from ..errors import BlockLoRAError, DataError, one_line, printable
 
 if TYPE_CHECKING:
     from ..engine.results import RunResult
@@ -100,7 +100,7 @@ def _print_results(r: RunResult, output: str) -> None:
     if r.base_to_new:
         line += f" | base {r.base_top1:.2f} new {r.new_top1:.2f} HM {r.harmonic_mean:.2f}"
     print(f"{line} | {r.trainable_params:,} trainable params | {r.wall_time_s['total']:.1f}s | "
-          f"results: {RunDir(output).results}")
+          f"results: {printable(str(RunDir(output).results))}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,7 +143,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
+    import base64
 
     from tqdm.auto import tqdm
 
@@ -165,15 +165,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
               disable=len(images) < 2) as bar:
         for row in bar:
+            shown = printable(row["image"])
+            if shown != row["image"]:  # a name that is not UTF-8: shown with \xNN escapes, its bytes kept exactly
+                row = {"image": shown, "image_bytes_base64": base64.b64encode(os.fsencode(row["image"])).decode(),
+                       **{k: v for k, v in row.items() if k != "image"}}
             if "error" in row:
                 bad.append(row)
-                bar.write(f"skipped: {row['error']}", file=sys.stderr)
+                bar.write(f"skipped: {printable(row['error'])}", file=sys.stderr)
             else:
                 best = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in row["top"])
                 if args.json:
                     done.append(row)
                     continue
-                bar.write(json.dumps(row) if args.jsonl else f"{row['image']}: {best}", file=sys.stdout)
+                bar.write(_json(row, indent=None) if args.jsonl else f"{shown}: {best}", file=sys.stdout)
                 sys.stdout.flush()  # each row as it is done, also into a pipe
     if args.json:
         print(_json(done))
@@ -195,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         output = default_output()
     results, examples = run_demo(output, overwrite=args.overwrite, overrides=tuple(args.overrides), **options)
-    print("\n".join(summary_lines(results, examples, output)))
+    print(printable("\n".join(summary_lines(results, examples, output))))
     return 0
 
 
@@ -206,14 +210,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..interop.peft import export_peft
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-        print(f"PEFT LoRA adapter written: {', '.join(files)} (peft.PeftModel.from_pretrained(base_model, "
+        print(f"PEFT LoRA adapter written: {printable(', '.join(files))} (peft.PeftModel.from_pretrained(base_model, "
               f"{args.output!r}) loads it)")
         return 0
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-    print(f"merged checkpoint written: {', '.join(files)}")
+    print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
     if hint:  # a plain model name would build the default activation: say which call gives the trained one
-        print(f"stock open_clip loads it with: {hint}")
+        print(f"stock open_clip loads it with: {printable(hint)}")
     return 0
 
 
@@ -223,9 +227,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json(data: Any) -> str:
-    from ..engine.files import to_json  # strictly valid JSON: no bare NaN
-    return to_json(data)
+def _json(data: Any, indent: int | None = 2) -> str:
+    from ..engine.files import to_json  # strictly valid JSON: no bare NaN, no lone surrogates
+    return to_json(data, indent)
 
 
 def _emit(result: dict[str, Any], as_json: bool, line: str) -> None:
@@ -363,13 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlockLoRAError as e:
         if debug:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {printable(one_line(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug
         if debug:
             raise
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where} (check free space, permissions and paths)", file=sys.stderr)
+        print(printable(f"error: {e.strerror or e}{where} (check free space, permissions and paths)"), file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         signals.report()

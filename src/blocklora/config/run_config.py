@@ -50,6 +50,11 @@ LOSSES, SCHEDULES, FROZEN_DTYPES, NAN_POLICIES = typing.get_args(Loss), typing.g
 EVAL_SPLITS = typing.get_args(EvalSplit)
 MAX_SHOTS = 10_000  # images per class: beyond this "few-shot" is a typo (and 500 x K steps would never end)
 MAX_ITERS = 10**9
+# AdamW moves each weight by about lr per step whatever the gradient's size (Kingma & Ba 2015, sec. 2.1: the step is
+# bounded by the learning rate), so lr is the per-step change of a LoRA factor. LoRA recipes use 1e-5 to 1e-2
+# (CLIP-LoRA 2e-4); above 10 every factor moves by more than any trained weight is large in one step and the run
+# diverges at once, after its folder is written. A generous bound, 1000x the largest rate in use.
+MAX_LR = 10.0
 # Options a resumed run may change: they do not change what is computed (the batches are a pure function of seed and
 # step whatever the number of loader workers, engine/stream.py; evaluation accuracy does not depend on its batch) or
 # only how progress is shown and how often the resumable state is saved.
@@ -144,7 +149,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         c.apply(self, "train", {
-            "lr": c.num(0, lo_open=True), "weight_decay": c.num(0), "betas": _betas,
+            "lr": c.num(0, MAX_LR, lo_open=True), "weight_decay": c.num(0), "betas": _betas,
             "schedule": c.one_of(*SCHEDULES), "min_lr": c.num(0), "warmup_iters": c.num(0, MAX_ITERS, integer=True),
             "iters_per_shot": c.num(1, MAX_ITERS, integer=True),
             "iters": c.num(1, MAX_ITERS, integer=True, optional=True), "batch_size": c.num(1, 65536, integer=True),
@@ -160,6 +165,10 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr:g}) is above train.lr ({self.lr:g}): the cosine schedule "
                               "would raise the learning rate; lower min_lr")
+        if self.lr * self.weight_decay >= 1:  # AdamW's decay step w <- (1 - lr * wd) w (Loshchilov & Hutter 2019)
+            raise ConfigError(f"train.weight_decay ({self.weight_decay:g}) times train.lr ({self.lr:g}) is >= 1: "
+                              "AdamW's decay step w <- (1 - lr * weight_decay) w would zero or flip every weight; "
+                              "use a weight decay below 1 / lr (CLIP-LoRA: 0.01)")
 
     def total_iters(self, shots: int) -> int:
         """Training steps: `iters` when set, else iters_per_shot x shots (CLIP-LoRA's 500 x K)."""

@@ -18,6 +18,7 @@ from .layout import (
     COOP_DATASETS_MD,
     TEMPLATES,
     dataset_dir,
+    distinct_images,
     first_missing_image,
     is_image,
     load_json,
@@ -274,9 +275,11 @@ def read_imagenet(key: str, root: Path) -> DatasetSplits:
         if w not in labels:
             raise DataError(f"imagenet: class folder {base / 'val' / w} has no train folder {base / 'train' / w}: "
                             "the train and val sets must have the same classes")
-    train = scan_classes(base / "train", labels, key)
-    test = scan_classes(base / "val", labels, key)
-    return DatasetSplits(key, ddir, [prompt_name(table.names[w]) for w in wnids], train, [], test, TEMPLATES[key],
+    real: dict[str, str] = {}
+    names = [prompt_name(table.names[w]) for w in wnids]
+    parts = distinct_images({"train": scan_classes(base / "train", labels, key, real),
+                             "test": scan_classes(base / "val", labels, key, real)}, real, names, key)
+    return DatasetSplits(key, ddir, names, parts["train"], [], parts["test"], TEMPLATES[key],
                          open_benchmark_image)
 
 
@@ -334,8 +337,11 @@ def read_variant(key: str, root: Path) -> DatasetSplits:
         else:  # Sketch: all 1000 ImageNet labels
             kept = table.wnids
             labels = {w: index[w] for w in folders}
-    test = scan_classes(image_dir, labels, key)
-    return ImageNetVariantSplits(key, ddir, [prompt_name(table.names[w]) for w in kept], [], [], test,
+    real: dict[str, str] = {}
+    test = scan_classes(image_dir, labels, key, real)
+    names = [prompt_name(table.names[w]) for w in kept]
+    test = distinct_images({"test": test}, real, names, key)["test"]
+    return ImageNetVariantSplits(key, ddir, names, [], [], test,
                                  TEMPLATES[key], open_benchmark_image, imagenet_indices=[index[w] for w in kept])
 
 

@@ -56,7 +56,15 @@ from pathlib import Path
 from ..errors import DataError
 from ..reading import open_text
 from .benchmarks import VARIANTS, ZHOU, read_fgvc, read_imagenet, read_variant, read_zhou
-from .layout import DEFAULT_TEMPLATE, existing_root, prompt_name, scan_classes, subfolders
+from .layout import (
+    DEFAULT_TEMPLATE,
+    distinct_images,
+    existing_root,
+    prompt_name,
+    real_path,
+    scan_classes,
+    subfolders,
+)
 from .types import DatasetSplits, Item
 
 log = logging.getLogger("blocklora")
@@ -95,6 +103,7 @@ def _read_folder(key: str, root: Path) -> DatasetSplits:
         raise DataError(f"folder dataset: {root / 'train'} has no class folders: expected {layout}")
     labels = {c: i for i, c in enumerate(classes)}
     parts: dict[str, list[Item]] = {}
+    real: dict[str, str] = {}
     for part in ("train", "val", "test"):
         folder = root / part
         if not folder.is_dir():
@@ -104,7 +113,9 @@ def _read_folder(key: str, root: Path) -> DatasetSplits:
             if c not in labels:
                 raise DataError(f"folder dataset: class folder {folder / c} has no train folder {root / 'train' / c}:"
                                 " every class needs training images")
-        parts[part] = scan_classes(folder, labels, "folder dataset")
+        parts[part] = scan_classes(folder, labels, "folder dataset", real)
+    names = [prompt_name(c) for c in classes]
+    parts = distinct_images(parts, real, names, f"folder dataset {root}")
     return DatasetSplits(root.name, root, [prompt_name(c) for c in classes], parts["train"], parts["val"],
                          parts["test"], DEFAULT_TEMPLATE)
 
@@ -165,26 +176,30 @@ def _read_csv(key: str, path: Path) -> DatasetSplits:
     base = path.parent
     parts: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
     absent = []
-    first: dict[str, tuple[int, str, str]] = {}  # image -> (line, label, split) of its first row
+    # image (its real path: a row naming a link to another row's image names that image) -> its first row
+    first: dict[str, tuple[int, str, str, str]] = {}
+    real_dirs: dict[str, str] = {}
     repeats = []
     for line, file, label, split in rows:
         full = os.path.normpath(os.path.join(str(base), file))
-        if full in first:
-            line0, label0, split0 = first[full]
+        key = real_path(full, real_dirs)
+        if key in first:
+            line0, label0, split0, full0 = first[key]
+            alias = "" if full0 == full else f" (as {full0}: the same file by another name)"
             if (label0, split0) == (label, split):
                 repeats.append((line, line0))
                 continue  # the same row again: counted below, read once
-            what = (f"labels it {label!r}, line {line0} {label0!r}" if label0 != label else
-                    f"puts it in {split}, line {line0} in {split0} (an image in two splits leaks test data)")
+            what = (f"labels it {label!r}, line {line0}{alias} {label0!r}" if label0 != label else
+                    f"puts it in {split}, line {line0}{alias} in {split0} (an image in two splits leaks test data)")
             raise DataError(f"csv dataset {path} line {line}: image {full} is listed twice: this row {what}; keep "
                             "one row per image")
-        first[full] = (line, label, split)
+        first[key] = (line, label, split, full)
         if not os.path.exists(full):
             absent.append((line, full))
         parts[split].append(Item(full, labels[label]))
     if repeats:
-        log.warning("csv dataset %s: %d repeated row(s) read once (line %d repeats line %d)", path, len(repeats),
-                    *repeats[0])
+        log.warning("warning: csv dataset %s: %d repeated row(s) read once (line %d repeats line %d, the same image "
+                    "file)", path, len(repeats), *repeats[0])
     if absent:
         line, full = absent[0]
         raise DataError(f"csv dataset {path} line {line}: image {full} does not exist ({len(absent)} missing in all; "

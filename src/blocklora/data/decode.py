@@ -10,6 +10,9 @@ Every failure is a DataError naming the file and the reason; nothing hangs and n
   opened with O_NONBLOCK and checked again with fstat, so a swap after the check cannot block either;
 - images with more pixels than PIL's Image.MAX_IMAGE_PIXELS (about 89 M; raise it to allow larger images) are
   refused before decoding: a small file can decode to gigabytes (a decompression bomb);
+- so are images longer than MAX_ASPECT_RATIO times their width (or wider than it times their height): a strip the
+  pixel limit lets through (2,000,000 x 1 px, 6 KB as PNG) becomes S x S*2,000,000 pixels when a transform resizes
+  its short side to the model's input size S (CLIP's resize), gigabytes at any S (shape_problem);
 - 16-bit and float images are scaled to 8 bits, not clipped as PIL's convert("RGB") does (it maps every 16-bit
   value above 255 to white and a float image in [0, 1] to black): I;16 by 255 / 65535; 32-bit integer ("I") images
   by the same factor when their values fit 0..65535 (as-is when they fit 0..255); float ("F") images in [0, 1] by
@@ -41,6 +44,26 @@ _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
 
+# The longest side over the shortest that an image may have. CLIP's preprocessing resizes the short side to the
+# input size S, making S*S*r pixels of an r:1 image: at r = 200 that is 10 M pixels (30 MB as 8-bit RGB) for S = 224,
+# and 52 M for S = 512 (SigLIP's largest), under the 89 M pixels PIL's own limit allows a decoded image. Photographs
+# are far below it: 360-degree panoramas are 2:1, phone sweep panoramas up to about 8:1. Raise it (like PIL's
+# Image.MAX_IMAGE_PIXELS) to read longer strips.
+MAX_ASPECT_RATIO = 200
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size cannot be used (0 pixels; an aspect ratio beyond MAX_ASPECT_RATIO), or None."""
+    if width < 1 or height < 1:
+        return "empty image (0 pixels)"
+    ratio = max(width, height) / min(width, height)
+    if MAX_ASPECT_RATIO and ratio > MAX_ASPECT_RATIO:
+        return (f"{width}x{height} pixels: an aspect ratio of {ratio:.0f}:1, beyond {MAX_ASPECT_RATIO}:1 "
+                "(blocklora.data.decode.MAX_ASPECT_RATIO): resizing it to the model's input would need "
+                f"{ratio:.0f} times its pixels (a strip-shaped decompression bomb?)")
+    return None
+
+
 def _not_regular(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
@@ -63,8 +86,9 @@ def _opened(path: str) -> Iterator[Image.Image]:
             if limit and image.width * image.height > limit:
                 raise DataError(f"{image.width}x{image.height} pixels exceed PIL's limit Image.MAX_IMAGE_PIXELS="
                                 f"{limit} (a decompression bomb?)")
-            if image.width < 1 or image.height < 1:
-                raise DataError("empty image (0 pixels)")
+            why = shape_problem(image.width, image.height)
+            if why:
+                raise DataError(why)
             yield image
 
 

@@ -40,7 +40,7 @@ import json
 import os
 import random
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from ..choices import Sampler
 from ..errors import ConfigError, DataError
 from ..reading import loads, open_regular, read_bytes, reason
 from .decode import reads_files
+from .layout import real_path
 from .types import DatasetSplits, Item
 
 SAMPLERS = typing.get_args(Sampler)
@@ -294,12 +295,12 @@ def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[Few
     known = _parts_of(splits)
     root = Path(splits.root)
     file_based = reads_files(splits.image_reader)
-    tests = _RealPaths(splits.test) if file_based else None
+    same_file = _same_file(splits) if file_based else lambda path: None
     bad: list[str] = []
     for part in ("train", "val"):
         items = []
         for i, entry in enumerate(data[part]):
-            item, why = _resolve(entry, known, root, len(splits.classnames), file_based, part, tests)
+            item, why = _resolve(entry, known, root, len(splits.classnames), file_based, part, same_file)
             if item is None:
                 bad.append(f"{part}[{i}] = {json.dumps(entry, ensure_ascii=False)[:100]}: {why}")
             else:
@@ -344,17 +345,19 @@ def _parts_of(splits: DatasetSplits) -> dict[str, tuple[Item, frozenset[str]]]:
     return out
 
 
-class _RealPaths:
-    """The real paths (links resolved) of some items, computed on first use: a hand-made entry outside the
-    dataset's lists is compared with the test images by what it points to."""
+def _same_file(splits: DatasetSplits) -> Callable[[str], Item | None]:
+    """path -> the dataset's item that is the same file (compared by real path: a link to one of its images is that
+    image), or None. The real paths are found once, on the first call (split files name the dataset's own paths)."""
+    by_real: dict[str, Item] = {}
+    dirs: dict[str, str] = {}
 
-    def __init__(self, items: Sequence[Item]) -> None:
-        self.items, self.paths = items, None
+    def find(path: str) -> Item | None:
+        if not by_real:
+            for items in (splits.train, splits.val, splits.test):  # each file is in one split (distinct_images)
+                by_real.update((real_path(i.path, dirs), i) for i in items)
+        return by_real.get(real_path(path, dirs))
 
-    def __contains__(self, path: str) -> bool:
-        if self.paths is None:
-            self.paths = {os.path.realpath(i.path) for i in self.items}
-        return os.path.realpath(path) in self.paths
+    return find
 
 
 # where a split file's part may take its images from: blocklora draws train shots from the train split and val
@@ -363,7 +366,8 @@ _ALLOWED = {"train": {"train"}, "val": {"train", "val"}}
 
 
 def _resolve(entry: object, known: dict[str, tuple[Item, frozenset[str]]], root: Path, n_classes: int,
-             file_based: bool, part: str = "train", tests: _RealPaths | None = None) -> tuple[Item | None, str]:
+             file_based: bool, part: str = "train", same_file: Callable[[str], Item | None] = lambda path: None
+             ) -> tuple[Item | None, str]:
     if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not entry[0]
             or not isinstance(entry[1], int) or isinstance(entry[1], bool)):
         return None, "not a [path, label] pair"
@@ -372,6 +376,9 @@ def _resolve(entry: object, known: dict[str, tuple[Item, frozenset[str]]], root:
         return None, f"label {label} outside 0..{n_classes - 1}"
     full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(str(root), rel))
     found = known.get(full) or known.get(os.path.normpath(rel))
+    if found is None and os.path.exists(full):  # another name of one of the dataset's images (a link to it)
+        same = same_file(full)
+        found = known.get(os.path.normpath(same.path)) if same is not None else None
     if found is not None:
         item, held = found
         if not held & _ALLOWED[part]:
@@ -382,7 +389,5 @@ def _resolve(entry: object, known: dict[str, tuple[Item, frozenset[str]]], root:
             return None, f"labelled {label}, but the dataset labels it {item.label}"
         return item, ""
     if file_based and os.path.isfile(full):  # an image outside the dataset's lists (a hand-made split)
-        if tests is not None and full in tests:
-            return None, "a link to a test image of the dataset (training on it leaks the test set)"
         return Item(full, label), ""
     return None, f"no such image ({full})" if file_based else "not an image of the dataset"

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .decode import file_problem, header_problem, open_image_file, reads_files, reason
+from .decode import file_problem, header_problem, open_image_file, reads_files, reason, shape_problem
 from .types import Item
 
 CHUNK = 4096  # images handed to the thread pool at a time (bounds the number of pending futures)
@@ -64,13 +64,18 @@ def collate_reported(batch: list[tuple[Any, int, str, str | None]]) -> tuple[tor
 
 
 def read_image(reader: Callable[[str], Image.Image], path: str) -> Image.Image:
-    """reader(path) with every failure as DataError("cannot read image PATH: reason")."""
+    """reader(path) with every failure as DataError("cannot read image PATH: reason"); an image no transform may
+    resize (decode.shape_problem: a custom reader's too) is one."""
     try:
-        return reader(path)
+        image = reader(path)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a custom reader's failure is a finding about that image
         raise DataError(f"cannot read image {path}: {reason(e)}") from None
+    why = shape_problem(*image.size) if isinstance(image, Image.Image) else None
+    if why:
+        raise DataError(f"cannot read image {path}: {why}")
+    return image
 
 
 LEVELS = ("file", "header", "decode")

@@ -16,6 +16,7 @@ from ..reading import read_json, read_text, reason
 from .types import Item
 
 log = logging.getLogger("blocklora")
+
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's extensions (matched case-insensitively), so folder scans list the files it lists
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -95,42 +96,114 @@ def warn_skipped(skipped: Counter, where: str) -> None:
                     " ".join(IMAGE_EXTENSIONS))
 
 
-def list_image_files(folder: str | os.PathLike, skipped: Counter | None = None) -> list[str]:
+def list_image_files(folder: str | os.PathLike, real: dict[str, str] | None = None,
+                     skipped: Counter | None = None) -> list[str]:
     """Image files under `folder`, recursively, in torchvision ImageFolder's order (sorted walk, sorted names).
 
     Symbolic links to folders are followed (datasets are often assembled from links), but each real folder is
-    walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. A file name that is not
-    valid UTF-8 is an error naming it (it could not be written to split files, JSON results or logs). `skipped`
-    counts, by extension, the files left out that PIL could read (pil_extension; warn_skipped reports them).
+    walked once: a link back to an ancestor (a -> .) would otherwise make the walk endless. Hidden folders are not
+    walked. A file name that is not valid UTF-8 is an error naming it (it could not be written to split files, JSON
+    results or logs). `real`, when given, receives each file's real path (links resolved: os.path.realpath, found
+    at the cost of one call per link, not per file), by which readers tell one image reached by two names
+    (distinct_images). `skipped` counts, by extension, the files left out that PIL could read (pil_extension;
+    warn_skipped reports them).
     """
     folder = Path(folder)
-    out, seen = [], set()
+    out: list[str] = []
+    seen: set[tuple[int, int] | None] = set()
 
-    def real(path: str) -> tuple[int, int] | None:
+    def key(path: str) -> tuple[int, int] | None:
         try:
             st = os.stat(path)
         except OSError:
             return None  # a broken link: os.walk skips it too
         return st.st_dev, st.st_ino
 
-    seen.add(real(str(folder)))
-    walk = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        keep = []
-        for d in sorted(dirnames):
-            key = real(os.path.join(dirpath, d))
-            if key is not None and key not in seen:
-                seen.add(key)
-                keep.append(d)
-        dirnames[:] = keep
-        walk.append((dirpath, filenames))
-    for dirpath, filenames in sorted(walk):
-        if any(part.startswith(".") for part in Path(dirpath).relative_to(folder).parts):
-            continue
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f)]
+    walk: list[tuple[str, str, list[str], set[str]]] = []  # (folder, its real path, file names, those that are links)
+
+    def visit(dirpath: str, real_dir: str) -> None:  # os.walk(followlinks=True): top-down, sorted subfolders
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            return  # os.walk skips folders it cannot list
+        files, links, subdirs = [], set(), []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(e)
+            else:
+                files.append(e.name)
+                if e.is_symlink():  # from the directory entry's type: no system call
+                    links.add(e.name)
+        walk.append((dirpath, real_dir, files, links))
+        for e in sorted(subdirs, key=lambda e: e.name):
+            if e.name.startswith("."):
+                continue
+            k = key(e.path)
+            if k is None or k in seen:
+                continue
+            seen.add(k)
+            visit(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_dir, e.name))
+
+    seen.add(key(str(folder)))
+    visit(str(folder), os.path.realpath(folder))
+    for dirpath, real_dir, filenames, links in sorted(walk, key=lambda w: w[0]):
+        names = sorted(f for f in filenames if is_image(f))
+        prefix = os.path.join(dirpath, "")  # os.path.join(dirpath, f), a string concatenation per file
+        paths = [prefix + f for f in names]
+        out += paths
+        if real is not None:
+            real_prefix = os.path.join(real_dir, "")
+            real.update(zip(paths, [os.path.realpath(p) if f in links else real_prefix + f
+                                    for p, f in zip(paths, names)]))
         if skipped is not None:
             skipped.update(e for e in map(pil_extension, filenames) if e)
     check_utf8(out, folder)
+    return out
+
+
+def real_path(path: str, real_dirs: dict[str, str]) -> str:
+    """os.path.realpath(path) at the cost of one realpath per folder (cached in `real_dirs`) and one lstat per file."""
+    folder, name = os.path.split(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    return os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[folder], name)
+
+
+def distinct_images(parts: dict[str, list[Item]], real: dict[str, str], classnames: Sequence[str],
+                    where: str) -> dict[str, list[Item]]:
+    """`parts` (split -> items) with each image file counted once, compared by real path (`real`: path -> its
+    real path; paths not in it are compared as they are).
+
+    One file reached by two names (a symbolic link to a class folder or to an image) in two splits is an error (the
+    test set would hold training images), and so it is under two labels; twice in one split under one label it is
+    read once, with a warning counting such names."""
+    first: dict[str, tuple[str, Item]] = {}
+    again: list[tuple[str, str]] = []
+    out: dict[str, list[Item]] = {}
+    for part, items in parts.items():
+        kept = []
+        for item in items:
+            key = real.get(item.path, item.path)
+            if key in first:
+                part0, item0 = first[key]
+                if (part0, item0.label) == (part, item.label):
+                    again.append((item.path, item0.path))
+                    continue
+                what = (f"in {part0} and in {part} (an image in two splits leaks test data)" if part0 != part else
+                        f"labelled {classnames[item0.label]!r} and {classnames[item.label]!r}")
+                raise DataError(f"{where}: {item0.path} and {item.path} are the same file ({key}) reached by two "
+                                f"names, {what}: remove the link so that each image has one name")
+            first[key] = (part, item)
+            kept.append(item)
+        out[part] = kept
+    if again:
+        log.warning("warning: %s: %d image(s) reached by a second name (a symbolic link) are read once, e.g. %s "
+                    "(the same file as %s)", where, len(again), *again[0])
     return out
 
 
@@ -155,14 +228,15 @@ def subfolders(folder: Path) -> list[str]:
     return names
 
 
-def scan_classes(folder: Path, labels: dict[str, int], key: str) -> list[Item]:
-    """Items of folder/<class>/... for the class folders named in `labels`; an empty class folder is an error."""
+def scan_classes(folder: Path, labels: dict[str, int], key: str, real: dict[str, str] | None = None) -> list[Item]:
+    """Items of folder/<class>/... for the class folders named in `labels`; an empty class folder is an error.
+    `real` receives each file's real path (list_image_files)."""
     items: list[Item] = []
     skipped: Counter = Counter()
     for name in subfolders(folder):
         if name not in labels:
             continue
-        files = list_image_files(folder / name, skipped)
+        files = list_image_files(folder / name, real, skipped)
         if not files:
             raise DataError(f"{key}: class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the folder")

@@ -1,7 +1,8 @@
 """Files that must never be half-written: atomic JSON / torch saves, JSONL metrics (a run folder's lock: rundir.py).
 
 Every JSON blocklora writes goes through `to_json`: valid JSON only (a non-finite float becomes null, never a bare
-NaN or Infinity that strict parsers reject).
+NaN or Infinity that strict parsers reject; a string holding a file name that is not UTF-8 is written with its bytes
+as \\xNN escapes, errors.printable, never as lone surrogates that no UTF-8 reader accepts).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BlockLoRAError
+from ..errors import BlockLoRAError, printable
 from ..ownership import TEMP_SUFFIX, fix_mode, remove_stale_temps, temp_prefix
 
 
@@ -48,15 +49,18 @@ def atomic_write(path: Path, write) -> None:
 
 
 def to_json(data: Any, indent: int | None = 2) -> str:
-    """JSON text of `data`, strictly valid: NaN and infinities become null (json.dumps would write bare NaN)."""
+    """JSON text of `data`, strictly valid: NaN and infinities become null (json.dumps would write bare NaN), lone
+    surrogates \\xNN escapes (errors.printable)."""
     return json.dumps(_finite(data), indent=indent, default=_json_default, allow_nan=False)
 
 
 def _finite(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, str):
+        return obj if obj.isascii() else printable(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {(printable(k) if isinstance(k, str) else k): _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     if isinstance(obj, torch.Tensor):

@@ -120,8 +120,9 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: str | None = None,
-                       extra: Mapping[str, Any] | None = None) -> list[str]:
-    """Write `model`'s adapters as a PEFT LoRA adapter folder at `output` (which must not exist); atomic.
+                       extra: Mapping[str, Any] | None = None, replace: bool | None = None) -> list[str]:
+    """Write `model`'s adapters as a PEFT LoRA adapter folder at `output` (which must not exist; replace=True: or
+    be a PEFT export blocklora wrote; None: whether one existed when the write began); atomic.
 
     `base_model` is recorded as base_model_name_or_path (what PeftModel.from_pretrained's caller loads first);
     `extra` is kept as JSON under "blocklora" in the safetensors header (read_record). Returns the files written."""
@@ -132,7 +133,7 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
     # blocklora's own record goes into the safetensors header: PEFT warns about unknown adapter_config.json keys
     metadata = {"format": "pt", **({RECORD: json.dumps(dict(extra), allow_nan=False)} if extra else {})}
     output = Path(output)
-    with atomic_folder(output, KIND) as tmp:
+    with atomic_folder(output, KIND, replace) as tmp:
         with reported_write(output / WEIGHTS_FILE):  # a full disk, a file size limit: the OS error it is
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
@@ -498,7 +499,8 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
     weights = pretrained if pretrained is not None else recorded_weights(run, adapter_dir)
     inputs = protected(("the adapter being read (--adapter)", adapter_dir), ("the pretrained weights", weights))
     check_deletable(output, inputs, "--output")
-    if output.exists() or output.is_symlink():
+    existed = output.exists() or output.is_symlink()  # what may be replaced, decided now (atomic_folder's replace)
+    if existed:
         if not overwrite:
             raise BlockLoRAError(f"{output} already exists: choose another path or pass --overwrite")
         if output.is_symlink() or not output.is_dir() or marker_kind(output) != KIND:
@@ -510,7 +512,7 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
     base = model[3:] if model.startswith("hf:") else model
     return write_peft_adapter(backbone.model, output, base, extra={
         "exported_from": str(adapter_dir), "model": model, "pretrained": weights, "method": meta["config"]["method"],
-        "n_blocks": meta["config"]["n_blocks"], "template": run.get("template")})
+        "n_blocks": meta["config"]["n_blocks"], "template": run.get("template")}, replace=existed)
 
 
 def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str, model: str | None = None,

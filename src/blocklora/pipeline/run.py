@@ -62,11 +62,13 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
     `cfg` is the request (None = unset); the run uses and records cfg.resolved() (prepare.resolve). Under torchrun
     (`rank` of `world_size` processes) the ranks train data-parallel and rank 0 writes. Raises BlockLoRAError for
     every user error before the run directory exists; TrainingDiverged (keeping the last checkpoint) when the loss
-    or the weights stop being finite. `finish(run_dir)`, called on rank 0 once the adapter is saved, returns more
-    RunResult fields measured on it (the demo's examples), so results.json is still written once. Returns what
-    results.json holds."""
+    or the weights stop being finite. A run that fails before its first checkpoint leaves nothing behind
+    (RunDir.session; --overwrite puts the previous run back). `finish(run_dir)`, called on rank 0 once the adapter
+    is saved, returns more RunResult fields measured on it (the demo's examples), so results.json is still written
+    once. Returns what results.json holds."""
     rd = RunDir(output)
-    mode = rd.open_for(overwrite, resume, run_inputs(cfg))  # refuses what may not be reused or cleared
+    writes = RunDir.written(tensorboard=cfg.train.log == "tensorboard", demo=finish is not None)
+    mode = rd.open_for(overwrite, resume, run_inputs(cfg), writes)  # refuses what may not be reused or cleared
     saved = _check_same_run(rd, cfg) if mode == "resume" else None
     if saved is not None and rd.complete:
         log.info("%s is complete: nothing to resume", rd.path)
@@ -78,8 +80,8 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
             _check_same(rd, p.cfg, saved["config"], "now resolves to", "blocklora's defaults changed since it "
                         "started: start the run again with --overwrite")
         main = p.runtime.is_main
-        with rd.session(main, clear=mode == "overwrite", barrier=functools.partial(_barrier, world_size),
-                        keep=(TrainingDiverged,)), _logging_to(rd.log if main else None, append=mode == "resume"):
+        with rd.session(main, mode, barrier=functools.partial(_barrier, world_size)), \
+                _logging_to(rd.log if main else None, append=mode == "resume"):
             workers = p.cfg.data.workers if p.cfg.data.workers >= 0 else default_workers()
             sha = _start_files(p, rd)
             log.info("run %s: %s on %s (%d classes), %d shots, seed %d, split %s", rd.path, p.backbone.name,
@@ -222,7 +224,9 @@ def _logging_to(path: Path | None, append: bool) -> Iterator[None]:
     if path is None:
         yield
         return
-    handler = logging.FileHandler(path, mode="a" if append else "w")
+    # UTF-8 whatever the locale; a path that is not UTF-8 (lone surrogates) is written with \xNN escapes, never a
+    # "Logging error" traceback
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -6,10 +6,13 @@ run's own record: backbone, class names, template, logit scale), so a damaged or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,8 +39,10 @@ from ..ownership import (
     TEMP_SUFFIX,
     check_deletable,
     fix_modes,
+    live_writers,
     mark,
     marker_kind,
+    place,
     protected,
     remove_stale_temps,
     reported_write,
@@ -256,7 +261,7 @@ def image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     skipped: Counter = Counter()
     for p in map(Path, paths):
         if p.is_dir():
-            out += list_image_files(p, skipped)
+            out += list_image_files(p, skipped=skipped)
         elif os.path.lexists(p):
             out.append(str(p))  # the image opener names what is wrong with a special file
         else:
@@ -329,7 +334,9 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     """Merge the adapter into the frozen weights and write the backbone's own checkpoint format.
 
     An existing `output` is replaced only with overwrite, only when it is a weights file or a folder blocklora
-    exported, and never when it is, contains or lies inside the adapter or the weights being read."""
+    exported, and never when it is, contains or lies inside the adapter or the weights being read. Two exports to
+    one path: the later refuses while the earlier is writing (its temporary folder names its process), and the
+    result is moved into place without replacing what appeared meanwhile (ownership.place)."""
     output = Path(output)
     adapter_dir = locate_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
@@ -338,31 +345,59 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
     check_export_path(run["model"], output)
     inputs = protected(("the adapter being read (--adapter)", adapter_dir), ("the pretrained weights", weights))
     check_deletable(output, inputs, "--output")
-    if output.exists() or output.is_symlink():
+    existed = output.exists() or output.is_symlink()
+    if existed:
         if not overwrite:
             raise BlockLoRAError(f"{output} already exists: choose another path or pass --overwrite")
         _check_export_replaceable(output)
-    backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer,
-                                  text=False)
-    state = merged_state_dict(backbone.model)
+    made = [d for d in (output.parent, *output.parent.parents) if not d.exists()]  # removed again on a failure
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output.parent)  # leftovers of killed writes here (their process is gone)
     # written under a temporary folder beside it, with the output's own name (the format follows the name: a
-    # suffix-less one is a folder), then moved into place; removed on any failure
-    holder = Path(tempfile.mkdtemp(prefix=_temp_prefix(output.name), suffix=TEMP_SUFFIX, dir=output.parent))
+    # suffix-less one is a folder), then moved into place; removed on any failure. Made first: it tells another
+    # export to the same path that this one is under way.
+    started = time.time_ns()
+    holder = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(output.name)}{started}-", suffix=TEMP_SUFFIX,
+                                   dir=output.parent))
     tmp = holder / output.name
     try:
+        others = _earlier_writers(output.parent, output.name, started)
+        if others:
+            raise BlockLoRAError(f"another blocklora command (pid {others[0]}) is writing {output} right now: wait "
+                                 "for it, or choose another --output")
+        backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False,
+                                      tokenizer=tokenizer, text=False)
+        state = merged_state_dict(backbone.model)
         with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
             backbone.export(state, tmp, classifier(run, backbone))
         if tmp.is_dir():
             mark(tmp, EXPORT)
         fix_modes(tmp)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() and not output.is_symlink() else output.unlink()
-        tmp.rename(output)
-    finally:
+        # replace only what the checks above allowed: with --overwrite an export (checked again now), never a
+        # file that appeared since they ran
+        place(tmp, output, existed and overwrite, _check_export_replaceable)
+    except BaseException:
         shutil.rmtree(holder, ignore_errors=True)
+        for d in made:  # innermost first; only while empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    shutil.rmtree(holder, ignore_errors=True)
     return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
+
+
+def _earlier_writers(folder: Path, name: str, started: int) -> list[int]:
+    """Other live exports of `name` into `folder` that started before this one (`started`, in ns): their temporary
+    folders are named .NAME.blocklora-PID-START-*.tmp. Of two exports started together the later one refuses."""
+    live = set(live_writers(folder, name))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.blocklora-(\d+)-(\d+)-")
+    out = set()
+    with os.scandir(folder) as it:
+        for entry in it:
+            m = pattern.match(entry.name)
+            if m and int(m[1]) in live and (int(m[2]), int(m[1])) < (started, os.getpid()):
+                out.add(int(m[1]))
+    return sorted(out)
 
 
 def check_export_path(model: str, output: Path) -> None:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..adapters.config import AdapterConfig
+from ..adapters.config import MAX_ALPHA, AdapterConfig
 from ..adapters.core import fold_factor, scaling_factor
 from ..adapters.fused import QKVAdapters
 from ..adapters.inject import adapter_config, adapter_layers, plan
@@ -206,6 +206,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# lora_alpha and alpha_pattern values: the bound blocklora's own adapters take (adapters/config.MAX_ALPHA)
+ALPHAS = checks.Range(0, MAX_ALPHA, lo_open=True)
+
+
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     """adapter_config.json of a PEFT LoRA adapter, every field blocklora reads checked (types and ranges): a LoRA
     (peft_type), none of the options blocklora's factors cannot hold (UNSUPPORTED, bias), no initialization that
@@ -239,7 +243,7 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise AdapterMismatchError(f"{path} trains biases (bias={_short(bias)}), which blocklora's adapters "
                                    "cannot hold")
     r = _number(path, "r", config.get("r"), checks.Range(1, integer=True))
-    alpha = _number(path, "lora_alpha", config.get("lora_alpha"), checks.Range(0, lo_open=True))
+    alpha = _number(path, "lora_alpha", config.get("lora_alpha"), ALPHAS)
     rslora = config.get("use_rslora", False)
     if rslora is None:
         rslora = False
@@ -252,7 +256,7 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise _bad(path, f"base_model_name_or_path must be a model name or path, got {_short(base)}")
     return {**config, "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": float(dropout),
             "rank_pattern": _pattern(path, config, "rank_pattern", checks.Range(1, integer=True)),
-            "alpha_pattern": _pattern(path, config, "alpha_pattern", checks.Range(0, lo_open=True))}
+            "alpha_pattern": _pattern(path, config, "alpha_pattern", ALPHAS)}
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The public names below are loaded on first use (PEP 562), together with blocklora.backbones, which registers where
 adapters go in each supported model family. So `blocklora.inject(model)` works on open_clip, transformers and
-effnet-minilm models, while `import blocklora.adapters...` alone loads the method library and no model family.
+effnet-minilm models and `blocklora.inject(model, AdapterConfig(target_modules=...))` on any model, while
+`import blocklora.adapters...` alone loads the method library and no model family.
 `import blocklora` and the command line start without loading torch, so Ctrl-C during start-up reaches the
 CLI's handler instead of interrupting an import.
 """
@@ -26,8 +27,10 @@ _EXPORTS = {
     "merged_state_dict": ".adapters.inject", "plan": ".adapters.inject", "unmerge": ".adapters.inject",
     "read_adapter_meta": ".adapters.io",
     "BlockLoRALinear": ".adapters.layers", "BlockLoRAConv1x1": ".adapters.layers",
+    "BlockLoRAConv1D": ".adapters.layers",
     "BlockLoRAFusedQKV": ".adapters.fused", "BlockLoRAMultiheadAttention": ".adapters.fused",
-    "Placement": ".adapters.sites", "Site": ".adapters.sites", "register_finder": ".adapters.sites",
+    "Targeting": ".adapters.targeting", "Site": ".adapters.targeting", "register_targeting": ".adapters.targeting",
+    "Placement": ".adapters.targeting", "register_finder": ".adapters.targeting",  # the former names
     "fingerprint": ".backbones.fingerprint", "load_adapter": ".backbones.fingerprint",
     "save_adapter": ".backbones.fingerprint",
     "AdapterMismatchError": ".errors", "BlockLoRAError": ".errors", "ConfigError": ".errors", "DataError": ".errors",

@@ -25,7 +25,11 @@ MAX_ALPHA = 1e4
 DEFAULT_N_BLOCKS = 8  # "one head, eight arms"; see BENCHMARKS.md for the ablation over n
 # CLIP-LoRA's named layer ranges, defined for any depth (its tables are the 12- and 24-layer cases).
 LAYER_RANGES = ("all", "bottom", "mid", "up", "half-up", "half-bottom", "top", "top3")
-ALIASES = {"blocks": "layers"}  # the names of earlier versions, still accepted in configs and adapter files
+# former names (blocks) and PEFT's (layers_to_transform), accepted in configs and adapter files
+ALIASES = {"blocks": "layers", "layers_to_transform": "layers"}
+# The targeting-by-name fields (adapters/targeting.py): left out of to_dict while unset, so that the configs, hashes
+# and adapter files of family targetings are what they were before these fields existed.
+BY_NAME = ("target_modules", "target_types", "layers_pattern", "fused")
 # Dropout masks of the projections that read one input (self-attention's q, k, v): one mask per projection
 # (CLIP-LoRA: an nn.Dropout inside each LinearLoRA) or one shared mask (one fold of the input serves all three).
 DROPOUT_MASKS = typing.get_args(DropoutMask)
@@ -59,7 +63,9 @@ def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
 
 
 def _parse_layers(value: Any) -> str | tuple[int, ...]:
-    """'all' | 'up' | '0,1,5' | '8-11' | [0, 1] -> a name or a sorted tuple of indices (negative = from the top)."""
+    """'all' | 'up' | '0,1,5' | '8-11' | [0, 1] | 3 -> a name or a sorted tuple of indices (negative = from the top)."""
+    if isinstance(value, int) and not isinstance(value, bool):  # PEFT's layers_to_transform may be one int
+        value = [value]
     if isinstance(value, str):
         text = value.strip()
         if text in LAYER_RANGES:
@@ -99,6 +105,70 @@ def _parse_names(value: Any, allowed: Sequence[str], what: str) -> tuple[str, ..
     return tuple(i for i in allowed if i in items)  # canonical order, no duplicates
 
 
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(f"{what} must be a name or a non-empty list of names, got {value!r}")
+    return tuple(items)
+
+
+def _type_names(value: Any) -> tuple[str, ...]:
+    """Classes (or their qualified names) -> qualified names (JSON-able, comparable; targeting.is_instance)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, type):
+            out.append(f"{item.__module__}.{item.__qualname__}")
+        elif isinstance(item, str) and item:
+            out.append(item)
+        else:
+            raise ConfigError(f"target_types must be module classes (e.g. torch.nn.Linear) or their names, got "
+                              f"{item!r}")
+    if not out:
+        raise ConfigError("target_types is empty: name at least one module class, or leave it unset")
+    return tuple(out)
+
+
+def _check_by_name(cfg: AdapterConfig, set_: Any) -> None:
+    """Normalise and check the targeting-by-name fields (PEFT's LoraConfig rules where PEFT has the field)."""
+    import re
+
+    tm = cfg.target_modules
+    if tm is not None:
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ConfigError(f"target_modules {tm!r} is not a regular expression ({getattr(e, 'msg', e)}): "
+                                  "give a valid one, or a list of module names") from None
+            if cfg.layers != "all":  # PEFT's LoraConfig refuses this combination too
+                raise ConfigError("layers (layers_to_transform) cannot be used when target_modules is a regular "
+                                  "expression: select the layers in the expression, or give a list of names")
+        else:
+            set_(cfg, "target_modules", _strings(tm, "target_modules"))
+    if cfg.target_types is not None:
+        set_(cfg, "target_types", _type_names(cfg.target_types))
+    if cfg.layers_pattern is not None:
+        lp = _strings(cfg.layers_pattern, "layers_pattern")
+        set_(cfg, "layers_pattern", lp[0] if isinstance(cfg.layers_pattern, str) else lp)
+        if cfg.layers == "all":  # PEFT: "When layers_pattern is specified, layers_to_transform must also be"
+            raise ConfigError("layers_pattern names where the block index is read: give layers too (e.g. 0,1)")
+    fused = cfg.fused.items() if isinstance(cfg.fused, Mapping) else cfg.fused
+    try:
+        pairs = tuple((str(name), _parse_names(rows, PROJECTIONS, "projection")) for name, rows in fused)
+    except (TypeError, ValueError):
+        raise ConfigError(f"fused must map module names to their row blocks, e.g. {{'qkv': 'qkv'}}, got "
+                          f"{cfg.fused!r}") from None
+    for name, rows in pairs:
+        if rows != ("q", "k", "v"):
+            raise ConfigError(f"fused {name!r}: row blocks {','.join(rows)} are not supported; a fused Linear holds "
+                              "q, k, v in this order (weight (3H, E), timm's qkv)")
+    set_(cfg, "fused", pairs)
+    if not cfg.by_name and (cfg.layers_pattern is not None or pairs):
+        raise ConfigError("layers_pattern and fused apply to adapters placed by name: give target_modules (or "
+                          "target_types) too")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Block-LoRA (n_blocks > 1 shares one down-projection block) or LoRA (n_blocks = 1) on CLIP attention.
@@ -129,15 +199,29 @@ class AdapterConfig:
                                            aliases=("--blocks",))
     projections: tuple[str, ...] = option(("q", "k", "v"), "attention projections to adapt: any of q,k,v,o",
                                           flag="--projections")
+    # Targeting by name and type, on any model (adapters/targeting.py; PEFT's LoraConfig names and rules)
+    target_modules: str | tuple[str, ...] | None = option(
+        None, "modules to adapt by name, on any model (PEFT's rules): a regular expression matching the whole name, "
+        "or names matching exactly or as the end after a '.'; towers then do not apply")
+    target_types: tuple[str, ...] | None = option(
+        None, "module classes to adapt (classes or qualified names, e.g. torch.nn.Linear); with target_modules: "
+        "modules matching both")
+    layers_pattern: str | tuple[str, ...] | None = option(
+        None, "with target_modules and layers: the name before the block index (PEFT's layers_pattern, e.g. blocks)")
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = option(
+        (), "fused q/k/v Linears among the targets, by name, with their row blocks: {'qkv': 'qkv'} (timm)")
     blocks: InitVar[str | tuple[int, ...] | None] = None  # the former name of `layers`
+    layers_to_transform: InitVar[int | tuple[int, ...] | None] = None  # PEFT's name of `layers`
 
-    def __post_init__(self, blocks: str | tuple[int, ...] | None) -> None:
+    def __post_init__(self, blocks: str | tuple[int, ...] | None,
+                      layers_to_transform: int | tuple[int, ...] | None = None) -> None:
         set_ = object.__setattr__
-        if blocks is not None:
-            if self.layers not in ("all", blocks):
-                raise ConfigError(f"layers={self.layers!r} and blocks={blocks!r} disagree: blocks is the former "
-                                  "name of layers, give one")
-            set_(self, "layers", blocks)
+        for alias, value in (("blocks", blocks), ("layers_to_transform", layers_to_transform)):
+            if value is not None:
+                if self.layers not in ("all", value):
+                    raise ConfigError(f"layers={self.layers!r} and {alias}={value!r} disagree: {alias} is another "
+                                      "name of layers, give one")
+                set_(self, "layers", value)
         c.apply(self, "adapter", {"method": c.one_of(*METHODS), "r": c.num(1, 4096, integer=True),
                                   "n_blocks": c.num(1, 4096, integer=True, optional=True),
                                   # alpha 0 (or NaN) would train nothing, or nothing finite; MAX_ALPHA above
@@ -155,6 +239,12 @@ class AdapterConfig:
         set_(self, "towers", _parse_names(self.towers, TOWERS, "tower"))
         set_(self, "projections", _parse_names(self.projections, PROJECTIONS, "projection"))
         set_(self, "layers", _parse_layers(self.layers))
+        _check_by_name(self, set_)
+
+    @property
+    def by_name(self) -> bool:
+        """Whether adapters go where target_modules / target_types say (any model), not by a family's towers."""
+        return self.target_modules is not None or self.target_types is not None
 
     @property
     def shared_dropout_mask(self) -> bool:
@@ -167,6 +257,16 @@ class AdapterConfig:
         d = dataclasses.asdict(self)
         d["towers"], d["projections"] = list(self.towers), list(self.projections)
         d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        for key in BY_NAME:
+            if not d[key]:
+                del d[key]
+        if "target_modules" in d and not isinstance(self.target_modules, str):
+            d["target_modules"] = list(self.target_modules)
+        for key in ("target_types", "layers_pattern"):
+            if key in d and not isinstance(d[key], str):
+                d[key] = list(d[key])
+        if "fused" in d:
+            d["fused"] = {name: list(rows) for name, rows in self.fused}
         return d
 
     @classmethod
@@ -174,6 +274,9 @@ class AdapterConfig:
         """The inverse of to_dict. Also reads the files of earlier versions (`blocks`, an empty `extra`)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"an adapter config must be a mapping of options, got {type(data).__name__}")
+        clash = [k for k in ALIASES if k in data and ALIASES[k] in data]
+        if clash:
+            raise ConfigError(f"adapter options {clash[0]} and {ALIASES[clash[0]]} are one option: give one")
         data = {ALIASES.get(k, k): v for k, v in data.items()}
         if data.pop("extra", None):  # always empty in files of earlier versions: nothing ever read it
             raise ConfigError("the adapter option 'extra' is not supported: remove it")

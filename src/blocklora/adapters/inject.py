@@ -1,13 +1,13 @@
 """Model-level operations: plan and inject adapters, list them, merge / unmerge, enable / disable, count.
 
-Where adapters go comes from a Placement (sites.py): registered by the model families, or passed in.
+Where adapters go (targeting.py): the modules AdapterConfig.target_modules / target_types name, on any model, or a
+family's Targeting (registered by the model families, or passed in).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,8 +15,8 @@ from torch import nn
 from ..errors import ConfigError
 from .config import AdapterConfig, resolve_layers
 from .fused import QKV, BlockLoRAFusedQKV, BlockLoRAMultiheadAttention
-from .layers import AdapterLayer, BlockLoRAConv1x1, BlockLoRALinear, SharedFold
-from .sites import FUSED_MHA, LAYERS, Placement, Site, find_placement
+from .layers import AdapterLayer, BlockLoRAConv1D, BlockLoRAConv1x1, BlockLoRALinear, SharedFold
+from .targeting import FUSED_MHA, LAYERS, Site, Target, Targeting, find_targeting, match
 
 CONFIG_ATTR = "_blocklora_adapter_config"
 
@@ -25,31 +25,33 @@ LAYER_CLASSES: dict[str, type[AdapterLayer]] = {
     "fused_mha": BlockLoRAMultiheadAttention,  # a whole nn.MultiheadAttention (site kind FUSED_MHA)
     "fused_qkv": BlockLoRAFusedQKV,  # a (3H, E) Linear whose row blocks are q, k, v (a LINEARS child under q,k,v)
     "linear": BlockLoRALinear,  # one nn.Linear
-    "conv1x1": BlockLoRAConv1x1,  # one 1x1 nn.Conv2d (LAYERS sites only)
+    "conv1x1": BlockLoRAConv1x1,  # one 1x1 nn.Conv2d (LAYERS sites, or matched by name)
+    "conv1d": BlockLoRAConv1D,  # transformers' Conv1D (GPT-2), weight (d_in, d_out) (matched by name)
 }
 
 
-@dataclass(frozen=True)
-class Target:
-    """One module that inject() will replace by LAYER_CLASSES[kind](module, cfg, projections)."""
-
-    path: str
-    kind: str
-    projections: tuple[str, ...]
-    tower: str
-    layer: int
-
-
-def plan(model: nn.Module, cfg: AdapterConfig, placement: Placement | None = None) -> list[Target]:
+def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = None) -> list[Target]:
     """Every module inject(model, cfg) would adapt, after checking that all of them fit. Changes nothing.
 
-    `placement` defaults to the registered family's (sites.find_placement). Raises ConfigError naming the tower,
-    module or value that does not fit.
+    A cfg that names its modules (target_modules / target_types: targeting.match) places them on any model, and
+    `placement` is not used; otherwise `placement` (a family's Targeting) defaults to the registered family's
+    (targeting.find_targeting). Raises ConfigError naming the tower, module or value that does not fit.
     """
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ConfigError("this model already carries blocklora adapters: load a fresh model, or use load_adapter on "
                           "it")
-    placement = placement or find_placement(model)
+    targets = match(model, cfg) if cfg.by_name else _family_targets(model, cfg, placement or find_targeting(model))
+    for t in targets:
+        module = model.get_submodule(t.path)
+        problem = LAYER_CLASSES[t.kind].problem(module, t.projections, cfg.n_blocks)
+        if problem:
+            kind = f" ({type(module).__name__})" if cfg.by_name else ""  # a family's messages name their classes
+            raise ConfigError(f"cannot adapt {t.path}: {problem}{kind}")
+    return targets
+
+
+def _family_targets(model: nn.Module, cfg: AdapterConfig, placement: Targeting) -> list[Target]:
+    """The targets of a family's Targeting for cfg's towers, layers and projections."""
     targets: list[Target] = []
     for tower in cfg.towers:
         sites = placement.sites.get(tower, ())
@@ -64,11 +66,6 @@ def plan(model: nn.Module, cfg: AdapterConfig, placement: Placement | None = Non
             raise ConfigError(f"no module of the {tower} tower's layers {_span(layers)} answers to projections "
                               f"{','.join(cfg.projections)}: see its backbone module for what they select there")
         targets.extend(found)
-    for t in targets:
-        module = model.get_submodule(t.path)
-        problem = LAYER_CLASSES[t.kind].problem(module, t.projections, cfg.n_blocks)
-        if problem:
-            raise ConfigError(f"cannot adapt {t.path}: {problem}")
     return targets
 
 
@@ -108,7 +105,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Placement | None = None,
+def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Targeting | None = None,
            probe: Callable[[], object] | None = None) -> list[str]:
     """Adapt `model` in place: freeze everything, add the configured adapters. Returns the adapted module names.
 
@@ -128,7 +125,8 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Placem
         old = model.get_submodule(t.path)
         new = LAYER_CLASSES[t.kind](old, cfg, t.projections)
         new.tower = t.tower
-        if t.kind == "linear" and set(t.projections) <= set(QKV):  # q, k, v read one tensor: fold it once
+        # q, k, v read one tensor: fold it once (Linears matched by name have no projection: each folds its own)
+        if t.kind == "linear" and t.projections and set(t.projections) <= set(QKV):
             new.shared_fold = folds.setdefault((t.tower, t.layer), SharedFold())
         new.train(old.training)
         _set_submodule(model, t.path, new)
@@ -242,7 +240,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def expected_shapes(model: nn.Module, cfg: AdapterConfig, placement: Placement | None = None
+def expected_shapes(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = None
                     ) -> dict[str, tuple[int, ...]]:
     """The adapter tensor names and shapes inject(model, cfg) would create, computed without changing `model`."""
     shapes: dict[str, tuple[int, ...]] = {}

@@ -28,9 +28,9 @@ from .._version import __version__
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected, reported_write
 from ..reading import loads, read_bytes, read_text, reason
-from .config import AdapterConfig
+from .config import BY_NAME, AdapterConfig
 from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
-from .sites import Placement
+from .targeting import Targeting, describe_by_name
 
 CONFIG_FILE = "blocklora_adapter.json"
 WEIGHTS_FILE = "blocklora_adapter.safetensors"
@@ -81,9 +81,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
         raise ConfigError(f"save_adapter(extra=...) must hold finite JSON values: {e}") from None
     with atomic_folder(directory, KIND) as tmp:
         with reported_write(directory / WEIGHTS_FILE):  # e.g. a full disk: the OS error it is
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, **_targeting_record(cfg)})
         (tmp / CONFIG_FILE).write_text(text)
     return directory
+
+
+def _targeting_record(cfg: AdapterConfig) -> dict[str, str]:
+    """An adapter placed by name keeps its targeting in the safetensors header too (the file alone says where its
+    tensors go); family targetings are found again from the model and add nothing."""
+    if not cfg.by_name:
+        return {}
+    fields = {k: v for k, v in cfg.to_dict().items() if k in BY_NAME or k in ("layers", "projections")}
+    return {"targeting": json.dumps(fields, sort_keys=True)}
 
 
 def _check_replaceable(directory: Path) -> None:
@@ -143,12 +152,13 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Placement | None = None
+def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Targeting | None = None
                  ) -> AdapterConfig:
     """Inject the saved adapter into a fresh `model` (or fill an already-injected one with the same layout).
 
     Raises AdapterMismatchError, naming the mismatch and changing nothing, for an adapter whose modules, shapes or
-    config do not fit. `placement` as for inject(). Whether the frozen weights are the ones it was trained on is
+    config do not fit, and for an adapter placed by name (target_modules) that was saved from a model of another
+    class. `placement` as for inject(). Whether the frozen weights are the ones it was trained on is
     the backbones side's check (backbones.fingerprint.load_adapter, which blocklora exports).
     """
     directory = Path(directory)
@@ -157,6 +167,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Plac
                                    "another adapter into it")
     meta = read_adapter_meta(directory)
     cfg = AdapterConfig.from_dict(meta["config"])
+    saved_class = meta["backbone"].get("class")
+    if cfg.by_name and saved_class not in (None, type(model).__name__):
+        raise AdapterMismatchError(f"adapter {directory} was trained on a {saved_class}, this model is a "
+                                   f"{type(model).__name__}: its targeting ({describe_by_name(cfg)}) belongs to "
+                                   "another architecture; load it into the model class it was trained on")
     try:
         tensors = load(read_bytes(directory / WEIGHTS_FILE))  # read as a regular file: a FIFO would block
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged or missing file

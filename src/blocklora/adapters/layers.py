@@ -300,3 +300,60 @@ class BlockLoRAConv1x1(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, {super().extra_repr()}"
+
+
+def conv1d_problem(module: nn.Module) -> str | None:
+    """Why `module` is not transformers' Conv1D (GPT-2's y = x @ W + b, W (d_in, d_out)), or None."""
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+            or getattr(module, "nf", None) != weight.shape[1]:
+        return f"it is a {type(module).__name__}, not transformers' Conv1D (weight (d_in, d_out), nf = d_out)"
+    return None
+
+
+class BlockLoRAConv1D(AdapterLayer):
+    """transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) with a Block-LoRA update; n_blocks = 1 is LoRA.
+
+    Conv1D is a Linear whose weight is stored transposed, (d_in, d_out): y = x @ W + b. The update is the Linear's,
+    y += s * B @ A @ fold_n(drop(x)) with A (r, d_in / n) and B (d_out, r) (the shapes PEFT's LoRA gives a Conv1D
+    with fan_in_fan_out), and a merge adds its transpose to W. Shapes: x (..., d_in) -> (..., d_out). Adopts
+    `base`'s `weight` and `bias` (state dict keys as in Conv1D). A fused c_attn (rows q, k, v in its columns) is
+    adapted as one matrix, as PEFT does. Raises ConfigError for another module or an n_blocks not dividing d_in.
+    """
+
+    @classmethod
+    def problem(cls, module: nn.Module, projections: Sequence[str], n_blocks: int) -> str | None:
+        return conv1d_problem(module) or check_width(module.weight.shape[0], n_blocks, "d_in")
+
+    @classmethod
+    def factor_shapes(cls, module: nn.Module, projections: Sequence[str], r: int, n_blocks: int
+                      ) -> dict[str, tuple[int, int]]:
+        d_in, d_out = module.weight.shape
+        return {"lora_A": (r, d_in // n_blocks), "lora_B": (d_out, r)}
+
+    def __init__(self, base: nn.Module, cfg: AdapterConfig | None = None, projections: Sequence[str] = ()) -> None:
+        super().__init__(base, cfg, projections)
+        self.in_features, self.out_features = base.weight.shape
+        self.nf, self.weight, self.bias = base.nf, base.weight, base.bias
+        self.lora_A, self.lora_B = new_factors(self.config, self.in_features, self.out_features, base.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # transformers' Conv1D.forward, to the bit: one addmm over the flattened tokens
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+        if not self._adapter_on():
+            return out
+        z = F.linear(self._folded_input(x, self.lora_A), self.lora_A)  # (..., r)
+        return add_up_projection(out, z, (self.lora_B * self._scale).T.contiguous())
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update as a Linear's, (d_out, d_in): s * B @ [A, ..., A] (the Conv1D weight gets its .T)."""
+        return delta_weight(self.lora_A, self.lora_B, self.n_blocks, self._scale)
+
+    def _deltas(self) -> Iterator[tuple[str, slice, torch.Tensor]]:
+        yield "weight", slice(None), self.delta_weight().T
+
+    def matrices(self) -> Iterator[tuple[int, int, bool]]:
+        yield self.in_features, self.out_features, False
+
+    def extra_repr(self) -> str:
+        return f"nx={self.in_features}, nf={self.nf}, {super().extra_repr()}"

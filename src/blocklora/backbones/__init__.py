@@ -1,21 +1,21 @@
 """Backbones: build a dual-encoder model by name, and tell inject where adapters go in each family.
 
-The one place that maps a --model string to a family. Importing this package registers every family's placement
-finder with the method library (adapters.sites), so blocklora.inject(model) works on their models.
+The one place that maps a --model string to a family. Importing this package registers every family's targeting
+finder with the method library (adapters.targeting), so blocklora.inject(model) works on their models.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..adapters.sites import register_finder
+from ..adapters.targeting import register_targeting
 from ..errors import BackboneError
 from . import effnet_minilm, hf, openclip
 from .base import Backbone
 
-register_finder("effnet-minilm", effnet_minilm.placement)
-register_finder("open_clip", openclip.placement)  # CLIP, CustomTextCLIP (timm towers), CoCa, OpenAI clip
-register_finder("transformers", hf.placement)  # CLIP, MetaCLIP 2, SigLIP, Chinese-CLIP, AltCLIP
+register_targeting("effnet-minilm", effnet_minilm.placement)
+register_targeting("open_clip", openclip.placement)  # CLIP, CustomTextCLIP (timm towers), CoCa, OpenAI clip
+register_targeting("transformers", hf.placement)  # CLIP, MetaCLIP 2, SigLIP, Chinese-CLIP, AltCLIP
 
 
 AUTO = "auto"  # --pretrained not given: the model's own default (default_pretrained)

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 
 from ..adapters.config import AdapterConfig
 from ..adapters.inject import inject
-from ..adapters.sites import Placement
+from ..adapters.targeting import Targeting
 from ..errors import BackboneError, ConfigError
 from ..interop.export_forms import CLASSIFIER_FILE
 from .activation import Activation, mlp_activation
@@ -124,8 +124,8 @@ class Backbone(ABC):
 
     # -- adapters --------------------------------------------------------------------------------------------------
     @abstractmethod
-    def placement(self) -> Placement:
-        """Where adapters go in this model: per tower, one site per attention block (adapters/sites.py)."""
+    def placement(self) -> Targeting:
+        """Where adapters go in this model: per tower, one site per attention block (adapters/targeting.py)."""
 
     def inject(self, cfg: AdapterConfig) -> list[str]:
         """Inject adapters (adapters.inject) and prove with one probe forward that every one of them is called.

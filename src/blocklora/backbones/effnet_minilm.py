@@ -86,7 +86,7 @@ import torch
 from torch import nn
 
 from ..adapters.layers import AdapterLayer
-from ..adapters.sites import LAYERS, Placement, Site
+from ..adapters.targeting import LAYERS, Site, Targeting
 from ..errors import BackboneError
 from ..reading import loads, read_text, reason
 from . import effnet_projection as projection
@@ -149,7 +149,7 @@ class EffnetMiniLM(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)
 
 
-def placement(model: nn.Module) -> Placement | None:
+def placement(model: nn.Module) -> Targeting | None:
     """text: MiniLM's 6 attention layers; vision: EfficientNet's 16 MBConv blocks and its head (17 sites)."""
     if not isinstance(model, EffnetMiniLM):
         return None
@@ -159,7 +159,7 @@ def placement(model: nn.Module) -> Placement | None:
         pairs = tuple((p, child) for p, child in VISION_BLOCK_LAYERS if hasattr(block, child))
         vision.append(Site("vision", i, f"visual._blocks.{i}", LAYERS, pairs))
     vision.append(Site("vision", len(vision), "visual", LAYERS, VISION_HEAD_LAYERS))
-    return Placement("effnet-minilm", {"vision": tuple(vision), "text": text},
+    return Targeting("effnet-minilm", {"vision": tuple(vision), "text": text},
                      {"vision": "EfficientNet-Lite0", "text": "MiniLM (BertModel)"})
 
 
@@ -214,7 +214,7 @@ class EffnetMiniLMBackbone(Backbone):
             image_size, MEAN, STD, "bicubic", "shortest", "EfficientNet-Lite's TensorFlow preprocessing"))
         self._tokenizer = tokenizer  # loaded with the model (the projection's fit reads class names through it)
 
-    def placement(self) -> Placement:
+    def placement(self) -> Targeting:
         return placement(self.model)
 
     def _load_tokenizer(self):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.sites import LINEARS, Placement, Site
+from ..adapters.targeting import LINEARS, Site, Targeting
 from ..errors import AdapterMismatchError, BackboneError
 from ..reading import loads, read_text, reason
 from .activation import Activation
@@ -76,7 +76,7 @@ def bert_sites(root: nn.Module, prefix: str, tower: str) -> tuple[Site, ...]:
     return ()
 
 
-def placement(model: nn.Module) -> Placement | None:
+def placement(model: nn.Module) -> Targeting | None:
     """Sites of a transformers dual encoder (or one of its towers); None for any other model."""
     if not type(model).__module__.startswith("transformers."):
         return None
@@ -86,7 +86,7 @@ def placement(model: nn.Module) -> Placement | None:
     if not text and isinstance(text_model, nn.Module):
         text = bert_sites(text_model, "text_model", "text")
     towers = {t: type(getattr(model, f"{t}_model", None)).__name__ for t in ("vision", "text")}
-    return Placement(f"transformers {type(model).__name__}", {"vision": vision, "text": text}, towers)
+    return Targeting(f"transformers {type(model).__name__}", {"vision": vision, "text": text}, towers)
 
 
 class HFBackbone(Backbone):
@@ -103,7 +103,7 @@ class HFBackbone(Backbone):
         self.tokenizer_source = tokenizer_source
         self.model.eval()
 
-    def placement(self) -> Placement:
+    def placement(self) -> Targeting:
         return placement(self.model)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.sites import FUSED_MHA, LINEARS, Placement, Site
+from ..adapters.targeting import FUSED_MHA, LINEARS, Site, Targeting
 from ..errors import BackboneError
 from ..interop.export_forms import CLASSIFIER_KEY
 from .activation import export_metadata, resolve
@@ -55,7 +55,7 @@ def _resblock_sites(model: nn.Module, prefix: str, tower: str) -> tuple[Site, ..
     return ()
 
 
-def placement(model: nn.Module) -> Placement | None:
+def placement(model: nn.Module) -> Targeting | None:
     """Sites of an open_clip CLIP / CustomTextCLIP / CoCa (or OpenAI clip) model; None for any other model."""
     if not (hasattr(model, "visual") and hasattr(model, "encode_text")):
         return None
@@ -75,7 +75,7 @@ def placement(model: nn.Module) -> Placement | None:
     trunk = getattr(visual, "trunk", None)
     towers = {"vision": type(visual).__name__ + (f" around a timm {type(trunk).__name__}" if trunk is not None else ""),
               "text": type(getattr(model, "text", getattr(model, "transformer", model))).__name__}
-    return Placement("open_clip", {"vision": vision, "text": text}, towers)
+    return Targeting("open_clip", {"vision": vision, "text": text}, towers)
 
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class OpenClipBackbone(Backbone):
             "transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")}
         self.model.eval()
 
-    def placement(self) -> Placement:
+    def placement(self) -> Targeting:
         return placement(self.model)
 
     def probe_tokens(self) -> torch.Tensor:

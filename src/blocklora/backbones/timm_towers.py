@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters.sites import LINEARS, Site
+from ..adapters.targeting import LINEARS, Site
 
 FUSED = (("q", "qkv"), ("k", "qkv"), ("v", "qkv"), ("o", "proj"))
 SEPARATE = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "proj"))

@@ -442,9 +442,9 @@ def _config_for(model: nn.Module, factors: Mapping[str, Any], config: Mapping[st
                                    f"{other[1]}, from rank_pattern): blocklora's adapters have one rank for every "
                                    "module")
     widest = AdapterConfig(method="lora", projections=("q", "k", "v", "o"))
-    from ..adapters.sites import find_placement
+    from ..adapters.targeting import find_targeting
 
-    towers = tuple(t for t, sites in find_placement(model).sites.items() if sites)
+    towers = tuple(t for t, sites in find_targeting(model).sites.items() if sites)
     try:
         every = plan(model, AdapterConfig(method="lora", projections=widest.projections, towers=towers))
     except BlockLoRAError as e:

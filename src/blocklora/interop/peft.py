@@ -2,8 +2,9 @@
 adapter read as blocklora factors.
 
 A Block-LoRA update is s * B @ [A, A, ..., A] (core.delta_weight): exactly a rank-r LoRA whose down-projection is A
-tiled n times along the input. So every blocklora adapter on a Linear (or 1x1 convolution) is written losslessly as
-PEFT's LoRA (Hu et al. 2021; PEFT's `LoraConfig`):
+tiled n times along the input. So every blocklora adapter on a Linear (or 1x1 convolution, or transformers' Conv1D
+with PEFT's fan_in_fan_out) of any model, placed by a family or by name, is written losslessly as PEFT's LoRA
+(Hu et al. 2021; PEFT's `LoraConfig`):
 
     adapter_config.json        peft_type LORA, r, lora_alpha, use_rslora, lora_dropout, target_modules (the adapted
                                modules' full names), base_model_name_or_path
@@ -48,7 +49,7 @@ from ..adapters.config import MAX_ALPHA, AdapterConfig
 from ..adapters.core import fold_factor, scaling_factor
 from ..adapters.fused import QKVAdapters
 from ..adapters.inject import adapter_config, adapter_layers, plan
-from ..adapters.layers import BlockLoRAConv1x1, BlockLoRALinear
+from ..adapters.layers import BlockLoRAConv1D, BlockLoRAConv1x1, BlockLoRALinear
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import atomic_folder, reported_write
 
@@ -81,6 +82,10 @@ def peft_refusal(model: nn.Module) -> str | None:
                     "a fused qkv Linear (timm's towers): PEFT has no per-projection LoRA on it")
             return (f"{name} is {kind}, so PEFT cannot load blocklora's per-projection adapters there; use "
                     "blocklora's own adapter or a merged export (--format merged), or a transformers backbone (hf:)")
+    kinds = {isinstance(layer, BlockLoRAConv1D) for _, layer in adapter_layers(model)}
+    if len(kinds) > 1:
+        return ("its adapters sit on transformers' Conv1D and on other modules together, and PEFT's fan_in_fan_out "
+                "(Conv1D's transposed weight) holds for every module of an adapter or none; export them separately")
     return None
 
 
@@ -99,7 +104,7 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
     targets = []
     fold = fold_factor(cfg.n_blocks, cfg.fold)
     for name, layer in adapter_layers(model):
-        assert isinstance(layer, (BlockLoRALinear, BlockLoRAConv1x1))
+        assert isinstance(layer, (BlockLoRALinear, BlockLoRAConv1x1, BlockLoRAConv1D))
         a = layer.lora_A.detach().float().cpu().repeat(1, cfg.n_blocks)
         if fold != 1.0:
             a = a * fold
@@ -112,7 +117,9 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.scaling == "rslora", "lora_dropout": cfg.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        # Conv1D (GPT-2) targets: PEFT's factors have the Linear's shapes, fan_in_fan_out transposes the merge
+        "target_modules": targets, "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": any(isinstance(layer, BlockLoRAConv1D) for _, layer in adapter_layers(model)),
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "use_dora": False,
     }

@@ -1,0 +1,299 @@
+"""Block-LoRA on any PyTorch model: adapters placed by name and type (AdapterConfig.target_modules, PEFT's rules).
+
+Real model classes with random weights and tiny configs: timm ViT and Swin (fused qkv Linears), transformers ViT and
+DINOv2 (separate query / key / value), torchvision's VisionTransformer (nn.MultiheadAttention), a timm ConvNeXt's MLP
+Linears, GPT-2 (transformers' Conv1D) and an nn.Sequential of Linears. Each: fresh adapters leave the outputs as
+they were, merged == unmerged, a few steps lower a loss, the adapter file round trip. The name rules are checked
+against PEFT's own check_target_module_exists; the Linear targets' PEFT export is loaded by PEFT itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import blocklora
+from blocklora import AdapterConfig, AdapterMismatchError, ConfigError
+from conftest import randomize_adapters
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _timm_vit():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=5)
+
+
+def _timm_swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                           num_classes=5)
+
+
+def _hf_vit():
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=8), add_pooling_layer=False)
+
+
+def _hf_dinov2():
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                    image_size=32, patch_size=8))
+
+
+def _torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.2)  # torchvision starts the head at zero: outputs would be 0
+    return model
+
+
+def _convnext():
+    from timm.models.convnext import ConvNeXt
+
+    # layer scale 1 (timm's default 1e-6 would hide what the MLPs add, adapted or not)
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=5, ls_init_value=1.0)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0,
+                                      embd_pdrop=0, attn_pdrop=0))
+
+
+def _sequential():
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+
+IMAGES = (2, 3, 32, 32)
+# name -> (builder, AdapterConfig fields, input shape (token ids for GPT-2), exported to PEFT)
+CASES = {
+    "timm_vit": (_timm_vit, dict(target_modules=["attn.qkv", "attn.proj"], fused={"qkv": "qkv"}), IMAGES, False),
+    "timm_swin": (_timm_swin, dict(target_modules=r".*\.attn\.(qkv|proj)", fused={"qkv": "qkv"}), IMAGES, False),
+    # transformers 5 names: layers.{i}.attention.q_proj (ViT), encoder.layer.{i}.attention.q_proj (DINOv2); PEFT's
+    # default index rule needs a name before "layers", so ViT's block index needs layers_pattern
+    "hf_vit": (_hf_vit, dict(target_modules=["q_proj", "k_proj", "v_proj"], layers_pattern="layers", layers=[1]),
+               IMAGES, True),
+    "hf_dinov2": (_hf_dinov2, dict(target_modules=["q_proj", "v_proj", "mlp.fc2"], layers=[0, 1]), IMAGES, True),
+    "torchvision_vit": (_torchvision_vit, dict(target_types=[nn.MultiheadAttention], projections="qkvo"), IMAGES,
+                        False),
+    "convnext_mlp": (_convnext, dict(target_modules=["mlp.fc1", "mlp.fc2"]), IMAGES, True),
+    "gpt2": (_gpt2, dict(target_modules=["c_attn", "attn.c_proj"]), ("ids", 2, 8), True),
+    "sequential": (_sequential, dict(target_types=[nn.Linear]), (4, 16), True),
+}
+# torchvision's encoder calls nn.MultiheadAttention, whose stock kernel blocklora's replacement (SDPA) reproduces
+# to float rounding, not to the bit; every other case wraps the very product the stock module computes
+EXACT = {name: name != "torchvision_vit" for name in CASES}
+
+
+def _build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return CASES[name][0]().eval()
+
+
+def _input(name: str) -> torch.Tensor:
+    shape = CASES[name][2]
+    g = torch.Generator().manual_seed(3)
+    if shape[0] == "ids":
+        return torch.randint(0, 64, shape[1:], generator=g)
+    return torch.randn(shape, generator=g)
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = model(x)
+    if isinstance(y, torch.Tensor):
+        return y
+    return y.logits if hasattr(y, "logits") else y.last_hidden_state
+
+
+def _cfg(name: str, **over) -> AdapterConfig:
+    return AdapterConfig(**{"n_blocks": 4, "dropout": 0.0, **CASES[name][1], **over})
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_adapter_contract_on_any_model(name, tmp_path):
+    model, x = _build(name), _input(name)
+    with torch.no_grad():
+        stock = _out(model, x)
+    names = blocklora.inject(model, _cfg(name), probe=lambda: model(x))  # every adapter proven on the path
+    assert names and blocklora.count_trainable(model) == sum(v.numel() for v in blocklora.adapter_state_dict(
+        model).values())
+    with torch.no_grad():
+        fresh = _out(model, x)
+    if EXACT[name]:
+        assert torch.equal(fresh, stock)
+    else:
+        torch.testing.assert_close(fresh, stock, rtol=0, atol=1e-6)
+
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = _out(model, x)
+    assert not torch.allclose(adapted, stock)
+    blocklora.save_adapter(model, tmp_path / "adapter")
+    with safe_open(tmp_path / "adapter" / "blocklora_adapter.safetensors", "pt") as f:  # the file says where
+        recorded = json.loads(f.metadata()["targeting"])
+    assert recorded.items() <= _cfg(name).to_dict().items() and recorded.keys() & {"target_modules", "target_types"}
+    loaded = _build(name)
+    assert blocklora.load_adapter(loaded, tmp_path / "adapter") == _cfg(name)
+    with torch.no_grad():
+        assert torch.equal(_out(loaded, x), adapted)
+
+    with torch.no_grad():
+        blocklora.merge(model)
+        torch.testing.assert_close(_out(model, x), adapted, rtol=1e-5, atol=1e-5)
+        blocklora.unmerge(model)
+        torch.testing.assert_close(_out(model, x), adapted, rtol=1e-5, atol=1e-5)
+        stock_model = _build(name)
+        stock_model.load_state_dict(blocklora.merged_state_dict(model))  # a stock state dict: strict load
+        torch.testing.assert_close(_out(stock_model, x), adapted, rtol=1e-5, atol=1e-5)
+
+    # a few steps on the adapters alone lower a loss; the frozen weights do not move
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    target = torch.randn(adapted.shape, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = (_out(model, x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[3]])
+def test_peft_loads_the_export_of_linear_targets(name, tmp_path):
+    """PEFT's own PeftModel.from_pretrained reads the export and computes what blocklora computes."""
+    from peft import PeftModel
+
+    from blocklora.interop.peft import write_peft_adapter
+
+    model, x = _build(name), _input(name)
+    blocklora.inject(model, _cfg(name))
+    randomize_adapters(model)
+    with torch.no_grad():
+        ours = _out(model, x)
+    write_peft_adapter(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(_build(name), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(peft_model, x), ours, rtol=1e-5, atol=1e-5)
+
+
+@functools.cache
+def _named(name: str) -> nn.Module:
+    """One model per class for the name-rule checks, which only read its module tree."""
+    return _build(name)
+
+
+PEFT_SPECS = [
+    dict(target_modules=["qkv"]), dict(target_modules=["attn.proj", "fc2"]), dict(target_modules=["proj"]),
+    dict(target_modules=r".*blocks\.1\..*(qkv|fc1)"), dict(target_modules=r"qkv"), dict(target_modules=["blocks.0"]),
+    dict(target_modules=["fc1"], layers_to_transform=[1]), dict(target_modules=["qkv"], layers_to_transform=0),
+    dict(target_modules=["qkv", "proj"], layers_to_transform=[0], layers_pattern="blocks"),
+    dict(target_modules=["qkv"], layers_to_transform=[1], layers_pattern=["stages", "blocks"]),
+]
+
+
+@pytest.mark.parametrize("spec", PEFT_SPECS, ids=str)
+@pytest.mark.parametrize("name", ["timm_vit", "timm_swin", "hf_dinov2"])
+def test_name_rules_are_peft_s(name, spec):
+    """Which modules a target_modules / layers_to_transform / layers_pattern spec selects: PEFT's own
+    check_target_module_exists is the oracle, over every module name of real models."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from blocklora.adapters.targeting import match
+
+    model = _named(name)
+    peft_cfg = LoraConfig(**spec)
+    expected = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_cfg, n)]
+    cfg = AdapterConfig(**spec, n_blocks=1)
+    if not expected:
+        with pytest.raises(ConfigError, match="matched no module of this"):
+            match(model, cfg)
+        return
+    try:
+        got = [t.path for t in match(model, cfg)]
+    except ConfigError as e:  # a selected module blocklora cannot adapt (patch_embed.proj: a 4x4 conv) is refused
+        assert "cannot adapt" in str(e) and str(e).split()[2].rstrip(":") in expected, e
+        return
+    assert got == expected
+
+
+def test_errors_name_the_problem_and_leave_the_model_untouched():
+    model, x = _build("timm_vit"), _input("timm_vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+
+    def untouched():
+        assert [type(m) for m in model.modules()] == types and blocklora.adapter_config(model) is None
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and all(
+            p.requires_grad for p in model.parameters())
+
+    with pytest.raises(ConfigError, match=r"target_modules=\('attention',\) matched no module of this "
+                                          r"VisionTransformer: its adaptable modules are named like patch_embed.proj"):
+        blocklora.inject(model, AdapterConfig(target_modules=["attention"]))
+    untouched()
+    # the Linears match and would fit; the patch embedding (an 8x8 convolution) does not: nothing is changed
+    with pytest.raises(ConfigError, match=r"cannot adapt patch_embed.proj: only 1x1.*\(Conv2d\)"):
+        blocklora.inject(model, AdapterConfig(target_modules=["fc1", "proj"], n_blocks=1))
+    untouched()
+    with pytest.raises(ConfigError, match=r"cannot adapt blocks.0.norm1: it is a timm.layers.norm."
+                                          r"LayerNorm; blocklora adapts nn.Linear"):
+        blocklora.inject(model, AdapterConfig(target_modules=r"blocks\.0\.(norm1|attn\.qkv)"))
+    untouched()
+    with pytest.raises(ConfigError, match="n_blocks=5 does not divide in_features"):
+        blocklora.inject(model, AdapterConfig(target_modules=["qkv"], n_blocks=5))
+    untouched()
+    with pytest.raises(ConfigError, match="blocks.0.attn.qkv lies inside blocks.0.attn"):
+        blocklora.inject(model, AdapterConfig(target_modules=["attn", "qkv"], n_blocks=1, target_types=None))
+    untouched()
+    with pytest.raises(ConfigError, match="layers .layers_to_transform. cannot be used when target_modules is a "
+                                          "regular expression"):
+        AdapterConfig(target_modules=r".*qkv", layers=[0])
+    with pytest.raises(ConfigError, match="fused names 'to_qkv'"):
+        blocklora.inject(model, AdapterConfig(target_modules=["qkv"], fused={"to_qkv": "qkv"}))
+    untouched()
+    with pytest.raises(ConfigError, match="row blocks k,v are not supported"):
+        AdapterConfig(target_modules=["qkv"], fused={"qkv": "kv"})
+    blocklora.inject(model, AdapterConfig(target_modules=["qkv"], fused={"qkv": "qkv"}), probe=lambda: model(x))
+    assert isinstance(model.blocks[0].attn.qkv, blocklora.BlockLoRAFusedQKV)
+
+
+def test_modules_the_model_never_calls_and_other_architectures_are_refused(tmp_path):
+    vit = _build("torchvision_vit")
+    with pytest.raises(ConfigError, match="MultiheadAttention encoder.layers.encoder_layer_0.self_attention reads "
+                                          "its weight without calling it; target the attention itself"):
+        blocklora.inject(vit, AdapterConfig(target_types=[nn.Linear], n_blocks=1))
+    gpt2 = _build("gpt2")
+    with pytest.raises(ConfigError, match="cannot adapt transformer.h.0.attn.c_attn: fused q/k/v row blocks need an "
+                                          "nn.Linear .*, it is a Conv1D; adapt it as one matrix"):
+        blocklora.inject(gpt2, AdapterConfig(target_modules=["c_attn"], fused={"c_attn": "qkv"}))
+    model = _build("sequential")
+    blocklora.inject(model, _cfg("sequential"))
+    blocklora.save_adapter(model, tmp_path / "a")
+    other = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))  # another head: same class, other shape
+    with pytest.raises(AdapterMismatchError, match=r"2.lora_B has shape \(8, 2\), the model needs \(4, 2\)"):
+        blocklora.load_adapter(other, tmp_path / "a", force=True)
+    with pytest.raises(AdapterMismatchError, match="was trained on a Sequential, this model is a ModuleList: its "
+                                                   "targeting .* belongs to another architecture"):
+        blocklora.load_adapter(nn.ModuleList([nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)]), tmp_path / "a",
+                               force=True)
+    assert not any(".lora_" in k for k in other.state_dict())

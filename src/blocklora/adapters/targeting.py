@@ -209,6 +209,12 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
     if not found:
         raise ConfigError(f"{describe_by_name(cfg)} matched no module of this {type(model).__name__}: its "
                           f"{_examples(modules)}")
+    chosen = {name for name, _, _ in found}
+    nested = next(((".".join(a), n) for n in sorted(chosen) for i in range(1, n.count(".") + 1)
+                   if ".".join(a := n.split(".")[:i]) in chosen), None)
+    if nested:
+        raise ConfigError(f"{nested[1]} lies inside {nested[0]}, which would be adapted as a whole: narrow "
+                          "target_modules / target_types so that only one of them matches")
     targets: list[Target] = []
     for name, module, index in found:
         parent = name.rpartition(".")[0]
@@ -233,10 +239,6 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
             projections = cfg.projections
         targets.append(Target(name, kind, projections, MATCHED_TOWER, index))
     paths = [t.path for t in targets]
-    nested = next(((a, b) for a in paths for b in paths if b.startswith(a + ".")), None)
-    if nested:
-        raise ConfigError(f"{nested[1]} lies inside {nested[0]}, which is adapted as a whole: narrow "
-                          "target_modules / target_types so that only one of them matches")
     unused = [k for k in fused if not any(name_matches(p, [k]) for p in paths)]
     if unused:
         raise ConfigError(f"fused names {unused[0]!r}, which matches none of the targeted modules "

@@ -297,3 +297,28 @@ def test_modules_the_model_never_calls_and_other_architectures_are_refused(tmp_p
         blocklora.load_adapter(nn.ModuleList([nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)]), tmp_path / "a",
                                force=True)
     assert not any(".lora_" in k for k in other.state_dict())
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """README's "Block-LoRA on any PyTorch model" snippet, executed exactly as printed (in a scratch folder)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Block-LoRA on any PyTorch model", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "clip" not in snippet.lower() and len(snippet.strip().splitlines()) <= 12
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+    model = scope["model"]
+    from blocklora.adapters.inject import is_merged
+
+    assert is_merged(model) and blocklora.adapter_config(model).fused == (("qkv", ("q", "k", "v")),)
+    assert (tmp_path / "vit_adapter" / "blocklora_adapter.safetensors").is_file()
+    assert isinstance(model.blocks[0].attn.qkv, blocklora.BlockLoRAFusedQKV)
+    blocklora.unmerge(model)  # the frozen weights back, to float rounding: a fresh model loads the adapter
+    fresh = scope["timm"].create_model("vit_tiny_patch16_224", num_classes=10, img_size=64)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k}, strict=False)
+    blocklora.load_adapter(fresh, tmp_path / "vit_adapter", force=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images), model.eval()(images), rtol=1e-4, atol=1e-5)

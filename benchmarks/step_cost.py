@@ -7,6 +7,12 @@ One step = forward of both towers + cross-entropy over the C classes + backward 
 median over --steps steps after --warmup steps; peak memory is the peak RSS (CPU) or max allocated (CUDA) of a
 fresh process per configuration.
 
+The "timm" family (--families timm) is a non-CLIP model: a timm ViT-S/16 ImageNet classifier (random weights,
+1000 classes) whose step is forward + cross-entropy on C labels + backward + AdamW; blocklora places its adapters
+by name (TIMM_TARGETING: q, k, v of every block, as row blocks of the fused qkv Linear); PEFT's LoRA adapts the
+fused qkv Linear as one (3E, E) matrix (PEFT has no per-projection LoRA on it: one factor pair, 2/3 of blocklora
+LoRA's parameters).
+
 Configurations (per backbone family: "open_clip" = open_clip.create_model, "transformers" = CLIPModel built from
 a CLIPConfig equivalent to ViT-B/16):
   floor       the same model and attention code as the adapted runs, frozen, one trainable scalar at the input of
@@ -60,7 +66,15 @@ DEFAULT_PLAN = {
     ("transformers", "lora"): (100,),
     ("transformers", "peft_lora"): (100,),
     ("transformers", "full"): (100,),
+    # a non-CLIP model (--families timm): a timm ViT-S/16 classifier, C = its head's classes, adapted by name
+    ("timm", "floor"): (100,),
+    ("timm", "block_lora"): (100,),
+    ("timm", "lora"): (100,),
+    ("timm", "peft_lora"): (100,),
 }
+TIMM_MODEL = "vit_small_patch16_224"
+# blocklora's q, k, v of every block, as row blocks of timm's fused qkv Linear (adapters/targeting.py)
+TIMM_TARGETING = {"target_modules": ["attn.qkv"], "fused": {"qkv": "qkv"}}
 CONFIGS = ("floor", "block_lora", "lora", "peft_lora", "dense_lora", "full", "vision_only", "block_lora_ckpt")
 TEMPLATE = "a photo of a {}."
 R, ALPHA, DROPOUT, N_BLOCKS = 2, 1.0, 0.25, 8
@@ -179,6 +193,10 @@ def base_model(family: str, model_name: str, pretrained: str | None = None):
     import torch
 
     torch.manual_seed(0)
+    if family == "timm":
+        import timm
+
+        return timm.create_model(TIMM_MODEL, pretrained=False)
     if family == "transformers":
         from transformers import CLIPModel
 
@@ -242,6 +260,26 @@ def build(family: str, config: str, model_name: str, device: str, base=None, pre
         if family == "open_clip":
             info["attention"] = "CLIP-LoRA-style separate q/k/v (scaled_dot_product_attention)" \
                 if config == "dense_lora" else "blocklora MHA replacement (scaled_dot_product_attention)"
+    elif family == "timm":
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config in ("block_lora", "lora"):
+            inject(model, AdapterConfig(method=config, r=R, alpha=ALPHA, dropout=DROPOUT, **TIMM_TARGETING,
+                                        **({"n_blocks": N_BLOCKS} if config == "block_lora" else {})))
+        elif config == "peft_lora":
+            import peft
+
+            peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, use_rslora=True,
+                                                       target_modules=["qkv"]))
+        elif config != "floor":
+            raise ValueError(f"config {config} is not measured on the timm family")
+        model.to(device)
+        scalars = _add_input_scalars([model.blocks[0]]) if config == "floor" else []
+        encode_images, encode_texts, tokenize = model, None, None
+        info["classifier"] = True  # the step is a classifier's: cross-entropy on the model's logits
+        info["attention"] = f"timm {type(model.blocks[0].attn).__name__} (fused qkv Linear)"
+        info["image_size"] = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     else:
         import open_clip
 
@@ -324,10 +362,12 @@ def prepare(spec: dict, base=None):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, classes, (batch,), generator=g).to(device)
-    tokens = tokenize(prompts(classes))
-    tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-    info["text_length"] = int(tokens["input_ids"].shape[1]) if isinstance(tokens, dict) \
-        else int(tokens.argmax(-1).max()) + 1
+    classifier = info.get("classifier", False)
+    if not classifier:
+        tokens = tokenize(prompts(classes))
+        tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+        info["text_length"] = int(tokens["input_ids"].shape[1]) if isinstance(tokens, dict) \
+            else int(tokens.argmax(-1).max()) + 1
     info["precision"] = rt.precision
     opt = torch.optim.AdamW(params, lr=1e-5)
     cached = None
@@ -337,9 +377,12 @@ def prepare(spec: dict, base=None):
 
     def step():
         with rt.autocast():
-            img = F.normalize(enc_img(images).float(), dim=-1)
-            txt = cached if cached is not None else F.normalize(enc_txt(tokens).float(), dim=-1)
-            loss = F.cross_entropy(100.0 * img @ txt.T, labels)
+            if classifier:
+                loss = F.cross_entropy(enc_img(images).float(), labels)
+            else:
+                img = F.normalize(enc_img(images).float(), dim=-1)
+                txt = cached if cached is not None else F.normalize(enc_txt(tokens).float(), dim=-1)
+                loss = F.cross_entropy(100.0 * img @ txt.T, labels)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -783,7 +826,10 @@ def main(argv: list[str] | None = None) -> dict:
             print("[extra] transformers attention: q/k/v folding once vs each its own", file=sys.stderr, flush=True)
             extras["shared_fold"] = run_in_subprocess("shared_fold", {**base, "reps": 20})
     out = {"config": config, "results": by_config(results.get("open_clip", {})),
-           "transformers": {"results": by_config(results.get("transformers", {}))}, "ratios": ratios(results),
+           "transformers": {"results": by_config(results.get("transformers", {}))},
+           **({"timm": {"model": TIMM_MODEL, "targeting": TIMM_TARGETING, "results": by_config(results["timm"])}}
+              if "timm" in results else {}),
+           "ratios": ratios(results),
            **extras}
     out["config"]["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(table(results))

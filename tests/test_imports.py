@@ -87,7 +87,7 @@ def test_no_import_cycle_among_blocklora_modules():
 
 def test_the_method_library_imports_no_model_family():
     """adapters/ depends only on itself and leaf utilities (errors, value checks and choices, file ownership and
-    reading, the version): placement comes in through adapters.sites."""
+    reading, the version): placement comes in through adapters.targeting (by name, or a family's Targeting)."""
     allowed = ("blocklora.adapters", "blocklora.errors", "blocklora._version", "blocklora.checks", "blocklora.choices",
                "blocklora.ownership", "blocklora.reading")
     for name, targets in import_graph().items():
@@ -96,12 +96,13 @@ def test_the_method_library_imports_no_model_family():
 
 
 def test_adapters_work_with_no_backbone_module_loaded():
-    """In a fresh process: the whole method library on a model no family knows (a Placement handed in), a save /
-    load round trip, a merge; and not one blocklora.backbones module (nor open_clip, timm) is ever imported."""
+    """In a fresh process: the whole method library on a model no family knows (a Placement handed in, then the
+    same adapters placed by name), a save / load round trip, a merge; and not one blocklora.backbones module (nor
+    open_clip, timm) is ever imported."""
     code = """
 import sys, tempfile, torch
 torch.manual_seed(0)
-from blocklora.adapters import config, core, fused, inject, io, layers, report, sites
+from blocklora.adapters import config, core, fused, inject, io, layers, report, sites, targeting
 from blocklora.adapters.config import AdapterConfig
 from blocklora.adapters.sites import Placement, Site
 
@@ -135,6 +136,12 @@ inject.merge(model)
 with torch.no_grad():
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
 assert report.adapter_cost(model)["total"]["params"] == inject.count_trainable(model)
+by_name = AdapterConfig(target_modules=["qkv", "proj"], fused={"qkv": "qkv"}, projections="qkvo", n_blocks=4)
+named = torch.nn.Sequential(Block(), Block()).eval()
+assert [(t.path, t.kind) for t in inject.plan(named, by_name)] == [(f"{i}.{c}", k) for i in range(2) for c, k in
+                                                                   (("qkv", "fused_qkv"), ("proj", "linear"))]
+plain = torch.nn.Sequential(Block(), Block())
+assert inject.expected_shapes(named, by_name) == inject.expected_shapes(plain, cfg, placement)  # the same adapters
 loaded = sorted(m for m in sys.modules if m.startswith(("blocklora.backbones", "open_clip", "timm", "transformers")))
 print("loaded:", loaded)
 assert not loaded, loaded

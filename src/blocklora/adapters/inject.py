@@ -59,7 +59,9 @@ def _family_targets(model: nn.Module, cfg: AdapterConfig, placement: Targeting) 
             have = [t for t, s in placement.sites.items() if s]
             raise ConfigError(f"the {tower} tower of this {placement.family} model ({placement.describe(tower)}) "
                               f"has no attention blocks blocklora can adapt: choose towers from "
-                              f"{', '.join(have) or 'none'}")
+                              f"{', '.join(have) or 'none'}" + ("" if have else "; or name the modules to adapt, "
+                                                                "e.g. AdapterConfig(target_modules=['q_proj', "
+                                                                "'v_proj']) (PEFT's rules)"))
         layers = resolve_layers(cfg.layers, len(sites))
         found = [t for i in layers for t in _site_targets(model, sites[i], cfg)]
         if not found:

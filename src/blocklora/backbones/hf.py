@@ -85,7 +85,8 @@ def placement(model: nn.Module) -> Targeting | None:
     text_model = getattr(model, "text_model", None)
     if not text and isinstance(text_model, nn.Module):
         text = bert_sites(text_model, "text_model", "text")
-    towers = {t: type(getattr(model, f"{t}_model", None)).__name__ for t in ("vision", "text")}
+    towers = {t: type(getattr(model, f"{t}_model")).__name__ if hasattr(model, f"{t}_model") else f"no {t}_model"
+              for t in ("vision", "text")}
     return Targeting(f"transformers {type(model).__name__}", {"vision": vision, "text": text}, towers)
 
 

@@ -131,11 +131,30 @@ def test_plan_names_steps_epochs_device_and_the_cpu_recipe():
     from blocklora.engine.runtime import make_runtime
 
     rt = make_runtime("cpu")
-    lines = plan(2000, 0, 32, 20, rt)
-    assert lines[0] == "plan: 2000 steps of batch 32 = 3200.0 epochs over the 20 K-shot images, on cpu (fp32)"
+    lines = plan(2000, 0, 32, 20, rt)  # a set smaller than the batch is each step's whole batch (issue 25)
+    assert lines[0] == ("plan: 2000 steps of batch 20 = 2000.0 epochs over the 20 K-shot images (train.batch_size 32 "
+                        "is more than the set: every step is the whole set), on cpu (fp32)")
     assert "--recipe quick" in lines[1] and "200 steps of 8" in lines[1]
     assert plan(200, 50, 8, 160, rt) == [
         "plan: 200 steps of batch 8, 150 left from step 50 = 10.0 epochs over the 160 K-shot images, on cpu (fp32)"]
+    assert plan(10, 0, 8, 160, rt, validation="the tested split (eval.split=val)")[0].endswith(
+        "(validation: the tested split (eval.split=val)), on cpu (fp32)")
+
+
+@pytest.mark.parametrize("n, batch, drop_last, steps", [(10, 32, False, 500), (47, 32, False, 500),
+                                                        (47, 32, True, 500), (752, 32, False, 8000), (6, 4, True, 9)])
+def test_plan_states_the_batch_and_epochs_the_stream_feeds(n, batch, drop_last, steps):
+    """The plan's "batch B = E epochs" against what engine/stream.StepBatches feeds: the first step's batch, and the
+    images fed over the run / the set's size (DTD 1-shot, 47 images, CLIP-LoRA's kept partial batch: 32 + 15)."""
+    from blocklora.engine.fit import plan
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.engine.stream import StepBatches
+
+    line = plan(steps, 0, batch, n, make_runtime("cpu"), drop_last=drop_last)[0]
+    said_batch, said_epochs = re.search(r"steps of batch (\d+) = ([\d.]+) epochs", line).groups()
+    sb = StepBatches(n, batch, 1, 0, steps, drop_last=drop_last)
+    assert int(said_batch) == sb.global_size(0)
+    assert said_epochs == f"{sum(sb.global_size(t) for t in range(steps)) / n:.1f}"
 
 
 def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
@@ -144,7 +163,8 @@ def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
     text = caplog.text
-    assert "plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images, on cpu (fp32)" in text  # 3 x 2
+    assert ("plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images (2 images left out of each epoch: "
+            "drop_last), on cpu (fp32)") in text  # 3 x 2
     assert re.search(r"eta: [0-9.]+ s/step over steps 2-6: about \d+ s for the 2 steps left", text), text
     assert "plan: 8 steps" in (tmp_path / "r" / "train.log").read_text()
 
@@ -155,9 +175,9 @@ def test_shots_drawn_with_replacement_are_named_and_recorded(caplog, data, tmp_p
         assert main(["train", "--model", "tiny-clip", "--shots", "7", "--iters", "1", "--batch-size", "4",
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
-    warning = next(r.getMessage() for r in caplog.records if "too few training images" in r.getMessage())
-    # 7 shots of 6 images: every class repeats (CLIP-LoRA's draw without a val split takes K + min(K, 4) = 11)
-    assert "3 class(es) have too few training images for 7 shots plus 4 validation shots" in warning
+    warning = next(r.getMessage() for r in caplog.records if "fewer training images" in r.getMessage())
+    # 7 shots of 6 images: every class repeats; no validation shots are taken from them (issue 25)
+    assert "3 class(es) have fewer training images than the 7 shots asked" in warning
     assert "'red apple' (6 images)" in warning and "data.replace=false" in warning
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["replacement"]["allowed"] is True and results["replacement"]["used"] is True
@@ -166,12 +186,15 @@ def test_shots_drawn_with_replacement_are_named_and_recorded(caplog, data, tmp_p
         name: (6, 7) for name in ("red apple", "green leaf", "blue sky")}
     for c in results["replacement"]["classes"]:  # what the split file lists: 5 shots, some of them repeated
         paths = [path for path, label in split["train"] if split["classnames"][label] == c["class"]]
-        assert len(paths) == 7 and len(set(paths)) == c["distinct"] < 7
+        assert len(paths) == 7 and len(set(paths)) == c["distinct"] < 7  # random.choices, as Dassl
+    assert split["val"] == [] and results["validation"]["used"] is False and results["validation"]["val_shots"] == 0
 
 
 def test_enough_images_no_replacement(tiny_run):
-    assert json.loads((tiny_run / "results.json").read_text())["replacement"] == {"allowed": True, "used": False,
-                                                                                    "classes": []}
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["replacement"] == {"allowed": True, "used": False, "classes": []}
+    assert results["validation"] == {"used": False, "val_shots": 6,  # 2 per class, set aside from 6 images
+                                     "why": "no model selection: the adapter of the last step is tested"}
 
 
 # -- adapters that travel --------------------------------------------------------------------------------------------

@@ -44,17 +44,38 @@ log = logging.getLogger("blocklora")
 ETA_AFTER = 5  # steps timed before the ETA line (the first steps also pay for warm-up: workers, allocations)
 
 
-def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime) -> list[str]:
-    """The lines printed before training: steps, batch, epochs over the K-shot set, device and precision, and on a
-    CPU with a GPU-sized budget, the named CPU recipe (config.RECIPES["quick"])."""
-    from ..config.run_config import RECIPES
+def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime, drop_last: bool = True,
+         validation: str | None = None) -> list[str]:
+    """The lines printed before training: steps, the batch that runs, epochs over the K-shot set, device and
+    precision, the validation set when the run uses one (`validation`: what for), and on a CPU with a GPU-sized
+    budget, the named CPU recipe (config.RECIPES["quick"]).
 
-    epochs = total * batch_size / max(1, n_train)
+    The batch and epochs are what engine/stream.StepBatches feeds (the default drop_last is Block-LoRA's): a set
+    smaller than train.batch_size is each step's whole batch, and a kept last partial batch (drop_last=False,
+    CLIP-LoRA) makes its step smaller. Epochs = images fed over the `total` steps / the set's size."""
+    from ..config.run_config import RECIPES
+    from .stream import StepBatches
+
+    n = max(1, n_train)
+    sb = StepBatches(n, batch_size, 0, 0, total, drop_last=drop_last)
+    sizes = [sb.global_size(pos) for pos in range(sb.per_epoch)]  # one epoch's steps
+    full, part = divmod(total, sb.per_epoch)
+    epochs = (full * sum(sizes) + sum(sizes[:part])) / n
     left = f", {total - start} left from step {start}" if start else ""
-    lines = [f"plan: {total} steps of batch {batch_size}{left} = {epochs:.1f} epochs over the {n_train} K-shot "
-             f"images, on {runtime.device} ({runtime.precision})"]
+    notes = []
+    if batch_size > n:
+        notes.append(f"train.batch_size {batch_size} is more than the set: every step is the whole set")
+    elif len(sizes) > 1 and sizes[-1] != sizes[0]:
+        notes.append(f"each epoch's last step has {sizes[-1]}: the partial batch is kept")
+    elif n % sb.batch:
+        notes.append(f"{n % sb.batch} images left out of each epoch: drop_last")
+    if validation:
+        notes.append(f"validation: {validation}")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    lines = [f"plan: {total} steps of batch {sb.batch}{left} = {epochs:.1f} epochs over the {n_train} K-shot "
+             f"images{note}, on {runtime.device} ({runtime.precision})"]
     quick = RECIPES["quick"]
-    if runtime.device.type == "cpu" and total * batch_size > 2 * quick["train.iters"] * quick["train.batch_size"]:
+    if runtime.device.type == "cpu" and total * sb.batch > 2 * quick["train.iters"] * quick["train.batch_size"]:
         lines.append(f"note: this budget is the GPU reference recipe's size; on a CPU it can take hours. --recipe "
                      f"quick is the demo's CPU budget ({quick['train.iters']} steps of {quick['train.batch_size']}, "
                      f"lr {quick['train.lr']:g})")

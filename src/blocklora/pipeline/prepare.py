@@ -26,7 +26,6 @@ from ..data import (
     subsample_fewshot,
     verify_images,
 )
-from ..data.fewshot import val_shots
 from ..data.protocols import check_classes
 from ..engine import evaluate as ev
 from ..engine.logits import Logits
@@ -57,6 +56,17 @@ class Prepared:
     modules: list[str]  # the adapted modules (injected, probed)
     logits: Logits  # scale, bias and kind (softmax | sigmoid) the run trains and predicts with
     repeated: list[dict[str, Any]]  # classes whose shots repeat images (drawn with replacement): fewshot.repeated_shots
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """results.json's "validation": whether the run uses a validation set, and for what. A run tests its last
+        step (no model selection), so the K-shot validation shots in split.json (drawn as the peers draw them, from a
+        val split or, CLIP-LoRA's ImageNet rule, from classes with K + min(K, 4) images) are not used; only
+        eval.split=val uses one, as the tested split."""
+        if self.cfg.eval.split == "val":
+            return {"used": True, "as": "the tested split (eval.split=val)", "val_shots": len(self.fewshot.val)}
+        return {"used": False, "val_shots": len(self.fewshot.val),
+                "why": "no model selection: the adapter of the last step is tested"}
 
     def skip_unreadable(self, found: list[tuple[str, str]], hint: str = "") -> None:
         """Images an evaluation pass could not decode: an error naming the first unless data.skip_bad_images, else
@@ -135,11 +145,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     if repeated:  # the peers' draw (Dassl's repeat=True) does this silently; a user with few images wants to know
         shown = ", ".join(f"{r['class']!r} ({r['images']} images)" for r in repeated[:8])
         more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
-        val = (f" plus {val_shots(cfg.data.shots)} validation shots drawn from the same images (no val split)"
-               if not data.val and cfg.data.sampler == "clip-lora" else "")
-        log.warning("warning: %d class(es) have too few training images for %d shots%s: %s%s; their shots repeat "
-                    "images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, or "
-                    "data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, val, shown, more)
+        log.warning("warning: %d class(es) have fewer training images than the %d shots asked: %s%s; their shots "
+                    "repeat images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, "
+                    "or data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, shown, more)
     # text=True: a tokenizer out of reach fails first, before any weights are read
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer,
                              text=True)

@@ -139,7 +139,9 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
                                    activation=mlp_activation(p.backbone.model))
     tb = None
     if main:
-        for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime):
+        used = p.validation.get("as") if p.validation["used"] else None
+        for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime,
+                         bool(cfg.train.drop_last), used):
             log.info("%s", line)
         if cfg.train.log == "tensorboard":  # steps after the checkpoint are redone: their events go
             tb = TensorBoardLog(rd.tensorboard, purge_step=trainer.state.step + 1 if trainer.state.step else None)
@@ -187,6 +189,7 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         sampler=cfg.data.sampler,
         # the draw: whether classes with fewer images than shots were drawn with replacement, and which
         replacement={"allowed": cfg.data.replace, "used": bool(p.repeated), "classes": p.repeated},
+        validation=p.validation,
         iters=trainer.state.step, skipped_steps=trainer.state.skipped, final_loss=trainer.state.last_loss,
         dataset={"name": data.name, "root": str(data.root), "classes": len(data.classnames),
                  "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": trained["n"]},

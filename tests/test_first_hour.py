@@ -377,3 +377,32 @@ def test_every_document_cited_ships_in_the_repository():
         assert (REPO / doc).is_file(), doc
     readme = texts[REPO / "README.md"]
     assert "dark-on-white" in readme and "same torch thread count" in readme and "--recipe quick" in readme
+
+
+# -- an own flat folder, a run that travels, eval with no options (issue 25) -------------------------------------------
+def test_flat_folder_run_records_its_split_and_evaluates_alone(capsys, tmp_path, monkeypatch):
+    make_folder_dataset(tmp_path / "made", n_classes=3, train_per_class=5, test_per_class=0)
+    shutil.move(tmp_path / "made" / "train", tmp_path / "flat")  # torchvision's DIR/<class>/<images>
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "train", "--model", "tiny-clip", *FAST, "--dataset", "folder", "--root", "flat",
+                       "--output", "run")
+    assert code == 2 and "--test-fraction 0.2" in one_error(err) and not (tmp_path / "run").exists()
+    assert cli(capsys, "train", "--model", "tiny-clip", *FAST, "--dataset", "folder", "--root", "flat",
+               "--test-fraction", "0.4", "--output", "run")[0] == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset"]["held_out"]["test_fraction"] == 0.4 and results["n_test"] == 6  # 2 of 5 per class
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["data"]["root"] == str(tmp_path / "flat")  # resolved; the request keeps what was typed
+    assert saved["request"]["data"]["root"] == "flat" and saved["config"]["data"]["test_fraction"] == 0.4
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test_fraction"] == 0.4
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # eval needs nothing but the run: its dataset, root and held-out fraction are the run's own
+    code, out, _ = cli(capsys, "eval", "--adapter", tmp_path / "run", "--json", "--workers", "0")
+    assert code == 0 and json.loads(out)["n"] == 6 and json.loads(out)["top1"] == results["top1"]
+    # the run's config.json starts it again from another folder; its split file brings the fraction along
+    assert cli(capsys, "train", "--config", tmp_path / "run" / "config.json", "--output", "again")[0] == 0
+    assert json.loads((elsewhere / "again" / "results.json").read_text())["top1"] == results["top1"]
+    assert cli(capsys, "train", "--model", "tiny-clip", *FAST[2:], "--dataset", "folder", "--root", tmp_path / "flat",
+               "--split-file", tmp_path / "run" / "split.json", "--output", "from-split")[0] == 0

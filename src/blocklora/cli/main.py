@@ -107,18 +107,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..pipeline.run import evaluate_adapter
 
     results = []
-    for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
+    if args.dataset is None and args.peft_adapter:
+        raise BlockLoRAError("eval --peft-adapter needs --dataset (and --root): a PEFT adapter records no dataset")
+    datasets = [None] if args.dataset is None else [d.strip() for d in args.dataset.split(",") if d.strip()]
+    for dataset in datasets:  # a list: cross-dataset / DG targets; None: the adapter's own data
         if args.peft_adapter:
             from ..interop.peft import evaluate_peft_adapter
 
-            result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root, args.model, args.pretrained,
-                                           args.split, args.batch_size, args.workers, args.classes, args.template,
-                                           args.device, args.limit, args.skip_bad_images, args.tokenizer)
+            result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root or "", args.model, args.pretrained,
+                                           args.split, args.batch_size, args.workers, args.classes or "all",
+                                           args.template, args.device, args.limit, args.skip_bad_images,
+                                           args.tokenizer, test_fraction=args.test_fraction)
         else:
             result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                       args.batch_size, args.workers, args.classes, template=args.template,
                                       force=args.force, device=args.device, limit=args.limit,
-                                      skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer)
+                                      skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer,
+                                      test_fraction=args.test_fraction)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -136,7 +141,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     result = evaluate_zero_shot(cfg.model, cfg.pretrained, args.dataset, args.root, args.split, template,
                                 cfg.quick_gelu, args.batch_size, args.workers, cfg.device, args.limit,
                                 use_cache=not args.no_cache, skip_bad_images=args.skip_bad_images,
-                                tokenizer=cfg.tokenizer)
+                                tokenizer=cfg.tokenizer, test_fraction=args.test_fraction)
     _emit(result, args.json, f"{result['dataset']} {args.split}: zero-shot top-1 {result['top1']:.2f}% "
                              f"(n={result['n']}{', cached' if result.get('cached') else ''})")
     return 0
@@ -273,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --peft-adapter: the backbone (default: the adapter's own record)")
     p.add_argument("--template", default=None, type=checks.arg(checks.template, "--template"),
                    help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
-    data_options(p)
+    data_options(p, own=True)
     eval_options(p)
-    p.add_argument("--classes", choices=CLASS_SUBSETS, default="all", help=field_help("data.classes"))
+    p.add_argument("--classes", choices=CLASS_SUBSETS, default=None,
+                   help=field_help("data.classes") + " (default: all; on the adapter's own data, the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset")

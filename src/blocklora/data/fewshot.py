@@ -206,6 +206,8 @@ def split_file_bytes(splits: DatasetSplits, fewshot: FewShotSplit) -> bytes:
 
     header = {"format": SPLIT_FORMAT, "dataset": splits.name, "classnames": list(splits.classnames),
               "shots": fewshot.shots, "seed": fewshot.seed, "order": fewshot.sampler, "replace": fewshot.replace}
+    if splits.held_out:  # a folder whose test set was held out (--test-fraction): the same fraction gives the same
+        header["test_fraction"] = splits.held_out["test_fraction"]  # train images; only then written (old hashes)
     lines = [f"  {dump(k)}: {dump(v)}," for k, v in header.items()]
     text = "{\n" + "\n".join(lines) + f'\n  "train": {entries(fewshot.train)},\n  "val": {entries(fewshot.val)}\n}}\n'
     return text.encode("utf-8")
@@ -277,7 +279,10 @@ def read_split_header(path: str | os.PathLike) -> dict:
     data = _load_split_json(path, raw)
     params = _draw_params(data, path)
     params["sampler"] = params.pop("order")
-    return {**params, "classnames": list(data["classnames"])}
+    held = data.get("test_fraction")
+    if held is not None and not (isinstance(held, float) and 0 < held < 1):
+        raise _bad_file(path, f'has an invalid "test_fraction" ({held!r}): a number between 0 and 1')
+    return {**params, "classnames": list(data["classnames"]), "test_fraction": held}
 
 
 def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:

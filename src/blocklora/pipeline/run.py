@@ -192,7 +192,8 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         validation=p.validation,
         iters=trainer.state.step, skipped_steps=trainer.state.skipped, final_loss=trainer.state.last_loss,
         dataset={"name": data.name, "root": str(data.root), "classes": len(data.classnames),
-                 "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": trained["n"]},
+                 "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": trained["n"],
+                 **({"held_out": data.held_out} if data.held_out else {})},
         skipped_images=[{"path": a, "reason": b} for a, b in p.bad_images.items()],
         backbone=p.backbone.describe(), device=str(rt.device), precision=rt.precision, world_size=rt.world_size,
         wall_time_s={"total": round(time.perf_counter() - t0, 2), "train": round(train_s, 2),
@@ -209,7 +210,10 @@ def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
                 "frozen_dtype": cfg.train.frozen_dtype,
                 "dataset": p.data.name, "classnames": p.data.classnames, "template": cfg.train.template,
                 "logit_scale": p.logits.scale, "logit_bias": p.logits.bias, "loss": p.logits.kind,
-                "tokenizer": cfg.tokenizer, "split_sha256": sha}
+                "tokenizer": cfg.tokenizer, "split_sha256": sha,
+                # what `eval --adapter RUN` evaluates by default: this run's data, as resolved (absolute root)
+                "data": {"dataset": cfg.data.dataset, "root": cfg.data.root, "classes": cfg.data.classes,
+                         "test_fraction": cfg.data.test_fraction}}
     save_adapter(backbone.model, rd.adapter, backbone=backbone.name, extra={"run": run_meta}, overwrite=True,
                  weights_fingerprint=backbone.fingerprint)
 

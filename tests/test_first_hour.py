@@ -335,7 +335,8 @@ def test_export_help_says_what_each_family_writes(capsys):
 
 
 # -- predict streams and skips unreadable files ---------------------------------------------------------------------
-def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp_path):
+def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")  # a terminal's progress bar, on stderr
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(70):  # more than one batch of 64
@@ -353,11 +354,15 @@ def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp
     assert "predict:" in err  # the progress bar
 
 
-def test_image_check_shows_progress_on_large_sets(capsys, monkeypatch, data):
+def test_image_check_shows_progress_on_large_sets(capsys, caplog, monkeypatch, data):
     from blocklora.data import images, load_dataset
 
     monkeypatch.setattr(images, "PROGRESS_FROM", 2)
     splits = load_dataset("folder", str(data))
+    with caplog.at_level(logging.INFO, logger="blocklora"):  # stderr is no terminal here: log lines
+        assert images.verify_images(splits.train, splits.image_reader) == []
+    assert "check images (full decode): 18/18 images (100%)" in caplog.text
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")  # a terminal's bar
     assert images.verify_images(splits.train, splits.image_reader) == []
     assert "check images (full decode)" in capsys.readouterr().err
 
@@ -406,3 +411,23 @@ def test_flat_folder_run_records_its_split_and_evaluates_alone(capsys, tmp_path,
     assert json.loads((elsewhere / "again" / "results.json").read_text())["top1"] == results["top1"]
     assert cli(capsys, "train", "--model", "tiny-clip", *FAST[2:], "--dataset", "folder", "--root", tmp_path / "flat",
                "--split-file", tmp_path / "run" / "split.json", "--output", "from-split")[0] == 0
+
+
+def test_progress_is_log_lines_when_stderr_is_not_a_terminal(capsys, caplog, data, tmp_path, monkeypatch):
+    """Redirected (pytest captures stderr: no terminal), training logs one line every train.log_every steps with the
+    loss, and no carriage-return frame reaches stderr; BLOCKLORA_PROGRESS=bar forces tqdm's bar (issue 25)."""
+    from blocklora.engine.progress import LineProgress, progress, use_bars
+
+    monkeypatch.delenv("BLOCKLORA_PROGRESS", raising=False)
+    assert not use_bars() and isinstance(progress(total=3), LineProgress)
+    with caplog.at_level(logging.INFO, logger="blocklora"):
+        code, _, err = cli(capsys, "train", "--model", "tiny-clip", "--shots", "2", "--iters", "6", "--batch-size",
+                           "4", "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", data,
+                           "--output", tmp_path / "r", "train.log_every=3")
+    assert code == 0 and "\r" not in err
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert [re.match(r"train: (\d)/6 steps", line).group(1) for line in lines] == ["3", "6"], lines
+    assert "(50%), loss=" in lines[0] and "eta" in lines[0] and "s/step" in lines[1]
+    assert "train: 6/6 steps (100%)" in (tmp_path / "r" / "train.log").read_text()
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")
+    assert use_bars() and not isinstance(progress(total=3), LineProgress)

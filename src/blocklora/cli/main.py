@@ -150,9 +150,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import base64
 
-    from tqdm.auto import tqdm
-
     from ..engine.logits import Logits
+    from ..engine.progress import progress
     from ..pipeline.trained import image_paths, iter_predictions, load_trained
 
     images = image_paths(args.images)
@@ -167,8 +166,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done: list[dict[str, Any]] = []  # --json: one array at the end
     # one row per image as its batch is done (JSON lines with --json), unreadable files reported and skipped
     rows = iter_predictions(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
-    with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
-              disable=len(images) < 2) as bar:
+    with progress(rows, total=len(images), desc="predict", unit="image", disable=len(images) < 2) as bar:
         for row in bar:
             shown = printable(row["image"])
             if shown != row["image"]:  # a name that is not UTF-8: shown with \xNN escapes, its bytes kept exactly

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.decode import reads_files
@@ -24,6 +23,7 @@ from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
 from ..errors import ConfigError, DataError
+from .progress import progress
 from .runtime import Runtime, eval_mode
 
 log = logging.getLogger("blocklora")
@@ -107,7 +107,8 @@ def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, 
                         num_workers=workers, pin_memory=runtime.device.type == "cuda", collate_fn=collate_reported)
     feats, labels, bad = [], [], []
     with eval_mode(backbone.model):
-        for images, y, unreadable in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+        for images, y, unreadable in progress(loader, desc=desc, disable=not runtime.is_main, leave=False,
+                                              unit="batch"):
             bad += unreadable
             if images is None:
                 continue

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters.inject import adapter_layers, adapter_state_dict
 from ..backbones.base import Backbone
@@ -37,6 +36,7 @@ from ..data.types import Item
 from ..errors import BlockLoRAError
 from .evaluate import encode_classes
 from .logits import Logits
+from .progress import progress
 from .runtime import Runtime, rng_state, set_rng_state
 from .stream import train_stream
 
@@ -189,8 +189,9 @@ class Trainer:
         model.eval()
         for _, layer in adapter_layers(model):
             layer.train()
-        bar = tqdm(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
-                   dynamic_ncols=True)
+        # a bar on a terminal; in a redirected log, one line every log_every steps (engine/progress.py)
+        bar = progress(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
+                       every=max(1, cfg.log_every))
         tick = time.perf_counter()
         timed: tuple[int, float] | None = None  # (step, time) where the ETA's clock starts
         try:
@@ -213,11 +214,11 @@ class Trainer:
                 metrics["step_s"], tick = round(now - tick, 4), now
                 if on_step is not None:
                     on_step(metrics)
-                bar.update(1)
-                timed = self._report_eta(timed, now)
                 if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
                     loss_text = "skipped" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
                     bar.set_postfix(loss=loss_text, acc=f"{metrics['acc']:.1f}")
+                bar.update(1)
+                timed = self._report_eta(timed, now)
                 if checkpoint is not None and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     checkpoint(self)
         finally:

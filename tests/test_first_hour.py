@@ -431,3 +431,22 @@ def test_progress_is_log_lines_when_stderr_is_not_a_terminal(capsys, caplog, dat
     assert "train: 6/6 steps (100%)" in (tmp_path / "r" / "train.log").read_text()
     monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")
     assert use_bars() and not isinstance(progress(total=3), LineProgress)
+
+
+def test_runs_write_predictions_confusion_and_curve(capsys, tiny_run, data, tmp_path):
+    """predictions.csv holds one row per test image whose correct column gives results.json's top-1 and whose
+    predicted class and probability are what `predict` says for that image; eval --output writes the same rows."""
+    import csv
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    rows = list(csv.DictReader((tiny_run / "predictions.csv").open()))
+    assert list(rows[0]) == ["path", "label", "predicted", "prob", "correct"] and len(rows) == results["n_test"]
+    assert 100 * sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(results["top1"], abs=1e-4)
+    code, out, _ = cli(capsys, "predict", "--adapter", tiny_run, rows[0]["path"], "--json", "--topk", "1")
+    top = json.loads(out)[0]["top"][0]
+    assert top["class"] == rows[0]["predicted"] and top["prob"] == pytest.approx(float(rows[0]["prob"]), abs=1e-5)
+    for name in ("confusion.png", "curve.png"):
+        assert Image.open(tiny_run / name).size[0] > 100
+    code, _, _ = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")
+    assert code == 0 and list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open())) == rows
+    assert (tmp_path / "ev" / "confusion.png").is_file()

@@ -111,19 +111,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise BlockLoRAError("eval --peft-adapter needs --dataset (and --root): a PEFT adapter records no dataset")
     datasets = [None] if args.dataset is None else [d.strip() for d in args.dataset.split(",") if d.strip()]
     for dataset in datasets:  # a list: cross-dataset / DG targets; None: the adapter's own data
+        # --output: predictions.csv and confusion.png, in a subfolder per dataset when several are evaluated
+        output = None if not args.output else Path(args.output) / dataset if len(datasets) > 1 else args.output
         if args.peft_adapter:
             from ..interop.peft import evaluate_peft_adapter
 
             result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root or "", args.model, args.pretrained,
                                            args.split, args.batch_size, args.workers, args.classes or "all",
                                            args.template, args.device, args.limit, args.skip_bad_images,
-                                           args.tokenizer, test_fraction=args.test_fraction)
+                                           args.tokenizer, test_fraction=args.test_fraction, output=output)
         else:
             result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                       args.batch_size, args.workers, args.classes, template=args.template,
                                       force=args.force, device=args.device, limit=args.limit,
                                       skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer,
-                                      test_fraction=args.test_fraction)
+                                      test_fraction=args.test_fraction, output=output)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
     data_options(p, own=True)
     eval_options(p)
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="also write predictions.csv (path, label, predicted, prob, correct) and confusion.png there "
+                        "(default: print only)")
     p.add_argument("--classes", choices=CLASS_SUBSETS, default=None,
                    help=field_help("data.classes") + " (default: all; on the adapter's own data, the run's)")
     p.set_defaults(func=cmd_eval)

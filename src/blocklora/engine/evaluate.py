@@ -162,16 +162,24 @@ def summarize(correct: torch.Tensor, total: torch.Tensor, classnames: Sequence[s
 
 def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
              templates: Sequence[str], runtime: Runtime, batch_size: int = 128, workers: int = 0,
-             desc: str = "eval", features: Features | None = None) -> dict[str, Any]:
+             desc: str = "eval", features: Features | None = None, keep: bool = False) -> dict[str, Any]:
     """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images.
 
-    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted."""
+    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted. keep=True (one
+    process): also "predictions", (the evaluated items in order, their (N, C) image-class cosines), for
+    engine/predictions.py; the caller pops it before writing the result anywhere."""
     with torch.no_grad(), eval_mode(backbone.model):
         txt = encode_classes(backbone, classnames, templates, runtime)
     if features is None:
         features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
     correct, total = reduce_counts(*class_counts(features.feats, features.labels, txt), runtime)
-    return {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+    out = {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+    if keep and runtime.world_size == 1:
+        bad = {p for p, _ in features.bad}
+        kept = [i for i in items if i.path not in bad]
+        if len(kept) == features.feats.shape[0]:  # features given by the caller for the same items
+            out["predictions"] = (kept, features.feats @ txt.detach().float().cpu().T if kept else None)
+    return out
 
 
 def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:

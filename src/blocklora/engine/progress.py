@@ -80,7 +80,8 @@ class LineProgress:
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
         eta = f", eta {per * (self.total - self.n):.0f} s" if self.total and self.n < self.total else ""
-        log.info("%s: %d%s %ss%s%s, %.3g s/%s%s", self.desc, self.n, of, self.unit, pct, extra, per, self.unit, eta)
+        units = self.unit + ("es" if self.unit.endswith(("ch", "sh", "s", "x")) else "s")
+        log.info("%s: %d%s %s%s%s, %.3g s/%s%s", self.desc, self.n, of, units, pct, extra, per, self.unit, eta)
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",

@@ -523,7 +523,8 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
                           pretrained: str | None = None, split: str = "test", batch_size: int = 128,
                           workers: int = -1, classes: str = "all", template: str | None = None, device: str = "auto",
                           limit: int | None = None, skip_bad_images: bool = False,
-                          tokenizer: str | None = None, test_fraction: float | None = None) -> dict[str, Any]:
+                          tokenizer: str | None = None, test_fraction: float | None = None,
+                          output: str | os.PathLike | None = None) -> dict[str, Any]:
     """`blocklora eval --peft-adapter`: top-1 of a PEFT LoRA adapter on its backbone (`model`, default: what the
     adapter records: blocklora's own export record, else "hf:" + base_model_name_or_path)."""
     from .. import checks
@@ -547,4 +548,4 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
     backbone.cast_frozen(rt.frozen_dtype("fp32"))
     template = template or record.get("template") or "a photo of a {}."
     return evaluate_loaded(backbone, rt, directory, template, dataset, root, split, batch_size, workers, classes,
-                           limit, skip_bad_images, test_fraction)
+                           limit, skip_bad_images, test_fraction, output)

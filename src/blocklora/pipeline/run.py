@@ -109,7 +109,9 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
             finally:
                 if tb is not None:
                     tb.close()
+            predictions = evaluation.trained.pop("predictions", None)
             if main:
+                _write_outputs(p, rd, result, predictions)
                 _save_adapter(p, rd, sha)
                 if finish is not None:
                     result = dataclasses.replace(result, **finish(rd))
@@ -199,6 +201,21 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         wall_time_s={"total": round(time.perf_counter() - t0, 2), "train": round(train_s, 2),
                      "eval": round(ev.seconds + (zs.seconds if zs else 0.0), 2)},
         peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(), logits=p.logits.to_dict())
+
+
+def _write_outputs(p: Prepared, rd: RunDir, result: RunResult, predictions: tuple | None) -> None:
+    """predictions.csv and confusion.png of the tested split, and curve.png of the training (engine/predictions.py;
+    the plots need matplotlib, and are skipped with a note without it)."""
+    from ..engine import predictions as pr
+
+    title = f"{p.backbone.name}, {p.data.name}, {p.cfg.data.shots} shots, seed {p.cfg.data.seed}"
+    if predictions is not None and predictions[1] is not None:
+        rows = pr.predictions_rows(predictions[0], predictions[1], p.data.classnames, p.logits)
+        pr.write_predictions(rd / rd.PREDICTIONS, rows)
+        pr.plot_confusion(rd / rd.CONFUSION, rows, p.data.classnames,
+                          f"{title}: top-1 {result.top1:.2f}% on {len(rows)} {p.cfg.eval.split} images")
+    if rd.metrics.is_file():
+        pr.plot_curve(rd.metrics, rd / rd.CURVE, f"{title}: training")
 
 
 def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:

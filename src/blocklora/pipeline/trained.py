@@ -229,8 +229,10 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
                      split: str = "test", pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
                      classes: str | None = None, template: str | None = None, force: bool = False,
                      device: str = "auto", limit: int | None = None, skip_bad_images: bool = False,
-                     tokenizer: str | None = None, test_fraction: float | None = None) -> dict[str, Any]:
+                     tokenizer: str | None = None, test_fraction: float | None = None,
+                     output: str | os.PathLike | None = None) -> dict[str, Any]:
     """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names).
+    `output`: a folder to write predictions.csv and confusion.png into (write_predictions).
 
     `dataset` None: the data the adapter was trained on (trained_data: its dataset, root, class subset and held-out
     fraction; `root`, `classes`, `test_fraction` given override them); `classes` None: all (or, on the run's own
@@ -242,20 +244,38 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
         test_fraction = own["test_fraction"] if test_fraction is None else test_fraction
     batch_size, workers = eval_options(batch_size, workers, split, limit)
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer=tokenizer)
-    return evaluate_loaded(backbone, rt, adapter_dir, template or meta["run"]["template"], dataset, root or "", split,
-                           batch_size, workers, classes or "all", limit, skip_bad_images, test_fraction)
+    run = meta["run"]
+    logits = Logits(run["logit_scale"], run["logit_bias"], run["loss"])
+    return evaluate_loaded(backbone, rt, adapter_dir, template or run["template"], dataset, root or "", split,
+                           batch_size, workers, classes or "all", limit, skip_bad_images, test_fraction, output,
+                           logits)
 
 
 def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathLike, template: str, dataset: str,
                     root: str, split: str, batch_size: int, workers: int, classes: str, limit: int | None,
-                    skip_bad_images: bool, test_fraction: float | None = None) -> dict[str, Any]:
-    """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset."""
+                    skip_bad_images: bool, test_fraction: float | None = None,
+                    output: str | os.PathLike | None = None, logits: Logits | None = None) -> dict[str, Any]:
+    """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset; with `output`,
+    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax)."""
     template = checks.template("template", template)
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation",
                                      test_fraction)
-    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
-    return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
-            **_finish(items, result, skipped, skip_bad_images)}
+    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers,
+                         keep=output is not None)
+    kept = result.pop("predictions", None)
+    out = {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
+           **_finish(items, result, skipped, skip_bad_images)}
+    if output is not None and kept is not None and kept[1] is not None:
+        from ..engine import predictions as pr
+
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = pr.predictions_rows(kept[0], kept[1], data.classnames, logits or Logits(100.0))
+        pr.write_predictions(folder / pr.PREDICTIONS, rows)
+        pr.plot_confusion(folder / pr.CONFUSION, rows, data.classnames,
+                          f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        out["predictions_file"] = str(folder / pr.PREDICTIONS)
+    return out
 
 
 def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",

@@ -450,3 +450,18 @@ def test_runs_write_predictions_confusion_and_curve(capsys, tiny_run, data, tmp_
     code, _, _ = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")
     assert code == 0 and list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open())) == rows
     assert (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_open_clip_folder_export_has_a_card_and_a_snippet_that_runs(capsys, tiny_run, tmp_path):
+    """The printed load line is Python that runs as printed with stock open_clip (issue 25), and the folder holds a
+    model card with the base model, method, K, seed and accuracy."""
+    results = json.loads((tiny_run / "results.json").read_text())
+    code, out, _ = cli(capsys, "export", "--adapter", tiny_run, "--output", tmp_path / "merged")
+    hint = out.split("load it with: ", 1)[1].strip()
+    assert code == 0 and hint == f"import open_clip; model = open_clip.create_model('local-dir:{tmp_path / 'merged'}')"
+    scope: dict = {}
+    exec(hint, scope)  # noqa: S102
+    assert sum(p.numel() for p in scope["model"].parameters()) > 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert card.startswith("# tiny-clip adapted with blocklora (block_lora)")
+    assert "K = 2 shots per class, seed 1" in card and f"top-1 {results['top1']:.2f}%" in card and hint in card

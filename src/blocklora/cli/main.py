@@ -215,14 +215,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..interop.peft import export_peft
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-        print(f"PEFT LoRA adapter written: {printable(', '.join(files))} (peft.PeftModel.from_pretrained(base_model, "
-              f"{args.output!r}) loads it)")
+        print(f"PEFT LoRA adapter written: {printable(', '.join(files))}")
+        card = Path(args.output) / "README.md"
+        hint = next((line for line in card.read_text(encoding="utf-8").splitlines() if line.startswith("import ")),
+                    None) if card.is_file() else None
+        print(f"load it with: {printable(hint)}" if hint else "load it with peft.PeftModel.from_pretrained(base_model, "
+              f"{str(Path(args.output).absolute())!r}) on the base model with the same module names")
         return 0
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
     print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
-    if hint:  # a plain model name would build the default activation: say which call gives the trained one
-        print(f"stock open_clip loads it with: {printable(hint)}")
+    if hint:  # runs as printed: the activation the adapter was trained with included
+        print(f"load it with: {printable(hint)}")
+    elif Path(args.output).suffix:  # an open_clip file of a model stock open_clip has no name for
+        print("stock open_clip has no name for this model: export to a folder (--output NAME without a suffix) and "
+              "load it with: import open_clip; model = open_clip.create_model('local-dir:NAME')")
     return 0
 
 

@@ -421,6 +421,13 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
         with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
             backbone.export(state, tmp, classifier(run, backbone))
         if tmp.is_dir():
+            from .cards import load_snippet, model_card
+
+            snippet = load_snippet(run, output if output.suffix else tmp, export_form(run["model"]).family)
+            if snippet is not None:
+                snippet = snippet.replace(str(tmp.absolute()), str(output.absolute()))
+            (tmp / "README.md").write_text(model_card(adapter_dir, meta, f"{run['model']} with the adapter merged "
+                                                      "into its weights", snippet), encoding="utf-8")
             mark(tmp, EXPORT)
         fix_modes(tmp)
         # replace only what the checks above allowed: with --overwrite an export (checked again now), never a
@@ -499,13 +506,9 @@ def _is_weights_file(path: Path) -> bool:
 
 
 def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) -> str | None:
-    """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
-    from ..backbones.activation import stock_load_hint
+    """Python that loads the export at `output` with the stock library, as printed after the export (cards.py);
+    None when no stock call loads it (effnet-minilm; an open_clip file of a model open_clip cannot name)."""
+    from .cards import load_snippet
 
     run = read_adapter_meta(locate_adapter(adapter_dir)).get("run", {})
-    model = run.get("model", "")
-    if model.startswith("hf:") or model == "effnet-minilm" or run.get("quick_gelu") not in ("yes", "no"):
-        return None
-    if Path(output).is_dir():
-        return f"open_clip.create_model('local-dir:{output}')"
-    return stock_load_hint(model, run["quick_gelu"] == "yes", str(output))
+    return load_snippet(run, output, export_form(run.get("model", "")).family)

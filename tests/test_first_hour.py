@@ -465,3 +465,31 @@ def test_open_clip_folder_export_has_a_card_and_a_snippet_that_runs(capsys, tiny
     card = (tmp_path / "merged" / "README.md").read_text()
     assert card.startswith("# tiny-clip adapted with blocklora (block_lora)")
     assert "K = 2 shots per class, seed 1" in card and f"top-1 {results['top1']:.2f}%" in card and hint in card
+
+
+def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
+    """README's "Python API" notebook example, executed as it stands (issue 25) on a small folder of real colour
+    photos in the layout it names; only the quick recipe's step count is cut for the test's time."""
+    from blocklora.config.recipes import RECIPES
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    snippet = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+    make_folder_dataset(tmp_path / "photos", n_classes=2, train_per_class=4, test_per_class=2)
+    for split in ("train", "test"):  # the class the snippet names
+        shutil.move(tmp_path / "photos" / split / "red_apple", tmp_path / "photos" / split / "cat")
+    shutil.copy(tmp_path / "photos" / "test" / "cat" / "000.png", tmp_path / "photos" / "test" / "cat" / "1.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(RECIPES["quick"], "train.iters", 1)
+    monkeypatch.setitem(RECIPES["quick"], "train.batch_size", 2)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("top-1 ") and out[1].split()[0] in ("cat", "green leaf")
+    import blocklora
+
+    one = scope["clf"].predict(Image.open(tmp_path / "photos" / "test" / "cat" / "1.jpg"), topk=1)
+    assert one[0]["class"] == out[1].split()[0] and len(one[0]["top"]) == 1
+    assert {"train", "load_trained", "Classifier"} <= set(dir(blocklora)) <= set(blocklora.__all__) | {
+        "__version__", "adapters", "backbones", "pipeline", "engine", "config", "data", "errors", "checks",
+        "choices", "reading", "ownership", "interop", "cli", "grid"}

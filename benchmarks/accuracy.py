@@ -10,8 +10,9 @@ probe, comments and docstrings aside, and the torch version) AND the same numeri
 ATen CPU kernel path and the thread count, which change the last digits and so, through 200 steps, the top-1): from
 its run directory in --work, or from the committed RESULTS/NAME.json. The run says how many cells it reuses and
 when they were measured; --fresh measures all. Each cell records its recipe, code, numerics, machine and date, and
-the JSON nothing else that varies, so a run that measures nothing leaves it as it is. Tables give mean ± std over seeds and, since every method sees the same K-shot
-draw at a given seed, paired differences against LoRA and the probe (mean ± standard error of the per-seed gaps).
+the JSON nothing else that varies, so a run that measures nothing leaves it as it is. Tables give mean ± std over
+seeds and, since every method sees the same K-shot draw at a given seed, paired differences against LoRA and the
+probe (mean ± standard error of the per-seed gaps).
 
 Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, the same for every run), for K in
 {1, 4, 16} shots per class and seeds 1-6:

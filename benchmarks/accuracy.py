@@ -5,12 +5,14 @@
     .venv/bin/python benchmarks/accuracy.py --report-only    # tables and plot from the cells that can be reused
 
 A cell (one method, K and seed; or one linear probe) is reused only when it was measured with the same recipe (the
-hash of its run config, or of the probe's settings) AND the same code (code_version: the package source and the
-probe, comments and docstrings aside, and the torch version): from its run directory in --work, or from the
-committed RESULTS/NAME.json. The run says how many cells it reuses and when they were measured; --fresh measures
-all. Each cell records its recipe, code, machine and date, and the JSON nothing else that varies, so a run that
-measures nothing leaves it as it is. Tables give mean ± std over seeds and, since every method sees the same K-shot
-draw at a given seed, paired differences against LoRA and the probe (mean ± standard error of the per-seed gaps).
+hash of its run config, or of the probe's settings), the same code (code_version: the package source and the
+probe, comments and docstrings aside, and the torch version) AND the same numerics (numerics(): torch's version, the
+ATen CPU kernel path and the thread count, which change the last digits and so, through 200 steps, the top-1): from
+its run directory in --work, or from the committed RESULTS/NAME.json. The run says how many cells it reuses and
+when they were measured; --fresh measures all. Each cell records its recipe, code, numerics, machine and date, and
+the JSON nothing else that varies, so a run that measures nothing leaves it as it is. Tables give mean ± std over
+seeds and, since every method sees the same K-shot draw at a given seed, paired differences against LoRA and the
+probe (mean ± standard error of the per-seed gaps).
 
 Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, the same for every run), for K in
 {1, 4, 16} shots per class and seeds 1-6:
@@ -130,13 +132,26 @@ def probe_recipe(k: int, seed: int, test_images: int) -> str:
     return hashlib.sha256(json.dumps({"run": cfg.hash(), "penalties": PENALTIES}).encode()).hexdigest()[:16]
 
 
-def stamp(recipe: str, code: str) -> dict[str, str]:
-    return {"recipe": recipe, "code": code, "measured": time.strftime("%Y-%m-%d %H:%M"),
+def numerics() -> str:
+    """What besides recipe and code decides a CPU cell's number to the last digit: torch's version, the ATen CPU
+    kernel path it dispatches to (torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, ...; another path
+    sums in another order) and the thread count (another count splits reductions differently; 200 training steps
+    carry a last-bit difference into a different top-1, e.g. 73.75% at 1 thread, 73.50% at 2 for the demo's seed 1)."""
+    return (f"torch {torch.__version__}, ATen CPU {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} thread(s)")
+
+
+def stamp(recipe: str, code: str, numbers: str | None = None) -> dict[str, str]:
+    return {"recipe": recipe, "code": code, "numerics": numbers or numerics(),
+            "measured": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"}
 
 
-def matches(cell: dict[str, Any] | None, recipe: str, code: str) -> bool:
-    return bool(cell) and cell.get("recipe") == recipe and cell.get("code") == code
+def matches(cell: dict[str, Any] | None, recipe: str, code: str, numbers: str | None = None) -> bool:
+    """Whether a recorded cell is what this run would measure: the same recipe, code and numerics (a cell that
+    records no numerics, measured before they were recorded, cannot be shown to match: not reused)."""
+    return bool(cell) and cell.get("recipe") == recipe and cell.get("code") == code and \
+        cell.get("numerics") == (numbers or numerics())
 
 
 class Grid:
@@ -148,6 +163,7 @@ class Grid:
         self.committed = {} if fresh else committed
         self.fresh, self.run_missing = fresh, run_missing
         self.code = code_version()
+        self.numerics = numerics()  # after --threads took effect
         self.reused: dict[str, list[str]] = {"work": [], "committed": []}  # source -> measurement dates
         self.unsaved = 0  # cells from run directories that the committed file does not hold as they are
         self.measured = 0
@@ -169,10 +185,10 @@ class Grid:
         out = self.work / key
         record = out / "bench_cell.json"  # the cell as measured in this run directory
         recipe = cfg.hash()
-        in_file = matches(self.committed.get(key), recipe, self.code)
+        in_file = matches(self.committed.get(key), recipe, self.code, self.numerics)
         self.stale += key in self.committed and not in_file
         measured = json.loads(record.read_text()) if not self.fresh and record.exists() else None
-        if matches(measured, recipe, self.code):
+        if matches(measured, recipe, self.code, self.numerics):
             return self._reuse("work", measured, self.committed.get(key))
         if in_file:
             return self._reuse("committed", self.committed[key])
@@ -188,7 +204,7 @@ class Grid:
         cell = {"method": name, "shots": k, "seed": seed, "top1": r.top1, "zero_shot_top1": r.zero_shot_top1,
                 "trainable_params": r.trainable_params, "wall_s": r.wall_time_s["total"],
                 "train_s": r.wall_time_s["train"], "iters": r.iters, "n_test": r.n_test,
-                "split_sha256": r.split_sha256, **stamp(recipe, self.code)}
+                "split_sha256": r.split_sha256, **stamp(recipe, self.code, self.numerics)}
         write_json(record, cell)
         return cell
 
@@ -202,9 +218,9 @@ class Grid:
         for s in seeds:
             for k in shots:
                 key, recipe = f"K{k}_s{s}", probe_recipe(k, s, self.test_images)
-                in_file = matches(committed.get(key), recipe, self.code)
+                in_file = matches(committed.get(key), recipe, self.code, self.numerics)
                 self.stale += key in committed and not in_file
-                if matches(done.get(key), recipe, self.code):
+                if matches(done.get(key), recipe, self.code, self.numerics):
                     cells[key] = self._reuse("work", done[key], committed.get(key))
                 elif in_file:
                     cells[key] = self._reuse("committed", committed[key])
@@ -238,7 +254,7 @@ class Grid:
             result = linear_probe(x, y, test_x, test_y, len(data.classnames), s)
             out[key] = {**result, "shots": k, "seed": s, "wall_s": round(time.perf_counter() - t0, 1),
                         "n_test": len(test), "params": (x.shape[1] + 1) * len(data.classnames),
-                        **stamp(recipe, self.code)}
+                        **stamp(recipe, self.code, self.numerics)}
             self.measured += 1
             print(f"linear probe K={k} seed={s}: {result['top1']:.2f}% (penalty {result['penalty']})", flush=True)
         return out
@@ -255,7 +271,8 @@ class Grid:
             return head
         where = ", ".join(f"{len(v)} from " + (f"run directories in {self.work}" if k == "work" else
                                                 "the committed results file") for k, v in self.reused.items() if v)
-        return (f"{head} ({where}; measured {dates[0]} .. {dates[-1]} with this recipe and code {self.code}); "
+        return (f"{head} ({where}; measured {dates[0]} .. {dates[-1]} with this recipe, code {self.code} and "
+                f"{self.numerics}); "
                 "--fresh measures every cell again")
 
 
@@ -431,7 +448,8 @@ def main(argv=None) -> int:
     if plan.stale and not args.fresh:
         cells_word = "cell" if plan.stale == 1 else "cells"
         print(f"plan: {plan.stale} {cells_word} of the committed {results / f'{args.name}.json'} were measured with "
-              "another recipe or code version (or record none) and are not reused", flush=True)
+              f"another recipe, code version or numerics (this run: {plan.numerics}; or record none) and are not "
+              "reused", flush=True)
 
     grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
     probe = grid.probes(seeds, shots, committed_probe)

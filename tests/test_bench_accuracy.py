@@ -93,11 +93,26 @@ def test_other_code_or_recipe_is_not_reused(bench, measured, tmp_path, monkeypat
     longer = [a if a != "2" else "3" for a in args]  # --iters 3: the adapter cell's recipe changed, the probe's not
     out = _main(bench, longer)
     assert "plan: 2 cells: 1 to reuse, 1 to measure" in out
-    assert "plan: 1 cell of the committed" in out and "measured with another recipe or code version" in out
+    assert "plan: 1 cell of the committed" in out and "measured with another recipe, code version or numerics" in out
     monkeypatch.setattr(bench, "code_version", lambda: "another-version")
     out = _main(bench, args)
     assert "plan: 2 cells: 0 to reuse, 2 to measure" in out and "2 missing" in out
     assert (results / "accuracy.json").read_bytes() == before  # report-only with nothing reusable: left alone
+
+
+def test_other_numerics_are_not_reused(bench, measured, monkeypatch):
+    """Issue 25: the same recipe and code under another thread count, ATen CPU kernel path or torch gives other
+    last digits and, through 200 steps, another top-1: such a cell is not this run's, and is not reused."""
+    import torch
+
+    results, work, _ = measured
+    args = TINY + ["--results", str(results), "--work", str(work), "--report-only"]
+    cell = next(iter(json.loads((results / "accuracy.json").read_text())["cells"].values()))
+    assert cell["numerics"] == bench.numerics() and torch.backends.cpu.get_cpu_capability() in cell["numerics"]
+    assert "plan: 2 cells: 2 to reuse, 0 to measure" in _main(bench, args)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER-KERNEL-PATH")
+    out = _main(bench, args)
+    assert "plan: 2 cells: 0 to reuse, 2 to measure" in out and "numerics (this run: torch" in out
 
 
 def test_fresh_reuses_nothing(bench, measured):

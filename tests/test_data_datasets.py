@@ -364,3 +364,54 @@ def test_csv_parser_error_names_the_line(tmp_path):
 def test_csv_root_must_be_a_file(tmp_path):
     assert "pass the CSV file itself" in error(load_dataset, "csv", tmp_path)
     assert "no root given" in error(load_dataset, "csv", "")
+
+
+# -- torchvision's flat ImageFolder layout and class-name files (issue 25) ---------------------------------------------
+def test_flat_folder_needs_a_test_fraction_and_splits_reproducibly(tmp_path):
+    root = tmp_path / "flat"
+    make_class_tree(root, {"cat": 10, "dog": 5, "red_fox": 3})
+    message = error(load_dataset, "folder", root)
+    assert f"{root} is laid out as {root}/<class>/<images> (3 class folders: cat, dog, red_fox)" in message
+    assert "--test-fraction 0.2" in message and f"{root}/train/<class>/<images>" in message
+    d = load_dataset("folder", root, 0.2)
+    assert d.classnames == ["cat", "dog", "red fox"] and d.held_out["test_fraction"] == 0.2
+    per_class = {y: (sum(i.label == y for i in d.train), sum(i.label == y for i in d.test)) for y in range(3)}
+    assert per_class == {0: (8, 2), 1: (4, 1), 2: (2, 1)}  # round(0.2 n), at least 1, never the whole class
+    assert not {i.path for i in d.train} & {i.path for i in d.test}
+    again = load_dataset("folder", str(root), 0.2)  # the same files on every call, machine and seed
+    assert again.train == d.train and again.test == d.test
+    # a class's held-out images depend on that class only: adding a class moves nothing else
+    make_class_tree(root, {"emu": 4})
+    more = load_dataset("folder", root, 0.2)
+    assert [i for i in more.test if i.label < 2] == [i for i in d.test if i.label < 2]
+    # train/ without test/ is held out the same way; train/ with test/ refuses the option
+    make_class_tree(tmp_path / "t" / "train", {"a": 4, "b": 4})
+    assert f"{tmp_path / 't' / 'test'} is missing" in error(load_dataset, "folder", tmp_path / "t")
+    assert len(load_dataset("folder", tmp_path / "t", 0.5).test) == 4
+    make_class_tree(tmp_path / "t" / "test", {"a": 1, "b": 1})
+    assert "drop --test-fraction" in error(load_dataset, "folder", tmp_path / "t", 0.5)
+    assert "dataset dtd has its own test split" in error(load_dataset, "dtd", tmp_path, 0.5)
+    assert f"pass --root {tmp_path / 't'}" in error(load_dataset, "folder", tmp_path, 0.5)  # the folder above
+    make_class_tree(tmp_path / "one", {"a": 3, "b": 1})
+    assert "has 1 image: holding out a test set needs at least 2" in error(load_dataset, "folder", tmp_path / "one",
+                                                                          0.3)
+
+
+@pytest.mark.parametrize("text, names", [
+    ("Persian cat\nGolden retriever\n\nred fox\n", ["Persian cat", "Golden retriever", "red fox"]),  # sorted order
+    ("red_fox a red fox\ncat a cat\ndog a dog\n", ["a cat", "a dog", "a red fox"]),  # CoOp's "<folder> <name>"
+])
+def test_classnames_file(tmp_path, text, names):
+    root = tmp_path / "d"
+    make_class_tree(root / "train", {"cat": 1, "dog": 1, "red_fox": 1})
+    make_class_tree(root / "test", {"cat": 1, "dog": 1, "red_fox": 1})
+    (root / "classnames.txt").write_text(text)
+    assert load_dataset("folder", root).classnames == names
+    (root / "classnames.txt").unlink()
+    (root / "classnames.json").write_text(json.dumps({"cat": "tabby", "dog": "pug", "red_fox": "fox"}))
+    assert load_dataset("folder", root).classnames == ["tabby", "pug", "fox"]
+    (root / "classnames.json").write_text(json.dumps({"cat": "tabby", "dog": "pug"}))
+    assert "has no name for class folder 'red_fox'" in error(load_dataset, "folder", root)
+    (root / "classnames.json").unlink()
+    (root / "classnames.txt").write_text("one\ntwo\n")
+    assert "has 2 names for 3 class folders" in error(load_dataset, "folder", root)

@@ -58,7 +58,7 @@ def data(tmp_path_factory) -> Path:
     (["--dataset", "folder", "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
     (["--dataset", "folder", "--n-blocks", "5"], "n_blocks=5 does not divide"),
     (["--dataset", "folder", "train.lr=fast"], "bad value 'fast' for train.lr"),
-    (["--dataset", "folder", "--shots", "50", "data.replace=false"], "fewer than the 54 to draw"),
+    (["--dataset", "folder", "--shots", "50", "data.replace=false"], "fewer than the 50 to draw"),
     (["--dataset", "folder", "--split-file", "/nonexistent/split.json"], "/nonexistent/split.json"),
 ])
 def test_user_errors_leave_no_output(data, tmp_path, extra, needle):

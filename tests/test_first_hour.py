@@ -131,11 +131,30 @@ def test_plan_names_steps_epochs_device_and_the_cpu_recipe():
     from blocklora.engine.runtime import make_runtime
 
     rt = make_runtime("cpu")
-    lines = plan(2000, 0, 32, 20, rt)
-    assert lines[0] == "plan: 2000 steps of batch 32 = 3200.0 epochs over the 20 K-shot images, on cpu (fp32)"
+    lines = plan(2000, 0, 32, 20, rt)  # a set smaller than the batch is each step's whole batch (issue 25)
+    assert lines[0] == ("plan: 2000 steps of batch 20 = 2000.0 epochs over the 20 K-shot images (train.batch_size 32 "
+                        "is more than the set: every step is the whole set), on cpu (fp32)")
     assert "--recipe quick" in lines[1] and "200 steps of 8" in lines[1]
     assert plan(200, 50, 8, 160, rt) == [
         "plan: 200 steps of batch 8, 150 left from step 50 = 10.0 epochs over the 160 K-shot images, on cpu (fp32)"]
+    assert plan(10, 0, 8, 160, rt, validation="the tested split (eval.split=val)")[0].endswith(
+        "(validation: the tested split (eval.split=val)), on cpu (fp32)")
+
+
+@pytest.mark.parametrize("n, batch, drop_last, steps", [(10, 32, False, 500), (47, 32, False, 500),
+                                                        (47, 32, True, 500), (752, 32, False, 8000), (6, 4, True, 9)])
+def test_plan_states_the_batch_and_epochs_the_stream_feeds(n, batch, drop_last, steps):
+    """The plan's "batch B = E epochs" against what engine/stream.StepBatches feeds: the first step's batch, and the
+    images fed over the run / the set's size (DTD 1-shot, 47 images, CLIP-LoRA's kept partial batch: 32 + 15)."""
+    from blocklora.engine.fit import plan
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.engine.stream import StepBatches
+
+    line = plan(steps, 0, batch, n, make_runtime("cpu"), drop_last=drop_last)[0]
+    said_batch, said_epochs = re.search(r"steps of batch (\d+) = ([\d.]+) epochs", line).groups()
+    sb = StepBatches(n, batch, 1, 0, steps, drop_last=drop_last)
+    assert int(said_batch) == sb.global_size(0)
+    assert said_epochs == f"{sum(sb.global_size(t) for t in range(steps)) / n:.1f}"
 
 
 def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
@@ -144,7 +163,8 @@ def test_train_logs_the_plan_and_the_eta(caplog, data, tmp_path):
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
     text = caplog.text
-    assert "plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images, on cpu (fp32)" in text  # 3 x 2
+    assert ("plan: 8 steps of batch 4 = 5.3 epochs over the 6 K-shot images (2 images left out of each epoch: "
+            "drop_last), on cpu (fp32)") in text  # 3 x 2
     assert re.search(r"eta: [0-9.]+ s/step over steps 2-6: about \d+ s for the 2 steps left", text), text
     assert "plan: 8 steps" in (tmp_path / "r" / "train.log").read_text()
 
@@ -155,9 +175,9 @@ def test_shots_drawn_with_replacement_are_named_and_recorded(caplog, data, tmp_p
         assert main(["train", "--model", "tiny-clip", "--shots", "7", "--iters", "1", "--batch-size", "4",
                      "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", str(data), "--output",
                      str(tmp_path / "r")]) == 0
-    warning = next(r.getMessage() for r in caplog.records if "too few training images" in r.getMessage())
-    # 7 shots of 6 images: every class repeats (CLIP-LoRA's draw without a val split takes K + min(K, 4) = 11)
-    assert "3 class(es) have too few training images for 7 shots plus 4 validation shots" in warning
+    warning = next(r.getMessage() for r in caplog.records if "fewer training images" in r.getMessage())
+    # 7 shots of 6 images: every class repeats; no validation shots are taken from them (issue 25)
+    assert "3 class(es) have fewer training images than the 7 shots asked" in warning
     assert "'red apple' (6 images)" in warning and "data.replace=false" in warning
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["replacement"]["allowed"] is True and results["replacement"]["used"] is True
@@ -166,12 +186,15 @@ def test_shots_drawn_with_replacement_are_named_and_recorded(caplog, data, tmp_p
         name: (6, 7) for name in ("red apple", "green leaf", "blue sky")}
     for c in results["replacement"]["classes"]:  # what the split file lists: 5 shots, some of them repeated
         paths = [path for path, label in split["train"] if split["classnames"][label] == c["class"]]
-        assert len(paths) == 7 and len(set(paths)) == c["distinct"] < 7
+        assert len(paths) == 7 and len(set(paths)) == c["distinct"] < 7  # random.choices, as Dassl
+    assert split["val"] == [] and results["validation"]["used"] is False and results["validation"]["val_shots"] == 0
 
 
 def test_enough_images_no_replacement(tiny_run):
-    assert json.loads((tiny_run / "results.json").read_text())["replacement"] == {"allowed": True, "used": False,
-                                                                                    "classes": []}
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["replacement"] == {"allowed": True, "used": False, "classes": []}
+    assert results["validation"] == {"used": False, "val_shots": 6,  # 2 per class, set aside from 6 images
+                                     "why": "no model selection: the adapter of the last step is tested"}
 
 
 # -- adapters that travel --------------------------------------------------------------------------------------------
@@ -312,7 +335,8 @@ def test_export_help_says_what_each_family_writes(capsys):
 
 
 # -- predict streams and skips unreadable files ---------------------------------------------------------------------
-def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp_path):
+def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")  # a terminal's progress bar, on stderr
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(70):  # more than one batch of 64
@@ -330,11 +354,15 @@ def test_predict_streams_rows_and_reports_unreadable_files(capsys, tiny_run, tmp
     assert "predict:" in err  # the progress bar
 
 
-def test_image_check_shows_progress_on_large_sets(capsys, monkeypatch, data):
+def test_image_check_shows_progress_on_large_sets(capsys, caplog, monkeypatch, data):
     from blocklora.data import images, load_dataset
 
     monkeypatch.setattr(images, "PROGRESS_FROM", 2)
     splits = load_dataset("folder", str(data))
+    with caplog.at_level(logging.INFO, logger="blocklora"):  # stderr is no terminal here: log lines
+        assert images.verify_images(splits.train, splits.image_reader) == []
+    assert "check images (full decode): 18/18 images (100%)" in caplog.text
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")  # a terminal's bar
     assert images.verify_images(splits.train, splits.image_reader) == []
     assert "check images (full decode)" in capsys.readouterr().err
 
@@ -354,3 +382,114 @@ def test_every_document_cited_ships_in_the_repository():
         assert (REPO / doc).is_file(), doc
     readme = texts[REPO / "README.md"]
     assert "dark-on-white" in readme and "same torch thread count" in readme and "--recipe quick" in readme
+
+
+# -- an own flat folder, a run that travels, eval with no options (issue 25) -------------------------------------------
+def test_flat_folder_run_records_its_split_and_evaluates_alone(capsys, tmp_path, monkeypatch):
+    make_folder_dataset(tmp_path / "made", n_classes=3, train_per_class=5, test_per_class=0)
+    shutil.move(tmp_path / "made" / "train", tmp_path / "flat")  # torchvision's DIR/<class>/<images>
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "train", "--model", "tiny-clip", *FAST, "--dataset", "folder", "--root", "flat",
+                       "--output", "run")
+    assert code == 2 and "--test-fraction 0.2" in one_error(err) and not (tmp_path / "run").exists()
+    assert cli(capsys, "train", "--model", "tiny-clip", *FAST, "--dataset", "folder", "--root", "flat",
+               "--test-fraction", "0.4", "--output", "run")[0] == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset"]["held_out"]["test_fraction"] == 0.4 and results["n_test"] == 6  # 2 of 5 per class
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["data"]["root"] == str(tmp_path / "flat")  # resolved; the request keeps what was typed
+    assert saved["request"]["data"]["root"] == "flat" and saved["config"]["data"]["test_fraction"] == 0.4
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test_fraction"] == 0.4
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # eval needs nothing but the run: its dataset, root and held-out fraction are the run's own
+    code, out, _ = cli(capsys, "eval", "--adapter", tmp_path / "run", "--json", "--workers", "0")
+    assert code == 0 and json.loads(out)["n"] == 6 and json.loads(out)["top1"] == results["top1"]
+    # the run's config.json starts it again from another folder; its split file brings the fraction along
+    assert cli(capsys, "train", "--config", tmp_path / "run" / "config.json", "--output", "again")[0] == 0
+    assert json.loads((elsewhere / "again" / "results.json").read_text())["top1"] == results["top1"]
+    assert cli(capsys, "train", "--model", "tiny-clip", *FAST[2:], "--dataset", "folder", "--root", tmp_path / "flat",
+               "--split-file", tmp_path / "run" / "split.json", "--output", "from-split")[0] == 0
+
+
+def test_progress_is_log_lines_when_stderr_is_not_a_terminal(capsys, caplog, data, tmp_path, monkeypatch):
+    """Redirected (pytest captures stderr: no terminal), training logs one line every train.log_every steps with the
+    loss, and no carriage-return frame reaches stderr; BLOCKLORA_PROGRESS=bar forces tqdm's bar (issue 25)."""
+    from blocklora.engine.progress import LineProgress, progress, use_bars
+
+    monkeypatch.delenv("BLOCKLORA_PROGRESS", raising=False)
+    assert not use_bars() and isinstance(progress(total=3), LineProgress)
+    with caplog.at_level(logging.INFO, logger="blocklora"):
+        code, _, err = cli(capsys, "train", "--model", "tiny-clip", "--shots", "2", "--iters", "6", "--batch-size",
+                           "4", "--workers", "0", "--no-zero-shot", "--dataset", "folder", "--root", data,
+                           "--output", tmp_path / "r", "train.log_every=3")
+    assert code == 0 and "\r" not in err
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert [re.match(r"train: (\d)/6 steps", line).group(1) for line in lines] == ["3", "6"], lines
+    assert "(50%), loss=" in lines[0] and "eta" in lines[0] and "s/step" in lines[1]
+    assert "train: 6/6 steps (100%)" in (tmp_path / "r" / "train.log").read_text()
+    monkeypatch.setenv("BLOCKLORA_PROGRESS", "bar")
+    assert use_bars() and not isinstance(progress(total=3), LineProgress)
+
+
+def test_runs_write_predictions_confusion_and_curve(capsys, tiny_run, data, tmp_path):
+    """predictions.csv holds one row per test image whose correct column gives results.json's top-1 and whose
+    predicted class and probability are what `predict` says for that image; eval --output writes the same rows."""
+    import csv
+
+    results = json.loads((tiny_run / "results.json").read_text())
+    rows = list(csv.DictReader((tiny_run / "predictions.csv").open()))
+    assert list(rows[0]) == ["path", "label", "predicted", "prob", "correct"] and len(rows) == results["n_test"]
+    assert 100 * sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(results["top1"], abs=1e-4)
+    code, out, _ = cli(capsys, "predict", "--adapter", tiny_run, rows[0]["path"], "--json", "--topk", "1")
+    top = json.loads(out)[0]["top"][0]
+    assert top["class"] == rows[0]["predicted"] and top["prob"] == pytest.approx(float(rows[0]["prob"]), abs=1e-5)
+    for name in ("confusion.png", "curve.png"):
+        assert Image.open(tiny_run / name).size[0] > 100
+    code, _, _ = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")
+    assert code == 0 and list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open())) == rows
+    assert (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_open_clip_folder_export_has_a_card_and_a_snippet_that_runs(capsys, tiny_run, tmp_path):
+    """The printed load line is Python that runs as printed with stock open_clip (issue 25), and the folder holds a
+    model card with the base model, method, K, seed and accuracy."""
+    results = json.loads((tiny_run / "results.json").read_text())
+    code, out, _ = cli(capsys, "export", "--adapter", tiny_run, "--output", tmp_path / "merged")
+    hint = out.split("load it with: ", 1)[1].strip()
+    assert code == 0 and hint == f"import open_clip; model = open_clip.create_model('local-dir:{tmp_path / 'merged'}')"
+    scope: dict = {}
+    exec(hint, scope)  # noqa: S102
+    assert sum(p.numel() for p in scope["model"].parameters()) > 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert card.startswith("# tiny-clip adapted with blocklora (block_lora)")
+    assert "K = 2 shots per class, seed 1" in card and f"top-1 {results['top1']:.2f}%" in card and hint in card
+
+
+def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
+    """README's "Python API" notebook example, executed as it stands (issue 25) on a small folder of real colour
+    photos in the layout it names; only the quick recipe's step count is cut for the test's time."""
+    from blocklora.config.recipes import RECIPES
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    snippet = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+    make_folder_dataset(tmp_path / "photos", n_classes=2, train_per_class=4, test_per_class=2)
+    for split in ("train", "test"):  # the class the snippet names
+        shutil.move(tmp_path / "photos" / split / "red_apple", tmp_path / "photos" / split / "cat")
+    shutil.copy(tmp_path / "photos" / "test" / "cat" / "000.png", tmp_path / "photos" / "test" / "cat" / "1.jpg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(RECIPES["quick"], "train.iters", 1)
+    monkeypatch.setitem(RECIPES["quick"], "train.batch_size", 2)
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("top-1 ") and out[1].split()[0] in ("cat", "green leaf")
+    import blocklora
+
+    one = scope["clf"].predict(Image.open(tmp_path / "photos" / "test" / "cat" / "1.jpg"), topk=1)
+    assert one[0]["class"] == out[1].split()[0] and len(one[0]["top"]) == 1
+    assert {"train", "load_trained", "Classifier"} <= set(dir(blocklora)) <= set(blocklora.__all__) | {
+        "__version__", "adapters", "backbones", "pipeline", "engine", "config", "data", "errors", "checks",
+        "choices", "reading", "ownership", "interop", "cli", "grid"}

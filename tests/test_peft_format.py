@@ -385,9 +385,19 @@ def test_cli_export_format_peft(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--format", "peft", "--adapter", str(run / "adapter"), "--output",
                  str(tmp_path / "peft")]) == 0
-    assert "PEFT LoRA adapter written" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PEFT LoRA adapter written" in printed
     config = json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())
     assert config["base_model_name_or_path"] == str(model_dir)
+    # the printed snippet runs as printed (issue 25): PEFT's own auto_mapping lets AutoPeftModel build the base
+    hint = printed.split("load it with: ", 1)[1].strip()
+    assert hint == f"import peft; model = peft.AutoPeftModel.from_pretrained({str(tmp_path / 'peft')!r})"
+    assert config["auto_mapping"]["base_model_class"] == "CLIPModel"
+    scope: dict = {}
+    exec(hint, scope)  # noqa: S102
+    auto = scope["model"].eval()
+    card = (tmp_path / "peft" / "README.md").read_text()
+    assert "K = 1 shots per class, seed 1" in card and "accuracy: top-1" in card and hint in card
     from transformers import CLIPModel
 
     theirs = peft.PeftModel.from_pretrained(CLIPModel.from_pretrained(str(model_dir)), str(tmp_path / "peft"))
@@ -397,6 +407,18 @@ def test_cli_export_format_peft(tmp_path, capsys):
         mine = backbone.encode_images(images)
         img = theirs.eval().get_image_features(pixel_values=images)
     assert float((mine - getattr(img, "pooler_output", img)).abs().max()) < 1e-5
+    with torch.no_grad():
+        auto_img = auto.get_image_features(pixel_values=images)
+    assert float((mine - getattr(auto_img, "pooler_output", auto_img)).abs().max()) < 1e-5
+    # the merged transformers export's snippet runs as printed too, and gives the same features
+    capsys.readouterr()
+    assert main(["export", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 0
+    hint = capsys.readouterr().out.split("load it with: ", 1)[1].strip()
+    exec(hint, scope)  # noqa: S102
+    with torch.no_grad():
+        merged = scope["model"].eval().get_image_features(pixel_values=images)
+    assert float((mine - getattr(merged, "pooler_output", merged)).abs().max()) < 1e-5
+    assert "## How to load it" in (tmp_path / "merged" / "README.md").read_text()
     # a second export onto it needs --overwrite, and then replaces only what it wrote
     assert main(["export", "--format", "peft", "--adapter", str(run / "adapter"), "--output",
                  str(tmp_path / "peft")]) == 2

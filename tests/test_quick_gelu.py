@@ -111,7 +111,9 @@ def test_every_export_carries_its_activation(quick_run, suffix, capsys):
     tmp, _, out = quick_run
     target = tmp / f"merged{suffix or '_dir'}"
     assert main(["export", "--adapter", str(out / "adapter"), "--output", str(target)]) == 0
-    assert "force_quick_gelu=True" in capsys.readouterr().out or suffix == ""
+    # tiny-clip is no open_clip name: a file's hint points to the folder form, whose snippet runs (test_first_hour)
+    printed = capsys.readouterr().out
+    assert ("export to a folder" in printed) if suffix else "create_model('local-dir:" in printed
     trained, _, _ = load_trained(out / "adapter", device="cpu")
     exported = load_backbone("tiny-clip", str(target))  # auto: the export's own record decides
     assert act(exported) == "quick_gelu"

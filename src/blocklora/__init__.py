@@ -34,6 +34,8 @@ _EXPORTS = {
     "fingerprint": ".backbones.fingerprint", "load_adapter": ".backbones.fingerprint",
     "save_adapter": ".backbones.fingerprint",
     "AdapterMismatchError": ".errors", "BlockLoRAError": ".errors", "ConfigError": ".errors", "DataError": ".errors",
+    # the whole job from Python (README, "Python API"): train a run, load it, classify images
+    "train": ".pipeline.notebook", "load_trained": ".pipeline.notebook", "Classifier": ".pipeline.notebook",
 }
 __all__ = sorted(_EXPORTS)
 

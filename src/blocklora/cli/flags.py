@@ -226,10 +226,16 @@ def section_keys(section: str) -> list[str]:
 
 
 # -- option groups of the subcommands that read data or a trained adapter --------------------------------------
-def data_options(p: argparse.ArgumentParser) -> None:
+def data_options(p: argparse.ArgumentParser, own: bool = False) -> None:
+    """--dataset, --root, --test-fraction; `own`: they default to the data the adapter was trained on (eval)."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help=field_help("data.dataset"))
-    g.add_argument("--root", default="", help=field_help("data.root"))
+    g.add_argument("--dataset", required=not own, default=None, help=field_help("data.dataset") + (
+        " (default: the dataset the adapter was trained on, with its root, classes and test fraction)" if own else ""))
+    g.add_argument("--root", default=None if own else "", help=field_help("data.root") + (
+        " (default: the trained-on dataset's root with the default --dataset, else the current directory)"
+        if own else ""))
+    g.add_argument("--test-fraction", type=checks.arg(checks.number, "--test-fraction", checks.Range(
+        0, 1, lo_open=True, hi_open=True), convert=float), default=None, help=field_help("data.test_fraction"))
 
 
 def trained_options(p: argparse.ArgumentParser) -> None:

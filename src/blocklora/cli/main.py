@@ -107,18 +107,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..pipeline.run import evaluate_adapter
 
     results = []
-    for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:  # a list: cross-dataset / DG targets
+    if args.dataset is None and args.peft_adapter:
+        raise BlockLoRAError("eval --peft-adapter needs --dataset (and --root): a PEFT adapter records no dataset")
+    datasets = [None] if args.dataset is None else [d.strip() for d in args.dataset.split(",") if d.strip()]
+    for dataset in datasets:  # a list: cross-dataset / DG targets; None: the adapter's own data
+        # --output: predictions.csv and confusion.png, in a subfolder per dataset when several are evaluated
+        output = None if not args.output else Path(args.output) / dataset if len(datasets) > 1 else args.output
         if args.peft_adapter:
             from ..interop.peft import evaluate_peft_adapter
 
-            result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root, args.model, args.pretrained,
-                                           args.split, args.batch_size, args.workers, args.classes, args.template,
-                                           args.device, args.limit, args.skip_bad_images, args.tokenizer)
+            result = evaluate_peft_adapter(args.peft_adapter, dataset, args.root or "", args.model, args.pretrained,
+                                           args.split, args.batch_size, args.workers, args.classes or "all",
+                                           args.template, args.device, args.limit, args.skip_bad_images,
+                                           args.tokenizer, test_fraction=args.test_fraction, output=output)
         else:
             result = evaluate_adapter(args.adapter, dataset, args.root, args.split, args.pretrained,
                                       args.batch_size, args.workers, args.classes, template=args.template,
                                       force=args.force, device=args.device, limit=args.limit,
-                                      skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer)
+                                      skip_bad_images=args.skip_bad_images, tokenizer=args.tokenizer,
+                                      test_fraction=args.test_fraction, output=output)
         results.append(result)
         if not args.json:
             print(f"{result['dataset']} {args.split}: top-1 {result['top1']:.2f}% "
@@ -136,7 +143,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     result = evaluate_zero_shot(cfg.model, cfg.pretrained, args.dataset, args.root, args.split, template,
                                 cfg.quick_gelu, args.batch_size, args.workers, cfg.device, args.limit,
                                 use_cache=not args.no_cache, skip_bad_images=args.skip_bad_images,
-                                tokenizer=cfg.tokenizer)
+                                tokenizer=cfg.tokenizer, test_fraction=args.test_fraction)
     _emit(result, args.json, f"{result['dataset']} {args.split}: zero-shot top-1 {result['top1']:.2f}% "
                              f"(n={result['n']}{', cached' if result.get('cached') else ''})")
     return 0
@@ -145,9 +152,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import base64
 
-    from tqdm.auto import tqdm
-
     from ..engine.logits import Logits
+    from ..engine.progress import progress
     from ..pipeline.trained import image_paths, iter_predictions, load_trained
 
     images = image_paths(args.images)
@@ -162,8 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done: list[dict[str, Any]] = []  # --json: one array at the end
     # one row per image as its batch is done (JSON lines with --json), unreadable files reported and skipped
     rows = iter_predictions(backbone, rt, images, run["classnames"], run["template"], topk=args.topk, logits=logits)
-    with tqdm(rows, total=len(images), desc="predict", unit="image", file=sys.stderr, dynamic_ncols=True,
-              disable=len(images) < 2) as bar:
+    with progress(rows, total=len(images), desc="predict", unit="image", disable=len(images) < 2) as bar:
         for row in bar:
             shown = printable(row["image"])
             if shown != row["image"]:  # a name that is not UTF-8: shown with \xNN escapes, its bytes kept exactly
@@ -210,14 +215,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..interop.peft import export_peft
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
-        print(f"PEFT LoRA adapter written: {printable(', '.join(files))} (peft.PeftModel.from_pretrained(base_model, "
-              f"{args.output!r}) loads it)")
+        print(f"PEFT LoRA adapter written: {printable(', '.join(files))}")
+        card = Path(args.output) / "README.md"
+        hint = next((line for line in card.read_text(encoding="utf-8").splitlines() if line.startswith("import ")),
+                    None) if card.is_file() else None
+        print(f"load it with: {printable(hint)}" if hint else "load it with peft.PeftModel.from_pretrained(base_model, "
+              f"{str(Path(args.output).absolute())!r}) on the base model with the same module names")
         return 0
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
     print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
-    if hint:  # a plain model name would build the default activation: say which call gives the trained one
-        print(f"stock open_clip loads it with: {printable(hint)}")
+    if hint:  # runs as printed: the activation the adapter was trained with included
+        print(f"load it with: {printable(hint)}")
+    elif Path(args.output).suffix:  # an open_clip file of a model stock open_clip has no name for
+        print("stock open_clip has no name for this model: export to a folder (--output NAME without a suffix) and "
+              "load it with: import open_clip; model = open_clip.create_model('local-dir:NAME')")
     return 0
 
 
@@ -273,9 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --peft-adapter: the backbone (default: the adapter's own record)")
     p.add_argument("--template", default=None, type=checks.arg(checks.template, "--template"),
                    help="with --peft-adapter: the prompt template (default \"a photo of a {}.\")")
-    data_options(p)
+    data_options(p, own=True)
     eval_options(p)
-    p.add_argument("--classes", choices=CLASS_SUBSETS, default="all", help=field_help("data.classes"))
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help="also write predictions.csv (path, label, predicted, prob, correct) and confusion.png there "
+                        "(default: print only)")
+    p.add_argument("--classes", choices=CLASS_SUBSETS, default=None,
+                   help=field_help("data.classes") + " (default: all; on the adapter's own data, the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of a backbone on a dataset")

@@ -84,6 +84,10 @@ class DataConfig:
     classes: ClassSubset | None = option(None, "train on all classes, or on the base half (base-to-new protocol: "
                                          "test base and new) or the new half of the sorted labels", flag="--classes",
                                          shown="the split file's, else all")
+    test_fraction: float | None = option(None, "a folder dataset without test/ (torchvision's DIR/<class>/<images>): "
+                                         "hold out this fraction of each class as the test set (the same images "
+                                         "for every seed; recorded in results.json and split.json)",
+                                         flag="--test-fraction", shown="the dataset's own test split")
     skip_bad_images: bool = option(False, "drop unreadable images (listed in results.json) instead of stopping",
                                    flag="--skip-bad-images")
     workers: int = option(-1, "data-loading processes; -1: min(8, cores - 1)", flag="--workers")
@@ -94,6 +98,7 @@ class DataConfig:
             "shots": c.num(1, MAX_SHOTS, integer=True, optional=True), "seed": c.maybe(c.seed),
             "sampler": c.maybe(c.one_of(*SAMPLERS)), "split_file": c.text(optional=True),
             "replace": c.maybe(c.boolean), "classes": c.maybe(c.one_of(*CLASS_SUBSETS)),
+            "test_fraction": c.num(0, 1, lo_open=True, hi_open=True, optional=True),
             "skip_bad_images": c.boolean, "workers": c.num(-1, 256, integer=True)})
 
 
@@ -255,6 +260,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["adapter"] = self.adapter.to_dict()
+        if out["data"]["test_fraction"] is None:  # unset: left out, so configs (and hashes) of earlier runs hold
+            del out["data"]["test_fraction"]
         return out
 
     @classmethod

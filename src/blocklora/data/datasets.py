@@ -37,7 +37,15 @@ Each dataset carries CoOp's hand-made zero-shot template (TEMPLATES).
 
 Custom data:
 - "folder": root/train/<class>/<images>, root/test/<class>/<images>, optional root/val/<class>/<images> (searched
-  recursively, in sorted order); classes = the sorted train folder names.
+  recursively, in sorted order); classes = the sorted train folder names. torchvision's flat ImageFolder layout
+  root/<class>/<images> (or root/train/<class>/ without test/) is read with `test_fraction` F (--test-fraction):
+  each class keeps round(F x n) of its n images (at least 1, at most n - 1) as its test set, drawn by
+  random.Random("blocklora-test/<class folder>").sample over the sorted files, so the split is the same on every
+  machine and for every --seed (the K-shot draw varies with the seed, the test set does not) and a class's split
+  does not move when another class is added. Without F such a folder is refused with the layout to use.
+- Class names: a folder dataset's names are its folder names ("_" -> space) unless root holds classnames.txt (one
+  name a line in sorted folder order, or CoOp's "<folder> <name>" lines) or classnames.json ({"<folder>": name}),
+  data/classnames.py.
 - "csv": root is a CSV file with header columns path,label,split (label = a class name, split = train|val|test, paths
   relative to the CSV's folder); classes = the sorted distinct labels. A row repeated exactly is read once (counted in
   a warning); an image listed with two labels or in two splits is an error.
@@ -50,16 +58,19 @@ import csv
 import difflib
 import logging
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
 from ..reading import open_text
 from .benchmarks import VARIANTS, ZHOU, read_fgvc, read_imagenet, read_variant, read_zhou
+from .classnames import class_names
 from .layout import (
     DEFAULT_TEMPLATE,
     distinct_images,
     existing_root,
+    is_image,
     prompt_name,
     real_path,
     scan_classes,
@@ -74,9 +85,14 @@ ALIASES = {"fgvc": "fgvc_aircraft", "fashion_mnist": "fashion-mnist", "imagenetv
            "imagenet-sketch": "imagenet_sketch", "imagenet-a": "imagenet_a", "imagenet-r": "imagenet_r"}
 
 
-def load_dataset(key: str, root: str | os.PathLike | None) -> DatasetSplits:
-    """Read dataset `key` (one of DATASETS) under `root`; every user-fixable problem raises a one-line DataError."""
+def load_dataset(key: str, root: str | os.PathLike | None, test_fraction: float | None = None) -> DatasetSplits:
+    """Read dataset `key` (one of DATASETS) under `root`; every user-fixable problem raises a one-line DataError.
+    `test_fraction`: a folder dataset without a test/ split holds out this fraction of each class (module docstring);
+    refused for every other dataset."""
     name = ALIASES.get(key, key)
+    if test_fraction is not None and name != "folder":
+        raise DataError(f"--test-fraction (data.test_fraction) splits a folder dataset without a test/ folder; "
+                        f"dataset {key} has its own test split: drop the option")
     if name == "fashion-mnist":
         from .fashion_mnist import load as load_fashion_mnist
 
@@ -86,15 +102,33 @@ def load_dataset(key: str, root: str | os.PathLike | None) -> DatasetSplits:
         close = difflib.get_close_matches(key, DATASETS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise DataError(f"unknown dataset {key!r}{hint}: use one of {', '.join(DATASETS)}")
+    if name == "folder":
+        return _read_folder(name, existing_root(name, root), test_fraction)
     return reader(name, existing_root(name, root))
 
 
 # -- custom data -----------------------------------------------------------------------------------------------------
-def _read_folder(key: str, root: Path) -> DatasetSplits:
+TEST_SEED = "blocklora-test/{}"  # the held-out draw's per-class seed (random.Random(str): the same on every machine)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether a class folder candidate holds an image file at its top (a quick look, not a full scan)."""
+    with os.scandir(folder) as it:
+        return any(is_image(e.name) for e in it if not e.is_dir())
+
+
+def _read_folder(key: str, root: Path, test_fraction: float | None = None) -> DatasetSplits:
     if not root.is_dir():
         raise DataError(f"folder dataset: root {root} is not a folder: pass the folder holding train/ and test/ "
                         "(or use --dataset csv for a CSV file)")
     layout = f"{root}/train/<class>/<images> and {root}/test/<class>/<images> (optional {root}/val/<class>/...)"
+    has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
+    if has_train and has_test:
+        if test_fraction is not None:
+            raise DataError(f"folder dataset: {root} has train/ and test/: its test/ is the test set; drop "
+                            "--test-fraction (it splits a flat folder {root}/<class>/<images>)")
+    elif has_train or (not has_test and subfolders(root)):  # train/ alone, or torchvision's flat ImageFolder
+        return _read_held_out(key, root, root / "train" if has_train else root, test_fraction)
     for part in ("train", "test"):
         if not (root / part).is_dir():
             raise DataError(f"folder dataset: {root / part} is missing: expected {layout}")
@@ -114,10 +148,51 @@ def _read_folder(key: str, root: Path) -> DatasetSplits:
                 raise DataError(f"folder dataset: class folder {folder / c} has no train folder {root / 'train' / c}:"
                                 " every class needs training images")
         parts[part] = scan_classes(folder, labels, "folder dataset", real)
-    names = [prompt_name(c) for c in classes]
+    names = class_names(root, classes, "folder dataset")
     parts = distinct_images(parts, real, names, f"folder dataset {root}")
-    return DatasetSplits(root.name, root, [prompt_name(c) for c in classes], parts["train"], parts["val"],
-                         parts["test"], DEFAULT_TEMPLATE)
+    return DatasetSplits(root.name, root, names, parts["train"], parts["val"], parts["test"], DEFAULT_TEMPLATE)
+
+
+def _read_held_out(key: str, root: Path, folder: Path, test_fraction: float | None) -> DatasetSplits:
+    """A folder of class folders without a test split (`folder` = root or root/train): each class's test images
+    drawn by test_fraction (module docstring); root/val/<class>/ stays the val split when there is one."""
+    classes = subfolders(folder)
+    if folder == root and not any(_holds_images(root / c) or subfolders(root / c) for c in classes):
+        classes = []
+    where = f"{root}/<class>/<images>" if folder == root else f"{root}/train/<class>/<images> ({root / 'test'} is " \
+        "missing)"
+    nested = [c for c in classes if folder == root and (root / c / "train").is_dir()]
+    if nested:  # the folder above a dataset: point at the dataset
+        raise DataError(f"folder dataset: {root} holds the dataset folder {root / nested[0]} (it has train/): pass "
+                        f"--root {root / nested[0]}")
+    if test_fraction is None:
+        shown = f" ({len(classes)} class folders: {', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})" \
+            if classes else ""
+        raise DataError(f"folder dataset: {root} is laid out as {where}{shown}, with no test split: pass "
+                        "--test-fraction 0.2 to hold out a seeded, recorded 20% of each class as the test set, or "
+                        f"lay it out as {root}/train/<class>/<images> and {root}/test/<class>/<images>")
+    if not classes:
+        raise DataError(f"folder dataset: {folder} has no class folders: expected {where}")
+    labels = {c: i for i, c in enumerate(classes)}
+    real: dict[str, str] = {}
+    every = scan_classes(folder, labels, "folder dataset", real)
+    parts: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for c, label in labels.items():
+        files = [i for i in every if i.label == label]
+        if len(files) < 2:
+            raise DataError(f"folder dataset: class folder {folder / c} has {len(files)} image: holding out a test "
+                            "set needs at least 2 images per class (one to train on, one to test)")
+        n_test = min(len(files) - 1, max(1, round(test_fraction * len(files))))
+        test = set(random.Random(TEST_SEED.format(c)).sample(range(len(files)), n_test))
+        parts["train"] += [i for j, i in enumerate(files) if j not in test]
+        parts["test"] += [i for j, i in enumerate(files) if j in test]
+    if folder != root and (root / "val").is_dir():
+        parts["val"] = scan_classes(root / "val", labels, "folder dataset", real)
+    names = class_names(root, classes, "folder dataset")
+    parts = distinct_images(parts, real, names, f"folder dataset {root}")
+    return DatasetSplits(root.name, root, names, parts["train"], parts["val"], parts["test"], DEFAULT_TEMPLATE,
+                         held_out={"test_fraction": test_fraction, "seed": TEST_SEED.format("<class folder>"),
+                                   "layout": where})
 
 
 CSV_COLUMNS = ("path", "label", "split")

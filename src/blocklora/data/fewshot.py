@@ -11,9 +11,12 @@ when the group has fewer than K items (Dassl's repeat=True, what both peers run)
 - "clip-lora" (MaxZanella/CLIP-LoRA, main.py seeds Python's random via set_random_seed(args.seed) before building the
   dataset; datasets/<name>.py): val first, min(K, 4) shots per class from the val split, then K train shots. ImageNet
   (datasets/imagenet.py) has no val split: per class (torchvision ImageFolder order: sorted wnids, sorted files) it
-  takes random.sample(items, K + min(K, 4)), the first K for train and the rest for val. We apply that rule to every
-  dataset without a val split; where such a class has fewer than K + min(K, 4) images (CLIP-LoRA would crash) the
-  draw falls back to random.choices like the other branch.
+  takes random.sample(items, K + min(K, 4)), the first K for train and the rest for val. We apply that rule to a
+  dataset without a val split when every class has K + min(K, 4) images (so the K training shots are K distinct
+  images, exactly CLIP-LoRA's). Where a class has fewer (CLIP-LoRA would crash there, so there is no peer draw to
+  reproduce) no validation shots are set aside: the draw is K training shots per class, val empty, as CoOp's
+  ImageNet. Nothing in a run selects on the validation shots (the last iterate is tested), so taking them from a
+  short class's few images would only cost it training images (issue 25).
 - "coop" (KaiyangZhou/CoOp datasets/<name>.py, seeded by Dassl's set_random_seed(cfg.SEED) in train.py before the
   trainer builds the dataset): train first (K shots), then val (min(K, 4) shots), cached to
   split_fewshot/shot_K-seed_S.pkl. CoOp's ImageNet draws train only and uses the test set as val; we leave val empty.
@@ -29,8 +32,9 @@ datasets/imagenet.py, datasets/{oxford_pets,caltech101,fgvc,...}.py (val drawn b
 (set_random_seed(cfg.SEED) before build_trainer), datasets/{oxford_pets,imagenet,...}.py (train before val; ImageNet
 train only). tests/test_data_fewshot.py re-implements each order with `random` directly and compares.
 
-With replace=False a class with too few images raises a DataError naming it (Dassl's repeat=False would silently keep
-fewer shots).
+With replace=False a class with too few training images raises a DataError naming it (Dassl's repeat=False would
+silently keep fewer shots); a val class with fewer than min(K, 4) images gives all it has (Dassl's repeat=False: no
+random draw), never an error, since nothing trains or selects on the validation shots.
 """
 
 from __future__ import annotations
@@ -100,13 +104,30 @@ def _few_shot(rng: random.Random, splits: DatasetSplits, items: Sequence[Item], 
               part: str) -> list[Item]:
     out: list[Item] = []
     for label, group in group_by_label(items).items():
+        if part == "val" and not replace and len(group) < k:
+            out += group  # Dassl's repeat=False keeps the short group as it is (no draw): val is never refused
+            continue
         out += _draw(rng, group, k, replace, _class(splits, label, part))
     return out
 
 
+def sets_aside_val(splits: DatasetSplits, shots: int, sampler: str) -> bool:
+    """Whether the draw takes validation shots out of the training images: CLIP-LoRA's ImageNet rule, applied only
+    when the dataset has no val split and every class has K + min(K, 4) training images (module docstring)."""
+    if sampler != "clip-lora" or splits.val:
+        return False
+    need = shots + val_shots(shots)
+    return all(len(group) >= need for group in group_by_label(splits.train).values())
+
+
 def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, sampler: str = "clip-lora",
                     replace: bool = True) -> FewShotSplit:
-    """Draw `shots` training images per class (and min(shots, 4) validation images) as the chosen peer does."""
+    """Draw `shots` training images per class (and min(shots, 4) validation images) as the chosen peer does.
+
+    The validation shots never take training images a class needs: without a val split they are set aside only when
+    every class has K + min(K, 4) images (sets_aside_val), else val is empty. Raises ConfigError for bad shots or
+    sampler, DataError for a dataset without training images, a class without any, or (replace=False) a class with
+    fewer than K training images."""
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ConfigError(f"shots must be an integer >= 1, got {shots!r}")
     if sampler not in SAMPLERS:
@@ -127,12 +148,14 @@ def sample_few_shot(splits: DatasetSplits, shots: int, seed: int, sampler: str =
     elif splits.val:  # clip-lora, a dataset with a val split: val first, then train
         val = _few_shot(rng, splits, splits.val, v, replace, "val")
         train = _few_shot(rng, splits, splits.train, k, replace, "train")
-    else:  # clip-lora, no val split (its ImageNet): K + min(K, 4) per class from train, split in that order
+    elif sets_aside_val(splits, k, sampler):  # clip-lora, no val split (its ImageNet): K + min(K, 4) per class
         train, val = [], []
-        for label, group in group_by_label(splits.train).items():
-            drawn = _draw(rng, group, k + v, replace, _class(splits, label, "train (train + val shots)"))
+        for group in group_by_label(splits.train).values():
+            drawn = rng.sample(group, k + v)  # every class has them (sets_aside_val)
             train += drawn[:k]
             val += drawn[k:]
+    else:  # no val split and a class too short for K + min(K, 4): training shots only, never fewer distinct ones
+        train, val = _few_shot(rng, splits, splits.train, k, replace, "train"), []
     return FewShotSplit(splits.name, shots, seed, sampler, train, val, replace)
 
 
@@ -183,6 +206,8 @@ def split_file_bytes(splits: DatasetSplits, fewshot: FewShotSplit) -> bytes:
 
     header = {"format": SPLIT_FORMAT, "dataset": splits.name, "classnames": list(splits.classnames),
               "shots": fewshot.shots, "seed": fewshot.seed, "order": fewshot.sampler, "replace": fewshot.replace}
+    if splits.held_out:  # a folder whose test set was held out (--test-fraction): the same fraction gives the same
+        header["test_fraction"] = splits.held_out["test_fraction"]  # train images; only then written (old hashes)
     lines = [f"  {dump(k)}: {dump(v)}," for k, v in header.items()]
     text = "{\n" + "\n".join(lines) + f'\n  "train": {entries(fewshot.train)},\n  "val": {entries(fewshot.val)}\n}}\n'
     return text.encode("utf-8")
@@ -254,7 +279,10 @@ def read_split_header(path: str | os.PathLike) -> dict:
     data = _load_split_json(path, raw)
     params = _draw_params(data, path)
     params["sampler"] = params.pop("order")
-    return {**params, "classnames": list(data["classnames"])}
+    held = data.get("test_fraction")
+    if held is not None and not (isinstance(held, float) and 0 < held < 1):
+        raise _bad_file(path, f'has an invalid "test_fraction" ({held!r}): a number between 0 and 1')
+    return {**params, "classnames": list(data["classnames"]), "test_fraction": held}
 
 
 def read_split_file(path: str | os.PathLike, splits: DatasetSplits) -> tuple[FewShotSplit, str]:

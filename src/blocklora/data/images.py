@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from ..errors import DataError
 from .decode import file_problem, header_problem, open_image_file, reads_files, reason, shape_problem
@@ -116,8 +115,10 @@ def verify_images(items: Iterable[Item], reader: Callable[[str], Image.Image] = 
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
     bad: list[tuple[str, str]] = []
     # a bar on large sets (a decode pass over thousands of photos takes minutes on a CPU): say what is going on
-    bar = tqdm(total=len(paths), desc=f"check images ({LEVEL_WORDS[level]})", unit="image", leave=False,
-               disable=len(paths) < PROGRESS_FROM, dynamic_ncols=True)
+    from ..engine.progress import progress
+
+    bar = progress(total=len(paths), desc=f"check images ({LEVEL_WORDS[level]})", unit="image", leave=False,
+                   disable=len(paths) < PROGRESS_FROM)
     with bar, ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify-images") as pool:
         for start in range(0, len(paths), CHUNK):
             chunk = paths[start:start + CHUNK]

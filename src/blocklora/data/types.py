@@ -36,3 +36,6 @@ class DatasetSplits:
     # Item.path -> RGB PIL image: open_image_file for users' data (EXIF orientation applied), open_benchmark_image for
     # the benchmark readers (stored pixels, as the peers), or a reader of images held in arrays (Fashion-MNIST)
     image_reader: Callable[[str], Image.Image] = open_image_file
+    # a folder dataset whose test split was held out of its class folders (--test-fraction): {"test_fraction",
+    # "seed", "layout"}, recorded in results.json; None: the dataset's own test split
+    held_out: dict | None = None

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, move
 from ..data.decode import reads_files
@@ -24,6 +23,7 @@ from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
 from ..errors import ConfigError, DataError
+from .progress import progress
 from .runtime import Runtime, eval_mode
 
 log = logging.getLogger("blocklora")
@@ -107,7 +107,8 @@ def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, 
                         num_workers=workers, pin_memory=runtime.device.type == "cuda", collate_fn=collate_reported)
     feats, labels, bad = [], [], []
     with eval_mode(backbone.model):
-        for images, y, unreadable in tqdm(loader, desc=desc, disable=not runtime.is_main, leave=False, unit="batch"):
+        for images, y, unreadable in progress(loader, desc=desc, disable=not runtime.is_main, leave=False,
+                                              unit="batch"):
             bad += unreadable
             if images is None:
                 continue
@@ -161,16 +162,24 @@ def summarize(correct: torch.Tensor, total: torch.Tensor, classnames: Sequence[s
 
 def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
              templates: Sequence[str], runtime: Runtime, batch_size: int = 128, workers: int = 0,
-             desc: str = "eval", features: Features | None = None) -> dict[str, Any]:
+             desc: str = "eval", features: Features | None = None, keep: bool = False) -> dict[str, Any]:
     """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images.
 
-    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted."""
+    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted. keep=True (one
+    process): also "predictions", (the evaluated items in order, their (N, C) image-class cosines), for
+    engine/predictions.py; the caller pops it before writing the result anywhere."""
     with torch.no_grad(), eval_mode(backbone.model):
         txt = encode_classes(backbone, classnames, templates, runtime)
     if features is None:
         features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
     correct, total = reduce_counts(*class_counts(features.feats, features.labels, txt), runtime)
-    return {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+    out = {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
+    if keep and runtime.world_size == 1:
+        bad = {p for p, _ in features.bad}
+        kept = [i for i in items if i.path not in bad]
+        if len(kept) == features.feats.shape[0]:  # features given by the caller for the same items
+            out["predictions"] = (kept, features.feats @ txt.detach().float().cpu().T if kept else None)
+    return out
 
 
 def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters.inject import adapter_layers, adapter_state_dict
 from ..backbones.base import Backbone
@@ -37,6 +36,7 @@ from ..data.types import Item
 from ..errors import BlockLoRAError
 from .evaluate import encode_classes
 from .logits import Logits
+from .progress import progress
 from .runtime import Runtime, rng_state, set_rng_state
 from .stream import train_stream
 
@@ -44,17 +44,38 @@ log = logging.getLogger("blocklora")
 ETA_AFTER = 5  # steps timed before the ETA line (the first steps also pay for warm-up: workers, allocations)
 
 
-def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime) -> list[str]:
-    """The lines printed before training: steps, batch, epochs over the K-shot set, device and precision, and on a
-    CPU with a GPU-sized budget, the named CPU recipe (config.RECIPES["quick"])."""
-    from ..config.run_config import RECIPES
+def plan(total: int, start: int, batch_size: int, n_train: int, runtime: Runtime, drop_last: bool = True,
+         validation: str | None = None) -> list[str]:
+    """The lines printed before training: steps, the batch that runs, epochs over the K-shot set, device and
+    precision, the validation set when the run uses one (`validation`: what for), and on a CPU with a GPU-sized
+    budget, the named CPU recipe (config.RECIPES["quick"]).
 
-    epochs = total * batch_size / max(1, n_train)
+    The batch and epochs are what engine/stream.StepBatches feeds (the default drop_last is Block-LoRA's): a set
+    smaller than train.batch_size is each step's whole batch, and a kept last partial batch (drop_last=False,
+    CLIP-LoRA) makes its step smaller. Epochs = images fed over the `total` steps / the set's size."""
+    from ..config.run_config import RECIPES
+    from .stream import StepBatches
+
+    n = max(1, n_train)
+    sb = StepBatches(n, batch_size, 0, 0, total, drop_last=drop_last)
+    sizes = [sb.global_size(pos) for pos in range(sb.per_epoch)]  # one epoch's steps
+    full, part = divmod(total, sb.per_epoch)
+    epochs = (full * sum(sizes) + sum(sizes[:part])) / n
     left = f", {total - start} left from step {start}" if start else ""
-    lines = [f"plan: {total} steps of batch {batch_size}{left} = {epochs:.1f} epochs over the {n_train} K-shot "
-             f"images, on {runtime.device} ({runtime.precision})"]
+    notes = []
+    if batch_size > n:
+        notes.append(f"train.batch_size {batch_size} is more than the set: every step is the whole set")
+    elif len(sizes) > 1 and sizes[-1] != sizes[0]:
+        notes.append(f"each epoch's last step has {sizes[-1]}: the partial batch is kept")
+    elif n % sb.batch:
+        notes.append(f"{n % sb.batch} images left out of each epoch: drop_last")
+    if validation:
+        notes.append(f"validation: {validation}")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    lines = [f"plan: {total} steps of batch {sb.batch}{left} = {epochs:.1f} epochs over the {n_train} K-shot "
+             f"images{note}, on {runtime.device} ({runtime.precision})"]
     quick = RECIPES["quick"]
-    if runtime.device.type == "cpu" and total * batch_size > 2 * quick["train.iters"] * quick["train.batch_size"]:
+    if runtime.device.type == "cpu" and total * sb.batch > 2 * quick["train.iters"] * quick["train.batch_size"]:
         lines.append(f"note: this budget is the GPU reference recipe's size; on a CPU it can take hours. --recipe "
                      f"quick is the demo's CPU budget ({quick['train.iters']} steps of {quick['train.batch_size']}, "
                      f"lr {quick['train.lr']:g})")
@@ -168,8 +189,9 @@ class Trainer:
         model.eval()
         for _, layer in adapter_layers(model):
             layer.train()
-        bar = tqdm(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
-                   dynamic_ncols=True)
+        # a bar on a terminal; in a redirected log, one line every log_every steps (engine/progress.py)
+        bar = progress(total=self.total, initial=self.state.step, desc="train", unit="step", disable=not rt.is_main,
+                       every=max(1, cfg.log_every))
         tick = time.perf_counter()
         timed: tuple[int, float] | None = None  # (step, time) where the ETA's clock starts
         try:
@@ -192,11 +214,11 @@ class Trainer:
                 metrics["step_s"], tick = round(now - tick, 4), now
                 if on_step is not None:
                     on_step(metrics)
-                bar.update(1)
-                timed = self._report_eta(timed, now)
                 if rt.is_main and (self.state.step % max(1, cfg.log_every) == 0 or self.state.step == self.total):
                     loss_text = "skipped" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
                     bar.set_postfix(loss=loss_text, acc=f"{metrics['acc']:.1f}")
+                bar.update(1)
+                timed = self._report_eta(timed, now)
                 if checkpoint is not None and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                     checkpoint(self)
         finally:

@@ -53,6 +53,8 @@ class RunResult:
     sampler: str | None = None
     # {"allowed", "used", "classes"}: whether classes with fewer images than shots were drawn with replacement
     replacement: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    # {"used", "val_shots", "as" | "why"}: whether a validation set is used (pipeline/prepare.Prepared.validation)
+    validation: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
     iters: int | None = None  # steps done
     skipped_steps: int | None = None  # non-finite losses skipped (train.nan_policy = skip)
     final_loss: float | None = None  # the last step's loss: its mean over the global batch (all ranks' samples)
@@ -144,7 +146,8 @@ _FIELD_RULES: dict[str, str] = {
     "dataset": "an object whose name is a non-empty string (classes_subset: all, base or new)",
     "cross_dataset": f"an object of dataset name -> {_PERCENT_RULE}",
     **dict.fromkeys(("wall_time_s", "peak_memory"), "an object of name -> a finite number >= 0 (or null)"),
-    **dict.fromkeys(("backbone", "config", "logits", "replacement", "cross_dataset_detail"), "an object"),
+    **dict.fromkeys(("backbone", "config", "logits", "replacement", "validation", "cross_dataset_detail"),
+                    "an object"),
     **dict.fromkeys(("per_class", "skipped_images", "examples", "zero_shot_per_class"), "a list of objects"),
     **dict.fromkeys(("blocklora_version", "split_sha256", "split_file", "sampler", "device", "precision",
                      "config_hash"), "a string"),
@@ -158,7 +161,7 @@ _FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
     "dataset": _dataset,
     "cross_dataset": _str_map(_percent),
     **dict.fromkeys(("wall_time_s", "peak_memory"), _str_map(lambda v: v is None or _num(v, 0.0))),
-    **dict.fromkeys(("backbone", "config", "logits", "replacement", "cross_dataset_detail"),
+    **dict.fromkeys(("backbone", "config", "logits", "replacement", "validation", "cross_dataset_detail"),
                     lambda x: isinstance(x, Mapping)),
     **dict.fromkeys(("per_class", "skipped_images", "examples", "zero_shot_per_class"), _records),
     **dict.fromkeys(("blocklora_version", "split_sha256", "split_file", "sampler", "device", "precision",

@@ -6,6 +6,8 @@
     DIR/metrics.jsonl   one line per training step        DIR/train.log      the run's log
     DIR/checkpoint.pt   resumable state (removed once the run is complete)
     DIR/adapter/        the trained adapter               DIR/results.json   written last: the run is complete
+    DIR/predictions.csv, DIR/confusion.png, DIR/curve.png   per-image test predictions, confusion matrix and
+                        training curve (engine/predictions.py; the plots need matplotlib)
     DIR/examples/, DIR/demo.png                           the demo's extras (its example images and plot)
     DIR/tensorboard/    TensorBoard scalars (train.log=tensorboard; engine/tensorboard.py)
 
@@ -71,8 +73,9 @@ class RunDir:
     RESULTS, CONFIG, SPLIT, METRICS, LOG = "results.json", "config.json", "split.json", "metrics.jsonl", "train.log"
     CHECKPOINT, ADAPTER, EXAMPLES, PLOT, LOCK = "checkpoint.pt", "adapter", "examples", "demo.png", ".lock"
     TENSORBOARD = "tensorboard"
+    PREDICTIONS, CONFUSION, CURVE = "predictions.csv", "confusion.png", "curve.png"
     # what --overwrite may remove: every file above that a run writes (the lock stays: see lock())
-    OWNED_FILES = (RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, PLOT)
+    OWNED_FILES = (RESULTS, CONFIG, SPLIT, METRICS, LOG, CHECKPOINT, PLOT, PREDICTIONS, CONFUSION, CURVE)
     OWNED_DIRS = {ADAPTER: "adapter", EXAMPLES: "examples", TENSORBOARD: "tensorboard"}  # name -> its marker's kind
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -83,7 +86,8 @@ class RunDir:
     @classmethod
     def written(cls, tensorboard: bool = False, demo: bool = False) -> set[str]:
         """The names a run writes: its files and adapter/, tensorboard/ with --log tensorboard, the demo's extras."""
-        names = {cls.RESULTS, cls.CONFIG, cls.SPLIT, cls.METRICS, cls.LOG, cls.CHECKPOINT, cls.ADAPTER}
+        names = {cls.RESULTS, cls.CONFIG, cls.SPLIT, cls.METRICS, cls.LOG, cls.CHECKPOINT, cls.ADAPTER,
+                 cls.PREDICTIONS, cls.CONFUSION, cls.CURVE}
         return names | ({cls.TENSORBOARD} if tensorboard else set()) | ({cls.EXAMPLES, cls.PLOT} if demo else set())
 
     def __truediv__(self, name: str) -> Path:

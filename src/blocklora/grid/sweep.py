@@ -541,7 +541,8 @@ def _check_data(configs) -> None:
     for cfg in configs:
         for name in (cfg.data.dataset, *cfg.eval.datasets):
             if name not in opened:
-                opened[name] = load_dataset(name, cfg.data.root)
+                opened[name] = load_dataset(name, cfg.data.root,
+                                            cfg.data.test_fraction if name == cfg.data.dataset else None)
             if name == cfg.data.dataset and (name, cfg.data.classes) not in seen:
                 seen.add((name, cfg.data.classes))
                 check_classes(opened[name], "training", cfg.data.classes)

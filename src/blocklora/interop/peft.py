@@ -127,16 +127,22 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: str | None = None,
-                       extra: Mapping[str, Any] | None = None, replace: bool | None = None) -> list[str]:
+                       extra: Mapping[str, Any] | None = None, replace: bool | None = None,
+                       card: str | None = None) -> list[str]:
     """Write `model`'s adapters as a PEFT LoRA adapter folder at `output` (which must not exist; replace=True: or
     be a PEFT export blocklora wrote; None: whether one existed when the write began); atomic.
 
     `base_model` is recorded as base_model_name_or_path (what PeftModel.from_pretrained's caller loads first);
-    `extra` is kept as JSON under "blocklora" in the safetensors header (read_record). Returns the files written."""
+    `extra` is kept as JSON under "blocklora" in the safetensors header (read_record); `card`: a model card,
+    README.md (PEFT's save_pretrained writes one too). A transformers model gets PEFT's own "auto_mapping" (what
+    PeftModel.save_pretrained writes for a model without a task type), so peft.AutoPeftModel.from_pretrained(output)
+    builds its base model class and loads the adapter. Returns the files written."""
     from safetensors.torch import save_file
 
     config, tensors = peft_tensors(model)
     config["base_model_name_or_path"] = base_model
+    if type(model).__module__.startswith("transformers."):
+        config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     # blocklora's own record goes into the safetensors header: PEFT warns about unknown adapter_config.json keys
     metadata = {"format": "pt", **({RECORD: json.dumps(dict(extra), allow_nan=False)} if extra else {})}
     output = Path(output)
@@ -144,6 +150,8 @@ def write_peft_adapter(model: nn.Module, output: str | os.PathLike, base_model: 
         with reported_write(output / WEIGHTS_FILE):  # a full disk, a file size limit: the OS error it is
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
 
 
@@ -517,20 +525,28 @@ def export_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretr
         if output.is_symlink() or not output.is_dir() or marker_kind(output) != KIND:
             raise BlockLoRAError(f"{output} is not a PEFT export blocklora wrote (no .blocklora marker of kind "
                                  f"{KIND}): refusing to replace it; choose another --output")
+    from ..pipeline.cards import model_card, peft_snippet
+
     backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False, tokenizer=tokenizer,
                                   text=False)
     model = run["model"]
     base = model[3:] if model.startswith("hf:") else model
+    if model.startswith("hf:") and Path(base).expanduser().exists():  # a folder: absolute, loadable from anywhere
+        base = str(Path(base).expanduser().absolute())
+    snippet = peft_snippet(output, type(backbone.model).__module__.startswith("transformers."))
     return write_peft_adapter(backbone.model, output, base, extra={
         "exported_from": str(adapter_dir), "model": model, "pretrained": weights, "method": meta["config"]["method"],
-        "n_blocks": meta["config"]["n_blocks"], "template": run.get("template")}, replace=existed)
+        "n_blocks": meta["config"]["n_blocks"], "template": run.get("template")}, replace=existed,
+        card=model_card(adapter_dir, meta, "a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)",
+                        snippet))
 
 
 def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str, model: str | None = None,
                           pretrained: str | None = None, split: str = "test", batch_size: int = 128,
                           workers: int = -1, classes: str = "all", template: str | None = None, device: str = "auto",
                           limit: int | None = None, skip_bad_images: bool = False,
-                          tokenizer: str | None = None) -> dict[str, Any]:
+                          tokenizer: str | None = None, test_fraction: float | None = None,
+                          output: str | os.PathLike | None = None) -> dict[str, Any]:
     """`blocklora eval --peft-adapter`: top-1 of a PEFT LoRA adapter on its backbone (`model`, default: what the
     adapter records: blocklora's own export record, else "hf:" + base_model_name_or_path)."""
     from .. import checks
@@ -554,4 +570,4 @@ def evaluate_peft_adapter(directory: str | os.PathLike, dataset: str, root: str,
     backbone.cast_frozen(rt.frozen_dtype("fp32"))
     template = template or record.get("template") or "a photo of a {}."
     return evaluate_loaded(backbone, rt, directory, template, dataset, root, split, batch_size, workers, classes,
-                           limit, skip_bad_images)
+                           limit, skip_bad_images, test_fraction, output)

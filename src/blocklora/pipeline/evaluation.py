@@ -55,7 +55,7 @@ class Target:
                  features: Features | None = None) -> dict[str, Any]:
         desc = {"trained": "eval", "new": "eval new"}.get(self.role, f"eval {self.name}")
         return ev.accuracy(backbone, self.items, self.data.image_reader, self.data.classnames, [template], runtime,
-                           batch_size, workers, desc, features=features)
+                           batch_size, workers, desc, features=features, keep=self.role == "trained")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ engine/rundir.py): dataset, classes and protocol, split file, backbone, adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from ..data import (
     subsample_fewshot,
     verify_images,
 )
-from ..data.fewshot import val_shots
 from ..data.protocols import check_classes
 from ..engine import evaluate as ev
 from ..engine.logits import Logits
@@ -58,6 +58,17 @@ class Prepared:
     logits: Logits  # scale, bias and kind (softmax | sigmoid) the run trains and predicts with
     repeated: list[dict[str, Any]]  # classes whose shots repeat images (drawn with replacement): fewshot.repeated_shots
 
+    @property
+    def validation(self) -> dict[str, Any]:
+        """results.json's "validation": whether the run uses a validation set, and for what. A run tests its last
+        step (no model selection), so the K-shot validation shots in split.json (drawn as the peers draw them, from a
+        val split or, CLIP-LoRA's ImageNet rule, from classes with K + min(K, 4) images) are not used; only
+        eval.split=val uses one, as the tested split."""
+        if self.cfg.eval.split == "val":
+            return {"used": True, "as": "the tested split (eval.split=val)", "val_shots": len(self.fewshot.val)}
+        return {"used": False, "val_shots": len(self.fewshot.val),
+                "why": "no model selection: the adapter of the last step is tested"}
+
     def skip_unreadable(self, found: list[tuple[str, str]], hint: str = "") -> None:
         """Images an evaluation pass could not decode: an error naming the first unless data.skip_bad_images, else
         recorded and left out of every later pass."""
@@ -80,28 +91,56 @@ def run_inputs(cfg: RunConfig) -> list[Protected]:
                      ("the initial adapter (--init-adapter)", cfg.train.init_adapter))
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the paths it reads made absolute (the dataset root, split file, initial adapter, and the weights,
+    tokenizer and hf: model folder when they are paths that exist): config.json's "config" then starts the same run
+    from any folder; its "request" keeps what was typed."""
+    def absolute(value: str | None, must_exist: bool = False) -> str | None:
+        if not value or (must_exist and not Path(value).expanduser().exists()):
+            return value
+        return str(Path(value).expanduser().absolute())
+
+    model = cfg.model
+    if model.startswith("hf:") and Path(model[3:]).expanduser().exists():
+        model = "hf:" + absolute(model[3:])
+    return dataclasses.replace(
+        cfg, model=model, pretrained=absolute(cfg.pretrained, must_exist=True),
+        tokenizer=absolute(cfg.tokenizer, must_exist=True),
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root) or "",
+                                 split_file=absolute(cfg.data.split_file)),
+        train=dataclasses.replace(cfg.train, init_adapter=absolute(cfg.train.init_adapter)))
+
+
 def resolve(cfg: RunConfig) -> tuple[RunConfig, DatasetSplits]:
-    """The config the run uses (RunConfig.resolved: the split file's draw, the method's recipe) and the full dataset.
+    """The config the run uses (RunConfig.resolved: the split file's draw, the method's recipe; absolute_paths) and
+    the full dataset.
 
     With a split file its dataset, shots, seed, sampler, replace and class subset (found by comparing its class
     names with the dataset's halves) are the run's; an explicit option that contradicts them is an error.
     """
+    cfg = absolute_paths(cfg)
     if not cfg.data.split_file:
         cfg = cfg.resolved()
-        return cfg, load_dataset(cfg.data.dataset, cfg.data.root)
+        return cfg, load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.test_fraction)
     header = read_split_header(cfg.data.split_file)
+    held = header.get("test_fraction")  # a flat folder's held-out test set is part of the draw's dataset
+    if held is not None:
+        if cfg.data.test_fraction not in (None, held):
+            raise DataError(f"the split file {cfg.data.split_file} was drawn with test_fraction {held}, but "
+                            f"{cfg.data.test_fraction} was asked: drop --test-fraction (the split file decides)")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_fraction=held))
     if header.get("published"):  # another project's draw: the dataset is the user's to name
         if not cfg.data.dataset:
             raise DataError(f"the split file {cfg.data.split_file} ({header['published']} format) does not name its "
                             "dataset: pass --dataset and --root")
         draw = {k: header[k] for k in ("shots", "seed") if header[k] is not None}
-        return cfg.resolved(draw), load_dataset(cfg.data.dataset, cfg.data.root)
+        return cfg.resolved(draw), load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.test_fraction)
     draw = {k: header[k] for k in ("shots", "seed", "sampler", "replace")}
     cfg.resolved(draw)  # a conflicting option fails before any dataset is read
     # The file names the dataset as read (DatasetSplits.name): a benchmark key, or a folder / CSV dataset's own name.
     key = cfg.data.dataset or (header["dataset"] if header["dataset"] in DATASETS else
                                "csv" if Path(cfg.data.root).is_file() else "folder")
-    full = load_dataset(key, cfg.data.root)
+    full = load_dataset(key, cfg.data.root, cfg.data.test_fraction)
     if full.name != header["dataset"]:
         raise DataError(f"the split file {cfg.data.split_file} was drawn from dataset {header['dataset']!r}, not "
                         f"{full.name!r}: use the split file of this dataset, or the matching --dataset/--root")
@@ -135,11 +174,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     if repeated:  # the peers' draw (Dassl's repeat=True) does this silently; a user with few images wants to know
         shown = ", ".join(f"{r['class']!r} ({r['images']} images)" for r in repeated[:8])
         more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
-        val = (f" plus {val_shots(cfg.data.shots)} validation shots drawn from the same images (no val split)"
-               if not data.val and cfg.data.sampler == "clip-lora" else "")
-        log.warning("warning: %d class(es) have too few training images for %d shots%s: %s%s; their shots repeat "
-                    "images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, or "
-                    "data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, val, shown, more)
+        log.warning("warning: %d class(es) have fewer training images than the %d shots asked: %s%s; their shots "
+                    "repeat images (drawn with replacement, recorded in results.json). Use fewer --shots, add images, "
+                    "or data.replace=false to refuse such a draw", len(repeated), cfg.data.shots, shown, more)
     # text=True: a tokenizer out of reach fails first, before any weights are read
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.quick_gelu, recorded_quick_gelu, tokenizer=cfg.tokenizer,
                              text=True)

@@ -109,7 +109,9 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
             finally:
                 if tb is not None:
                     tb.close()
+            predictions = evaluation.trained.pop("predictions", None)
             if main:
+                _write_outputs(p, rd, result, predictions)
                 _save_adapter(p, rd, sha)
                 if finish is not None:
                     result = dataclasses.replace(result, **finish(rd))
@@ -139,7 +141,9 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
                                    activation=mlp_activation(p.backbone.model))
     tb = None
     if main:
-        for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime):
+        used = p.validation.get("as") if p.validation["used"] else None
+        for line in plan(trainer.total, trainer.state.step, cfg.train.batch_size, len(p.train_items), p.runtime,
+                         bool(cfg.train.drop_last), used):
             log.info("%s", line)
         if cfg.train.log == "tensorboard":  # steps after the checkpoint are redone: their events go
             tb = TensorBoardLog(rd.tensorboard, purge_step=trainer.state.step + 1 if trainer.state.step else None)
@@ -187,14 +191,31 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         sampler=cfg.data.sampler,
         # the draw: whether classes with fewer images than shots were drawn with replacement, and which
         replacement={"allowed": cfg.data.replace, "used": bool(p.repeated), "classes": p.repeated},
+        validation=p.validation,
         iters=trainer.state.step, skipped_steps=trainer.state.skipped, final_loss=trainer.state.last_loss,
         dataset={"name": data.name, "root": str(data.root), "classes": len(data.classnames),
-                 "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": trained["n"]},
+                 "classes_subset": cfg.data.classes, "n_train": len(p.train_items), "n_test": trained["n"],
+                 **({"held_out": data.held_out} if data.held_out else {})},
         skipped_images=[{"path": a, "reason": b} for a, b in p.bad_images.items()],
         backbone=p.backbone.describe(), device=str(rt.device), precision=rt.precision, world_size=rt.world_size,
         wall_time_s={"total": round(time.perf_counter() - t0, 2), "train": round(train_s, 2),
                      "eval": round(ev.seconds + (zs.seconds if zs else 0.0), 2)},
         peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(), logits=p.logits.to_dict())
+
+
+def _write_outputs(p: Prepared, rd: RunDir, result: RunResult, predictions: tuple | None) -> None:
+    """predictions.csv and confusion.png of the tested split, and curve.png of the training (engine/predictions.py;
+    the plots need matplotlib, and are skipped with a note without it)."""
+    from ..engine import predictions as pr
+
+    title = f"{p.backbone.name}, {p.data.name}, {p.cfg.data.shots} shots, seed {p.cfg.data.seed}"
+    if predictions is not None and predictions[1] is not None:
+        rows = pr.predictions_rows(predictions[0], predictions[1], p.data.classnames, p.logits)
+        pr.write_predictions(rd / rd.PREDICTIONS, rows)
+        pr.plot_confusion(rd / rd.CONFUSION, rows, p.data.classnames,
+                          f"{title}: top-1 {result.top1:.2f}% on {len(rows)} {p.cfg.eval.split} images")
+    if rd.metrics.is_file():
+        pr.plot_curve(rd.metrics, rd / rd.CURVE, f"{title}: training")
 
 
 def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
@@ -206,7 +227,10 @@ def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
                 "frozen_dtype": cfg.train.frozen_dtype,
                 "dataset": p.data.name, "classnames": p.data.classnames, "template": cfg.train.template,
                 "logit_scale": p.logits.scale, "logit_bias": p.logits.bias, "loss": p.logits.kind,
-                "tokenizer": cfg.tokenizer, "split_sha256": sha}
+                "tokenizer": cfg.tokenizer, "split_sha256": sha,
+                # what `eval --adapter RUN` evaluates by default: this run's data, as resolved (absolute root)
+                "data": {"dataset": cfg.data.dataset, "root": cfg.data.root, "classes": cfg.data.classes,
+                         "test_fraction": cfg.data.test_fraction}}
     save_adapter(backbone.model, rd.adapter, backbone=backbone.name, extra={"run": run_meta}, overwrite=True,
                  weights_fingerprint=backbone.fingerprint)
 

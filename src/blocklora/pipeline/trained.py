@@ -64,9 +64,16 @@ RUN_FIELDS: dict[str, checks.Rule] = {
     "logit_scale": checks.num(0, 1e4, lo_open=True), "logit_bias": checks.num(-1e4, 1e4, optional=True),
     "loss": checks.one_of(*LOSS_KINDS), "tokenizer": checks.text(optional=True),
     "dataset": checks.text(optional=True), "split_sha256": checks.text(optional=True),
+    "data": lambda name, v: v if v is None else fields(v, DATA_FIELDS, name, {"test_fraction": None}),
 }
 RUN_DEFAULTS = {"pretrained": None, "quick_gelu": None, "frozen_dtype": "fp32", "logit_scale": 100.0,
-                "logit_bias": None, "loss": "softmax", "tokenizer": None, "dataset": None, "split_sha256": None}
+                "logit_bias": None, "loss": "softmax", "tokenizer": None, "dataset": None, "split_sha256": None,
+                "data": None}
+# "run"."data": the data it was trained on, as the run resolved it (absolute root), so `eval --adapter RUN` needs
+# no --dataset / --root (adapters from before it was recorded: None, and eval asks for them)
+DATA_FIELDS: dict[str, checks.Rule] = {
+    "dataset": checks.text(empty=False), "root": checks.text(), "classes": checks.one_of("all", "base", "new"),
+    "test_fraction": checks.num(0, 1, lo_open=True, hi_open=True, optional=True)}
 
 
 def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
@@ -182,9 +189,10 @@ def eval_options(batch_size: int, workers: int, split: str, limit: int | None) -
 
 
 def _test_set(dataset: str, root: str, classes: str, split: str, limit: int | None, template: str,
-              skip_bad_images: bool, what: str) -> tuple[DatasetSplits, list, list[tuple[str, str]]]:
+              skip_bad_images: bool, what: str, test_fraction: float | None = None
+              ) -> tuple[DatasetSplits, list, list[tuple[str, str]]]:
     """(dataset, its evaluated items, the (path, reason) skipped): classes, headers and prompts checked."""
-    data = load_dataset(dataset, root)
+    data = load_dataset(dataset, root, test_fraction)
     check_classes(data, what, classes)
     if classes != "all":
         data = subsample_classes(data, classes)
@@ -206,40 +214,82 @@ def _finish(items: list, result: dict[str, Any], skipped: list[tuple[str, str]],
     return {**result, "skipped_images": [{"path": p, "reason": r} for p, r in skipped + unreadable]}
 
 
-def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str, root: str, split: str = "test",
-                     pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
-                     classes: str = "all", template: str | None = None, force: bool = False,
+def trained_data(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """{dataset, root, classes, test_fraction} an adapter was trained on (its run record), or a DataError saying
+    to pass --dataset and --root when it records none (saved from Python, or before blocklora recorded it)."""
+    adapter_dir = locate_adapter(adapter_dir)
+    data = run_meta(read_adapter_meta(adapter_dir), adapter_dir).get("data")
+    if data is None:
+        raise DataError(f"{adapter_dir} does not record the dataset it was trained on (saved from Python, or by an "
+                        "earlier blocklora): pass --dataset and --root")
+    return data
+
+
+def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None, root: str | None = None,
+                     split: str = "test", pretrained: str | None = None, batch_size: int = 128, workers: int = -1,
+                     classes: str | None = None, template: str | None = None, force: bool = False,
                      device: str = "auto", limit: int | None = None, skip_bad_images: bool = False,
-                     tokenizer: str | None = None) -> dict[str, Any]:
-    """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names)."""
+                     tokenizer: str | None = None, test_fraction: float | None = None,
+                     output: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Top-1 of a trained adapter on any dataset (cross-dataset: the text side encodes the new class names).
+    `output`: a folder to write predictions.csv and confusion.png into (write_predictions).
+
+    `dataset` None: the data the adapter was trained on (trained_data: its dataset, root, class subset and held-out
+    fraction; `root`, `classes`, `test_fraction` given override them); `classes` None: all (or, on the run's own
+    data, the run's subset)."""
+    if dataset is None:
+        own = trained_data(adapter_dir)
+        dataset, root = own["dataset"], own["root"] if root is None else root
+        classes = own["classes"] if classes is None else classes
+        test_fraction = own["test_fraction"] if test_fraction is None else test_fraction
     batch_size, workers = eval_options(batch_size, workers, split, limit)
     backbone, meta, rt = load_trained(adapter_dir, pretrained, force, device, tokenizer=tokenizer)
-    return evaluate_loaded(backbone, rt, adapter_dir, template or meta["run"]["template"], dataset, root, split,
-                           batch_size, workers, classes, limit, skip_bad_images)
+    run = meta["run"]
+    logits = Logits(run["logit_scale"], run["logit_bias"], run["loss"])
+    return evaluate_loaded(backbone, rt, adapter_dir, template or run["template"], dataset, root or "", split,
+                           batch_size, workers, classes or "all", limit, skip_bad_images, test_fraction, output,
+                           logits)
 
 
 def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathLike, template: str, dataset: str,
                     root: str, split: str, batch_size: int, workers: int, classes: str, limit: int | None,
-                    skip_bad_images: bool) -> dict[str, Any]:
-    """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset."""
+                    skip_bad_images: bool, test_fraction: float | None = None,
+                    output: str | os.PathLike | None = None, logits: Logits | None = None) -> dict[str, Any]:
+    """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset; with `output`,
+    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax)."""
     template = checks.template("template", template)
-    data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation")
-    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers)
-    return {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
-            **_finish(items, result, skipped, skip_bad_images)}
+    data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation",
+                                     test_fraction)
+    result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers,
+                         keep=output is not None)
+    kept = result.pop("predictions", None)
+    out = {"adapter": str(adapter_dir), "dataset": data.name, "split": split, "classes": classes,
+           **_finish(items, result, skipped, skip_bad_images)}
+    if output is not None and kept is not None and kept[1] is not None:
+        from ..engine import predictions as pr
+
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = pr.predictions_rows(kept[0], kept[1], data.classnames, logits or Logits(100.0))
+        pr.write_predictions(folder / pr.PREDICTIONS, rows)
+        pr.plot_confusion(folder / pr.CONFUSION, rows, data.classnames,
+                          f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        out["predictions_file"] = str(folder / pr.PREDICTIONS)
+    return out
 
 
 def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",
                        template: str | None = "a photo of a {}.", quick_gelu: str = "auto", batch_size: int = 128,
                        workers: int = -1, device: str = "auto", limit: int | None = None, use_cache: bool = True,
-                       skip_bad_images: bool = False, tokenizer: str | None = None) -> dict[str, Any]:
+                       skip_bad_images: bool = False, tokenizer: str | None = None,
+                       test_fraction: float | None = None) -> dict[str, Any]:
     """Top-1 of a frozen backbone (no adapter) on a dataset, with `template` (None: the dataset's own, CoOp's);
     cached (engine/evaluate.zero_shot)."""
     batch_size, workers = eval_options(batch_size, workers, split, limit)
     if template is not None:
         checks.template("template", template)
     data, items, skipped = _test_set(dataset, root, "all", split, limit, template or "{}", skip_bad_images,
-                                     "zero-shot classification")
+                                     "zero-shot classification", test_fraction)
     template = template or data.template
     backbone = load_backbone(model, pretrained, quick_gelu, tokenizer=tokenizer, text=True)
     rt = make_runtime(checks.device("--device", device))
@@ -371,6 +421,13 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
         with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
             backbone.export(state, tmp, classifier(run, backbone))
         if tmp.is_dir():
+            from .cards import load_snippet, model_card
+
+            snippet = load_snippet(run, output if output.suffix else tmp, export_form(run["model"]).family)
+            if snippet is not None:
+                snippet = snippet.replace(str(tmp.absolute()), str(output.absolute()))
+            (tmp / "README.md").write_text(model_card(adapter_dir, meta, f"{run['model']} with the adapter merged "
+                                                      "into its weights", snippet), encoding="utf-8")
             mark(tmp, EXPORT)
         fix_modes(tmp)
         # replace only what the checks above allowed: with --overwrite an export (checked again now), never a
@@ -449,13 +506,9 @@ def _is_weights_file(path: Path) -> bool:
 
 
 def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) -> str | None:
-    """How stock open_clip loads an export of this adapter with its activation (None for other families)."""
-    from ..backbones.activation import stock_load_hint
+    """Python that loads the export at `output` with the stock library, as printed after the export (cards.py);
+    None when no stock call loads it (effnet-minilm; an open_clip file of a model open_clip cannot name)."""
+    from .cards import load_snippet
 
     run = read_adapter_meta(locate_adapter(adapter_dir)).get("run", {})
-    model = run.get("model", "")
-    if model.startswith("hf:") or model == "effnet-minilm" or run.get("quick_gelu") not in ("yes", "no"):
-        return None
-    if Path(output).is_dir():
-        return f"open_clip.create_model('local-dir:{output}')"
-    return stock_load_hint(model, run["quick_gelu"] == "yes", str(output))
+    return load_snippet(run, output, export_form(run.get("model", "")).family)

@@ -207,13 +207,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..pipeline.run import export, export_load_hint
 
     if args.format == "peft":
+        from ..adapters.io import read_adapter_meta
         from ..interop.peft import export_peft
+        from ..methods import is_baseline
+        from ..pipeline.trained import locate_adapter
+
+        method = read_adapter_meta(locate_adapter(args.adapter))["config"]["method"]
+        if is_baseline(method):
+            raise BlockLoRAError(f"{args.adapter} holds a {method} head, not a LoRA adapter: PEFT has no form for it; "
+                                 "export it without --format peft (the frozen model, the head beside it)")
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
         print(f"PEFT LoRA adapter written: {printable(', '.join(files))} (peft.PeftModel.from_pretrained(base_model, "
               f"{args.output!r}) loads it)")
         return 0
+    from ..adapters.io import read_adapter_meta
+    from ..pipeline.trained import export_note, locate_adapter
+
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
+    note = export_note(read_adapter_meta(locate_adapter(args.adapter))["config"]["method"])
+    if note:
+        print(f"checkpoint written: {printable(', '.join(files))}\nnote: {note}")
+        return 0
     print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
     if hint:  # a plain model name would build the default activation: say which call gives the trained one

@@ -40,6 +40,7 @@ from ..engine.rundir import RunDir
 from ..engine.runtime import Runtime, default_workers, deterministic, seed_everything
 from ..engine.tensorboard import Loggers, TensorBoardLog
 from ..errors import BlockLoRAError
+from ..methods import is_baseline
 from ..reading import fields
 from .evaluation import Evaluation, ZeroShot, evaluate, zero_shot
 from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
@@ -93,8 +94,11 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
                 if p.cfg.eval.zero_shot else None
             if zs is not None:
                 log.info("zero-shot top-1 %.2f%%%s", zs.top1, " (cached)" if zs.cached else "")
-            # 2. train the adapters (injected by prepare)
-            trainer, train_s, tb = _fit(p, rd, sha, workers, mode == "resume", zs)
+            # 2. train the adapters (injected by prepare), or a baseline's head on the frozen model (methods/)
+            if is_baseline(p.cfg.adapter.method):
+                trainer, train_s, tb = _fit_head(p, rd, workers)
+            else:
+                trainer, train_s, tb = _fit(p, rd, sha, workers, mode == "resume", zs)
             try:
                 # 3. evaluate the last iterate (no model selection on the test set)
                 after = " and rerun with --resume (training is done and checkpointed)" if rd.checkpoint.exists() \
@@ -160,6 +164,21 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
     return trainer, time.perf_counter() - t0, tb
 
 
+def _fit_head(p: Prepared, rd: RunDir, workers: int) -> tuple[Any, float, None]:
+    """A baseline's fit (methods/fit.py): its records go to metrics.jsonl (rank 0); nothing is checkpointed (a
+    resumed run trains it again from the seed)."""
+    from ..methods.fit import fit_head
+
+    if p.runtime.world_size > 1:
+        raise BlockLoRAError(f"method {p.cfg.adapter.method} trains on one process (its features fit on one device): "
+                             "run it without torchrun")
+    if p.runtime.is_main:
+        checkpoint.truncate_metrics(rd.metrics, 0)
+    with JsonlWriter(rd.metrics, append=True) if p.runtime.is_main else contextlib.nullcontext() as metrics:
+        fit, seconds = fit_head(p, workers, metrics.write if metrics else None)
+    return fit, seconds, None
+
+
 def _log_accuracy(tb: TensorBoardLog, result: RunResult, step: int) -> None:
     """The evaluation's accuracies as TensorBoard scalars at the last step."""
     for key in ("top1", "base_top1", "new_top1", "harmonic_mean"):
@@ -182,7 +201,7 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         cross_dataset={k: v["top1"] for k, v in ev.cross.items()} if p.plan.cross else None,
         cross_dataset_detail={k: {"n": v["n"], "classes": len(v["per_class"]), "mean_per_class": v["mean_per_class"]}
                               for k, v in ev.cross.items()} if p.plan.cross else None,
-        trainable_params=count_trainable(p.backbone.model), adapted_modules=len(p.modules),
+        trainable_params=_trainable(p), adapted_modules=len(p.modules),
         split_sha256=sha, split_file=str(rd.split), shots=cfg.data.shots, seed=cfg.data.seed,
         sampler=cfg.data.sampler,
         # the draw: whether classes with fewer images than shots were drawn with replacement, and which
@@ -197,6 +216,11 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         peak_memory=_peak_memory_mb(rt), config=cfg.to_dict(), config_hash=cfg.hash(), logits=p.logits.to_dict())
 
 
+def _trainable(p: Prepared) -> int:
+    head = getattr(p.backbone, "head", None)
+    return head.trainable_params if head is not None else count_trainable(p.backbone.model)
+
+
 def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
     """adapter/ with the RESOLVED activation and precision mode: every reload (eval, predict, export) reproduces
     them; the fingerprint is of the weights as loaded."""
@@ -207,6 +231,14 @@ def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
                 "dataset": p.data.name, "classnames": p.data.classnames, "template": cfg.train.template,
                 "logit_scale": p.logits.scale, "logit_bias": p.logits.bias, "loss": p.logits.kind,
                 "tokenizer": cfg.tokenizer, "split_sha256": sha}
+    if is_baseline(cfg.adapter.method):
+        from ..backbones.fingerprint import identity
+        from ..methods.io import save_head
+
+        save_head(backbone.head, rd.adapter, cfg.adapter,
+                  {"class": type(backbone.model).__name__, "name": backbone.name,
+                   **identity(backbone.model, backbone.fingerprint)}, run_meta, overwrite=True)
+        return
     save_adapter(backbone.model, rd.adapter, backbone=backbone.name, extra={"run": run_meta}, overwrite=True,
                  weights_fingerprint=backbone.fingerprint)
 

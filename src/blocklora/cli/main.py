@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int_arg("--num-classes", 2, 10**6), default=1000,
                    help="baselines (probe, tip_adapter, tip_adapter_f, coop): the number of classes C their size "
                    "and step depend on (default 1000, ImageNet's)")
-    p.add_argument("--shots", type=int_arg("--shots", 1, 10_000), default=16, help="baselines: K shots per class (default 16)")
+    p.add_argument("--shots", type=int_arg("--shots", 1, 10_000), default=16,
+                   help="baselines: K shots per class (default 16)")
     add_overrides(p)
     p.set_defaults(func=cmd_params)
 

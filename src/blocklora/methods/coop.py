@@ -108,7 +108,12 @@ class CoOpHead(Head):
 
     def tokens(self, classnames: list[str]) -> Any:
         """The tokenized prompts (the family's truncation rule applied), on the backbone's device."""
-        return move(self.backbone.tokenize(prompt_texts(classnames, self.prefix)), self.backbone.device)
+        key = tuple(classnames)
+        cache = self.__dict__.setdefault("_tokens", {})
+        if key not in cache:  # every training step encodes the same prompts
+            cache.clear()
+            cache[key] = move(self.backbone.tokenize(prompt_texts(classnames, self.prefix)), self.backbone.device)
+        return cache[key]
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -148,6 +153,10 @@ class CoOpHead(Head):
         return CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
 
     def fit(self, data: FitData) -> list[dict[str, Any]]:
+        with _frozen(self.backbone.model):  # gradients reach the context only, never the tower's weights
+            return self._fit(data)
+
+    def _fit(self, data: FitData) -> list[dict[str, Any]]:
         epochs = data.cfg.epochs or epochs_for(data.shots)
         lr = data.cfg.lr or LR
         opt = torch.optim.SGD([self.ctx], lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -193,6 +202,19 @@ class CoOpHead(Head):
             raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but ctx_init {head.ctx_init!r} is "
                               f"{head.n_ctx} tokens for this tokenizer")
         return head
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter of `model` without requires_grad for the block; restored after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 HEADS = {"coop": CoOpHead}

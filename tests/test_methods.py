@@ -223,7 +223,7 @@ def test_params_reports_each_baselines_size_and_step_cost(capsys):
 def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--datasets", "dtd", "--shots", "1", "--seeds", "1", "--root", str(zhou), "--output", str(out),
-            "--devices", "cpu:1", *TINY, "--methods", "probe,tip_adapter", "baseline.views=1"]
+            "--devices", "cpu:2", *TINY, "--methods", "probe,tip_adapter", "baseline.views=1"]
     assert main(args) == 0
     assert "2 cells: 2 done" in capsys.readouterr().out
     for method in ("probe", "tip_adapter"):
@@ -234,4 +234,4 @@ def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path
     assert "2 runs of 2 configurations" in md
     rows = [line.split(" | ")[0].strip("| ") for line in md.split("## 1 shot")[1].split("###")[0].splitlines()
             if line.startswith("| ") and "---" not in line]
-    assert rows == ["method", "probe", "tip_adapter"]
+    assert rows == ["method", "zero-shot", "probe", "tip_adapter"]  # one row per method, never pooled

@@ -227,8 +227,9 @@ class BaselineConfig:
     n_ctx: int = option(16, "CoOp: learnable context tokens (CoOp's default 16)")
     ctx_init: str = option("", "CoOp: initialise the context from these words' token embeddings (CoOp: 'a photo of a' "
                            "with n_ctx=4); empty: random normal, std 0.02")
-    lr: float | None = option(None, "learning rate of tip_adapter_f (AdamW, paper 1e-3) or coop (SGD, paper 0.002)",
-                              shown="the method's paper's")
+    # not "lr": a bare `lr=...` override keeps meaning train.lr
+    method_lr: float | None = option(None, "learning rate of tip_adapter_f (AdamW, paper 1e-3) or coop (SGD, paper "
+                                     "0.002)", shown="the method's paper's")
     epochs: int | None = option(None, "training epochs of tip_adapter_f (paper 20) or coop (paper 50 at K=1, 100 at "
                                 "K=2-4, 200 at K>=8)", shown="the method's paper's")
     views: int = option(10, "augmented views of each shot whose frozen features are computed once (Tip-Adapter's "
@@ -238,7 +239,7 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         c.apply(self, "baseline", {"n_ctx": c.num(1, 256, integer=True), "ctx_init": c.text(),
-                                   "lr": c.num(0, MAX_LR, lo_open=True, optional=True),
+                                   "method_lr": c.num(0, MAX_LR, lo_open=True, optional=True),
                                    "epochs": c.num(1, 100_000, integer=True, optional=True),
                                    "views": c.num(1, 1000, integer=True), "search": c.boolean})
 

@@ -158,7 +158,7 @@ class CoOpHead(Head):
 
     def _fit(self, data: FitData) -> list[dict[str, Any]]:
         epochs = data.cfg.epochs or epochs_for(data.shots)
-        lr = data.cfg.lr or LR
+        lr = data.cfg.method_lr or LR
         opt = torch.optim.SGD([self.ctx], lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         g = torch.Generator().manual_seed(data.seed)
         n = len(data.labels)

@@ -44,7 +44,7 @@ def save_head(head: Head, directory: str | os.PathLike, config: AdapterConfig, b
             raise BlockLoRAError(f"{directory} already exists: choose another path or pass overwrite")
         aio._check_replaceable(directory)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.tensors().items()}
-    aio._check_finite(tensors, "refusing to save the head", "training diverged: lower baseline.lr")
+    aio._check_finite(tensors, "refusing to save the head", "training diverged: lower baseline.method_lr")
     meta = {"format": aio.FORMAT, "format_version": aio.FORMAT_VERSION, "blocklora_version": __version__,
             "config": config.to_dict(), "backbone": backbone,
             "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},

@@ -116,7 +116,7 @@ class TipAdapterFHead(TipAdapterHead):
 
     def fit(self, data: FitData) -> list[dict[str, Any]]:
         epochs = data.cfg.epochs or EPOCHS
-        lr = data.cfg.lr or LR
+        lr = data.cfg.method_lr or LR
         opt = torch.optim.AdamW([self.keys], lr=lr, eps=EPS)
         g = torch.Generator().manual_seed(data.seed)
         n = len(data.labels)

@@ -22,7 +22,9 @@ Compares, on a fixed subset of real Fashion-MNIST test images (evenly spaced, th
   (pipeline/demo.py's: AdamW, cosine schedule, lr 4e-3, q/k/v placement, both towers, dropout 0.25; here batch 8) with
   the same step budget and lr per K (ITERS, LRS: 240 steps and lr 8e-3 at K = 4). n = 32 and more do not divide
   the 144- and 240-channel widths;
-- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A's init with the full width's fan-in.
+- ablations at K = 4 for Block-LoRA n = 8: fold "mean" instead of "sum", A's init with the full width's fan-in;
+- the few-shot baselines (methods/, docs/recipe.md), each with its paper's recipe on the same draws: a probe
+  initialised from the zero-shot classifier (zs_probe), Tip-Adapter, Tip-Adapter-F and CoOp.
 Every adapter cell is a `blocklora train` run (api.run) in --work DIR; writes RESULTS/NAME.{json,md,png}.
 
 Recipe choices are measured as variants: `--variant NAME=METHOD,key=value,...` adds a row NAME that runs METHOD's
@@ -81,6 +83,12 @@ METHODS: dict[str, tuple[str, ...]] = {
     "block_lora_n4": ("adapter.n_blocks=4",),
     "block_lora_n8": ("adapter.n_blocks=8",),
     "block_lora_n16": ("adapter.n_blocks=16",),
+    # the few-shot baselines of methods/, each with its paper's recipe (docs/recipe.md): the step and lr keys of the
+    # grid do not apply to them; they see the same K-shot draws, validation shots and test images
+    "zs_probe": ("adapter.method=probe",),
+    "tip_adapter": ("adapter.method=tip_adapter",),
+    "tip_adapter_f": ("adapter.method=tip_adapter_f",),
+    "coop": ("adapter.method=coop",),
 }
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "block_lora_n8_fold_mean": ("adapter.n_blocks=8", "adapter.fold=mean"),
@@ -342,7 +350,9 @@ def markdown(table: dict[str, Any], shots) -> str:
              "block_lora_n16": "Block-LoRA n=16",
              "block_lora_n8_fold_mean": "Block-LoRA n=8, fold mean", "block_lora_n8_kaiming_full":
              "Block-LoRA n=8, A init kaiming_full", "lora_text_only": "LoRA r=2, text tower only",
-             "block_lora_n8_text_only": "Block-LoRA n=8, text tower only"}
+             "block_lora_n8_text_only": "Block-LoRA n=8, text tower only",
+             "zs_probe": "probe, zero-shot init (lpclip's C search)", "tip_adapter": "Tip-Adapter",
+             "tip_adapter_f": "Tip-Adapter-F", "coop": "CoOp (16 ctx)"}
     head = "| method | trainable params | " + " | ".join(f"K={k}" for k in shots) + " | wall s / run (K=16) |"
     lines = [head, "|" + "---|" * (len(shots) + 3)]
     for name in names:
@@ -381,7 +391,8 @@ def plot(table: dict[str, Any], shots, path: Path, test_images: int) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, style in (("zero_shot", "k--"), ("linear_probe", "s-"), ("lora", "o-"), ("block_lora_n2", "^-"),
-                        ("block_lora_n4", "v-"), ("block_lora_n8", "D-"), ("block_lora_n16", "x-")):
+                        ("block_lora_n4", "v-"), ("block_lora_n8", "D-"), ("block_lora_n16", "x-"),
+                        ("zs_probe", "s:"), ("tip_adapter", "<:"), ("tip_adapter_f", ">:"), ("coop", "P:")):
         ks = [k for k in shots if name in table[str(k)]]
         if not ks:
             continue

@@ -25,6 +25,7 @@ a CLIPConfig equivalent to ViT-B/16):
   full        fine-tuning of every attention projection (in_proj / q,k,v,out_proj weights and biases)
   vision_only Block-LoRA on the vision tower only, text features computed once and cached (open_clip)
   block_lora_ckpt  block_lora with train.grad_checkpointing (every residual block recomputed in backward; open_clip)
+  zs_probe, tip_adapter_f, coop  the baselines of methods/ (prepare_baseline: their step reads frozen features, K=16)
 Also: text-tower time (forward, no grad, C=1000) with and without prompt truncation, and the bytes each adapter
 branch keeps for backward (counted with torch.autograd.graph.saved_tensors_hooks).
 
@@ -61,6 +62,10 @@ DEFAULT_PLAN = {
     ("open_clip", "full"): (100,),
     ("open_clip", "vision_only"): (1000,),
     ("open_clip", "block_lora_ckpt"): (100,),
+    # the baselines of methods/ (their step reads frozen features: no image tower in it)
+    ("open_clip", "zs_probe"): (100, 1000),
+    ("open_clip", "tip_adapter_f"): (100, 1000),
+    ("open_clip", "coop"): (100,),
     ("transformers", "floor"): (100,),
     ("transformers", "block_lora"): (100,),
     ("transformers", "lora"): (100,),
@@ -75,7 +80,10 @@ DEFAULT_PLAN = {
 TIMM_MODEL = "vit_small_patch16_224"
 # blocklora's q, k, v of every block, as row blocks of timm's fused qkv Linear (adapters/targeting.py)
 TIMM_TARGETING = {"target_modules": ["attn.qkv"], "fused": {"qkv": "qkv"}}
-CONFIGS = ("floor", "block_lora", "lora", "peft_lora", "dense_lora", "full", "vision_only", "block_lora_ckpt")
+CONFIGS = ("floor", "block_lora", "lora", "peft_lora", "dense_lora", "full", "vision_only", "block_lora_ckpt",
+           "zs_probe", "tip_adapter_f", "coop")
+BASELINES = ("zs_probe", "tip_adapter_f", "coop")
+BASELINE_SHOTS = 16  # the baselines' steps depend on the number of shots N = C K (features, cache keys)
 TEMPLATE = "a photo of a {}."
 R, ALPHA, DROPOUT, N_BLOCKS = 2, 1.0, 0.25, 8
 
@@ -352,6 +360,8 @@ def prepare(spec: dict, base=None):
 
     from blocklora.engine.runtime import make_runtime
 
+    if spec["config"] in BASELINES:
+        return prepare_baseline(spec, base)
     device, classes, batch = spec["device"], spec["classes"], spec["batch_size"]
     rt = make_runtime(device, spec.get("precision", "fp32"))
     scaler = rt.grad_scaler()
@@ -391,6 +401,85 @@ def prepare(spec: dict, base=None):
             torch.cuda.synchronize()
         return float(loss.detach())
 
+    return step, info
+
+
+def prepare_baseline(spec: dict, base=None):
+    """A baseline's training step (methods/), on random unit features standing for the frozen image features of
+    C x BASELINE_SHOTS shots (computed once per run, not per step):
+      zs_probe       one L-BFGS function evaluation (loss and gradient) over all N = C K features (probe.py)
+      tip_adapter_f  one AdamW step of the cache keys on a batch of min(256, N) features (tip_adapter.py)
+      coop           one SGD step of the 16 context vectors: the text tower forward and backward over the C prompts,
+                     a batch of 32 features (coop.py)"""
+    import torch
+    import torch.nn.functional as F
+
+    from blocklora.methods import coop, tip_adapter
+    from blocklora.methods.base import FitData
+    from blocklora.methods.fit import build
+
+    if spec["family"] != "open_clip":
+        raise ValueError(f"config {spec['config']} runs on the open_clip family")
+    device, c = spec["device"], spec["classes"]
+    if base is None:
+        base = base_model("open_clip", spec["model"])
+    bb = copy.copy(base)
+    bb.model = copy.deepcopy(base.model).to(device)
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    names = prompts(c)
+    g = torch.Generator().manual_seed(0)
+    size = bb.image_size
+    with torch.no_grad():
+        d = bb.encode_images(torch.zeros(1, 3, size, size, device=device)).shape[-1]
+    n = c * BASELINE_SHOTS
+    feats = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(device)
+    labels = (torch.arange(n) % c).to(device)
+    text = F.normalize(torch.randn(c, d, generator=g), dim=-1).to(device)
+    from blocklora.config.run_config import BaselineConfig
+
+    data = FitData(feats, labels, feats[None], feats[:0], labels[:0], text, 100.0, [f"c{i}" for i in range(c)],
+                   TEMPLATE, BaselineConfig(), BASELINE_SHOTS, 1, bb)
+    info: dict[str, Any] = {"image_size": size, "features": n, "feature_dim": int(d), "precision": "fp32"}
+    if spec["config"] == "zs_probe":
+        w = (100.0 * text).clone().requires_grad_(True)
+        b = torch.zeros(c, device=device, requires_grad=True)
+        params = [w, b]
+
+        def step():
+            for p in params:
+                p.grad = None
+            loss = F.cross_entropy(feats @ w.T + b, labels) + ((w - 100.0 * text) ** 2).sum() / (2 * n)
+            loss.backward()
+            return float(loss.detach())
+    elif spec["config"] == "tip_adapter_f":
+        head = build("tip_adapter_f", data)
+        opt = torch.optim.AdamW([head.keys], lr=tip_adapter.LR, eps=tip_adapter.EPS)
+        batch = min(tip_adapter.BATCH, n)
+        params = [head.keys]
+
+        def step():
+            loss = F.cross_entropy(head.logits(feats[:batch]), labels[:batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+    else:
+        head = coop.CoOpHead(bb, names, 100.0, 16)
+        opt = torch.optim.SGD([head.ctx], lr=coop.LR, momentum=coop.MOMENTUM, weight_decay=coop.WEIGHT_DECAY)
+        params = [head.ctx]
+        info["text_length"] = int(coop.ids_of(head.tokens(names)).argmax(-1).max()) + 1
+
+        def step():
+            loss = F.cross_entropy(100.0 * feats[:coop.BATCH] @ head.text_features().T, labels[:coop.BATCH])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return float(loss.detach())
+
+    info["trainable"] = sum(p.numel() for p in params)
     return step, info
 
 

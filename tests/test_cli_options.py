@@ -62,7 +62,7 @@ def test_choices_come_from_the_config_literals():
     choices = {s: a.choices for a in subs["train"]._actions for s in a.option_strings}
     assert choices["--sampler"] == ("clip-lora", "coop")
     assert choices["--precision"] == ("auto", "fp32", "fp16", "bf16")
-    assert choices["--method"] == ("block_lora", "lora")
+    assert choices["--method"] == ("block_lora", "lora", "probe", "tip_adapter", "tip_adapter_f", "coop")
 
 
 def test_key_value_overrides_anywhere_on_the_line():

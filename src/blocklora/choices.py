@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 # adapters (adapters/config.py, adapters/core.py)
-Method = Literal["block_lora", "lora"]
+# block_lora and lora adapt the encoders (adapters/); the others are the few-shot baselines of methods/ (a head on
+# the frozen features or learned prompt context: methods/registry.py)
+Method = Literal["block_lora", "lora", "probe", "tip_adapter", "tip_adapter_f", "coop"]
 DropoutMask = Literal["auto", "per_projection", "shared"]  # q, k, v: one mask each (CLIP-LoRA) or one shared
 Scaling = Literal["rslora", "standard"]  # alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023) or alpha / r (LoRA)
 Fold = Literal["sum", "mean"]

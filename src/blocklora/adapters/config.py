@@ -14,6 +14,7 @@ from ..choices import AInit, DropoutMask, Fold, Method, Scaling
 from ..errors import ConfigError
 
 METHODS, SCALINGS, FOLDS, A_INITS = (typing.get_args(t) for t in (Method, Scaling, Fold, AInit))
+ADAPTER_METHODS = ("block_lora", "lora")  # the methods that inject adapters; the rest are methods/'s baselines
 TOWERS = ("vision", "text")
 PROJECTIONS = ("q", "k", "v", "o")
 # The scaling numerator's upper bound. s = alpha / sqrt(r) (or / r) multiplies B A x; with AdamW each entry of B
@@ -180,7 +181,8 @@ class AdapterConfig:
     Trainable parameters per adapted (d_out, d_in) matrix: r * d_in / n_blocks + r * d_out.
     """
 
-    method: Method = option("block_lora", "block_lora (n_blocks > 1 share one down-projection block) or lora",
+    method: Method = option("block_lora", "block_lora (n_blocks > 1 share one down-projection block), lora, or a "
+                            "baseline on the frozen model: probe, tip_adapter, tip_adapter_f, coop (docs/recipe.md)",
                             flag="--method")
     r: int = option(2, "rank", flag="--r")
     n_blocks: int | None = option(None, "blocks sharing the down-projection A (1 = LoRA)", flag="--n-blocks",
@@ -233,6 +235,9 @@ class AdapterConfig:
             n = DEFAULT_N_BLOCKS if self.method == "block_lora" else 1
         if self.method == "lora" and n != 1:
             raise ConfigError(f"method 'lora' means n_blocks=1, got n_blocks={n}: use method 'block_lora'")
+        if self.method not in ADAPTER_METHODS and n != 1:
+            raise ConfigError(f"method {self.method!r} injects no adapter (it trains a head or prompt context on "
+                              f"the frozen model, methods/), so n_blocks does not apply, got n_blocks={n}: drop it")
         set_(self, "n_blocks", n)
         set_(self, "alpha", float(self.alpha))
         set_(self, "dropout", float(self.dropout))

@@ -94,6 +94,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
     """adapters.io.load_adapter refusing (unless force) an adapter trained on other frozen weights than `model`'s
     (a model class may name `retired_fingerprints` of its earlier versions, to say what such an adapter was for) or
     with another MLP activation. Raises AdapterMismatchError naming the mismatch; `model` is left unchanged."""
+    check_identity(model, directory, force)
+    return io.load_adapter(model, directory)
+
+
+def check_identity(model: nn.Module, directory: str | os.PathLike, force: bool = False) -> None:
+    """Refuse (unless force) an adapter folder recording other frozen weights or another MLP activation than
+    `model`'s (load_adapter's check; the baselines of methods/ use it too). Raises AdapterMismatchError."""
     if not force:
         saved = io.read_adapter_meta(directory).get("backbone") or {}
         ours = identity(model)
@@ -111,4 +118,3 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, force: bool = F
                 f"{directory} was trained on a model computing {saved['activation']} in its MLPs, this model computes "
                 f"{ours['activation']}: build it with the same activation (--quick-gelu "
                 f"{'yes' if saved['activation'] == 'quick_gelu' else 'no'}), or force to load anyway")
-    return io.load_adapter(model, directory)

@@ -49,6 +49,10 @@ def cmd_params(args: argparse.Namespace) -> int:
     if weights == AUTO:  # checked as train checks it; open_clip weights are not needed for counts: random ones
         weights = default_pretrained(run.model)
         weights = weights if run.model.startswith("hf:") or run.model == "effnet-minilm" else None
+    from ..methods import is_baseline
+
+    if is_baseline(cfg.method):
+        return _baseline_params(args, run, weights)
     backbone = load_backbone(run.model, weights, run.quick_gelu, tokenizer=run.tokenizer)
     modules = backbone.inject(cfg)  # with the probe forward: no tokenizer, no text needed
     cost = adapter_cost(backbone.model)
@@ -67,6 +71,27 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(f"{tower:<8} {c['modules']:>8} {c['params']:>12,} {c['macs_per_token']:>12,} {c['adds_per_token']:>12,}")
     print(f"{'total':<8} {len(modules):>8} {report['trainable_params']:>12,} {report['macs_per_token']:>12,} "
           f"{report['adds_per_token']:>12,}")
+    return 0
+
+
+def _baseline_params(args: argparse.Namespace, run: Any, weights: Any) -> int:
+    """`params` of a baseline (methods/cost.py): its trainable parameters and step cost for C classes, K shots."""
+    from ..backbones import load_backbone
+    from ..methods import record
+    from ..methods.cost import baseline_cost
+
+    method = run.adapter.method
+    n_classes, shots = args.num_classes, args.shots
+    backbone = load_backbone(run.model, weights, run.quick_gelu, tokenizer=run.tokenizer, text=method == "coop")
+    cost = baseline_cost(backbone, method, n_classes, shots, run.baseline.n_ctx)
+    report = {"model": run.model, "method": method, "trains": record(method).trains,
+              "merges": record(method).merges, **cost}
+    if args.json:
+        print(_json(report))
+        return 0
+    print(f"{run.model}: {method}, {n_classes} classes x {shots} shots; trains {report['trains']}")
+    print(f"trainable params {cost['trainable_params']:,}; a step ({cost['step']}): ~{cost['step_macs']:,} MACs; "
+          f"merges into the encoders: {'yes' if report['merges'] else 'no'}")
     return 0
 
 
@@ -212,7 +237,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..pipeline.run import export, export_load_hint
 
     if args.format == "peft":
+        from ..adapters.io import read_adapter_meta
         from ..interop.peft import export_peft
+        from ..methods import is_baseline
+        from ..pipeline.trained import locate_adapter
+
+        method = read_adapter_meta(locate_adapter(args.adapter))["config"]["method"]
+        if is_baseline(method):
+            raise BlockLoRAError(f"{args.adapter} holds a {method} head, not a LoRA adapter: PEFT has no form for it; "
+                                 "export it without --format peft (the frozen model, the head beside it)")
 
         files = export_peft(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
         print(f"PEFT LoRA adapter written: {printable(', '.join(files))}")
@@ -222,7 +255,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"load it with: {printable(hint)}" if hint else "load it with peft.PeftModel.from_pretrained(base_model, "
               f"{str(Path(args.output).absolute())!r}) on the base model with the same module names")
         return 0
+    from ..adapters.io import read_adapter_meta
+    from ..pipeline.trained import export_note, locate_adapter
+
     files = export(args.adapter, args.output, args.pretrained, args.force, args.overwrite, args.tokenizer)
+    note = export_note(read_adapter_meta(locate_adapter(args.adapter))["config"]["method"])
+    if note:
+        print(f"checkpoint written: {printable(', '.join(files))}\nnote: {note}")
+        return 0
     print(f"merged checkpoint written: {printable(', '.join(files))}")
     hint = export_load_hint(args.adapter, args.output)
     if hint:  # runs as printed: the activation the adapter was trained with included
@@ -261,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "open_clip models are built with random ones)")
     add_config_flags(p, keys=("model", "pretrained", "quick_gelu", "tokenizer", *section_keys("adapter")))
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--num-classes", type=int_arg("--num-classes", 2, 10**6), default=1000,
+                   help="baselines (probe, tip_adapter, tip_adapter_f, coop): the number of classes C their size "
+                   "and step depend on (default 1000, ImageNet's)")
+    p.add_argument("--shots", type=int_arg("--shots", 1, 10_000), default=16,
+                   help="baselines: K shots per class (default 16)")
     add_overrides(p)
     p.set_defaults(func=cmd_params)
 

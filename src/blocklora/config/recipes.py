@@ -36,4 +36,13 @@ def recipe_overrides(name: str) -> list[str]:
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"train.drop_last": False, "train.frozen_dtype": "autocast", "adapter.dropout_mask": "per_projection"},
     "block_lora": {"train.drop_last": True, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "shared"},
+    # The baselines of methods/ train on frozen fp32 features (their own recipes: methods/*.py, docs/recipe.md).
+    # drop_last as their loaders: CoOp's Dassl drops the last partial batch when there are at least batch_size
+    # images (build_data_loader: drop_last=is_train and len(data_source) >= batch_size); Tip-Adapter-F's loader
+    # keeps it; the probe and the cache see every shot at once.
+    "probe": {"train.drop_last": False, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "per_projection"},
+    "tip_adapter": {"train.drop_last": False, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "per_projection"},
+    "tip_adapter_f": {"train.drop_last": False, "train.frozen_dtype": "fp32",
+                      "adapter.dropout_mask": "per_projection"},
+    "coop": {"train.drop_last": True, "train.frozen_dtype": "fp32", "adapter.dropout_mask": "per_projection"},
 }

@@ -225,6 +225,31 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The options of the few-shot baselines (adapter.method probe, tip_adapter, tip_adapter_f, coop; methods/).
+    None: the method's published default (docs/recipe.md). Key=value overrides only (baseline.n_ctx=4)."""
+
+    n_ctx: int = option(16, "CoOp: learnable context tokens (CoOp's default 16)")
+    ctx_init: str = option("", "CoOp: initialise the context from these words' token embeddings (CoOp: 'a photo of a' "
+                           "with n_ctx=4); empty: random normal, std 0.02")
+    # not "lr": a bare `lr=...` override keeps meaning train.lr
+    method_lr: float | None = option(None, "learning rate of tip_adapter_f (AdamW, paper 1e-3) or coop (SGD, paper "
+                                     "0.002)", shown="the method's paper's")
+    epochs: int | None = option(None, "training epochs of tip_adapter_f (paper 20) or coop (paper 50 at K=1, 100 at "
+                                "K=2-4, 200 at K>=8)", shown="the method's paper's")
+    views: int = option(10, "augmented views of each shot whose frozen features are computed once (Tip-Adapter's "
+                        "augment_epoch 10); training epochs cycle through them")
+    search: bool = option(True, "choose the method's hyper-parameters on the validation shots (the probe's penalty, "
+                          "Tip-Adapter's alpha and beta), as the papers do")
+
+    def __post_init__(self) -> None:
+        c.apply(self, "baseline", {"n_ctx": c.num(1, 256, integer=True), "ctx_init": c.text(),
+                                   "method_lr": c.num(0, MAX_LR, lo_open=True, optional=True),
+                                   "epochs": c.num(1, 100_000, integer=True, optional=True),
+                                   "views": c.num(1, 1000, integer=True), "search": c.boolean})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One run's request (None / "auto": not asked, see resolved()); validated on construction (ConfigError)."""
 
@@ -247,6 +272,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
         c.apply(self, "", {"model": c.text(empty=False), "pretrained": c.text(optional=True),
@@ -267,7 +293,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         data = dict(data)
-        sections = {"adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+        sections = {"adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                    "baseline": BaselineConfig}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
@@ -369,7 +396,8 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_SECTION_TYPES = {"adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTION_TYPES = {"adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+                  "baseline": BaselineConfig}
 
 
 def _build(cls: type, value: Any, where: str) -> Any:

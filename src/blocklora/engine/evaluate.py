@@ -23,6 +23,7 @@ from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
 from ..errors import ConfigError, DataError
+from .logits import Logits
 from .progress import progress
 from .runtime import Runtime, eval_mode
 
@@ -139,6 +140,16 @@ def class_counts(img: torch.Tensor, labels: torch.Tensor, txt: torch.Tensor) -> 
     return correct, total
 
 
+def predicted_counts(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct per class, total per class) of predicted class indices."""
+    correct = torch.zeros(n_classes, dtype=torch.long)
+    total = torch.zeros(n_classes, dtype=torch.long)
+    if len(labels):
+        total.index_add_(0, labels, torch.ones_like(labels))
+        correct.index_add_(0, labels, (pred == labels).long())
+    return correct, total
+
+
 def reduce_counts(correct: torch.Tensor, total: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     if runtime.world_size > 1:
         import torch.distributed as dist
@@ -162,24 +173,47 @@ def summarize(correct: torch.Tensor, total: torch.Tensor, classnames: Sequence[s
 
 def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classnames: Sequence[str],
              templates: Sequence[str], runtime: Runtime, batch_size: int = 128, workers: int = 0,
-             desc: str = "eval", features: Features | None = None, keep: bool = False) -> dict[str, Any]:
+             desc: str = "eval", features: Features | None = None, frozen: bool = False,
+             keep: bool = False) -> dict[str, Any]:
     """Top-1 and per-class accuracy of `backbone` as it is (adapted or not). Pass `features` to reuse images.
 
-    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted. keep=True (one
-    process): also "predictions", (the evaluated items in order, their (N, C) image-class cosines), for
-    engine/predictions.py; the caller pops it before writing the result anywhere."""
-    with torch.no_grad(), eval_mode(backbone.model):
-        txt = encode_classes(backbone, classnames, templates, runtime)
+    "unreadable" lists the (path, reason) of images the pass could not decode; they are not counted. A backbone
+    carrying a baseline's head (methods/: `backbone.head`) is scored by the head, unless `frozen` (zero-shot).
+    keep=True (one process): also "predictions", (the evaluated items in order, their (N, C) scores: image-class
+    cosines, or the head's logits when a head scores), for engine/predictions.py; the caller pops it before writing
+    the result anywhere."""
+    head = None if frozen else getattr(backbone, "head", None)
+    if head is None:
+        with torch.no_grad(), eval_mode(backbone.model):
+            txt = encode_classes(backbone, classnames, templates, runtime)
     if features is None:
         features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
-    correct, total = reduce_counts(*class_counts(features.feats, features.labels, txt), runtime)
+    if head is not None:
+        head = head.for_classes(list(classnames))
+        with torch.no_grad():
+            scores = torch.cat([head.logits(features.feats[i:i + 4096].to(runtime.device)).float().cpu()
+                                for i in range(0, len(features.feats), 4096)]) if len(features.feats) else \
+                torch.empty(0, len(classnames))
+        counts = predicted_counts(scores.argmax(-1), features.labels, len(classnames))
+    else:
+        counts = class_counts(features.feats, features.labels, txt)
+    correct, total = reduce_counts(*counts, runtime)
     out = {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
     if keep and runtime.world_size == 1:
         bad = {p for p, _ in features.bad}
         kept = [i for i in items if i.path not in bad]
         if len(kept) == features.feats.shape[0]:  # features given by the caller for the same items
-            out["predictions"] = (kept, features.feats @ txt.detach().float().cpu().T if kept else None)
+            if head is not None:
+                out["predictions"] = (kept, scores if kept else None)
+            else:
+                out["predictions"] = (kept, features.feats @ txt.detach().float().cpu().T if kept else None)
     return out
+
+
+def score_logits(backbone: Backbone, logits: Logits) -> Logits:
+    """How the scores of accuracy(keep=True) become probabilities: a baseline head's logits as they are (softmax over
+    them, as the head was trained), image-class cosines through the run's `logits` (scale, bias, loss)."""
+    return Logits(1.0) if getattr(backbone, "head", None) is not None else logits
 
 
 def prompt_collisions(classnames: Sequence[str], template: str) -> list[str]:
@@ -220,7 +254,8 @@ def zero_shot(backbone: Backbone, data: DatasetSplits, items: Sequence[Item], te
     with adapters_disabled(backbone.model):
         if features is None:
             features = image_features(backbone, items, data.image_reader, runtime, batch_size, workers, "zero-shot")
-        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime, features=features)
+        result = accuracy(backbone, items, data.image_reader, data.classnames, templates, runtime, features=features,
+                          frozen=True)
     if runtime.is_main:
         write_cached(key, result)
     return {**result, "cached": False}, features

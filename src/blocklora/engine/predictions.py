@@ -106,15 +106,22 @@ def plot_curve(metrics: Path, path: Path, title: str) -> bool:
     if plt is None:
         return False
     steps = [json.loads(line) for line in Path(metrics).read_text(encoding="utf-8").splitlines() if line.strip()]
-    steps = [s for s in steps if s.get("loss") is not None]  # a skipped step (nan_policy=skip) has no loss
+    # a skipped step (nan_policy=skip) has no loss; a baseline's records (methods/: per epoch or per searched
+    # value) may have no step, loss or batch accuracy: only what a record holds is drawn
+    steps = [s for s in steps if isinstance(s.get("step"), int) and s.get("loss") is not None]
+    if not steps:
+        return False
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], color="#1f77b4", label="loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over the batch)")
-    acc = ax.twinx()
-    acc.plot([s["step"] for s in steps], [s["acc"] for s in steps], color="#ff7f0e", alpha=0.5, label="batch accuracy")
-    acc.set_ylabel("batch accuracy (%)")
-    acc.set_ylim(0, 100)
+    with_acc = [s for s in steps if s.get("acc") is not None]
+    if with_acc:
+        acc = ax.twinx()
+        acc.plot([s["step"] for s in with_acc], [s["acc"] for s in with_acc], color="#ff7f0e", alpha=0.5,
+                 label="batch accuracy")
+        acc.set_ylabel("batch accuracy (%)")
+        acc.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
     fig.legend(loc="upper right")
     fig.tight_layout()

@@ -111,7 +111,10 @@ def zero_shot(backbone: Backbone, plan: EvaluationPlan, cfg: RunConfig, runtime:
     same decoded images). Its pass is also the first decode of the test images: unreadable ones surface here."""
     t0 = time.perf_counter()
     target, template = plan.trained, cfg.train.template
-    text_only = "vision" not in cfg.adapter.towers  # the image features do not change in training: keep them
+    # the image features do not change in training (a text-only adapter, a baseline's frozen encoder): keep them
+    from ..methods import is_baseline
+
+    text_only = "vision" not in cfg.adapter.towers or is_baseline(cfg.adapter.method)
     zs, features = ev.zero_shot(backbone, target.data, target.items, [template], runtime, cfg.eval.batch_size,
                                 workers, need_features=text_only, split=target.split)
     on_unreadable(zs["unreadable"])

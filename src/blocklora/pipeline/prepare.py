@@ -32,7 +32,8 @@ from ..engine import evaluate as ev
 from ..engine.logits import Logits
 from ..engine.logits import resolve as resolve_logits
 from ..engine.runtime import Runtime, make_runtime, seed_everything
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..methods import is_baseline, record
 from ..ownership import Protected, protected
 from .evaluation import EvaluationPlan
 from .trained import drop_unreadable
@@ -185,18 +186,10 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     # n_blocks vs widths, towers, layers, and a probe forward proving every adapter is called: fail before any
     # work. Seeded: the adapters' initial values are a function of the seed.
     seed_everything(cfg.data.seed)
-    initial = None
-    if cfg.train.init_adapter:  # a PEFT LoRA adapter: checked against the run's placement and rank before injecting
-        from ..interop.peft import read_peft_adapter
-
-        initial = read_peft_adapter(cfg.train.init_adapter, backbone.model, cfg.adapter)[1]
-    modules = backbone.inject(cfg.adapter)
-    if initial is not None:
-        from ..interop.peft import copy_factors
-
-        copy_factors(backbone.model, initial)
-    if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks
-        backbone.set_grad_checkpointing(True)
+    if is_baseline(cfg.adapter.method):  # a head or prompt context on the frozen model (methods/): no adapters
+        modules = _baseline_checks(cfg, backbone)
+    else:
+        modules = _inject(cfg, backbone)
     for warning in ev.prompt_collisions(data.classnames, cfg.train.template):
         log.warning("warning: %s", warning)
     test_items = [i for t in (plan.trained, plan.new) if t for i in t.items]
@@ -222,3 +215,40 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     return Prepared(cfg, request, backbone, data, fewshot, train_items, sha, plan, runtime, dict(bad), modules,
                     logits, repeated)
 
+
+
+def _inject(cfg: RunConfig, backbone: Backbone) -> list[str]:
+    """Inject the run's adapters (with the initial PEFT adapter, when given); returns the adapted module names."""
+    initial = None
+    if cfg.train.init_adapter:  # a PEFT LoRA adapter: checked against the run's placement and rank before injecting
+        from ..interop.peft import read_peft_adapter
+
+        initial = read_peft_adapter(cfg.train.init_adapter, backbone.model, cfg.adapter)[1]
+    modules = backbone.inject(cfg.adapter)
+    if initial is not None:
+        from ..interop.peft import copy_factors
+
+        copy_factors(backbone.model, initial)
+    if cfg.train.grad_checkpointing:  # block-level: the adapters sit inside the checkpointed blocks
+        backbone.set_grad_checkpointing(True)
+    return modules
+
+
+def _baseline_checks(cfg: RunConfig, backbone: Backbone) -> list[str]:
+    """A baseline trains no encoder weight: freeze them all, and refuse what it cannot do. Returns [] (no module is
+    adapted)."""
+    method = cfg.adapter.method
+    if cfg.train.init_adapter:
+        raise ConfigError(f"method {method} trains no LoRA adapter: drop --init-adapter (or train lora / block_lora)")
+    rec = record(method)
+    if not rec.other_classes and (cfg.data.classes != "all" or cfg.eval.datasets):
+        what = "base-to-new (data.classes)" if cfg.data.classes != "all" else "cross-dataset (--eval-datasets)"
+        raise ConfigError(f"method {method} has one output per trained class, so {what} evaluation, which scores "
+                          "other classes, does not apply: use coop, lora or block_lora for it")
+    for param in backbone.model.parameters():
+        param.requires_grad_(False)
+    if method == "coop":
+        from ..methods.coop import token_embedding
+
+        token_embedding(backbone)  # a text tower without a token embedding table: refused before any work
+    return []

@@ -33,6 +33,7 @@ from ..config.run_config import RESUMABLE, RunConfig
 from ..data import write_split_file
 from ..data.fewshot import split_file_bytes
 from ..engine import checkpoint
+from ..engine.evaluate import score_logits
 from ..engine.files import JsonlWriter, save_torch, write_json
 from ..engine.fit import Trainer, TrainingDiverged, plan
 from ..engine.results import RunResult
@@ -40,6 +41,7 @@ from ..engine.rundir import RunDir
 from ..engine.runtime import Runtime, default_workers, deterministic, seed_everything
 from ..engine.tensorboard import Loggers, TensorBoardLog
 from ..errors import BlockLoRAError
+from ..methods import is_baseline
 from ..reading import fields
 from .evaluation import Evaluation, ZeroShot, evaluate, zero_shot
 from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
@@ -93,8 +95,11 @@ def run(cfg: RunConfig, output: str | Path, overwrite: bool = False, resume: boo
                 if p.cfg.eval.zero_shot else None
             if zs is not None:
                 log.info("zero-shot top-1 %.2f%%%s", zs.top1, " (cached)" if zs.cached else "")
-            # 2. train the adapters (injected by prepare)
-            trainer, train_s, tb = _fit(p, rd, sha, workers, mode == "resume", zs)
+            # 2. train the adapters (injected by prepare), or a baseline's head on the frozen model (methods/)
+            if is_baseline(p.cfg.adapter.method):
+                trainer, train_s, tb = _fit_head(p, rd, workers)
+            else:
+                trainer, train_s, tb = _fit(p, rd, sha, workers, mode == "resume", zs)
             try:
                 # 3. evaluate the last iterate (no model selection on the test set)
                 after = " and rerun with --resume (training is done and checkpointed)" if rd.checkpoint.exists() \
@@ -164,6 +169,21 @@ def _fit(p: Prepared, rd: RunDir, sha: str, workers: int, resume: bool, zs: Zero
     return trainer, time.perf_counter() - t0, tb
 
 
+def _fit_head(p: Prepared, rd: RunDir, workers: int) -> tuple[Any, float, None]:
+    """A baseline's fit (methods/fit.py): its records go to metrics.jsonl (rank 0); nothing is checkpointed (a
+    resumed run trains it again from the seed)."""
+    from ..methods.fit import fit_head
+
+    if p.runtime.world_size > 1:
+        raise BlockLoRAError(f"method {p.cfg.adapter.method} trains on one process (its features fit on one device): "
+                             "run it without torchrun")
+    if p.runtime.is_main:
+        checkpoint.truncate_metrics(rd.metrics, 0)
+    with JsonlWriter(rd.metrics, append=True) if p.runtime.is_main else contextlib.nullcontext() as metrics:
+        fit, seconds = fit_head(p, workers, metrics.write if metrics else None)
+    return fit, seconds, None
+
+
 def _log_accuracy(tb: TensorBoardLog, result: RunResult, step: int) -> None:
     """The evaluation's accuracies as TensorBoard scalars at the last step."""
     for key in ("top1", "base_top1", "new_top1", "harmonic_mean"):
@@ -186,7 +206,7 @@ def _result(p: Prepared, rd: RunDir, sha: str, zs: ZeroShot | None, ev: Evaluati
         cross_dataset={k: v["top1"] for k, v in ev.cross.items()} if p.plan.cross else None,
         cross_dataset_detail={k: {"n": v["n"], "classes": len(v["per_class"]), "mean_per_class": v["mean_per_class"]}
                               for k, v in ev.cross.items()} if p.plan.cross else None,
-        trainable_params=count_trainable(p.backbone.model), adapted_modules=len(p.modules),
+        trainable_params=_trainable(p), adapted_modules=len(p.modules),
         split_sha256=sha, split_file=str(rd.split), shots=cfg.data.shots, seed=cfg.data.seed,
         sampler=cfg.data.sampler,
         # the draw: whether classes with fewer images than shots were drawn with replacement, and which
@@ -210,12 +230,18 @@ def _write_outputs(p: Prepared, rd: RunDir, result: RunResult, predictions: tupl
 
     title = f"{p.backbone.name}, {p.data.name}, {p.cfg.data.shots} shots, seed {p.cfg.data.seed}"
     if predictions is not None and predictions[1] is not None:
-        rows = pr.predictions_rows(predictions[0], predictions[1], p.data.classnames, p.logits)
+        rows = pr.predictions_rows(predictions[0], predictions[1], p.data.classnames,
+                                   score_logits(p.backbone, p.logits))
         pr.write_predictions(rd / rd.PREDICTIONS, rows)
         pr.plot_confusion(rd / rd.CONFUSION, rows, p.data.classnames,
                           f"{title}: top-1 {result.top1:.2f}% on {len(rows)} {p.cfg.eval.split} images")
     if rd.metrics.is_file():
         pr.plot_curve(rd.metrics, rd / rd.CURVE, f"{title}: training")
+
+
+def _trainable(p: Prepared) -> int:
+    head = getattr(p.backbone, "head", None)
+    return head.trainable_params if head is not None else count_trainable(p.backbone.model)
 
 
 def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
@@ -231,6 +257,14 @@ def _save_adapter(p: Prepared, rd: RunDir, sha: str) -> None:
                 # what `eval --adapter RUN` evaluates by default: this run's data, as resolved (absolute root)
                 "data": {"dataset": cfg.data.dataset, "root": cfg.data.root, "classes": cfg.data.classes,
                          "test_fraction": cfg.data.test_fraction}}
+    if is_baseline(cfg.adapter.method):
+        from ..backbones.fingerprint import identity
+        from ..methods.io import save_head
+
+        save_head(backbone.head, rd.adapter, cfg.adapter,
+                  {"class": type(backbone.model).__name__, "name": backbone.name,
+                   **identity(backbone.model, backbone.fingerprint)}, run_meta, overwrite=True)
+        return
     save_adapter(backbone.model, rd.adapter, backbone=backbone.name, extra={"run": run_meta}, overwrite=True,
                  weights_fingerprint=backbone.fingerprint)
 

@@ -35,6 +35,7 @@ from ..engine.logits import Logits
 from ..engine.runtime import Runtime, default_workers, make_runtime
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError, DataError
 from ..interop.export_forms import export_form
+from ..methods import is_baseline, record
 from ..ownership import (
     TEMP_SUFFIX,
     check_deletable,
@@ -122,11 +123,17 @@ def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, 
                                  text=text)
     else:  # adapters written before the activation was recorded
         backbone = load_backbone(run["model"], weights, recorded or "auto", tokenizer=tokenizer, text=text)
-    load_adapter(backbone.model, adapter_dir, force=force)
+    baseline = is_baseline(meta["config"]["method"])
+    if not baseline:
+        load_adapter(backbone.model, adapter_dir, force=force)
     runtime = make_runtime(checks.device("--device", device))
     backbone.to(runtime.device)
     if compute:  # the precision mode training ran in (runs before it was recorded: fp32)
         backbone.cast_frozen(runtime.frozen_dtype(run.get("frozen_dtype", "fp32")))
+    if baseline and text:  # a head on the frozen model (methods/): eval and predict score with it
+        from ..methods.io import load_head
+
+        backbone.head = load_head(adapter_dir, meta, backbone, force)
     return backbone, meta, runtime
 
 
@@ -270,7 +277,8 @@ def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathL
 
         folder = Path(output)
         folder.mkdir(parents=True, exist_ok=True)
-        rows = pr.predictions_rows(kept[0], kept[1], data.classnames, logits or Logits(100.0))
+        rows = pr.predictions_rows(kept[0], kept[1], data.classnames,
+                                   ev.score_logits(backbone, logits or Logits(100.0)))
         pr.write_predictions(folder / pr.PREDICTIONS, rows)
         pr.plot_confusion(folder / pr.CONFUSION, rows, data.classnames,
                           f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
@@ -350,7 +358,8 @@ def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str]
     topk = checks.number("topk", topk, checks.Range(1, integer=True))
     for warning in ev.prompt_collisions(classnames, checks.template("template", template)):
         log.warning("warning: %s", warning)  # e.g. an adapter whose class names repeat: rows that cannot differ
-    txt = ev.encode_classes(backbone, classnames, [template], runtime)
+    head = getattr(backbone, "head", None)
+    txt = ev.encode_classes(backbone, classnames, [template], runtime) if head is None else None
     transform = backbone.eval_transform()
     backbone.model.eval()
     for start in range(0, len(images), batch_size):
@@ -370,7 +379,11 @@ def _top(backbone: Backbone, runtime: Runtime, pixels: list[torch.Tensor], txt: 
          classnames: Sequence[str], topk: int) -> list[dict[str, Any]]:
     with runtime.autocast():
         img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
-    probs = logits.probabilities(logits(img @ txt.T)).cpu()
+    head = getattr(backbone, "head", None)
+    if head is not None:  # a baseline's head (methods/): softmax over its logits
+        probs = head.for_classes(list(classnames)).logits(img).softmax(-1).cpu()
+    else:
+        probs = logits.probabilities(logits(img @ txt.T)).cpu()
     if not bool(torch.isfinite(probs).all()):
         raise BlockLoRAError("the model produced non-finite scores: its weights or the adapter are damaged")
     top = probs.topk(min(topk, probs.shape[1]), dim=-1)
@@ -417,9 +430,18 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
                                  "for it, or choose another --output")
         backbone, _, _ = load_trained(adapter_dir, pretrained, force, device="cpu", compute=False,
                                       tokenizer=tokenizer, text=False)
-        state = merged_state_dict(backbone.model)
+        state = merged_state_dict(backbone.model)  # a baseline's: the frozen weights themselves (nothing merges)
+        described = classifier(run, backbone)
+        method = meta["config"]["method"]
+        if is_baseline(method):
+            described["head"] = {"method": method, "merged": False, "trains": record(method).trains,
+                                 "file": HEAD_FILE, "note": export_note(method)}
         with reported_write(output):  # a full disk, a file size limit: the OS error it is, on one line
-            backbone.export(state, tmp, classifier(run, backbone))
+            backbone.export(state, tmp, described)
+            if is_baseline(method) and tmp.is_dir():  # the head beside the frozen model, in a folder export
+                from ..adapters.io import WEIGHTS_FILE
+
+                shutil.copyfile(adapter_dir / WEIGHTS_FILE, tmp / HEAD_FILE)
         if tmp.is_dir():
             from .cards import load_snippet, model_card
 
@@ -441,6 +463,23 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
         raise
     shutil.rmtree(holder, ignore_errors=True)
     return [str(output)] if output.is_file() else sorted(str(p) for p in output.iterdir() if p.name != ".blocklora")
+
+
+HEAD_FILE = "blocklora_head.safetensors"  # a baseline's tensors beside its export (folder exports)
+
+
+def export_note(method: str) -> str | None:
+    """What the export of a `method` adapter holds when nothing merges into the encoders (None: it merges)."""
+    if not is_baseline(method):
+        return None
+    what = {"probe": "a linear head (probe.weight, probe.bias) applied to the image features",
+            "tip_adapter": "a cache model (tip.keys, tip.values, with alpha and beta) applied to the image features",
+            "tip_adapter_f": "a cache model with trained keys (tip.keys, tip.values, with alpha and beta) applied to "
+                             "the image features",
+            "coop": "learned prompt context (coop.ctx) fed to the text tower in place of word embeddings"}[method]
+    return (f"{method} does not merge into the encoders: its trained part is {what}. The export holds the frozen "
+            f"model unchanged; the trained tensors stay in the adapter folder (and, in a folder export, "
+            f"{HEAD_FILE}): use `blocklora eval` / `predict` with the adapter folder to classify with them")
 
 
 def _earlier_writers(folder: Path, name: str, started: int) -> list[int]:

@@ -1,0 +1,220 @@
+"""`--method coop`: learnable prompt context through the frozen text tower (CoOp, Zhou et al., IJCV 2022,
+github.com/KaiyangZhou/CoOp, trainers/coop.py), unified context, class token at the end.
+
+    prompt text    "X X ... X {class}."            n_ctx placeholders ("X"), then the class name and a period
+    tokens         the family's own tokenizer, with its own truncation: t = tokenize(prompt text)
+    embedding      E = token_embedding(t); E[:, start:start + n_ctx] = ctx      (C, L, width)
+                   start = the number of tokens the tokenizer puts before the text (CLIP's SOT, BERT's [CLS]: 1;
+                   SigLIP: 0); the rest of E (class name, ".", EOT, padding) is the frozen embedding of t
+    text feature   the family's text tower on E, pooled where it pools t (CLIP: the EOT position t.argmax(-1) of
+                   the truncated tokens; BERT: the mean over the attention mask), projected
+    logits         s f normalize(text)^T
+
+The context replaces the embedding module's output through a forward hook, so every family's own encode_texts
+(open_clip, transformers, effnet-minilm's MiniLM) runs unchanged: positions, masks, truncation and pooling are the
+family's. ctx: (n_ctx, width) ~ N(0, 0.02^2) (CoOp: nn.init.normal_(ctx_vectors, std=0.02)), or, with ctx_init, the
+token embeddings of those words (CoOp: "a photo of a", n_ctx = its number of tokens).
+
+Recipe (configs/trainers/CoOp/*.yaml, Dassl's defaults, scripts/coop/main.sh): SGD lr 0.002, momentum 0.9, weight
+decay 5e-4, batch 32, cosine over epochs (CosineAnnealingLR(T_max = epochs), stepped per epoch) after 1 warm-up
+epoch at constant lr 1e-5; 50 epochs at K = 1, 100 at K = 2 or 4, 200 at K >= 8 (rn50_ep50 / _ep100 / rn50).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.base import move
+from ..data.layout import prompt_name
+from ..errors import ConfigError
+from .base import FitData, Head, cosine_lr
+
+LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.002, 0.9, 5e-4, 32  # CoOp configs OPTIM.LR; Dassl SGD defaults; TRAIN_X batch
+WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # OPTIM.WARMUP_EPOCH 1, WARMUP_TYPE constant, WARMUP_CONS_LR 1e-5
+INIT_STD = 0.02  # nn.init.normal_(ctx_vectors, std=0.02)
+EMBEDDING_NAMES = ("token_embedding", "word_embeddings", "embed_tokens")  # open_clip / HF CLIP, BERT, others
+
+
+def epochs_for(shots: int) -> int:
+    """CoOp's scripts/coop/main.sh: rn50_ep50 at 1 shot, rn50_ep100 at 2 and 4, rn50 (200 epochs) at 8 and 16."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
+def token_embedding(backbone) -> nn.Embedding:
+    """The text tower's token embedding table (the module CoOp's prompts replace the output of)."""
+    for name, module in backbone.model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in EMBEDDING_NAMES:
+            return module
+    raise ConfigError(f"coop needs the text tower's token embedding, and {backbone.name} has none named "
+                      f"{' / '.join(EMBEDDING_NAMES)}: use another method for this model")
+
+
+def prompt_texts(classnames: list[str], prefix: str) -> list[str]:
+    """CoOp's prompts: prompt_prefix + " " + name + "." (name with "_" as spaces)."""
+    return [f"{prefix} {prompt_name(c)}." for c in classnames]
+
+
+def ids_of(tokens: Any) -> torch.Tensor:
+    return tokens["input_ids"] if isinstance(tokens, dict) else tokens
+
+
+def context_start(backbone) -> int:
+    """How many tokens the tokenizer puts before the text: where "X" and "X X" first differ, minus one."""
+    one, two = (ids_of(backbone.tokenize([t]))[0].tolist() for t in ("X", "X X"))
+    return next(i for i, (a, b) in enumerate(zip(one, two)) if a != b) - 1
+
+
+class CoOpHead(Head):
+    method = "coop"
+
+    def __init__(self, backbone, classnames: list[str], scale: float, n_ctx: int, ctx_init: str = "",
+                 ctx: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.backbone, self.classnames, self.scale = backbone, list(classnames), float(scale)
+        self.embedding = token_embedding(backbone)
+        self.start = context_start(backbone)
+        self.ctx_init = ctx_init.strip().replace("_", " ")
+        width = self.embedding.weight.shape[1]
+        if self.ctx_init:
+            n_ctx = self._count(self.ctx_init)
+            self.prefix = self.ctx_init
+        else:
+            self.prefix = " ".join(["X"] * n_ctx)
+            if self._count(self.prefix) != n_ctx:
+                raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot "
+                                  "place its context; use another method for this model")
+        self.n_ctx = n_ctx
+        if ctx is None:
+            if self.ctx_init:  # CoOp: embedding[0, 1:1 + n_ctx] of the tokenized ctx_init
+                with torch.no_grad():
+                    ids = ids_of(backbone.tokenize([self.ctx_init]))[0, self.start:self.start + n_ctx]
+                    ctx = self.embedding(ids.to(self.embedding.weight.device)).float()
+            else:
+                ctx = torch.empty(n_ctx, width).normal_(0, INIT_STD)  # the run has seeded the generator
+        self.ctx = nn.Parameter(ctx.detach().float().clone().to(self.embedding.weight.device))
+        self._frozen_text: torch.Tensor | None = None
+
+    def _count(self, text: str) -> int:
+        """Tokens of `text` alone (its special tokens and padding left out)."""
+        ids = ids_of(self.backbone.tokenize([text]))[0].tolist()
+        bare = ids_of(self.backbone.tokenize([""]))[0].tolist()
+        return sum(1 for i in ids if i not in set(bare[:self.start]) | set(bare[self.start:]))
+
+    def tokens(self, classnames: list[str]) -> Any:
+        """The tokenized prompts (the family's truncation rule applied), on the backbone's device."""
+        key = tuple(classnames)
+        cache = self.__dict__.setdefault("_tokens", {})
+        if key not in cache:  # every training step encodes the same prompts
+            cache.clear()
+            cache[key] = move(self.backbone.tokenize(prompt_texts(classnames, self.prefix)), self.backbone.device)
+        return cache[key]
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        start, n = self.start, self.n_ctx
+
+        def hook(module, inputs, out):
+            ctx = self.ctx.to(out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+            return torch.cat([out[:, :start], ctx, out[:, start + n:]], dim=1)
+
+        handle = self.embedding.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def prompt_embeddings(self, classnames: list[str]) -> torch.Tensor:
+        """(C, L, width) what the text tower reads: the token embeddings with the context in place (for tests)."""
+        ids = ids_of(self.tokens(classnames))
+        with self._context():
+            return self.embedding(ids)
+
+    def text_features(self, classnames: list[str] | None = None) -> torch.Tensor:
+        """(C, D) normalised text features of the prompts with the learned context (grad flows to ctx)."""
+        tokens = self.tokens(classnames or self.classnames)
+        with self._context():
+            return F.normalize(self.backbone.encode_texts(tokens).float(), dim=-1)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        if self._frozen_text is None:  # the context is fixed outside fit(): its text features once
+            with torch.no_grad():
+                self._frozen_text = self.text_features()
+        return self.scale * feats.float() @ self._frozen_text.T
+
+    def for_classes(self, classnames: list[str]) -> CoOpHead:
+        if list(classnames) == self.classnames:
+            return self
+        return CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
+
+    def fit(self, data: FitData) -> list[dict[str, Any]]:
+        with _frozen(self.backbone.model):  # gradients reach the context only, never the tower's weights
+            return self._fit(data)
+
+    def _fit(self, data: FitData) -> list[dict[str, Any]]:
+        epochs = data.cfg.epochs or epochs_for(data.shots)
+        lr = data.cfg.method_lr or LR
+        opt = torch.optim.SGD([self.ctx], lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        g = torch.Generator().manual_seed(data.seed)
+        n = len(data.labels)
+        batches = n // BATCH if n >= BATCH else 1  # Dassl: drop_last when there are at least batch_size images
+        history, step = [], 0
+        self._frozen_text = None
+        for epoch in range(epochs):
+            epoch_lr = WARMUP_LR if epoch < WARMUP_EPOCHS else cosine_lr(epoch - WARMUP_EPOCHS, epochs, lr)
+            for group in opt.param_groups:
+                group["lr"] = epoch_lr
+            feats = F.normalize(data.views[epoch % len(data.views)], dim=-1)
+            order = torch.randperm(n, generator=g).to(feats.device)
+            losses, correct, seen = [], 0, 0
+            for i in range(batches):
+                idx = order[i * BATCH:(i + 1) * BATCH]
+                logits = self.scale * feats[idx] @ self.text_features().T
+                loss = F.cross_entropy(logits, data.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                losses.append(loss.item())
+                correct += int((logits.argmax(-1) == data.labels[idx]).sum())
+                seen += len(idx)
+            history.append({"step": step, "epoch": epoch + 1, "loss": sum(losses) / len(losses),
+                            "acc": round(100 * correct / seen, 2), "lr": epoch_lr})
+        self._frozen_text = None
+        return history
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"coop.ctx": self.ctx.detach().float().cpu()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"n_ctx": self.n_ctx, "ctx_init": self.ctx_init, "class_token_position": "end"}
+
+    @classmethod
+    def from_saved(cls, tensors, meta, backbone, classnames, template, scale) -> CoOpHead:
+        ctx = tensors["coop.ctx"]
+        head = cls(backbone, classnames, scale, int(ctx.shape[0]), str(meta.get("ctx_init") or ""), ctx=ctx)
+        if head.n_ctx != ctx.shape[0]:
+            raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but ctx_init {head.ctx_init!r} is "
+                              f"{head.n_ctx} tokens for this tokenizer")
+        return head
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Every parameter of `model` without requires_grad for the block; restored after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+HEADS = {"coop": CoOpHead}

@@ -1,0 +1,237 @@
+"""The few-shot baselines of methods/ (probe, Tip-Adapter, Tip-Adapter-F, CoOp): their formulas against an independent
+reading of each paper, learning on real data, save / load round trips through the CLI, a sweep over two of them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocklora.cli.main import main
+from blocklora.config.run_config import BaselineConfig
+from blocklora.errors import BlockLoRAError
+from blocklora.methods import coop, probe, tip_adapter
+from blocklora.methods.base import FitData
+from data_trees import make_zhou
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest on a shared machine
+TINY = ["--model", "tiny-clip", "--pretrained", "none", "--workers", "0", "--device", "cpu"]
+
+
+def _data(train, labels, text, val=None, val_labels=None, views=None, **cfg) -> FitData:
+    val = train if val is None else val
+    val_labels = labels if val_labels is None else val_labels
+    return FitData(train, labels, views, val, val_labels, text, 100.0, [f"c{i}" for i in range(text.shape[0])],
+                   "a photo of a {}.", BaselineConfig(**cfg), 1, 1)
+
+
+# -- Tip-Adapter: exp(-beta (1 - cos)) on hand-made features ----------------------------------------------------------
+def test_tip_adapter_logits_are_the_papers_formula_on_hand_made_features():
+    s = 1 / math.sqrt(2)
+    f = torch.tensor([[1.0, 0.0], [s, s]])  # two test features (unit norm)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # three cached shots
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # their classes: 0, 1, 1
+    text = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    head = tip_adapter.TipAdapterHead(keys, values, text, 100.0, ["a", "b"], alpha=2.0, beta=3.0)
+    got = head.logits(f)
+    # by hand: cos(f0, keys) = 1, 0, 0.6; cos(f1, keys) = s, s, 1.4 s
+    a0 = [1.0, math.exp(-3.0), math.exp(-3.0 * 0.4)]
+    a1 = [math.exp(-3.0 * (1 - s)), math.exp(-3.0 * (1 - s)), math.exp(-3.0 * (1 - 1.4 * s))]
+    want = torch.tensor([[100 * 0.8 + 2 * a0[0], 100 * 0.0 + 2 * (a0[1] + a0[2])],
+                         [100 * (0.8 * s + 0.6 * s) + 2 * a1[0], 100 * s + 2 * (a1[1] + a1[2])]])
+    torch.testing.assert_close(got, want)
+    betas, alphas = tip_adapter.search_grid()  # configs/imagenet.yaml: search_scale [7, 3], search_step [200, 20]
+    assert (len(betas), len(alphas)) == (200, 20)
+    assert betas[0] == pytest.approx(0.1) and betas[-1] == pytest.approx(0.1 + 199 * 6.9 / 200)
+    assert alphas[-1] == pytest.approx(0.1 + 19 * 2.9 / 20)
+
+
+def test_tip_adapter_cache_keys_are_the_normalised_mean_of_the_raw_views_and_search_picks_val_best():
+    views = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 2.0], [0.0, 3.0]]])  # (V=2, N=2, D=2), raw
+    labels = torch.tensor([0, 1])
+    text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # zero-shot gets both wrong
+    data = _data(F.normalize(views.mean(0), dim=-1), labels, text, views=views)
+    head = tip_adapter.TipAdapterHead.build(data)
+    torch.testing.assert_close(head.keys, F.normalize(torch.tensor([[1.0, 1.0], [0.0, 2.0]]), dim=-1))
+    torch.testing.assert_close(head.values, torch.eye(2))
+    # zero-shot ties on shot 0 (which the cache decides for class 0, its own key) and is 100 logits wrong on shot 1
+    # (no alpha <= 3 overturns that): every grid point reaches 50%, and the search keeps the first, Tip's order
+    head.fit(data)
+    betas, alphas = tip_adapter.search_grid()
+    assert (head.alpha, head.beta) == (alphas[0], betas[0])
+    assert (head.logits(data.val).argmax(-1) == labels).tolist() == [True, False]
+
+
+# -- probe: zero-shot init, lpclip's objective ------------------------------------------------------------------------
+def test_probe_starts_as_the_zero_shot_classifier_and_a_strong_pull_keeps_it():
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    feats = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    head = probe.ProbeHead(text, 100.0, ["a", "b", "c"])
+    torch.testing.assert_close(head.logits(feats), 100.0 * feats @ text.T)  # exactly the zero-shot logits
+    labels = torch.arange(12) % 3
+    w, b = probe.fit_weights(feats, labels, 100.0 * text, c_reg=1e-9)  # |W - W0|^2 weighted 1e9 / 24: stays
+    torch.testing.assert_close(w, 100.0 * text, atol=1e-3, rtol=0)
+    w, b = probe.fit_weights(feats, labels, torch.zeros_like(text), c_reg=1e6)  # nearly unregularised: fits
+    assert ((feats @ w.T + b).argmax(-1) == labels).all()
+
+
+# -- CoOp: the prompt embedding layout and the EOT position after truncation ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from blocklora.backbones import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("tiny-clip", None, text=True)
+
+
+def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_after_truncation(tiny_clip):
+    m = tiny_clip.model
+    torch.manual_seed(0)
+    names = ["cat", "very " * 90 + "long dog"]  # the second is cut to the 77-token context
+    head = coop.CoOpHead(tiny_clip, names, 100.0, n_ctx=16)
+    assert head.start == 1 and tuple(head.ctx.shape) == (16, 64)
+    assert abs(float(head.ctx.std()) - coop.INIT_STD) < 0.006  # N(0, 0.02^2)
+    ids = tiny_clip.tokenize(coop.prompt_texts(names, " ".join(["X"] * 16)))
+    assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # truncated: EOT is the last of 77 tokens
+    emb = head.prompt_embeddings(names)
+    with torch.no_grad():
+        plain = m.token_embedding(ids)
+        torch.testing.assert_close(emb[:, :1], plain[:, :1])  # SOT
+        torch.testing.assert_close(emb[:, 1:17], head.ctx.expand(2, -1, -1))  # the learned context
+        torch.testing.assert_close(emb[:, 17:], plain[:, 17:])  # class name, ".", EOT, padding
+        # CoOp's TextEncoder (trainers/coop.py), written out: x + pos, transformer, ln_final, x[EOT] @ proj
+        x = emb + m.positional_embedding
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        want = x[torch.arange(2), ids.argmax(dim=-1)] @ m.text_projection
+        torch.testing.assert_close(head.text_features(), F.normalize(want, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
+    head = coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=16, ctx_init="a photo of a")
+    assert head.n_ctx == 4  # CoOp: n_ctx = the init's words
+    ids = tiny_clip.tokenize(["a photo of a"])[0, 1:5]
+    with torch.no_grad():
+        torch.testing.assert_close(head.ctx, tiny_clip.model.token_embedding(ids))
+    emb = head.prompt_embeddings(["cat"])
+    with torch.no_grad():  # the init words in place: the prompt embeds as "a photo of a cat." itself
+        torch.testing.assert_close(emb, tiny_clip.model.token_embedding(tiny_clip.tokenize(["a photo of a cat."])))
+
+
+# -- learning on real data: every baseline beats zero-shot at K = 4 ---------------------------------------------------
+def test_every_baseline_beats_zero_shot_on_fashion_mnist_at_4_shots():
+    from blocklora.data import evenly_spaced, fashion_mnist, sample_few_shot
+    from blocklora.engine.runtime import make_runtime
+    from blocklora.methods import features
+    from blocklora.methods.fit import build
+    from families import effnet_backbone
+
+    try:
+        backbone, data = effnet_backbone(), fashion_mnist.load()
+    except BlockLoRAError as e:
+        pytest.skip(str(e))
+    rt = make_runtime("cpu")
+    shots = sample_few_shot(data, 4, 1)
+    test = evenly_spaced(data.test, 100)
+    read = data.image_reader
+    train, val, tst = (features.plain(backbone, items, read, rt) for items in (shots.train, shots.val, test))
+    views = features.views(backbone, shots.train, read, rt, 1, 1)
+    labels, val_labels, test_labels = (torch.tensor([i.label for i in items]) for items in (shots.train, shots.val,
+                                                                                                 test))
+    with torch.no_grad():
+        text = F.normalize(backbone.encode_prompts([data.template.format(c) for c in data.classnames]), dim=-1)
+    zero_shot = float(((tst @ text.T).argmax(-1) == test_labels).float().mean())
+    for method, cfg in (("probe", {}), ("tip_adapter", {}), ("tip_adapter_f", {}), ("coop", {"epochs": 20})):
+        torch.manual_seed(1)
+        fit = FitData(train, labels, views, val, val_labels, text, 100.0, list(data.classnames), data.template,
+                      BaselineConfig(views=1, **cfg), 4, 1, backbone)
+        head = build(method, fit)
+        head.fit(fit)
+        acc = float((head.logits(tst).argmax(-1) == test_labels).float().mean())
+        assert acc > zero_shot + (0.0 if method == "tip_adapter" else 0.05), (method, acc, zero_shot)
+
+
+# -- through the CLI: train, eval, predict, export, params, sweep + summarize -----------------------------------------
+@pytest.fixture(scope="module")
+def zhou(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_zhou(root, "dtd")
+    return root
+
+
+@pytest.mark.parametrize("method", ["probe", "tip_adapter_f", "coop"])
+def test_train_saves_the_head_and_eval_predict_export_reload_it(zhou, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "2", "--output", str(out), *TINY,
+                 "--method", method, "baseline.views=1", "baseline.epochs=2"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    meta = json.loads((out / "adapter" / "blocklora_adapter.json").read_text())
+    assert meta["config"]["method"] == method and meta["head"]["method"] == method
+    assert meta["backbone"]["fingerprint"] == r["backbone"]["fingerprint"]
+    assert meta["trainable_params"] == r["trainable_params"] > 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--dataset", "dtd", "--root", str(zhou), "--device", "cpu",
+                 "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == r["top1"]  # the reloaded head scores as trained
+    image = next((zhou).rglob("*.jpg"))
+    assert main(["predict", "--adapter", str(out), str(image), "--device", "cpu", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sum(t["prob"] for t in rows[0]["top"]) <= 1.0 + 1e-5 and rows[0]["probabilities"] == "softmax"
+    assert main(["export", "--adapter", str(out), "--output", str(tmp_path / "merged.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert f"{method} does not merge into the encoders" in said and "merged checkpoint" not in said
+    assert main(["export", "--adapter", str(out), "--output", str(tmp_path / "peft"), "--format", "peft"]) == 2
+    assert "not a LoRA adapter" in capsys.readouterr().err
+
+
+def test_a_damaged_head_is_one_error_line(zhou, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(out), *TINY,
+                 "--method", "tip_adapter", "baseline.views=1"]) == 0
+    from safetensors.torch import load_file, save_file
+
+    weights = out / "adapter" / "blocklora_adapter.safetensors"
+    tensors = load_file(weights)
+    tensors["tip.values"] = tensors["tip.values"][:, :2].contiguous()
+    save_file(tensors, weights)
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--dataset", "dtd", "--root", str(zhou), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "does not fit" in err and "Traceback" not in err
+
+
+def test_probe_and_tip_adapter_refuse_other_classes(zhou, tmp_path, capsys):
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(tmp_path / "r"),
+                 *TINY, "--method", "probe", "data.classes=base"]) == 2
+    assert "base-to-new" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_params_reports_each_baselines_size_and_step_cost(capsys):
+    for method, params in (("probe", 10 * 64 + 10), ("tip_adapter", 0), ("tip_adapter_f", 40 * 64),
+                           ("coop", 16 * 64)):
+        assert main(["params", "--model", "tiny-clip", "--method", method, "--num-classes", "10", "--shots", "4",
+                     "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["method"], report["trainable_params"], report["merges"]) == (method, params, False)
+        assert report["step_macs"] >= 0 and report["dims"]["feature_dim"] == 64
+
+
+def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--datasets", "dtd", "--shots", "1", "--seeds", "1", "--root", str(zhou), "--output", str(out),
+            "--devices", "cpu:2", *TINY, "--methods", "probe,tip_adapter", "baseline.views=1"]
+    assert main(args) == 0
+    assert "2 cells: 2 done" in capsys.readouterr().out
+    for method in ("probe", "tip_adapter"):
+        r = json.loads((out / f"method={method}" / "dtd" / "shots1" / "seed1" / "results.json").read_text())
+        assert r["config"]["adapter"]["method"] == method
+    assert main(["summarize", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "2 runs of 2 configurations" in md
+    rows = [line.split(" | ")[0].strip("| ") for line in md.split("## 1 shot")[1].split("###")[0].splitlines()
+            if line.startswith("| ") and "---" not in line]
+    assert rows == ["method", "zero-shot", "probe", "tip_adapter"]  # one row per method, never pooled

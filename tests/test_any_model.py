@@ -226,7 +226,7 @@ def test_name_rules_are_peft_s(name, spec):
     expected = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_cfg, n)]
     cfg = AdapterConfig(**spec, n_blocks=1)
     if not expected:
-        with pytest.raises(ConfigError, match="matched no module of this"):
+        with pytest.raises(ConfigError, match="matched no module of this|have no block index by"):
             match(model, cfg)
         return
     try:
@@ -273,6 +273,13 @@ def test_errors_name_the_problem_and_leave_the_model_untouched():
     untouched()
     with pytest.raises(ConfigError, match="row blocks k,v are not supported"):
         AdapterConfig(target_modules=["qkv"], fused={"qkv": "kv"})
+    # CLIP-LoRA's named layer ranges count the blocks the names select (here 2): "top" is block 1. As in PEFT, a
+    # top-level "blocks.{i}" needs layers_pattern (PEFT's default rule wants a name before the layers' name)
+    cfg = AdapterConfig(target_modules=["qkv"], layers="top", layers_pattern="blocks")
+    assert [t.path for t in blocklora.plan(model, cfg)] == ["blocks.1.attn.qkv"]
+    with pytest.raises(ConfigError, match=r"layers=\(1,\): the modules matched \(e.g. blocks.0.attn.qkv\) have no "
+                                          "block index by PEFT's default rule"):
+        blocklora.plan(model, AdapterConfig(target_modules=["qkv"], layers=[1]))
     blocklora.inject(model, AdapterConfig(target_modules=["qkv"], fused={"qkv": "qkv"}), probe=lambda: model(x))
     assert isinstance(model.blocks[0].attn.qkv, blocklora.BlockLoRAFusedQKV)
 
@@ -304,7 +311,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     section = text.split("## Block-LoRA on any PyTorch model", 1)[1].split("\n## ", 1)[0]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "clip" not in snippet.lower() and len(snippet.strip().splitlines()) <= 12
+    assert "clip" not in snippet.lower() and len(snippet.strip().splitlines()) <= 13
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     torch.manual_seed(0)

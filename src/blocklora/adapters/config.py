@@ -177,7 +177,10 @@ class AdapterConfig:
     Defaults are the CLIP-LoRA reference recipe (r=2, alpha=1, s=alpha/sqrt(r), dropout 0.25 on the adapter input,
     q/k/v of every layer of both towers) with Block-LoRA, n_blocks=8 (docs/method.md). Placement is by tower
     ("vision", "text"), layer range (`layers`: a LAYER_RANGES name or indices; `blocks` is its former name, still
-    accepted) and projections (q, k, v, o). Every value is checked here: ConfigError names the bad one.
+    accepted) and projections (q, k, v, o). On any other model, adapters go where `target_modules` / `target_types`
+    say (PEFT's matching rules; `layers` then selects by block index, PEFT's layers_to_transform, read after
+    `layers_pattern`; `fused` names fused q/k/v Linears, whose row blocks `projections` selects; towers do not
+    apply): adapters/targeting.py. Every value is checked here: ConfigError names the bad one.
     Trainable parameters per adapted (d_out, d_in) matrix: r * d_in / n_blocks + r * d_out.
     """
 

@@ -189,6 +189,7 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
     modules = dict(model.named_modules())
     fused = dict(cfg.fused)
     found: list[tuple[str, nn.Module, int]] = []
+    unindexed: list[str] = []  # matched by name and type, but without a block index to select by
     for name, module in modules.items():
         if not name:
             continue  # the model itself cannot be replaced in place
@@ -198,6 +199,7 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
             continue
         index = layer_index(name, cfg.layers_pattern) if cfg.layers != "all" else None
         if cfg.layers != "all" and index is None:
+            unindexed.append(name)
             continue  # PEFT: a module without a block index is not selected when layers are
         found.append((name, module, index if index is not None else 0))
     if cfg.layers != "all" and found:
@@ -206,6 +208,12 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
 
         keep = set(resolve_layers(cfg.layers, depth)) if isinstance(cfg.layers, str) else set(cfg.layers)
         found = [f for f in found if f[2] in keep]
+    if not found and unindexed:
+        pattern = f"layers_pattern {cfg.layers_pattern!r}" if cfg.layers_pattern else "PEFT's default rule (a " \
+            "number after a name that follows another name, as in encoder.layer.3.)"
+        raise ConfigError(f"layers={cfg.layers!r}: the modules matched (e.g. {unindexed[0]}) have no block index "
+                          f"by {pattern}: name the segment before the index with layers_pattern (e.g. 'blocks', "
+                          "'layers')")
     if not found:
         raise ConfigError(f"{describe_by_name(cfg)} matched no module of this {type(model).__name__}: its "
                           f"{_examples(modules)}")

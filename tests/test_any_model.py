@@ -361,3 +361,16 @@ def test_the_former_names_are_the_same_objects():
     assert blocklora.Placement is blocklora.Targeting is sites.Placement is targeting.Targeting
     assert blocklora.register_finder is blocklora.register_targeting is sites.register_finder
     assert sites.find_placement is targeting.find_targeting and sites.Site is blocklora.Site
+
+
+def test_a_family_targeting_and_its_names_give_the_same_adapters():
+    """open_clip's ready-made targeting (q, k, v of every block of both towers) is the same data as naming its
+    attention modules: the same adapter tensors, names and shapes."""
+    from blocklora.adapters.inject import expected_shapes
+    from conftest import make_openclip
+
+    model = make_openclip()
+    family = expected_shapes(model, AdapterConfig())
+    by_name = expected_shapes(model, AdapterConfig(target_modules=r"(visual\.)?transformer\.resblocks\.\d+\.attn"))
+    blocks = sum(name.endswith(".attn") and "resblocks" in name for name, _ in model.named_modules())
+    assert family == by_name and len(family) == blocks * 3 * 2  # q, k, v x (A, B) per block of both towers

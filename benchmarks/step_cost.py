@@ -33,6 +33,8 @@ Usage:
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --threads 1 --output benchmarks/results/step_cost.json
   .venv/bin/python benchmarks/step_cost.py --only floor,block_lora --classes 100 --steps 1   # a quick look
   .venv/bin/python benchmarks/step_cost.py --device cuda --precision fp16 --model ViT-L-14
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --families timm --batch-size 32 --no-extras \
+      --output benchmarks/results/step_cost_timm.json   # the non-CLIP row (BENCHMARKS.md)
 (benchmarks/gpu_check.py measures these configurations on a GPU inside one time budget, from prepare() below.)
 """
 

@@ -226,7 +226,8 @@ def test_name_rules_are_peft_s(name, spec):
     expected = [n for n, _ in model.named_modules() if n and check_target_module_exists(peft_cfg, n)]
     cfg = AdapterConfig(**spec, n_blocks=1)
     if not expected:
-        with pytest.raises(ConfigError, match="matched no module of this|have no block index by"):
+        with pytest.raises(ConfigError, match="matched no module of this|have no block index by|selects none of the "
+                                                 "block indices"):
             match(model, cfg)
         return
     try:
@@ -329,3 +330,47 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(images), model.eval()(images), rtol=1e-4, atol=1e-5)
+
+
+class _Bypass(nn.Module):
+    """Reads its Linear's weight without calling it (as nn.MultiheadAttention does with out_proj)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)
+
+
+def test_the_probe_refuses_an_adapter_the_model_never_calls_and_undoes_everything():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_Bypass(), nn.Linear(8, 8)).eval(), torch.randn(2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"the adapter on 0.fc is never called: _Bypass \(0\) reads the weights of "
+                                          "its fc without calling it.*; leave it out of target_modules"):
+        blocklora.inject(model, AdapterConfig(target_types=[nn.Linear], n_blocks=1), probe=lambda: model(x))
+    assert type(model[0].fc) is nn.Linear and type(model[1]) is nn.Linear and blocklora.adapter_config(model) is None
+    assert model.state_dict().keys() == before.keys() and all(p.requires_grad for p in model.parameters())
+    assert blocklora.inject(model, AdapterConfig(target_modules=["1"], n_blocks=1), probe=lambda: model(x)) == ["1"]
+
+
+def test_the_former_names_are_the_same_objects():
+    from blocklora.adapters import sites, targeting
+
+    assert blocklora.Placement is blocklora.Targeting is sites.Placement is targeting.Targeting
+    assert blocklora.register_finder is blocklora.register_targeting is sites.register_finder
+    assert sites.find_placement is targeting.find_targeting and sites.Site is blocklora.Site
+
+
+def test_a_family_targeting_and_its_names_give_the_same_adapters():
+    """open_clip's ready-made targeting (q, k, v of every block of both towers) is the same data as naming its
+    attention modules: the same adapter tensors, names and shapes."""
+    from blocklora.adapters.inject import expected_shapes
+    from conftest import make_openclip
+
+    model = make_openclip()
+    family = expected_shapes(model, AdapterConfig())
+    by_name = expected_shapes(model, AdapterConfig(target_modules=r"(visual\.)?transformer\.resblocks\.\d+\.attn"))
+    blocks = sum(name.endswith(".attn") and "resblocks" in name for name, _ in model.named_modules())
+    assert family == by_name and len(family) == blocks * 3 * 2  # q, k, v x (A, B) per block of both towers

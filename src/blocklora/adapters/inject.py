@@ -150,6 +150,11 @@ def _bypassed(model: nn.Module, missed: list[str], tower: str, cfg: AdapterConfi
     parent_path, _, child = missed[0].rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     others = [t for t in cfg.towers if t != tower]
+    if cfg.by_name:
+        fix = "leave it out of target_modules / target_types"
+        return (f"the adapter on {missed[0]} is never called: {type(parent).__name__} ({parent_path or 'the model'}) "
+                f"reads the weights of its {child} without calling it, so training would change nothing "
+                f"({len(missed)} such module(s)); {fix}")
     fix = f"adapt the {others[0]} tower only (--towers {others[0]})" if others else \
         f"the {tower} tower of this model cannot be adapted yet"
     return (f"the adapter on {missed[0]} is never called: {type(parent).__name__} ({parent_path or 'the model'}) "

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from .config import resolve_layers
 
 # Site kinds: how the module at Site.path is adapted (the layer classes are in layers.py / fused.py).
 FUSED_MHA = "fused_mha"  # the module has nn.MultiheadAttention's fused layout (in_proj_weight (3E, E) + out_proj)
@@ -203,11 +204,16 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
             continue  # PEFT: a module without a block index is not selected when layers are
         found.append((name, module, index if index is not None else 0))
     if cfg.layers != "all" and found:
+        # a named range (CLIP-LoRA's "up", "top3", ...) and negative indices count the blocks the names reach;
+        # other indices select as in PEFT (one that no name carries selects nothing)
         depth = 1 + max(i for _, _, i in found)
-        from .config import resolve_layers
-
-        keep = set(resolve_layers(cfg.layers, depth)) if isinstance(cfg.layers, str) else set(cfg.layers)
+        keep = set(resolve_layers(cfg.layers, depth)) if isinstance(cfg.layers, str) else \
+            {i + depth if i < 0 else i for i in cfg.layers}
+        indices, example = sorted({i for _, _, i in found}), found[0][0]
         found = [f for f in found if f[2] in keep]
+        if not found:
+            raise ConfigError(f"layers={cfg.layers!r} selects none of the block indices of the modules matched "
+                              f"(e.g. {example}): they have {', '.join(map(str, indices))}")
     if not found and unindexed:
         pattern = f"layers_pattern {cfg.layers_pattern!r}" if cfg.layers_pattern else "PEFT's default rule (a " \
             "number after a name that follows another name, as in encoder.layer.3.)"

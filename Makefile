@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 bench-accuracy: $(STAMP) data
-	$(BIN)/python benchmarks/accuracy.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/accuracy.py --threads 1
 
 bench-step: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/step_cost.py --threads 1 --output benchmarks/results/step_cost.json

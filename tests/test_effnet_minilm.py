@@ -277,6 +277,27 @@ def test_export_loads_into_the_stock_modules(backbone, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_export_load_snippet_runs_and_preprocesses_as_blocklora_evaluates(backbone, tmp_path):
+    """The `load it with:` snippet of an effnet-minilm export runs as printed with stock libraries, and its
+    preprocessing (open_clip's image_transform_v2 on the recorded PreprocessCfg) gives blocklora's evaluation tensor
+    on real photos of several sizes, so the stock parts embed an image file as blocklora does."""
+    from blocklora.pipeline.cards import load_snippet
+    from photos import photos
+
+    bb = fresh(backbone)
+    classifier = {"classnames": ["coat"], "prompts": ["a photo of a coat."], "logit_scale": 100.0}
+    bb.export(bb.model.state_dict(), tmp_path / "export", classifier)
+    scope: dict = {}
+    exec(load_snippet({}, tmp_path / "export", "effnet-minilm"), scope)  # noqa: S102
+    assert scope["classifier"] == classifier
+    ours = bb.eval_transform()
+    for name, photo in photos().items():
+        torch.testing.assert_close(scope["preprocess"](photo), ours(photo), rtol=0, atol=0, msg=name)
+    photo = ours(photos()["portrait"])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(scope["visual"](photo), bb.encode_images(photo), rtol=1e-4, atol=1e-5)
+
+
 def _plain_1x1_convs(model: nn.Module) -> nn.Module:
     """`model` with every 1x1, stride-1 Conv2dDynamicSamePadding replaced by an nn.Conv2d holding the same weights
     (the same function: "same" padding is 0 for a 1x1 kernel). PEFT cannot wrap efficientnet-lite's own class: it

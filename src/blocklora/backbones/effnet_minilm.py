@@ -243,7 +243,8 @@ class EffnetMiniLMBackbone(Backbone):
                              its forward gives the image embedding (_fc is the projection, not a classifier)
         text/                BertModel.from_pretrained(path / "text", add_pooling_layer=False) and its tokenizer;
                              the text embedding is the mean of the last hidden states over the attention mask
-        effnet_minilm.json   how the parts fit (image size, normalisation, pooling, the projection's origin)
+        effnet_minilm.json   how the parts fit (image size, normalisation, pooling, the projection's origin) and
+                             `preprocess_cfg`: the evaluation preprocessing as open_clip's PreprocessCfg fields
         `load(path)` (--pretrained DIR) reads the directory back as this backbone.
         """
         from safetensors.torch import save_file
@@ -266,8 +267,15 @@ class EffnetMiniLMBackbone(Backbone):
         text.load_state_dict(parts["text"], strict=True)
         text.save_pretrained(path / "text")
         self.tokenizer.save_pretrained(path / "text")
+        pre = self.preprocess
         meta = {"format": "effnet-minilm", "format_version": 2, "arch": ARCH, "embed_dim": embed_dim,
                 "image_size": self.image_size, "mean": list(MEAN), "std": list(STD),
+                # the evaluation preprocessing in open_clip's PreprocessCfg fields: stock
+                # open_clip.transform.image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False) is exactly
+                # the transform blocklora evaluates with (Preprocess.eval_transform calls it)
+                "preprocess_cfg": {"size": pre.size, "mode": "RGB", "mean": list(pre.mean), "std": list(pre.std),
+                                   "interpolation": pre.interpolation, "resize_mode": pre.resize_mode,
+                                   "fill_color": pre.fill_color},
                 "image_embedding": "EfficientNet forward; _fc is the projection into the text space",
                 "text_pooling": "mean over attention_mask",
                 "projection": {"fit": "ridge from the ImageNet classifier rows to class-name embeddings",

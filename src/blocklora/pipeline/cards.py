@@ -30,11 +30,29 @@ def peft_snippet(output: str | os.PathLike, transformers_model: bool) -> str | N
     return f"import peft; model = peft.AutoPeftModel.from_pretrained({_absolute(output)!r})"
 
 
+# effnet-minilm's export, part by part with stock libraries (backbones/effnet_minilm.py: export). The image embedding
+# is visual(preprocess(image)[None]); the text embedding the mean of text(**tokenizer(prompts, ...)).last_hidden_state
+# over the attention mask; classes and logit scale in blocklora_classifier.json.
+EFFNET_SNIPPET = """import json, pathlib, transformers
+from efficientnet_lite_pytorch import EfficientNet
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from safetensors.torch import load_file
+d = pathlib.Path({out!r}); meta = json.loads((d / "effnet_minilm.json").read_text())
+visual = EfficientNet.from_name(meta["arch"], num_classes=meta["embed_dim"]).eval()
+visual.load_state_dict(load_file(d / "visual.safetensors"))
+text = transformers.BertModel.from_pretrained(d / "text", add_pooling_layer=False).eval()
+tokenizer = transformers.AutoTokenizer.from_pretrained(d / "text")
+preprocess = image_transform_v2(PreprocessCfg(**meta["preprocess_cfg"]), is_train=False)
+classifier = json.loads((d / "blocklora_classifier.json").read_text())"""
+
+
 def load_snippet(run: dict[str, Any], output: str | os.PathLike, family: str) -> str | None:
-    """How the stock library loads a merged export of `run` at `output`, or None when none can (effnet-minilm's
-    towers are loaded part by part, README's Exports section; an open_clip file of a model open_clip has no name
-    for: its folder form loads)."""
+    """How the stock libraries load a merged export of `run` at `output`, or None when none can (an open_clip file
+    of a model open_clip has no name for: its folder form loads). effnet-minilm's parts load one by one, with its
+    evaluation preprocessing from the recorded open_clip PreprocessCfg (EFFNET_SNIPPET)."""
     out = _absolute(output)
+    if family == "effnet-minilm":  # stock parts: EfficientNet, BertModel, open_clip's transform on the recorded cfg
+        return EFFNET_SNIPPET.format(out=out)
     if family == "transformers":
         return f"import transformers; model = transformers.AutoModel.from_pretrained({out!r})"
     if family != "open_clip":

@@ -546,7 +546,7 @@ def _is_weights_file(path: Path) -> bool:
 
 def export_load_hint(adapter_dir: str | os.PathLike, output: str | os.PathLike) -> str | None:
     """Python that loads the export at `output` with the stock library, as printed after the export (cards.py);
-    None when no stock call loads it (effnet-minilm; an open_clip file of a model open_clip cannot name)."""
+    None when no stock call loads it (an open_clip file of a model open_clip cannot name)."""
     from .cards import load_snippet
 
     run = read_adapter_meta(locate_adapter(adapter_dir)).get("run", {})

@@ -83,6 +83,13 @@ REFUSED = {
     "non-square height/width": (_form("SiglipImageProcessor", size={"height": 32, "width": 40}), "32x40 images"),
     "crop 40 for a 32 px model": (_form(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}),
                                   "gives 40x40 images, but the vision tower takes 32x32"),
+    # values transformers applies as they are: every image the same, every pixel inf / NaN, gigabytes per image
+    "rescale_factor 0": (_form(rescale_factor=0), "rescale_factor 0"),
+    "a std of 0": (_form(image_std=[0.5, 0, 0.5]), "image_std [0.5, 0, 0.5]"),
+    "a negative std": (_form(image_std=-0.5), "every channel's std must be a finite number > 0"),
+    "shortest_edge 100000": (_form(size={"shortest_edge": 100_000}, crop_size=CROP32), "beyond 4096 px"),
+    "crop 100000": (_form(size={"shortest_edge": 32}, crop_size={"height": 100_000, "width": 100_000}),
+                    "beyond 4096 px"),
 }
 
 

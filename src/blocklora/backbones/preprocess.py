@@ -179,10 +179,10 @@ def _channels(values: Any, name: str, source: str) -> tuple[float, ...]:
 
 def _fill(value: Any, source: str) -> int | tuple[int, ...]:
     """open_clip's fill_color: one integer, or one per channel (R, G, B). Raises BackboneError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    level = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255  # noqa: E731 - 8-bit
+    if level(value):
         return value
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                   for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(level(v) for v in value):
         return tuple(value)
     raise BackboneError(f"fill_color {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: must be "
                         "an integer (0..255) or a list of 3 (R, G, B)")

@@ -137,7 +137,8 @@ class HFBackbone(Backbone):
         local = os.path.isdir(self.tokenizer_source) or not hub_reachable()  # offline: the hub cache
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
-        except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
+        except (OSError, ValueError, ImportError, TypeError, AttributeError, KeyError) as e:  # no tokenizer files,
+            # sentencepiece missing, a damaged tokenizer_config.json (a pad_token 5: TypeError), ...
             raise BackboneError(f"cannot load the tokenizer of {self.name} from {self.tokenizer_source}: "
                                 f"{str(e).strip().splitlines()[0][:160]}; pass --tokenizer DIR (a folder written "
                                 "by the tokenizer's save_pretrained)") from None

@@ -220,6 +220,38 @@ def test_transformers_weights_and_processor_that_disagree_with_config_are_refuse
         load_backbone(f"hf:{folder}")
 
 
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("image_size", "32", "Field 'image_size' with value '32'"), ("patch_size", 0, "ZeroDivisionError"),
+    ("num_attention_heads", 5, "not a multiple of the number of attention heads"), (None, [], "'vision_config'")])
+def test_transformers_config_values_transformers_refuses_are_one_line(field, value, needle, tmp_path):
+    """config.json values transformers' typed configs refuse, or cannot build a model from, are one error naming
+    the folder and transformers' reason, not its traceback."""
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    if field is None:
+        config["vision_config"] = value
+    else:
+        config["vision_config"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match=needle) as err:
+        load_backbone(f"hf:{folder}")
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [("pad_token", 5), ("eos_token", [1]), ("added_tokens_decoder", "x")])
+def test_damaged_tokenizer_config_is_one_line(field, value, tmp_path):
+    from conftest import make_hf_dir
+
+    folder = make_hf_dir(tmp_path / "m")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(BackboneError, match="cannot load the tokenizer of") as err:
+        load_backbone(f"hf:{folder}").tokenize(["a photo of a cat."])
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_pytorch_model_bin_folders_load_and_other_shapes_are_refused_by_name(sharded, tmp_path):
     """Older hub snapshots hold pytorch_model.bin (or its shards and index) instead of safetensors: such a folder

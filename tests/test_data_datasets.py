@@ -347,6 +347,7 @@ def test_csv_dataset(tmp_path):
     (["path,label,split", "img/a.jpg,x,train", "img/a.jpg,y,test"], "line 3: class 'y' has no train rows"),
     (["path,label,split", "img/a.jpg,x,train", "img/missing.jpg,x,test"], "line 3: image"),
     (["path,label,split"], "no rows"),
+    (["path,label,split,path", "img/a.jpg,x,train,img/a.jpg"], "names column 'path' 2 times"),
 ])
 def test_csv_errors(tmp_path, lines, expected):
     write_image(tmp_path / "img" / "a.jpg")

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import blocklora
 from blocklora import AdapterConfig, inject
@@ -263,6 +264,16 @@ CONFIG_DAMAGE = {
     "alpha_pattern value list": ({"alpha_pattern": {"q_proj": [1]}}, "alpha_pattern"),
     "alpha_pattern value huge": ({"alpha_pattern": {"(q|v)_proj": 1e308}},
                                  "alpha_pattern\\['\\(q\\|v\\)_proj'\\] must be a finite number > 0 and <= 10000"),
+    "targets one projection": ({"target_modules": ["q_proj"]}, "does not target .*v_proj .*PEFT would ignore"),
+    "targets none": ({"target_modules": []}, "does not target"),
+    "targets a regex of q only": ({"target_modules": ".*q_proj"}, "does not target .*v_proj"),
+    "excludes v": ({"exclude_modules": ["v_proj"]}, "does not target .*v_proj"),
+    "layers_to_transform narrows": ({"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
+                                    "does not target .*layers.1"),
+    "targets number": ({"target_modules": 5}, "target_modules must be module names"),
+    "targets bad regex": ({"target_modules": "("}, "target_modules '\\(' is not a regular expression"),
+    "layers_to_transform text": ({"layers_to_transform": "0"}, "layers_to_transform must be layer indices"),
+    "exclude number": ({"exclude_modules": 5}, "exclude_modules must be"),
     "nested too deep": ("[" * 100_000 + "]" * 100_000, "cannot read"),
     "not JSON": ("{'r': 2", "cannot read"),
 }
@@ -290,6 +301,30 @@ def test_damaged_config_fields_are_one_error_naming_the_field(damage, peft_dir, 
     with pytest.raises(AdapterMismatchError, match=needle) as e:
         read_peft_adapter(damaged, make_hf())
     assert "\n" not in str(e.value) and str(damaged) in str(e.value)
+
+
+@pytest.mark.parametrize("targets", [
+    {"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ".*(q|v)_proj"}, {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1, 2]},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "v_proj", "k_proj"], "exclude_modules": ["k_proj"]},
+    {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ".*text_model.*"}])
+def test_modules_are_read_as_peft_targets_them(targets, peft_dir, tmp_path):
+    """PEFT gives LoRA layers to the modules its target fields name (and ignores the factors of any other): the
+    adapter loads exactly when PEFT's own model has a LoRA layer on every module the weights hold."""
+    from peft import PeftModel
+
+    config = json.loads((peft_dir / CONFIG_FILE).read_text())
+    shutil.copytree(peft_dir, tmp_path / "p")
+    (tmp_path / "p" / CONFIG_FILE).write_text(json.dumps({**config, **targets}))
+    held = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(peft_dir / WEIGHTS_FILE)}
+    peft_model = PeftModel.from_pretrained(make_hf(), tmp_path / "p")
+    lora = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    if held <= lora:
+        read_peft_adapter(tmp_path / "p", make_hf())
+    else:
+        with pytest.raises(AdapterMismatchError, match="PEFT would ignore their factors"):
+            read_peft_adapter(tmp_path / "p", make_hf())
 
 
 def test_initializations_that_leave_the_base_alone_are_read(peft_dir, tmp_path):

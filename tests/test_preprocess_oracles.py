@@ -83,6 +83,13 @@ REFUSED = {
     "non-square height/width": (_form("SiglipImageProcessor", size={"height": 32, "width": 40}), "32x40 images"),
     "crop 40 for a 32 px model": (_form(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}),
                                   "gives 40x40 images, but the vision tower takes 32x32"),
+    # values transformers applies as they are: every image the same, every pixel inf / NaN, gigabytes per image
+    "rescale_factor 0": (_form(rescale_factor=0), "rescale_factor 0"),
+    "a std of 0": (_form(image_std=[0.5, 0, 0.5]), "image_std [0.5, 0, 0.5]"),
+    "a negative std": (_form(image_std=-0.5), "every channel's std must be a finite number > 0"),
+    "shortest_edge 100000": (_form(size={"shortest_edge": 100_000}, crop_size=CROP32), "beyond 4096 px"),
+    "crop 100000": (_form(size={"shortest_edge": 32}, crop_size={"height": 100_000, "width": 100_000}),
+                    "beyond 4096 px"),
 }
 
 
@@ -219,6 +226,8 @@ OPEN_CLIP_REFUSED = {
     "fill of 2": (dict(resize_mode="longest", fill_color=[1, 2]), "fill_color \\[1, 2\\] in"),
     "mode L": (dict(mode="L"), "says mode 'L': open_clip feeds its models RGB images"),
     "interpolation nearest": (dict(interpolation="nearest"), "unsupported preprocessing \\(nearest, shortest\\)"),
+    "fill beyond 8 bits": (dict(resize_mode="longest", fill_color=300), "fill_color 300 in"),
+    "fill negative": (dict(resize_mode="longest", fill_color=[0, -1, 0]), "fill_color \\[0, -1, 0\\] in"),
 }
 
 
@@ -256,6 +265,23 @@ def test_open_clip_model_folder_is_read_as_open_clip_reads_it(tmp_path, capsys):
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="says size 64, but tiny-clip takes 32x32"):
         load_backbone("tiny-clip", str(folder))
+
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("{not json", "cannot read the open_clip model config"), ("[1]", "not a JSON object"),
+    ('{"model_cfg": 5}', "no model_cfg object"),
+    ('{"model_cfg": {}, "preprocess_cfg": []}', "preprocess_cfg is not an")])
+def test_damaged_open_clip_model_folder_config_is_refused_not_replaced_by_defaults(text, needle, tmp_path):
+    """A damaged open_clip_config.json is named, not read as absent (the architecture's default preprocessing,
+    silently, for weights that declared their own)."""
+    stock = load_backbone("tiny-clip", None)
+    folder = tmp_path / "model"
+    stock.export(stock.model.state_dict(), folder)
+    (folder / "open_clip_config.json").write_text(text)
+    with pytest.raises(BackboneError, match=needle) as err:
+        load_backbone("tiny-clip", str(folder))
+    assert "\n" not in str(err.value) and "open_clip_config.json" in str(err.value)
 
 
 # -- tokens ----------------------------------------------------------------------------------------------------------

@@ -64,3 +64,23 @@ def test_write_then_read(tmp_path):
     RunDir(tmp_path).write_results(r)
     assert RunDir(tmp_path).read_results() == r
     assert json.loads((tmp_path / "results.json").read_text()) == WRITTEN
+
+
+def test_a_config_edited_after_the_run_is_refused_by_its_hash(tmp_path):
+    """summarize files each run under its recorded config: a file of this version whose config no longer hashes to
+    its config_hash (a valid value changed, a section dropped) is damaged, not another configuration."""
+    from blocklora._version import __version__
+    from blocklora.config.run_config import RunConfig
+
+    cfg = RunConfig.from_dict({"model": "tiny-clip", "pretrained": None, "data": {"shots": 2}})
+    good = {**WRITTEN, "blocklora_version": __version__, "config": json.loads(json.dumps(cfg.to_dict())),
+            "config_hash": cfg.hash()}
+    assert RunResult.from_json(good).config == good["config"]  # as written: loads
+    edited = json.loads(json.dumps(good))
+    edited["config"]["train"]["lr"] = 3e-4
+    no_adapter = json.loads(json.dumps(good))
+    del no_adapter["config"]["adapter"]
+    for data, message in ((edited, "does not match its config_hash"), (no_adapter, "no 'adapter' section")):
+        (tmp_path / "results.json").write_text(json.dumps(data))
+        with pytest.raises(BlockLoRAError, match=message):
+            RunDir(tmp_path).read_results()

@@ -185,7 +185,9 @@ def test_duplicates_are_reported_not_dropped_silently(tmp_path):
 DAMAGE = {  # a results.json field -> a damaged value (each must be skipped, by name, never averaged in)
     "top1": ["x", True, None, 1e308, 250.0, -1.0, [50]], "shots": [-4, 0, 1.5, "4", 10**6],
     "seed": [-1, 2**64, "1"], "dataset": [{}, {"name": ""}, [1], {"name": "d", "classes_subset": "half"}],
-    "config": [[1], "x"], "cross_dataset": [[1], {"x": 101.0}, {"x": "a"}], "wall_time_s": [[1], {"total": -5}],
+    "config": [[1], "x", {"adapter": {"n_blocks": "x"}}, {"adapter": {"method": 5}}, {"train": {"lr": float("nan")}},
+               {"model": {"x": 1}}, {"adapter": {"towers": 7}}],
+    "cross_dataset": [[1], {"x": 101.0}, {"x": "a"}], "wall_time_s": [[1], {"total": -5}],
     "zero_shot_top1": [101.0, "x"], "trainable_params": [-1, 1.5], "per_class": ["x", [1]], "base_top1": ["x"],
     "split_file": [5],
 }

@@ -138,7 +138,8 @@ class HFBackbone(Backbone):
         local = os.path.isdir(self.tokenizer_source) or not hub_reachable()  # offline: the hub cache
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source, local_files_only=local)
-        except (OSError, ValueError, ImportError) as e:  # no tokenizer files, sentencepiece missing, ...
+        except (OSError, ValueError, ImportError, TypeError, AttributeError, KeyError) as e:  # no tokenizer files,
+            # sentencepiece missing, a damaged tokenizer_config.json (a pad_token 5: TypeError), ...
             raise BackboneError(f"cannot load the tokenizer of {self.name} from {self.tokenizer_source}: "
                                 f"{str(e).strip().splitlines()[0][:160]}; pass --tokenizer DIR (a folder written "
                                 "by the tokenizer's save_pretrained)") from None
@@ -347,11 +348,16 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
                             "tokenizer's save_pretrained")
     model_type = model_type_of(spec, local)
     cls = getattr(transformers, FAMILIES[model_type])
+    try:  # transformers 5 validates its config fields' types and values through huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        StrictDataclassError = ValueError  # noqa: N806 - older hubs: transformers raises ValueError itself
     try:
         config = cls.config_class.from_pretrained(spec, local_files_only=cache_only)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, StrictDataclassError) as e:
         raise BackboneError(f"cannot read the {cls.__name__} config of {spec}: "
-                            f"{str(e).strip().splitlines()[0][:200]}") from None
+                            f"{' '.join(str(e).split())[:240]}; fix config.json or use the one the weights were "
+                            "saved with") from None
     act = _activation(config, spec, quick_gelu, recorded_quick_gelu)
     # before any weights are read: a processor that does not fit the tower fails at once
     preprocess = preprocess_of(spec, model_type, _square(config.vision_config.image_size), local)
@@ -418,8 +424,13 @@ def check_weight_shapes(folder: str, cls: type, config: Any, label: str | None =
     files = _weight_files(folder)
     if not files:
         return
-    with torch.device("meta"):
-        own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    except Exception as e:  # noqa: BLE001 - a config transformers takes but cannot build (patch_size 0: a division)
+        raise BackboneError(f"{label or folder}: transformers cannot build the {cls.__name__} its config.json "
+                            f"describes ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}); "
+                            "fix config.json or use the one the weights were saved with") from None
     bad = [(k, shape, own[k]) for f in files for k, shape in _tensor_shapes(f).items()
            if k in own and shape != own[k]]
     if not bad:

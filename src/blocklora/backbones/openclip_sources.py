@@ -240,6 +240,27 @@ def open_clip_folder_hint(folder: str) -> str:
     return f"an open_clip model folder (open_clip_config.json): pass --model {name} --pretrained {folder}"
 
 
+def folder_preprocess(folder: Path) -> dict:
+    """The preprocess_cfg of an open_clip model folder's open_clip_config.json ({} when the folder has no such file).
+    A file that is there but damaged (not JSON, not an object, no model_cfg object, a preprocess_cfg that is not an
+    object) is a BackboneError naming it: read as absent, the weights would silently get the architecture's default
+    preprocessing (OpenAI CLIP's mean and std for a SigLIP export)."""
+    from ..reading import read_json
+
+    path = folder / "open_clip_config.json"
+    if not os.path.lexists(path):
+        return {}
+    fix = "it is damaged: export the model folder again (blocklora export) or restore the file"
+    cfg = read_json(path, "the open_clip model config", BackboneError, fix)
+    preprocess = cfg.get("preprocess_cfg", {}) if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict) or \
+            not isinstance(preprocess if preprocess is not None else {}, dict):
+        what = ("not a JSON object" if not isinstance(cfg, dict) else "no model_cfg object"
+                if not isinstance(cfg.get("model_cfg"), dict) else "preprocess_cfg is not an object")
+        raise BackboneError(f"{path}: {what}; {fix}")
+    return preprocess or {}
+
+
 def weights_file(name: str, pretrained: str) -> tuple[str, dict]:
     """The checkpoint file behind `pretrained` (the file itself, an export folder's weights, or a tag's download)
     and the preprocessing its source declares (a tag's or the folder's mean, std, interpolation, resize mode)."""
@@ -251,7 +272,7 @@ def weights_file(name: str, pretrained: str) -> tuple[str, dict]:
         if found is None:
             raise BackboneError(f"{pretrained} is a folder without open_clip_model.safetensors: pass a checkpoint "
                                 "file, a folder written by `blocklora export`, or a pretrained tag")
-        return found, (local_dir_config(Path(pretrained)) or {}).get("preprocess_cfg", {})
+        return found, folder_preprocess(Path(pretrained))
     if os.path.sep in pretrained or os.path.exists(pretrained) or Path(pretrained).suffix or name == "tiny-clip":
         read_needs_file(pretrained)
         return pretrained, {}

@@ -179,10 +179,10 @@ def _channels(values: Any, name: str, source: str) -> tuple[float, ...]:
 
 def _fill(value: Any, source: str) -> int | tuple[int, ...]:
     """open_clip's fill_color: one integer, or one per channel (R, G, B). Raises BackboneError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    level = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255  # noqa: E731 - 8-bit
+    if level(value):
         return value
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                   for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(level(v) for v in value):
         return tuple(value)
     raise BackboneError(f"fill_color {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: must be "
                         "an integer (0..255) or a list of 3 (R, G, B)")
@@ -209,6 +209,40 @@ class ProcessorError(BackboneError):
     """A transformers image processor fails on an image (its own config is one it cannot apply)."""
 
 
+# The largest side a processor may resize or crop to. The probes below (and every image after them) are resized
+# to it before any size check can see the result: {"shortest_edge": 100000} makes a 61x37 probe 100000x164865
+# pixels, 200 GB as float32, and the process is killed. Published checkpoints use 224..1024 (SigLIP 2: 512).
+MAX_PROCESSOR_SIDE = 4096
+
+
+def _check_values(settings: dict[str, Any], source: str) -> None:
+    """Refuse processor settings that would make every image the same (rescale_factor 0), infinite or NaN (a std
+    of 0), or that allocate gigabytes per image (a side beyond MAX_PROCESSOR_SIDE), before any image is processed:
+    transformers applies them as they are. Raises BackboneError naming the field, its value and the file."""
+    def bad(field: str, value: Any, rule: str) -> BackboneError:
+        return BackboneError(f"{field} {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: {rule}; "
+                             "fix its preprocessor_config.json")
+
+    for key in ("size", "crop_size"):
+        value = settings.get(key)
+        sides = value.values() if isinstance(value, dict) else [value]
+        for side in sides:
+            if _real(side) and side > MAX_PROCESSOR_SIDE:
+                raise bad(key, value, f"sides beyond {MAX_PROCESSOR_SIDE} px (blocklora.backbones.preprocess."
+                                      "MAX_PROCESSOR_SIDE) would make each image gigabytes")
+    if settings.get("do_rescale", True):
+        factor = settings.get("rescale_factor", 1 / 255)
+        if not (_real(factor) and factor > 0):
+            raise bad("rescale_factor", factor, "must be a finite number > 0 (1/255 maps 8-bit pixels to [0, 1]); "
+                                                "0 makes every image the same")
+    if settings.get("do_normalize", True):
+        std = settings.get("image_std")
+        values = std if isinstance(std, (list, tuple)) else [std]
+        if std is not None and not all(_real(v) and v > 0 for v in values):
+            raise bad("image_std", std, "every channel's std must be a finite number > 0 (the normalisation "
+                                        "divides by it)")
+
+
 def from_image_processor(processor: Any, source: str) -> ProcessorPreprocess:
     """The preprocessing of a transformers image processor (CLIPImageProcessor, SiglipImageProcessor,
     ChineseCLIPImageProcessor, ...), as built by AutoImageProcessor from a preprocessor_config.json.
@@ -220,6 +254,7 @@ def from_image_processor(processor: Any, source: str) -> ProcessorPreprocess:
     shapes = []
     # the processor's own view of its file, and its class (transformers 5: the PIL backend's ends in "Pil")
     settings = {**json.loads(processor.to_json_string()), "image_processor_class": type(processor).__name__}
+    _check_values(settings, source)
     for w, h in PROBES:
         try:
             out = processor(images=[Image.new("RGB", (w, h), (128, 128, 128))], return_tensors="pt")["pixel_values"]

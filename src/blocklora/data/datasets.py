@@ -208,6 +208,10 @@ def _csv_rows(path: Path) -> list[tuple[int, str, str, str]]:
         if missing:
             raise DataError(f"csv dataset {path} line 1: header {','.join(header) or '(empty)'} lacks column "
                             f"{missing[0]!r}: the first line must name the columns {','.join(CSV_COLUMNS)}")
+        twice = next((c for c in CSV_COLUMNS if header.count(c) > 1), None)
+        if twice:  # DictReader would silently take the last of them
+            raise DataError(f"csv dataset {path} line 1: header {','.join(header)} names column {twice!r} "
+                            f"{header.count(twice)} times: keep one {twice!r} column")
         reader.fieldnames = header
         while True:
             try:

@@ -102,8 +102,48 @@ class RunResult:
                 shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 raise BlockLoRAError(f"{where}: {name} has the wrong type or value ({shown}): it must be "
                                      f"{_FIELD_RULES[name]}; the file is damaged")
+        _check_config(data, where)
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
+
+
+_SECTIONS = ("adapter", "data", "train", "eval")
+
+
+def _version(text: Any) -> tuple[int, ...] | None:
+    """"0.1.0" -> (0, 1, 0); None for anything else."""
+    parts = text.split(".") if isinstance(text, str) else []
+    return tuple(int(p) for p in parts) if parts and all(p.isdigit() for p in parts) else None
+
+
+def _check_config(data: Mapping[str, Any], where: str) -> None:
+    """The recorded config is what summarize groups and labels runs by: it must be a config blocklora accepts
+    (RunConfig.from_dict: every value of the right type and range; NaN, "x" or an unknown method refused). A file of
+    this version must also hold the config's four sections and, with a config_hash, the config that hash names: a
+    valid value edited after the run would otherwise file the run under another configuration, silently. A later
+    version's config (another schema) is not judged. Raises BlockLoRAError naming `where` and the fault."""
+    config = data.get("config")
+    from .._version import __version__
+
+    written, ours = _version(data.get("blocklora_version")), _version(__version__)
+    if not config or (written is not None and ours is not None and written > ours):
+        return
+    from ..config.run_config import RunConfig
+
+    current = written is not None and written == ours
+    missing = [s for s in _SECTIONS if not isinstance(config.get(s), Mapping)]
+    if current and missing:
+        raise BlockLoRAError(f"{where}: config has no {missing[0]!r} section; the file is damaged")
+    try:
+        resolved = RunConfig.from_dict(config)
+    except BlockLoRAError as e:
+        raise BlockLoRAError(f"{where}: config: {e}; the file is damaged") from None
+    except (TypeError, ValueError) as e:  # a dataclass given a value it cannot hold
+        raise BlockLoRAError(f"{where}: config: {type(e).__name__}: {e}; the file is damaged") from None
+    recorded = data.get("config_hash")
+    if current and isinstance(recorded, str) and resolved.hash() != recorded:
+        raise BlockLoRAError(f"{where}: config does not match its config_hash ({recorded}; the config recorded "
+                             f"hashes to {resolved.hash()}): it was edited after the run; the file is damaged")
 
 
 # -- what each field may hold: a reader (summarize, sweep, the CLI) trusts nothing beyond it --------------------------

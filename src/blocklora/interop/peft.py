@@ -355,6 +355,7 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
     if half is not None:
         raise AdapterMismatchError(f"adapter {directory}: {half} has only lora_{next(iter(factors[half]))}; "
                                    "the file is damaged")
+    _check_targets(directory / CONFIG_FILE, config, factors)
     # each module's rank and alpha as PEFT gives them (rank_pattern / alpha_pattern keys matched as PEFT does)
     ranks = {m: module_value(config["rank_pattern"], m, config["r"]) for m in factors}
     alphas = {m: module_value(config["alpha_pattern"], m, config["lora_alpha"]) for m in factors}
@@ -409,6 +410,56 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
         tensors[f"{path}.lora_A"] = a.contiguous()
         tensors[f"{path}.lora_B"] = b_ours.contiguous()
     return cfg, tensors
+
+
+# PEFT's shorthand for every Linear layer but the output layer (peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND)
+ALL_LINEAR = "all-linear"
+
+
+def _names(path: Path, config: Mapping[str, Any], name: str, allow: type | tuple[type, ...] = str) -> Any:
+    """A target field as PEFT's LoraConfig holds it: null, one value (a regular expression / an index), or a list of
+    them (a set for the module names, as LoraConfig.__post_init__ makes it). Raises AdapterMismatchError otherwise."""
+    value = config.get(name)
+    ok = lambda v: isinstance(v, allow) and not isinstance(v, bool)  # noqa: E731
+    if value is None or ok(value):
+        return value
+    if isinstance(value, list) and all(ok(v) for v in value):
+        return set(value) if allow is str else list(value)
+    what = "module names or a regular expression" if allow is str else "layer indices"
+    raise _bad(path, f"{name} must be {what}, got {_short(value)}")
+
+
+def _check_targets(path: Path, config: Mapping[str, Any], factors: Mapping[str, Any]) -> None:
+    """Every module the weights hold factors for must be one PEFT itself gives a LoRA layer, by its own rule
+    (peft.tuners.tuners_utils.check_target_module_exists on target_modules, exclude_modules, layers_to_transform and
+    layers_pattern): PEFT ignores the factors of any other module (an unexpected key), so loading them anyway would
+    compute another model than PEFT's. target_modules null (PEFT's per-architecture default) and "all-linear" (every
+    Linear: q/k/v/o are) are not narrowed. Raises AdapterMismatchError naming the first such module and the fields."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = _names(path, config, "target_modules")
+    if targets is None or targets == ALL_LINEAR:
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise _bad(path, f"target_modules {targets!r} is not a regular expression "
+                             f"({getattr(e, 'msg', None) or type(e).__name__})") from None
+    peft_config = SimpleNamespace(target_modules=targets, exclude_modules=_names(path, config, "exclude_modules"),
+                                  layers_to_transform=_names(path, config, "layers_to_transform", int),
+                                  layers_pattern=_names(path, config, "layers_pattern"), modules_to_save=None,
+                                  target_parameters=None)
+    ignored = sorted(m for m in factors if not check_target_module_exists(peft_config, m))
+    if ignored:
+        fields = ", ".join(f"{k} {_short(config.get(k))}" for k in ("target_modules", "exclude_modules",
+                                                                      "layers_to_transform", "layers_pattern")
+                           if config.get(k) is not None)
+        raise AdapterMismatchError(f"{path} does not target {ignored[0]} ({len(ignored)} of the {len(factors)} "
+                                   f"modules in its weights: {fields}), so PEFT would ignore their factors; the file "
+                                   "is damaged or was edited: save or export the adapter again")
 
 
 def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:

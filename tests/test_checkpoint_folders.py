@@ -222,10 +222,12 @@ def test_transformers_weights_and_processor_that_disagree_with_config_are_refuse
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
     ("image_size", "32", "Field 'image_size' with value '32'"), ("patch_size", 0, "ZeroDivisionError"),
-    ("num_attention_heads", 5, "not a multiple of the number of attention heads"), (None, [], "'vision_config'")])
+    ("num_attention_heads", 5, "not a multiple of the number of attention heads"), (None, [], "'vision_config'"),
+    ("num_hidden_layers", 1, "weights have no place in the CLIPModel .*layers.1")])  # transformers drops them
 def test_transformers_config_values_transformers_refuses_are_one_line(field, value, needle, tmp_path):
     """config.json values transformers' typed configs refuse, or cannot build a model from, are one error naming
-    the folder and transformers' reason, not its traceback."""
+    the folder and transformers' reason, not its traceback; a config with fewer layers than the weights (which
+    transformers loads by dropping the rest, with a warning) is refused the same way."""
     from conftest import make_hf_dir
 
     folder = make_hf_dir(tmp_path / "m")

@@ -372,6 +372,11 @@ def load(spec: str, quick_gelu: str = "auto", recorded_quick_gelu: bool | None =
     if missing:  # transformers would fill them with random values and only warn
         raise BackboneError(f"{spec} is not a complete {cls.__name__} checkpoint: {len(missing)} weights are missing "
                             f"(first: {missing[0]}); pass the checkpoint of this model type")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:  # transformers drops them with a warning: a config with fewer layers than the weights, ...
+        raise BackboneError(f"{spec}: {len(unexpected)} weights have no place in the {cls.__name__} its config.json "
+                            f"describes (first: {unexpected[0]}), so they would be dropped; fix config.json (e.g. "
+                            "num_hidden_layers) or use the one the weights were saved with")
     backbone = HFBackbone(f"hf:{spec}", model, spec, preprocess, tokenizer or spec)
     backbone.activation = act
     return backbone

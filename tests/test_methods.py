@@ -122,6 +122,38 @@ def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
         torch.testing.assert_close(emb, tiny_clip.model.token_embedding(tiny_clip.tokenize(["a photo of a cat."])))
 
 
+@pytest.mark.parametrize("family", ["open_clip", "transformers", "effnet-minilm"])
+def test_coop_context_equal_to_the_placeholders_embeddings_gives_the_stock_text_features(tiny_clip, tmp_path, family):
+    # Where the context goes, in every text tower: with the context set to the embedding of its placeholder token
+    # ("X"), the hooked tower must return exactly the stock tower's features of the tokenized "X X ... X name.".
+    # One position off (or a tower that pooled elsewhere after truncation) would change them.
+    if family == "open_clip":
+        backbone = tiny_clip
+    elif family == "transformers":
+        from blocklora.backbones import load_backbone
+        from conftest import make_hf_dir
+
+        backbone = load_backbone(f"hf:{make_hf_dir(tmp_path / 'hf')}", "auto", text=True)
+    else:
+        from families import effnet_backbone
+
+        try:
+            backbone = effnet_backbone()
+        except BlockLoRAError as e:
+            pytest.skip(str(e))
+    names = ["cat", "very " * 90 + "long dog"]  # cut to the tower's context
+    head = coop.CoOpHead(backbone, names, 100.0, n_ctx=4)
+    tokens = head.tokens(names)
+    ids = coop.ids_of(tokens)
+    x_id = coop.ids_of(backbone.tokenize(["X"]))[0, head.start]
+    assert (ids[:, head.start:head.start + 4] == x_id).all()  # the placeholders sit where the context goes
+    with torch.no_grad():
+        head.ctx.copy_(head.embedding.weight[x_id].expand(4, -1))
+        torch.testing.assert_close(head.text_features(), F.normalize(backbone.encode_texts(tokens).float(), dim=-1))
+        head.ctx.add_(1.0)  # and the context is what the tower reads
+        assert not torch.allclose(head.text_features(), F.normalize(backbone.encode_texts(tokens).float(), dim=-1))
+
+
 # -- learning on real data: every baseline beats zero-shot at K = 4 ---------------------------------------------------
 def test_every_baseline_beats_zero_shot_on_fashion_mnist_at_4_shots():
     from blocklora.data import evenly_spaced, fashion_mnist, sample_few_shot

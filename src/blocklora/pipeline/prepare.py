@@ -203,6 +203,9 @@ def _baseline_checks(cfg: RunConfig, backbone: Backbone) -> list[str]:
     method = cfg.adapter.method
     if cfg.train.init_adapter:
         raise ConfigError(f"method {method} trains no LoRA adapter: drop --init-adapter (or train lora / block_lora)")
+    if cfg.train.loss != "softmax":
+        raise ConfigError(f"method {method} trains with its paper's softmax cross-entropy: drop train.loss="
+                          f"{cfg.train.loss} (it applies to lora / block_lora)")
     rec = record(method)
     if not rec.other_classes and (cfg.data.classes != "all" or cfg.eval.datasets):
         what = "base-to-new (data.classes)" if cfg.data.classes != "all" else "cross-dataset (--eval-datasets)"

@@ -150,6 +150,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     # work. Seeded: the adapters' initial values are a function of the seed.
     seed_everything(cfg.data.seed)
     if is_baseline(cfg.adapter.method):  # a head or prompt context on the frozen model (methods/): no adapters
+        if world_size > 1:
+            raise ConfigError(f"method {cfg.adapter.method} trains on one process (its frozen features fit on one "
+                              "device): run it without torchrun")
         modules = _baseline_checks(cfg, backbone)
     else:
         modules = _inject(cfg, backbone)

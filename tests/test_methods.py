@@ -94,7 +94,7 @@ def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_after_tru
     names = ["cat", "very " * 90 + "long dog"]  # the second is cut to the 77-token context
     head = coop.CoOpHead(tiny_clip, names, 100.0, n_ctx=16)
     assert head.start == 1 and tuple(head.ctx.shape) == (16, 64)
-    assert abs(float(head.ctx.std()) - coop.INIT_STD) < 0.006  # N(0, 0.02^2)
+    assert abs(float(head.ctx.detach().std()) - coop.INIT_STD) < 0.006  # N(0, 0.02^2)
     ids = tiny_clip.tokenize(coop.prompt_texts(names, " ".join(["X"] * 16)))
     assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # truncated: EOT is the last of 77 tokens
     emb = head.prompt_embeddings(names)
@@ -120,6 +120,38 @@ def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
     emb = head.prompt_embeddings(["cat"])
     with torch.no_grad():  # the init words in place: the prompt embeds as "a photo of a cat." itself
         torch.testing.assert_close(emb, tiny_clip.model.token_embedding(tiny_clip.tokenize(["a photo of a cat."])))
+
+
+@pytest.mark.parametrize("family", ["open_clip", "transformers", "effnet-minilm"])
+def test_coop_context_equal_to_the_placeholders_embeddings_gives_the_stock_text_features(tiny_clip, tmp_path, family):
+    # Where the context goes, in every text tower: with the context set to the embedding of its placeholder token
+    # ("X"), the hooked tower must return exactly the stock tower's features of the tokenized "X X ... X name.".
+    # One position off (or a tower that pooled elsewhere after truncation) would change them.
+    if family == "open_clip":
+        backbone = tiny_clip
+    elif family == "transformers":
+        from blocklora.backbones import load_backbone
+        from conftest import make_hf_dir
+
+        backbone = load_backbone(f"hf:{make_hf_dir(tmp_path / 'hf')}", "auto", text=True)
+    else:
+        from families import effnet_backbone
+
+        try:
+            backbone = effnet_backbone()
+        except BlockLoRAError as e:
+            pytest.skip(str(e))
+    names = ["cat", "very " * 90 + "long dog"]  # cut to the tower's context
+    head = coop.CoOpHead(backbone, names, 100.0, n_ctx=4)
+    tokens = head.tokens(names)
+    ids = coop.ids_of(tokens)
+    x_id = coop.ids_of(backbone.tokenize(["X"]))[0, head.start]
+    assert (ids[:, head.start:head.start + 4] == x_id).all()  # the placeholders sit where the context goes
+    with torch.no_grad():
+        head.ctx.copy_(head.embedding.weight[x_id].expand(4, -1))
+        torch.testing.assert_close(head.text_features(), F.normalize(backbone.encode_texts(tokens).float(), dim=-1))
+        head.ctx.add_(1.0)  # and the context is what the tower reads
+        assert not torch.allclose(head.text_features(), F.normalize(backbone.encode_texts(tokens).float(), dim=-1))
 
 
 # -- learning on real data: every baseline beats zero-shot at K = 4 ---------------------------------------------------

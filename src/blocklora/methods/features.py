@@ -7,8 +7,8 @@
            of the views and normalises the mean (build_cache_model); epochs of Tip-Adapter-F and CoOp cycle through
            them (normalising each view) instead of decoding fresh crops every epoch
 
-View v's crops are drawn from a generator seeded by (seed, v): the same views for the same run, whatever the number
-of loader workers.
+View v's crops are drawn from generators seeded by (seed, v): the same views for the same run and number of loader
+workers (each worker draws from its own seeded stream, so another data.workers gives other, equally random, crops).
 """
 
 from __future__ import annotations

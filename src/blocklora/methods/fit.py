@@ -84,9 +84,8 @@ def fit_head(p: Any, workers: int, on_record=None) -> tuple[HeadFit, float]:
     head = build(p.cfg.adapter.method, data).to(p.runtime.device)
     history = head.fit(data)
     head.eval()
-    state = HeadState(step=sum(1 for r in history if "step" in r) and max((r.get("step", 0) for r in history),
-                                                                          default=0),
-                      history=history)
+    # results.json's "iters": optimizer steps (tip_adapter_f, coop), the probe's fits, 0 for the training-free cache
+    state = HeadState(step=max((r.get("step", 0) for r in history), default=0), history=history)
     losses = [r["loss"] for r in history if r.get("loss") is not None]
     if losses:
         state.last_loss = float(losses[-1])

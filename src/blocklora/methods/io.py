@@ -27,11 +27,10 @@ from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import atomic_folder, reported_write
 from ..reading import read_bytes
 from .base import Head
-from .registry import record
+from .registry import METHODS, record
 
 # The tensors each baseline saves (a folder with others is damaged or another method's).
-TENSORS = {"probe": ("probe.bias", "probe.weight"), "tip_adapter": ("tip.keys", "tip.text", "tip.values"),
-           "tip_adapter_f": ("tip.keys", "tip.text", "tip.values"), "coop": ("coop.ctx",)}
+TENSORS = {name: rec.saves for name, rec in METHODS.items() if not rec.is_adapter}
 
 
 def save_head(head: Head, directory: str | os.PathLike, config: AdapterConfig, backbone: dict[str, Any],

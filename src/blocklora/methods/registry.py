@@ -28,6 +28,10 @@ class MethodRecord:
     paper: str  # the source of the method and its recipe
     views: bool = False  # trains on the features of augmented views of the shots (else on the plain features)
     other_classes: bool = False  # can score classes it was not trained on (cross-dataset, base-to-new)
+    # the tensors its adapter folder holds (methods/io.py for the baselines; adapters/io.py's factors otherwise)
+    saves: tuple[str, ...] = ()
+    # how eval / predict score an image: the adapted towers' cosine (adapters) or the head's logits (baselines)
+    scores: str = "s cos(image, class prompt) of the adapted towers"
 
     @property
     def is_adapter(self) -> bool:
@@ -41,6 +45,8 @@ class MethodRecord:
         return module.HEADS[self.name]
 
 
+TIP_TENSORS = ("tip.keys", "tip.text", "tip.values")
+TIP_SCORES = "s f T^T + alpha exp(-beta (1 - f F^T)) L on the frozen image feature f"
 METHODS: dict[str, MethodRecord] = {r.name: r for r in (
     MethodRecord("block_lora", "Block-LoRA factors in the attention projections (A shared by n blocks)", True, None,
                  "docs/method.md", other_classes=True),
@@ -49,13 +55,17 @@ METHODS: dict[str, MethodRecord] = {r.name: r for r in (
     MethodRecord("probe", "a linear head (C x D weights + C biases) on the frozen image features, initialised from "
                  "the zero-shot classifier", False, "probe",
                  "CoOp's lpclip (Zhou et al. 2022, search of the L2 weight on val); zero-shot init as LP++ (Huang et "
-                 "al. 2024) and CLAP (Silva-Rodriguez et al. 2024)"),
+                 "al. 2024) and CLAP (Silva-Rodriguez et al. 2024)", saves=("probe.bias", "probe.weight"),
+                 scores="f W^T + b on the frozen image feature f"),
     MethodRecord("tip_adapter", "nothing (a cache of the K-shot features; alpha and beta searched on val)", False,
-                 "tip_adapter", "Tip-Adapter, Zhang et al. 2022 (github.com/gaopengcuhk/Tip-Adapter)", views=True),
+                 "tip_adapter", "Tip-Adapter, Zhang et al. 2022 (github.com/gaopengcuhk/Tip-Adapter)", views=True,
+                 saves=TIP_TENSORS, scores=TIP_SCORES),
     MethodRecord("tip_adapter_f", "the cache keys (N_shots x D)", False, "tip_adapter",
-                 "Tip-Adapter-F, Zhang et al. 2022 (github.com/gaopengcuhk/Tip-Adapter)", views=True),
+                 "Tip-Adapter-F, Zhang et al. 2022 (github.com/gaopengcuhk/Tip-Adapter)", views=True,
+                 saves=TIP_TENSORS, scores=TIP_SCORES),
     MethodRecord("coop", "n_ctx context vectors of the text tower's token width, shared by all classes", False,
-                 "coop", "CoOp, Zhou et al. 2022 (github.com/KaiyangZhou/CoOp)", views=True, other_classes=True),
+                 "coop", "CoOp, Zhou et al. 2022 (github.com/KaiyangZhou/CoOp)", views=True, other_classes=True,
+                 saves=("coop.ctx",), scores="s cos(f, text tower of the prompts with the learned context)"),
 )}
 
 

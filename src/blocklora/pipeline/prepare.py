@@ -187,6 +187,9 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
     # work. Seeded: the adapters' initial values are a function of the seed.
     seed_everything(cfg.data.seed)
     if is_baseline(cfg.adapter.method):  # a head or prompt context on the frozen model (methods/): no adapters
+        if world_size > 1:
+            raise ConfigError(f"method {cfg.adapter.method} trains on one process (its frozen features fit on one "
+                              "device): run it without torchrun")
         modules = _baseline_checks(cfg, backbone)
     else:
         modules = _inject(cfg, backbone)
@@ -240,6 +243,9 @@ def _baseline_checks(cfg: RunConfig, backbone: Backbone) -> list[str]:
     method = cfg.adapter.method
     if cfg.train.init_adapter:
         raise ConfigError(f"method {method} trains no LoRA adapter: drop --init-adapter (or train lora / block_lora)")
+    if cfg.train.loss != "softmax":
+        raise ConfigError(f"method {method} trains with its paper's softmax cross-entropy: drop train.loss="
+                          f"{cfg.train.loss} (it applies to lora / block_lora)")
     rec = record(method)
     if not rec.other_classes and (cfg.data.classes != "all" or cfg.eval.datasets):
         what = "base-to-new (data.classes)" if cfg.data.classes != "all" else "cross-dataset (--eval-datasets)"

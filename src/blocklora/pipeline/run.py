@@ -174,9 +174,6 @@ def _fit_head(p: Prepared, rd: RunDir, workers: int) -> tuple[Any, float, None]:
     resumed run trains it again from the seed)."""
     from ..methods.fit import fit_head
 
-    if p.runtime.world_size > 1:
-        raise BlockLoRAError(f"method {p.cfg.adapter.method} trains on one process (its features fit on one device): "
-                             "run it without torchrun")
     if p.runtime.is_main:
         checkpoint.truncate_metrics(rd.metrics, 0)
     with JsonlWriter(rd.metrics, append=True) if p.runtime.is_main else contextlib.nullcontext() as metrics:

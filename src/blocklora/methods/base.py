@@ -95,3 +95,32 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: fl
     if step < warmup and warmup_lr is not None:
         return warmup_lr
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_epoch(feats: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch: int, batches: int,
+                logits_fn: Any, opt: torch.optim.Optimizer, step: int, set_lr: Any = None) -> tuple[float, float, int]:
+    """One epoch of cross-entropy steps over the mini-batches `order[i * batch:(i + 1) * batch]`, i < `batches`, of
+    the (N, D) features: logits_fn(feats[idx]) -> (B, C) logits; `set_lr(step)` before each step when given (a
+    per-step schedule). Returns (the mean loss, top-1 % over the images seen, the step count after the epoch)."""
+    import torch.nn.functional as F
+
+    losses, correct, seen = [], 0, 0
+    for i in range(batches):
+        idx = order[i * batch:(i + 1) * batch]
+        if set_lr is not None:
+            set_lr(step)
+        logits = logits_fn(feats[idx])
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        correct += int((logits.argmax(-1) == labels[idx]).sum())
+        seen += len(idx)
+    return sum(losses) / len(losses), round(100 * correct / seen, 2), step

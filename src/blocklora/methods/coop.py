@@ -33,7 +33,7 @@ from torch import nn
 from ..backbones.base import move
 from ..data.layout import prompt_name
 from ..errors import ConfigError
-from .base import FitData, Head, cosine_lr
+from .base import FitData, Head, cosine_lr, set_lr, train_epoch
 
 LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.002, 0.9, 5e-4, 32  # CoOp configs OPTIM.LR; Dassl SGD defaults; TRAIN_X batch
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5  # OPTIM.WARMUP_EPOCH 1, WARMUP_TYPE constant, WARMUP_CONS_LR 1e-5
@@ -167,24 +167,12 @@ class CoOpHead(Head):
         self._frozen_text = None
         for epoch in range(epochs):
             epoch_lr = WARMUP_LR if epoch < WARMUP_EPOCHS else cosine_lr(epoch - WARMUP_EPOCHS, epochs, lr)
-            for group in opt.param_groups:
-                group["lr"] = epoch_lr
+            set_lr(opt, epoch_lr)
             feats = F.normalize(data.views[epoch % len(data.views)], dim=-1)
             order = torch.randperm(n, generator=g).to(feats.device)
-            losses, correct, seen = [], 0, 0
-            for i in range(batches):
-                idx = order[i * BATCH:(i + 1) * BATCH]
-                logits = self.scale * feats[idx] @ self.text_features().T
-                loss = F.cross_entropy(logits, data.labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                losses.append(loss.item())
-                correct += int((logits.argmax(-1) == data.labels[idx]).sum())
-                seen += len(idx)
-            history.append({"step": step, "epoch": epoch + 1, "loss": sum(losses) / len(losses),
-                            "acc": round(100 * correct / seen, 2), "lr": epoch_lr})
+            loss, acc, step = train_epoch(feats, data.labels, order, BATCH, batches,
+                                          lambda f: self.scale * f @ self.text_features().T, opt, step)
+            history.append({"step": step, "epoch": epoch + 1, "loss": loss, "acc": acc, "lr": epoch_lr})
         self._frozen_text = None
         return history
 

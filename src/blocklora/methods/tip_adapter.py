@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FitData, Head, cosine_lr
+from .base import FitData, Head, cosine_lr, set_lr, train_epoch
 
 INIT_ALPHA, INIT_BETA = 1.17, 1.0  # configs/imagenet.yaml
 SEARCH_SCALE, SEARCH_STEP = (7.0, 3.0), (200, 20)  # (beta, alpha): configs/imagenet.yaml
@@ -125,21 +125,10 @@ class TipAdapterFHead(TipAdapterHead):
         for epoch in range(epochs):
             feats = F.normalize(data.views[epoch % len(data.views)], dim=-1)
             order = torch.randperm(n, generator=g).to(feats.device)
-            losses, correct = [], 0
-            for i in range(batches):
-                idx = order[i * BATCH:(i + 1) * BATCH]
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(step, total, lr)
-                logits = self.logits(feats[idx])
-                loss = F.cross_entropy(logits, data.labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                step += 1
-                losses.append(loss.item())
-                correct += int((logits.argmax(-1) == data.labels[idx]).sum())
-            history.append({"step": step, "epoch": epoch + 1, "loss": sum(losses) / len(losses),
-                            "acc": round(100 * correct / n, 2), "lr": cosine_lr(step - 1, total, lr)})
+            loss, acc, step = train_epoch(feats, data.labels, order, BATCH, batches, self.logits, opt, step,
+                                          set_lr=lambda s: set_lr(opt, cosine_lr(s, total, lr)))
+            history.append({"step": step, "epoch": epoch + 1, "loss": loss, "acc": acc,
+                            "lr": cosine_lr(step - 1, total, lr)})
         return history + self.search(data)
 
 

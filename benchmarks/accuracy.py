@@ -309,8 +309,13 @@ def _stats(values: list[float]) -> dict[str, float]:
             if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, Any]:
+def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots,
+              reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Mean ± std per method and K, and paired differences against LoRA, Block-LoRA n=8 and the probe at the same
+    seed (the same K-shot draw). `reference`: cells of another result file (--paired-with) that stand in for LoRA /
+    Block-LoRA cells this run did not measure; they are only paired against, never listed as rows."""
     table: dict[str, dict[str, Any]] = {}
+    paired_pool = {**(reference or {}), **cells}
     zs = sorted({c["zero_shot_top1"] for c in cells.values()})
     for k in shots:
         row: dict[str, Any] = {}
@@ -320,8 +325,10 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
         if lp:
             row["linear_probe"] = {**_stats(lp), "params": next(v["params"] for v in probe.values())}
         # The per-seed baselines the paired differences are taken against (the same K-shot draw per seed).
-        bases = {"vs_lora": {c["seed"]: c["top1"] for c in cells.values() if c["method"] == "lora" and c["shots"] == k},
-                 "vs_probe": {v["seed"]: v["top1"] for v in probe.values() if v["shots"] == k}}
+        # seed -> (top-1, the split file's hash: a pair is made only when both cells trained on the same draw)
+        bases = {key: {c["seed"]: (c["top1"], c.get("split_sha256")) for c in paired_pool.values()
+                       if c["method"] == method and c["shots"] == k} for key, method in PAIRED.items()}
+        bases["vs_probe"] = {v["seed"]: (v["top1"], None) for v in probe.values() if v["shots"] == k}
         for name in (*METHODS, *ABLATIONS, *DIAGNOSTICS):
             runs = [c for c in cells.values() if c["method"] == name and c["shots"] == k]
             if runs:
@@ -329,11 +336,16 @@ def aggregate(cells: dict[str, Any], probe: dict[str, Any], shots) -> dict[str, 
                              "wall_s": round(statistics.fmean(c["wall_s"] for c in runs), 1),
                              "train_s": round(statistics.fmean(c["train_s"] for c in runs), 1)}
                 for key, base in bases.items():
-                    diffs = [c["top1"] - base[c["seed"]] for c in runs if c["seed"] in base]
-                    if diffs and not (key == "vs_lora" and name == "lora"):
+                    diffs = [c["top1"] - base[c["seed"]][0] for c in runs if c["seed"] in base
+                             and base[c["seed"]][1] in (None, c.get("split_sha256"))]
+                    if diffs and PAIRED.get(key) != name:
                         row[name][key] = _paired(diffs)
         table[str(k)] = row
     return table
+
+
+# the paired-difference columns: key -> the method whose cell at the same seed and K is subtracted
+PAIRED = {"vs_lora": "lora", "vs_block_lora": "block_lora_n8"}
 
 
 def _paired(diffs: list[float]) -> dict[str, float]:
@@ -363,17 +375,17 @@ def markdown(table: dict[str, Any], shots) -> str:
         cells = [f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "" for r in rows]
         wall = next((r.get("wall_s") for r in reversed(rows) if r and r.get("wall_s")), None)
         lines.append(f"| {label.get(name, name)} | {params:,} | " + " | ".join(cells) + f" | {wall if wall else ''} |")
-    paired = []
+    paired, keys = [], {"vs_block_lora": "vs Block-LoRA n=8", "vs_lora": "vs LoRA", "vs_probe": "vs probe"}
+    used = [key for key in keys if any(key in (table[str(k)].get(n) or {}) for n in names for k in shots)]
     for name in names:
         rows = [table[str(k)].get(name) or {} for k in shots]
-        if any("vs_probe" in r or "vs_lora" in r for r in rows):
-            diff = [_diff(r.get(key)) for key in ("vs_lora", "vs_probe") for r in rows]
+        if any(key in r for key in used for r in rows):
+            diff = [_diff(r.get(key)) for key in used for r in rows]
             paired.append(f"| {label.get(name, name)} | " + " | ".join(diff) + " |")
     if paired:
         lines += ["", "Paired differences, points (the same K-shot draw on both sides; mean ± standard error over "
-                  "seeds):", "", "| method | " + " | ".join(f"vs LoRA, K={k}" for k in shots) + " | "
-                  + " | ".join(f"vs probe, K={k}" for k in shots) + " |", "|" + "---|" * (2 * len(shots) + 1),
-                  *paired]
+                  "seeds):", "", "| method | " + " | ".join(f"{keys[key]}, K={k}" for key in used for k in shots)
+                  + " |", "|" + "---|" * (len(used) * len(shots) + 1), *paired]
     return "\n".join(lines) + "\n"
 
 
@@ -427,6 +439,9 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(OUT), help="folder of the result files (default benchmarks/results)")
     p.add_argument("--iters", type=int, default=None, help="steps at every K (default: 60 / 240 / 200 at K=1/4/16)")
     p.add_argument("--test-images", type=int, default=TEST_IMAGES, help="size of the fixed test subset")
+    p.add_argument("--paired-with", default=None, metavar="NAME",
+                   help="take the LoRA / Block-LoRA n=8 cells the paired differences need from RESULTS/NAME.json "
+                        "where this run has none (the same draws: same seeds, K and test subset)")
     args = p.parse_args(argv)
     for spec in args.variant:
         name, sep, rest = spec.partition("=")
@@ -465,7 +480,12 @@ def main(argv=None) -> int:
     grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
     probe = grid.probes(seeds, shots, committed_probe)
     cells = collect(grid, seeds, shots, ablations, methods)
-    table = aggregate(cells, probe, shots)
+    # other cells are paired against only on the same draw (split_sha256) and the same test images (n_test)
+    reference = committed_cells(results, args.paired_with)[0] if args.paired_with else None
+    if reference is not None:
+        n_test = {c.get("n_test") for c in cells.values()}
+        reference = {key: c for key, c in reference.items() if c.get("n_test") in n_test}
+    table = aggregate(cells, probe, shots, reference)
     print(markdown(table, shots))
     _targets(table, shots)
     print(f"{grid.summary(planned)}")

@@ -143,8 +143,25 @@ def test_paired_differences_compare_the_same_draws(bench):
     # Per seed: -1, -2, -3 against LoRA (mean -2, std 1, s.e. 1/sqrt(3)); the unpaired means differ by the same -2.
     assert row["block_lora_n8"]["vs_lora"] == {"mean": -2.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}
     assert row["lora"]["vs_probe"] == {"mean": 0.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}  # +1, -1, 0
-    assert "vs_lora" not in row["lora"]
-    assert "| Block-LoRA n=8 | -2.00 ± 0.58 |" in bench.markdown({"4": row}, [4])
+    assert "vs_lora" not in row["lora"] and "vs_block_lora" not in row["block_lora_n8"]
+    assert row["lora"]["vs_block_lora"] == {"mean": 2.0, "se": round(1 / 3 ** 0.5, 2), "n": 3}
+    # columns: vs Block-LoRA n=8, vs LoRA, vs probe; a method is never paired with itself
+    assert "| Block-LoRA n=8 |  | -2.00 ± 0.58 | -2.00 ± 1.00 |" in bench.markdown({"4": row}, [4])
+
+
+def test_paired_differences_against_reference_cells_need_the_same_draw(bench):
+    """--paired-with: another file's LoRA / Block-LoRA cells are paired against, never listed, and only where the
+    split file (the K-shot draw) is the same one."""
+    def cell(method, seed, top1, sha):
+        return {"method": method, "shots": 4, "seed": seed, "top1": top1, "zero_shot_top1": 25.0,
+                "trainable_params": 10, "wall_s": 1.0, "train_s": 1.0, "split_sha256": sha}
+
+    cells = {f"coop_K4_s{s}": cell("coop", s, 60.0 + s, f"draw{s}") for s in (1, 2, 3)}
+    reference = {f"block_lora_n8_K4_s{s}": cell("block_lora_n8", s, 62.0, f"draw{s}" if s < 3 else "other")
+                 for s in (1, 2, 3)}
+    row = bench.aggregate(cells, {}, [4], reference)["4"]
+    assert "block_lora_n8" not in row  # the reference is not a row of this table
+    assert row["coop"]["vs_block_lora"] == {"mean": -0.5, "se": 0.5, "n": 2}  # seed 3 drew another split: unpaired
 
 
 @pytest.mark.parametrize("shots, extra", [

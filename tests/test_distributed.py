@@ -95,7 +95,7 @@ def test_torchrun_two_processes_equal_one(single, tmp_path):
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-4, abs=1e-5)
     assert r["final_loss"] == pytest.approx(single_r["final_loss"], rel=1e-4) and r["final_loss"] == two[-1]["loss"]
     scalars = _scalars(out / "tensorboard")
-    assert [v for _, v in scalars["train/loss"]] == pytest.approx([m["loss"] for m in one], rel=1e-5, abs=1e-6)
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([m["loss"] for m in one], rel=1e-4, abs=1e-5)
     assert [v for _, v in scalars["train/batch_accuracy"]] == pytest.approx([m["acc"] for m in one])  # (float32)
     # evaluation counts are summed over the two shards: the same test set, the same (or float-tie) accuracy
     assert r["n_test"] == single_r["n_test"] == 9

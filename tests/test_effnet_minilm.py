@@ -367,6 +367,7 @@ def test_conse_version_adapters_and_exports_are_refused_clearly(backbone, tmp_pa
 
 
 # -- few-shot training ---------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("one_thread")  # as measured; and a loaded machine's cores are not oversubscribed
 def test_block_lora_few_shot_beats_zero_shot(backbone, data, tmp_path, monkeypatch):
     """The real training path (api.run, the demo's recipe) on 4 real shots per class, 120 steps of 8 images, default
     Block-LoRA (n=8): accuracy on 500 held-out real test images rises far above zero-shot, and above what any

@@ -492,4 +492,4 @@ def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
     assert one[0]["class"] == out[1].split()[0] and len(one[0]["top"]) == 1
     assert {"train", "load_trained", "Classifier"} <= set(dir(blocklora)) <= set(blocklora.__all__) | {
         "__version__", "adapters", "backbones", "pipeline", "engine", "config", "data", "errors", "checks",
-        "choices", "reading", "ownership", "interop", "cli", "grid"}
+        "choices", "reading", "ownership", "interop", "cli", "grid", "methods"}

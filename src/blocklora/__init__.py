@@ -84,6 +84,8 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     """The public names: the exports above, the version and the subpackages loaded so far (not this module's own
     imports and helpers)."""
+    # a module under its own name only: a former name of _MOVED (blocklora.signals is blocklora.cli.signals) is not
+    # a second public name
     subpackages = [n for n, v in globals().items()
-                   if isinstance(v, ModuleType) and v.__name__.startswith(f"{__name__}.") and n[0] != "_"]
+                   if isinstance(v, ModuleType) and v.__name__ == f"{__name__}.{n}" and n[0] != "_"]
     return sorted({*_EXPORTS, "__version__", *subpackages})

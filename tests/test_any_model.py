@@ -374,3 +374,21 @@ def test_a_family_targeting_and_its_names_give_the_same_adapters():
     by_name = expected_shapes(model, AdapterConfig(target_modules=r"(visual\.)?transformer\.resblocks\.\d+\.attn"))
     blocks = sum(name.endswith(".attn") and "resblocks" in name for name, _ in model.named_modules())
     assert family == by_name and len(family) == blocks * 3 * 2  # q, k, v x (A, B) per block of both towers
+
+
+def test_shared_modules_and_tied_weights_are_refused():
+    # A module under two names, or a head tied to the input embedding (GPT-2's lm_head): only the replaced name
+    # would call the adapter and merge() writes into the shared tensor, so merged != unmerged. PEFT adapts one name
+    # (model.named_modules() skips the other) and warns at most; here both names are refused, the model untouched.
+    lin = nn.Linear(8, 8)
+    shared = nn.Sequential(lin, nn.GELU(), lin)
+    for names in (["0"], ["2"]):
+        with pytest.raises(ConfigError, match=r"cannot adapt (0|2): its weight is also the model's (2|0).weight "
+                                              r"\(a shared module or tied weight\)"):
+            blocklora.inject(shared, AdapterConfig(target_modules=names, n_blocks=2))
+        assert shared[0] is shared[2] is lin and lin.weight.requires_grad
+    gpt2 = _build("gpt2")
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    with pytest.raises(ConfigError, match="cannot adapt lm_head: its weight is also the model's transformer.wte"):
+        blocklora.inject(gpt2, AdapterConfig(target_modules=["lm_head", "c_attn"], n_blocks=1))
+    assert blocklora.adapter_config(gpt2) is None and all(p.requires_grad for p in gpt2.parameters())

@@ -47,7 +47,30 @@ def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = Non
         if problem:
             kind = f" ({type(module).__name__})" if cfg.by_name else ""  # a family's messages name their classes
             raise ConfigError(f"cannot adapt {t.path}: {problem}{kind}")
+    _refuse_shared(model, targets)
     return targets
+
+
+def _refuse_shared(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse a target whose weights the model also reaches under another name (a module registered twice, or a
+    tied weight such as a language model's head tied to its input embedding).
+
+    Only the name that is replaced would call the adapter, and merge() adds the update to the shared tensor in place,
+    so the other name would see it only when merged (merged != unmerged) and merged_state_dict would give the shared
+    tensor two different values: a silently wrong model either way. PEFT warns about tied targets; here it is refused.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for t in targets:
+        prefix = f"{t.path}."
+        for name, param in model.get_submodule(t.path).named_parameters(prefix=t.path):
+            other = next((o for o in owners[id(param)] if not o.startswith(prefix)), None)
+            if other is not None:
+                raise ConfigError(f"cannot adapt {t.path}: its {name[len(prefix):]} is also the model's {other} (a "
+                                  "shared module or tied weight), which would then compute with the frozen weight "
+                                  "and get the update only when merged: untie it (e.g. a copy) or leave it out of "
+                                  "the targets")
 
 
 def _family_targets(model: nn.Module, cfg: AdapterConfig, placement: Targeting) -> list[Target]:

@@ -411,6 +411,14 @@ def test_flat_folder_run_records_its_split_and_evaluates_alone(capsys, tmp_path,
     assert json.loads((elsewhere / "again" / "results.json").read_text())["top1"] == results["top1"]
     assert cli(capsys, "train", "--model", "tiny-clip", *FAST[2:], "--dataset", "folder", "--root", tmp_path / "flat",
                "--split-file", tmp_path / "run" / "split.json", "--output", "from-split")[0] == 0
+    # another folder at the recorded root (here: a class renamed): "the run's own data" is refused, not a score on
+    # other classes that reads like the run's
+    (tmp_path / "flat" / "red_apple").rename(tmp_path / "flat" / "a_red_apple")
+    code, _, err = cli(capsys, "eval", "--adapter", tmp_path / "run", "--workers", "0")
+    assert code == 2 and "is not the one" in one_error(err) and "'a red apple' where the run had 'blue sky'" in err
+    code, out, _ = cli(capsys, "eval", "--adapter", tmp_path / "run", "--dataset", "folder", "--root",
+                       tmp_path / "flat", "--test-fraction", "0.4", "--json", "--workers", "0")
+    assert code == 0 and json.loads(out)["n"] == 6  # named explicitly: evaluated on the classes there
 
 
 def test_progress_is_log_lines_when_stderr_is_not_a_terminal(capsys, caplog, data, tmp_path, monkeypatch):

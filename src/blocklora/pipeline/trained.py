@@ -244,7 +244,8 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
     `dataset` None: the data the adapter was trained on (trained_data: its dataset, root, class subset and held-out
     fraction; `root`, `classes`, `test_fraction` given override them); `classes` None: all (or, on the run's own
     data, the run's subset)."""
-    if dataset is None:
+    own_data = dataset is None
+    if own_data:
         own = trained_data(adapter_dir)
         dataset, root = own["dataset"], own["root"] if root is None else root
         classes = own["classes"] if classes is None else classes
@@ -255,18 +256,28 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
     logits = Logits(run["logit_scale"], run["logit_bias"], run["loss"])
     return evaluate_loaded(backbone, rt, adapter_dir, template or run["template"], dataset, root or "", split,
                            batch_size, workers, classes or "all", limit, skip_bad_images, test_fraction, output,
-                           logits)
+                           logits, own_classnames=list(run["classnames"]) if own_data else None)
 
 
 def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathLike, template: str, dataset: str,
                     root: str, split: str, batch_size: int, workers: int, classes: str, limit: int | None,
                     skip_bad_images: bool, test_fraction: float | None = None,
-                    output: str | os.PathLike | None = None, logits: Logits | None = None) -> dict[str, Any]:
+                    output: str | os.PathLike | None = None, logits: Logits | None = None,
+                    own_classnames: list[str] | None = None) -> dict[str, Any]:
     """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset; with `output`,
-    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax)."""
+    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax).
+    `own_classnames`: the run's classes, when this is the run's own data: a dataset whose classes changed since
+    (another folder at the recorded root, an edited classnames.txt) is a DataError, not a score on other classes."""
     template = checks.template("template", template)
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation",
                                      test_fraction)
+    if own_classnames is not None and list(data.classnames) != own_classnames:
+        now, then = list(data.classnames), own_classnames
+        diff = next((f"{a!r} where the run had {b!r}" for a, b in zip(now, then) if a != b),
+                    f"{len(now)} classes where the run had {len(then)}")
+        raise DataError(f"the {dataset} dataset at {root} is not the one {adapter_dir} was trained on: its classes "
+                        f"differ ({diff}): pass --root the run's data, or --dataset {dataset} --root DIR to "
+                        "evaluate on these classes")
     result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers,
                          keep=output is not None)
     kept = result.pop("predictions", None)

@@ -458,6 +458,18 @@ def test_runs_write_predictions_confusion_and_curve(capsys, tiny_run, data, tmp_
     code, _, _ = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")
     assert code == 0 and list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open())) == rows
     assert (tmp_path / "ev" / "confusion.png").is_file()
+    # again into the same folder: eval replaces its own files, never a user's (nor one edited since)
+    assert cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.csv").write_text("my own\n")
+    (tmp_path / "ev" / "predictions.csv").write_text("edited\n")
+    for folder in (mine, tmp_path / "ev"):
+        code, _, err = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", folder)
+        assert code == 2 and f"refusing to replace {folder / 'predictions.csv'}" in one_error(err)
+    assert (mine / "predictions.csv").read_text() == "my own\n" and not (mine / "confusion.png").exists()
+    code, _, err = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", mine / "predictions.csv")
+    assert code == 2 and "is a file: give a folder" in one_error(err)
 
 
 def test_open_clip_folder_export_has_a_card_and_a_snippet_that_runs(capsys, tiny_run, tmp_path):

@@ -269,6 +269,8 @@ def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathL
     `own_classnames`: the run's classes, when this is the run's own data: a dataset whose classes changed since
     (another folder at the recorded root, an edited classnames.txt) is a DataError, not a score on other classes."""
     template = checks.template("template", template)
+    if output is not None:
+        _check_output(Path(output))
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation",
                                      test_fraction)
     if own_classnames is not None and list(data.classnames) != own_classnames:
@@ -285,16 +287,36 @@ def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathL
            **_finish(items, result, skipped, skip_bad_images)}
     if output is not None and kept is not None and kept[1] is not None:
         from ..engine import predictions as pr
+        from ..ownership import OwnedFiles
 
         folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
         rows = pr.predictions_rows(kept[0], kept[1], data.classnames,
                                    ev.score_logits(backbone, logits or Logits(100.0)))
-        pr.write_predictions(folder / pr.PREDICTIONS, rows)
-        pr.plot_confusion(folder / pr.CONFUSION, rows, data.classnames,
-                          f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        files = {pr.PREDICTIONS: pr.predictions_csv(rows)}
+        png = pr.confusion_png(rows, data.classnames,
+                               f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        if png is not None:
+            files[pr.CONFUSION] = png
+        # --output may be any folder: replace only the files an earlier eval wrote there (ownership.OwnedFiles)
+        with OwnedFiles(folder, "predictions", "eval") as owned:
+            owned.check(files)
+            owned.write(files)
         out["predictions_file"] = str(folder / pr.PREDICTIONS)
     return out
+
+
+def _check_output(folder: Path) -> None:
+    """Refuse, before evaluating, an --output that is not a folder or holds a predictions.csv / confusion.png that
+    blocklora did not write (a user's own file, or one edited since): it is never replaced."""
+    from ..engine import predictions as pr
+    from ..ownership import OwnedFiles
+
+    if folder.exists() and not folder.is_dir():
+        raise BlockLoRAError(f"--output {folder} is a file: give a folder (predictions.csv and confusion.png go in it)")
+    if folder.is_dir():
+        owned = OwnedFiles(folder, "predictions", "eval")
+        owned.record = owned._read_record()
+        owned.check([pr.PREDICTIONS, pr.CONFUSION])
 
 
 def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",

@@ -510,6 +510,14 @@ def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
 
     one = scope["clf"].predict(Image.open(tmp_path / "photos" / "test" / "cat" / "1.jpg"), topk=1)
     assert one[0]["class"] == out[1].split()[0] and len(one[0]["top"]) == 1
+    # what a notebook gets wrong is a ConfigError naming it (was: TypeError, IndexError, AttributeError)
+    for images, kw, says in (([torch.zeros(3, 8, 8)], {}, "file paths or PIL images, got Tensor"),
+                             ([None], {}, "got NoneType"), (["photos/test/cat/1.jpg"], {"topk": 0}, "topk must be")):
+        with pytest.raises(blocklora.ConfigError, match=says):
+            scope["clf"].predict(images, **kw)
+    with pytest.raises(blocklora.ConfigError, match="overrides must map config keys to values"):
+        blocklora.train("again", dataset="folder", root="photos", overrides=["train.lr=1e-3"])
+    assert not (tmp_path / "again").exists()
     assert {"train", "load_trained", "Classifier"} <= set(dir(blocklora)) <= set(blocklora.__all__) | {
         "__version__", "adapters", "backbones", "pipeline", "engine", "config", "data", "errors", "checks",
-        "choices", "reading", "ownership", "interop", "cli", "grid"}
+        "choices", "reading", "ownership", "interop", "cli", "grid", "methods"}

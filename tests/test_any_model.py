@@ -392,3 +392,26 @@ def test_shared_modules_and_tied_weights_are_refused():
     with pytest.raises(ConfigError, match="cannot adapt lm_head: its weight is also the model's transformer.wte"):
         blocklora.inject(gpt2, AdapterConfig(target_modules=["lm_head", "c_attn"], n_blocks=1))
     assert blocklora.adapter_config(gpt2) is None and all(p.requires_grad for p in gpt2.parameters())
+
+
+def test_without_a_probe_the_first_forward_refuses_an_adapter_its_parent_never_calls():
+    # timm's BEiT and torchvision's Swin read qkv.weight with F.linear instead of calling qkv: an adapter there would
+    # train nothing and only merge() would change the outputs. inject() cannot run a model it does not know how to
+    # feed; the parent's first forward says so instead (once: the hooks remove themselves)
+    import timm
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                             embed_dim=32, num_heads=2, num_classes=5)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                           num_classes=5)
+    for model, where in ((beit, r"Attention \(blocks.0.attn\) reads the weights of its qkv"),
+                         (swin, r"ShiftedWindowAttention \(features.1.0.attn\) reads the weights of its qkv")):
+        blocklora.inject(model, AdapterConfig(target_modules=["qkv"], fused={"qkv": "qkv"}))
+        with pytest.raises(ConfigError, match=f"is never called: {where} without calling it, so training would "
+                                              "change nothing"):
+            model(torch.randn(1, 3, 32, 32))
+    model, x = _build("timm_vit"), _input("timm_vit")  # a parent that calls its adapters: no error, no hook left
+    blocklora.inject(model, AdapterConfig(target_modules=["qkv", "attn.proj"], fused={"qkv": "qkv"}))
+    model(x)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

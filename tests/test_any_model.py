@@ -415,3 +415,22 @@ def test_without_a_probe_the_first_forward_refuses_an_adapter_its_parent_never_c
     blocklora.inject(model, AdapterConfig(target_modules=["qkv", "attn.proj"], fused={"qkv": "qkv"}))
     model(x)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_layers_keep_calling_their_adapted_attention(batch_first):
+    # nn.TransformerEncoderLayer reads self_attn._qkv_same_embed_dim (an AttributeError on the adapted module) and,
+    # in eval under no_grad, would run torch's fused kernel on in_proj_weight, bypassing the adapters
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        stock = model(x)  # the fused fast path
+        blocklora.inject(model, AdapterConfig(target_modules=["self_attn"], n_blocks=2, projections="qkvo"))
+        torch.testing.assert_close(model(x), stock, atol=1e-5, rtol=0)
+        randomize_adapters(model, std=0.5)
+        adapted = model(x)
+        assert (adapted - stock).abs().max() > 0.1  # the adapters are used in eval too
+        blocklora.merge(model)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)

@@ -374,3 +374,63 @@ def test_a_family_targeting_and_its_names_give_the_same_adapters():
     by_name = expected_shapes(model, AdapterConfig(target_modules=r"(visual\.)?transformer\.resblocks\.\d+\.attn"))
     blocks = sum(name.endswith(".attn") and "resblocks" in name for name, _ in model.named_modules())
     assert family == by_name and len(family) == blocks * 3 * 2  # q, k, v x (A, B) per block of both towers
+
+
+def test_shared_modules_and_tied_weights_are_refused():
+    # A module under two names, or a head tied to the input embedding (GPT-2's lm_head): only the replaced name
+    # would call the adapter and merge() writes into the shared tensor, so merged != unmerged. PEFT adapts one name
+    # (model.named_modules() skips the other) and warns at most; here both names are refused, the model untouched.
+    lin = nn.Linear(8, 8)
+    shared = nn.Sequential(lin, nn.GELU(), lin)
+    for names in (["0"], ["2"]):
+        with pytest.raises(ConfigError, match=r"cannot adapt (0|2): its weight is also the model's (2|0).weight "
+                                              r"\(a shared module or tied weight\)"):
+            blocklora.inject(shared, AdapterConfig(target_modules=names, n_blocks=2))
+        assert shared[0] is shared[2] is lin and lin.weight.requires_grad
+    gpt2 = _build("gpt2")
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    with pytest.raises(ConfigError, match="cannot adapt lm_head: its weight is also the model's transformer.wte"):
+        blocklora.inject(gpt2, AdapterConfig(target_modules=["lm_head", "c_attn"], n_blocks=1))
+    assert blocklora.adapter_config(gpt2) is None and all(p.requires_grad for p in gpt2.parameters())
+
+
+def test_without_a_probe_the_first_forward_refuses_an_adapter_its_parent_never_calls():
+    # timm's BEiT and torchvision's Swin read qkv.weight with F.linear instead of calling qkv: an adapter there would
+    # train nothing and only merge() would change the outputs. inject() cannot run a model it does not know how to
+    # feed; the parent's first forward says so instead (once: the hooks remove themselves)
+    import timm
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                             embed_dim=32, num_heads=2, num_classes=5)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                           num_classes=5)
+    for model, where in ((beit, r"Attention \(blocks.0.attn\) reads the weights of its qkv"),
+                         (swin, r"ShiftedWindowAttention \(features.1.0.attn\) reads the weights of its qkv")):
+        blocklora.inject(model, AdapterConfig(target_modules=["qkv"], fused={"qkv": "qkv"}))
+        with pytest.raises(ConfigError, match=f"is never called: {where} without calling it, so training would "
+                                              "change nothing"):
+            model(torch.randn(1, 3, 32, 32))
+    model, x = _build("timm_vit"), _input("timm_vit")  # a parent that calls its adapters: no error, no hook left
+    blocklora.inject(model, AdapterConfig(target_modules=["qkv", "attn.proj"], fused={"qkv": "qkv"}))
+    model(x)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_layers_keep_calling_their_adapted_attention(batch_first):
+    # nn.TransformerEncoderLayer reads self_attn._qkv_same_embed_dim (an AttributeError on the adapted module) and,
+    # in eval under no_grad, would run torch's fused kernel on in_proj_weight, bypassing the adapters
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        stock = model(x)  # the fused fast path
+        blocklora.inject(model, AdapterConfig(target_modules=["self_attn"], n_blocks=2, projections="qkvo"))
+        torch.testing.assert_close(model(x), stock, atol=1e-5, rtol=0)
+        randomize_adapters(model, std=0.5)
+        adapted = model(x)
+        assert (adapted - stock).abs().max() > 0.1  # the adapters are used in eval too
+        blocklora.merge(model)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)

@@ -408,8 +408,12 @@ def test_classnames_file(tmp_path, text, names):
     make_class_tree(root / "test", {"cat": 1, "dog": 1, "red_fox": 1})
     (root / "classnames.txt").write_text(text)
     assert load_dataset("folder", root).classnames == names
+    # saved by a Windows editor: a byte order mark first is no part of the first name (nor of the JSON)
+    (root / "classnames.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert load_dataset("folder", root).classnames == names
     (root / "classnames.txt").unlink()
-    (root / "classnames.json").write_text(json.dumps({"cat": "tabby", "dog": "pug", "red_fox": "fox"}))
+    (root / "classnames.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"cat": "tabby", "dog": "pug",
+                                                                         "red_fox": "fox"}).encode())
     assert load_dataset("folder", root).classnames == ["tabby", "pug", "fox"]
     (root / "classnames.json").write_text(json.dumps({"cat": "tabby", "dog": "pug"}))
     assert "has no name for class folder 'red_fox'" in error(load_dataset, "folder", root)

@@ -411,6 +411,14 @@ def test_flat_folder_run_records_its_split_and_evaluates_alone(capsys, tmp_path,
     assert json.loads((elsewhere / "again" / "results.json").read_text())["top1"] == results["top1"]
     assert cli(capsys, "train", "--model", "tiny-clip", *FAST[2:], "--dataset", "folder", "--root", tmp_path / "flat",
                "--split-file", tmp_path / "run" / "split.json", "--output", "from-split")[0] == 0
+    # another folder at the recorded root (here: a class renamed): "the run's own data" is refused, not a score on
+    # other classes that reads like the run's
+    (tmp_path / "flat" / "red_apple").rename(tmp_path / "flat" / "a_red_apple")
+    code, _, err = cli(capsys, "eval", "--adapter", tmp_path / "run", "--workers", "0")
+    assert code == 2 and "is not the one" in one_error(err) and "'a red apple' where the run had 'blue sky'" in err
+    code, out, _ = cli(capsys, "eval", "--adapter", tmp_path / "run", "--dataset", "folder", "--root",
+                       tmp_path / "flat", "--test-fraction", "0.4", "--json", "--workers", "0")
+    assert code == 0 and json.loads(out)["n"] == 6  # named explicitly: evaluated on the classes there
 
 
 def test_progress_is_log_lines_when_stderr_is_not_a_terminal(capsys, caplog, data, tmp_path, monkeypatch):
@@ -450,6 +458,18 @@ def test_runs_write_predictions_confusion_and_curve(capsys, tiny_run, data, tmp_
     code, _, _ = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")
     assert code == 0 and list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open())) == rows
     assert (tmp_path / "ev" / "confusion.png").is_file()
+    # again into the same folder: eval replaces its own files, never a user's (nor one edited since)
+    assert cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", tmp_path / "ev")[0] == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.csv").write_text("my own\n")
+    (tmp_path / "ev" / "predictions.csv").write_text("edited\n")
+    for folder in (mine, tmp_path / "ev"):
+        code, _, err = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", folder)
+        assert code == 2 and f"refusing to replace {folder / 'predictions.csv'}" in one_error(err)
+    assert (mine / "predictions.csv").read_text() == "my own\n" and not (mine / "confusion.png").exists()
+    code, _, err = cli(capsys, "eval", "--adapter", tiny_run, "--workers", "0", "--output", mine / "predictions.csv")
+    assert code == 2 and "is a file: give a folder" in one_error(err)
 
 
 def test_open_clip_folder_export_has_a_card_and_a_snippet_that_runs(capsys, tiny_run, tmp_path):
@@ -490,6 +510,14 @@ def test_readme_python_api_snippet_runs(tmp_path, monkeypatch, capsys):
 
     one = scope["clf"].predict(Image.open(tmp_path / "photos" / "test" / "cat" / "1.jpg"), topk=1)
     assert one[0]["class"] == out[1].split()[0] and len(one[0]["top"]) == 1
+    # what a notebook gets wrong is a ConfigError naming it (was: TypeError, IndexError, AttributeError)
+    for images, kw, says in (([torch.zeros(3, 8, 8)], {}, "file paths or PIL images, got Tensor"),
+                             ([None], {}, "got NoneType"), (["photos/test/cat/1.jpg"], {"topk": 0}, "topk must be")):
+        with pytest.raises(blocklora.ConfigError, match=says):
+            scope["clf"].predict(images, **kw)
+    with pytest.raises(blocklora.ConfigError, match="overrides must map config keys to values"):
+        blocklora.train("again", dataset="folder", root="photos", overrides=["train.lr=1e-3"])
+    assert not (tmp_path / "again").exists()
     assert {"train", "load_trained", "Classifier"} <= set(dir(blocklora)) <= set(blocklora.__all__) | {
         "__version__", "adapters", "backbones", "pipeline", "engine", "config", "data", "errors", "checks",
         "choices", "reading", "ownership", "interop", "cli", "grid", "methods"}

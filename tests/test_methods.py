@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from blocklora.cli.main import main
 from blocklora.config.run_config import BaselineConfig
-from blocklora.errors import BlockLoRAError
+from blocklora.errors import BlockLoRAError, ConfigError
 from blocklora.methods import coop, probe, tip_adapter
 from blocklora.methods.base import FitData
 from data_trees import make_zhou
@@ -122,6 +122,21 @@ def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
         torch.testing.assert_close(emb, tiny_clip.model.token_embedding(tiny_clip.tokenize(["a photo of a cat."])))
 
 
+def test_coop_refuses_a_context_that_leaves_no_room_for_the_class_names(tiny_clip):
+    # tiny-clip's context is 77 tokens, 75 besides SOT and EOT: CoOp's clip.tokenize would raise on such prompts;
+    # truncated, 75 "X" would cut every class name away and give every class one text feature
+    with pytest.raises(ConfigError, match=r"baseline.n_ctx=100 context tokens do not fit in tiny-clip's text "
+                                          r"context \(at most 75 tokens"):
+        coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=100)
+    head = coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=75)
+    with pytest.raises(ConfigError, match="prompts for the classes 'cat' and 'dog' are the same once"):
+        head.text_features()
+    assert coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=74).text_features().shape == (2, 64)
+    ctx = torch.zeros(4, 64)  # a saved context that disagrees with its record: the file is damaged
+    with pytest.raises(ConfigError, match="coop.ctx has 4 context vectors, but the head record says n_ctx 16"):
+        coop.CoOpHead.from_saved({"coop.ctx": ctx}, {"n_ctx": 16}, tiny_clip, ["cat"], "{}", 100.0)
+
+
 @pytest.mark.parametrize("family", ["open_clip", "transformers", "effnet-minilm"])
 def test_coop_context_equal_to_the_placeholders_embeddings_gives_the_stock_text_features(tiny_clip, tmp_path, family):
     # Where the context goes, in every text tower: with the context set to the embedding of its placeholder token
@@ -228,12 +243,15 @@ def test_a_damaged_head_is_one_error_line(zhou, tmp_path, capsys):
 
     weights = out / "adapter" / "blocklora_adapter.safetensors"
     tensors = load_file(weights)
-    tensors["tip.values"] = tensors["tip.values"][:, :2].contiguous()
-    save_file(tensors, weights)
-    capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), "--dataset", "dtd", "--root", str(zhou), "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "does not fit" in err and "Traceback" not in err
+    for damage in ({"tip.values": tensors["tip.values"][:, :2]},
+                   # another feature width (another model's head): refused at load, not a matmul error at eval
+                   {"tip.keys": tensors["tip.keys"][:, :32], "tip.text": tensors["tip.text"][:, :32]}):
+        save_file({**tensors, **{k: v.contiguous() for k, v in damage.items()}}, weights)
+        capsys.readouterr()
+        assert main(["eval", "--adapter", str(out), "--dataset", "dtd", "--root", str(zhou), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "does not fit" in err and "Traceback" not in err
+    assert "image features of width 64" in err
 
 
 def test_probe_and_tip_adapter_refuse_other_classes(zhou, tmp_path, capsys):

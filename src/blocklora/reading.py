@@ -144,7 +144,7 @@ def reason(e: BaseException) -> str:
 
 def _read(path: Path, what: str, error: type[BlockLoRAError], fix: str, parse: Any) -> Any:
     try:
-        return parse(read_text(path))
+        return parse(read_text(path, "utf-8-sig"))  # a byte order mark (Windows editors) is not part of the text
     except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, TOMLDecodeError, TooDeep: ValueErrors
         raise error(f"cannot read {what} {path} ({reason(e)}){': ' + fix if fix else ''}") from None
 

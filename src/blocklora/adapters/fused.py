@@ -187,6 +187,10 @@ class BlockLoRAMultiheadAttention(QKVAdapters):
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = mha.out_proj  # a Linear that, as in the stock module, is read but never called
+        # nn.TransformerEncoderLayer reads this before calling its self_attn: True would let its eval fast path
+        # (torch._transformer_encoder_layer_fwd on in_proj_weight) bypass the adapters; False keeps the path that
+        # calls this module (the value is only ever read by such callers: this class never uses separate q/k/v)
+        self._qkv_same_embed_dim = False
         self._add_factors(self.embed_dim, self.embed_dim, mha.in_proj_weight)
 
     # -- updates --------------------------------------------------------------------------------------------------

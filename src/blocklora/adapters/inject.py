@@ -47,7 +47,30 @@ def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = Non
         if problem:
             kind = f" ({type(module).__name__})" if cfg.by_name else ""  # a family's messages name their classes
             raise ConfigError(f"cannot adapt {t.path}: {problem}{kind}")
+    _refuse_shared(model, targets)
     return targets
+
+
+def _refuse_shared(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse a target whose weights the model also reaches under another name (a module registered twice, or a
+    tied weight such as a language model's head tied to its input embedding).
+
+    Only the name that is replaced would call the adapter, and merge() adds the update to the shared tensor in place,
+    so the other name would see it only when merged (merged != unmerged) and merged_state_dict would give the shared
+    tensor two different values: a silently wrong model either way. PEFT warns about tied targets; here it is refused.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for t in targets:
+        prefix = f"{t.path}."
+        for name, param in model.get_submodule(t.path).named_parameters(prefix=t.path):
+            other = next((o for o in owners[id(param)] if not o.startswith(prefix)), None)
+            if other is not None:
+                raise ConfigError(f"cannot adapt {t.path}: its {name[len(prefix):]} is also the model's {other} (a "
+                                  "shared module or tied weight), which would then compute with the frozen weight "
+                                  "and get the update only when merged: untie it (e.g. a copy) or leave it out of "
+                                  "the targets")
 
 
 def _family_targets(model: nn.Module, cfg: AdapterConfig, placement: Targeting) -> list[Target]:
@@ -114,7 +137,9 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Target
     Everything is validated first (plan). With `probe` (a function running one small forward of the model, e.g.
     Backbone.probe), every adapter must then be called by that forward: a layer its model bypasses (code that
     reads the wrapped weight with F.linear or F.multi_head_attention_forward) would train nothing, so it is
-    refused. On any error (ConfigError naming the module and its class) the model is left as it was.
+    refused. On any error (ConfigError naming the module and its class) the model is left as it was. Without a
+    probe, adapters placed by name are checked at their parent module's first forward instead (_FirstCallCheck: a
+    ConfigError there names the parent that reads the weights without calling its child).
     """
     cfg = cfg or AdapterConfig()
     targets = plan(model, cfg, placement)
@@ -134,6 +159,8 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Target
         _set_submodule(model, t.path, new)
         replaced.append((t.path, old))
     setattr(model, CONFIG_ATTR, cfg)
+    if probe is None and cfg.by_name:
+        _check_first_call(model, [t.path for t in targets], cfg)
     missed = _not_called(model, probe) if probe is not None else []
     if missed:  # undo everything, then say which module bypasses its adapter
         for path, old in reversed(replaced):
@@ -143,6 +170,55 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Target
         delattr(model, CONFIG_ATTR)
         raise ConfigError(_bypassed(model, missed, next(t.tower for t in targets if t.path == missed[0]), cfg))
     return [t.path for t in targets]
+
+
+class _FirstCallCheck:
+    """Without a probe, the first forward of each adapted module's parent checks that the parent called its adapters.
+
+    A parent that reads a child's weight without calling the child (timm's BEiT / EVA attention: F.linear(x,
+    self.qkv.weight, qkv_bias); torchvision's Swin) would train nothing, and only merge() would change its output
+    (merged != unmerged): that first forward raises ConfigError naming it instead. The hooks remove themselves after
+    the parent's first forward. A plain picklable object, so torch.save(model) still works before that forward."""
+
+    def __init__(self, parent: nn.Module, parent_path: str, children: dict[str, nn.Module], message: str) -> None:
+        self.parent_path, self.message = parent_path, message
+        self.pending = dict(children)  # child name -> adapter layer
+        self.called: set[str] = set()
+        self.handles = [parent.register_forward_pre_hook(self.start), parent.register_forward_hook(self.finish)]
+        self.handles += [layer.register_forward_hook(_Mark(self, name)) for name, layer in children.items()]
+
+    def start(self, *_: object) -> None:
+        self.called = set()
+
+    def finish(self, parent: nn.Module, *_: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        missed = [name for name in self.pending if name not in self.called]
+        if missed:
+            child = f"{self.parent_path}.{missed[0]}" if self.parent_path else missed[0]
+            raise ConfigError(f"the adapter on {child} is never called: {type(parent).__name__} "
+                              f"({self.parent_path or 'the model'}) reads the weights of its {missed[0]} without "
+                              f"calling it, so training would change nothing and only merge() would change the "
+                              f"outputs ({self.message})")
+
+
+class _Mark:
+    def __init__(self, check: _FirstCallCheck, name: str) -> None:
+        self.check, self.name = check, name
+
+    def __call__(self, *_: object) -> None:
+        self.check.called.add(self.name)
+
+
+def _check_first_call(model: nn.Module, paths: list[str], cfg: AdapterConfig) -> None:
+    """Arm _FirstCallCheck on the parent of every adapter placed by name (inject without a probe)."""
+    by_parent: dict[str, dict[str, nn.Module]] = {}
+    for path in paths:
+        parent, _, child = path.rpartition(".")
+        by_parent.setdefault(parent, {})[child] = model.get_submodule(path)
+    fix = "leave it out of target_modules / target_types; inject(..., probe=lambda: model(x)) checks this at once"
+    for parent, children in by_parent.items():
+        _FirstCallCheck(model.get_submodule(parent) if parent else model, parent, children, fix)
 
 
 def _bypassed(model: nn.Module, missed: list[str], tower: str, cfg: AdapterConfig) -> str:

@@ -187,7 +187,7 @@ def match(model: nn.Module, cfg: Any) -> list[Target]:
     type blocklora cannot adapt (naming module and type), for a Linear that its nn.MultiheadAttention never calls
     (out_proj: target the attention itself), for nested targets and for `fused` names matching no target.
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module under two names: plan() refuses it
     fused = dict(cfg.fused)
     found: list[tuple[str, nn.Module, int]] = []
     unindexed: list[str] = []  # matched by name and type, but without a block index to select by

@@ -6,7 +6,8 @@ Without a file the names are the folder names ("_" -> space, layout.prompt_name)
 - classnames.json: {"<folder>": "name", ...}, one entry per class folder;
 - classnames.txt, either CoOp's "<folder> <name>" lines (its ImageNet classnames.txt, "n01440764 tench": the first
   word of every line is a class folder, and every folder has a line) or one name a line in sorted folder order
-  (exactly one line per folder). Blank lines are ignored; the file is UTF-8.
+  (exactly one line per folder). Blank lines are ignored; the file is UTF-8 (a leading byte order mark is
+  dropped).
 A file that matches neither, or names a folder twice, is a DataError naming it and the first problem.
 """
 

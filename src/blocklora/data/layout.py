@@ -253,7 +253,7 @@ def short(value: object, limit: int = 80) -> str:
 def read_lines(path: Path, key: str) -> list[str]:
     """The lines of a dataset's list file (a regular file, UTF-8), or a DataError naming it."""
     try:
-        return read_text(path).splitlines()
+        return read_text(path, "utf-8-sig").splitlines()  # a byte order mark (Windows editors) is no name
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{key}: cannot read {path}: {reason(e)}") from None
 

@@ -41,12 +41,17 @@ def predictions_rows(items: Sequence[Item], cosines: torch.Tensor, classnames: S
             for item, p, q in zip(items, pred, prob)]
 
 
-def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def predictions_csv(rows: Sequence[dict[str, Any]]) -> bytes:
+    """predictions.csv's bytes (UTF-8; a path that is not UTF-8 with \\xNN escapes)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["path", "label", "predicted", "prob", "correct"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    data = buf.getvalue().encode("utf-8", "backslashreplace")
+    return buf.getvalue().encode("utf-8", "backslashreplace")
+
+
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    data = predictions_csv(rows)
     atomic_write(Path(path), lambda fh: fh.write(data))
 
 
@@ -72,9 +77,17 @@ def _pyplot():
 
 def plot_confusion(path: Path, rows: Sequence[dict[str, Any]], classnames: Sequence[str], title: str) -> bool:
     """confusion.png from predictions rows; False when matplotlib is missing."""
+    data = confusion_png(rows, classnames, title)
+    if data is not None:
+        atomic_write(Path(path), lambda fh: fh.write(data))
+    return data is not None
+
+
+def confusion_png(rows: Sequence[dict[str, Any]], classnames: Sequence[str], title: str) -> bytes | None:
+    """confusion.png's bytes from predictions rows; None when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
-        return False
+        return None
     index = {c: i for i, c in enumerate(classnames)}  # two classes sharing a name plot as one: rare, named by warning
     m = confusion([index[r["label"]] for r in rows], [index[r["predicted"]] for r in rows], len(classnames))
     share = m.float() / m.sum(dim=1, keepdim=True).clamp(min=1)
@@ -95,9 +108,10 @@ def plot_confusion(path: Path, rows: Sequence[dict[str, Any]], classnames: Seque
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=100))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return True
+    return buf.getvalue()
 
 
 def plot_curve(metrics: Path, path: Path, title: str) -> bool:

@@ -86,7 +86,12 @@ class CoOpHead(Head):
             self.prefix = self.ctx_init
         else:
             self.prefix = " ".join(["X"] * n_ctx)
-            if self._count(self.prefix) != n_ctx:
+            count = self._count(self.prefix)
+            if count != n_ctx and count == self._count(self.prefix + " X"):  # the tokenizer cut the prefix
+                raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text "
+                                  f"context (at most {count} tokens besides its special ones, and the class names "
+                                  "need some): lower baseline.n_ctx")
+            if count != n_ctx:
                 raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot "
                                   "place its context; use another method for this model")
         self.n_ctx = n_ctx
@@ -111,9 +116,23 @@ class CoOpHead(Head):
         key = tuple(classnames)
         cache = self.__dict__.setdefault("_tokens", {})
         if key not in cache:  # every training step encodes the same prompts
+            tokens = self.backbone.tokenize(prompt_texts(classnames, self.prefix))
+            self._check_room(classnames, ids_of(tokens))
             cache.clear()
-            cache[key] = move(self.backbone.tokenize(prompt_texts(classnames, self.prefix)), self.backbone.device)
+            cache[key] = move(tokens, self.backbone.device)
         return cache[key]
+
+    def _check_room(self, classnames: list[str], ids: torch.Tensor) -> None:
+        """Refuse prompts that the tokenizer's truncation made identical for different classes: the context took the
+        room of the class names, and those classes would get one text feature (CoOp's clip.tokenize raises on a
+        prompt longer than the context; the families here truncate, as their zero-shot prompts do)."""
+        seen: dict[tuple[int, ...], str] = {}
+        for name, row in zip(classnames, ids.tolist()):
+            other = seen.setdefault(tuple(row), name)
+            if other != name and prompt_name(other) != prompt_name(name):
+                raise ConfigError(f"coop's prompts for the classes {other!r} and {name!r} are the same once "
+                                  f"{self.backbone.name}'s tokenizer truncates them: the {self.n_ctx} context tokens "
+                                  "leave too little room for the class names; lower baseline.n_ctx")
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -185,6 +204,9 @@ class CoOpHead(Head):
     @classmethod
     def from_saved(cls, tensors, meta, backbone, classnames, template, scale) -> CoOpHead:
         ctx = tensors["coop.ctx"]
+        if meta.get("n_ctx") is not None and int(meta["n_ctx"]) != ctx.shape[0]:
+            raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but the head record says n_ctx "
+                              f"{meta['n_ctx']}")
         head = cls(backbone, classnames, scale, int(ctx.shape[0]), str(meta.get("ctx_init") or ""), ctx=ctx)
         if head.n_ctx != ctx.shape[0]:
             raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but ctx_init {head.ctx_init!r} is "

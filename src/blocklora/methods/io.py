@@ -99,16 +99,21 @@ def _check_shapes(method: str, t: dict[str, torch.Tensor], n_classes: int, backb
         return AdapterMismatchError(f"adapter {where} does not fit: {what}; was it trained on another model or "
                                     "class list?")
 
+    if method == "probe" or method.startswith("tip_adapter"):
+        from .cost import feature_dim
+
+        d = feature_dim(backbone)  # the heads read (N, D) image features: another width fails only at eval
     if method == "probe":
         w, b = t["probe.weight"], t["probe.bias"]
-        if w.dim() != 2 or w.shape[0] != n_classes or tuple(b.shape) != (n_classes,):
-            raise bad(f"probe.weight {tuple(w.shape)} / probe.bias {tuple(b.shape)} for {n_classes} classes")
+        if w.dim() != 2 or tuple(w.shape) != (n_classes, d) or tuple(b.shape) != (n_classes,):
+            raise bad(f"probe.weight {tuple(w.shape)} / probe.bias {tuple(b.shape)} for {n_classes} classes and "
+                      f"image features of width {d}")
     elif method.startswith("tip_adapter"):
         k, v, x = t["tip.keys"], t["tip.values"], t["tip.text"]
-        if k.dim() != 2 or v.dim() != 2 or x.dim() != 2 or v.shape != (k.shape[0], n_classes) or \
-                x.shape != (n_classes, k.shape[1]):
+        if k.dim() != 2 or v.dim() != 2 or x.dim() != 2 or k.shape[1] != d or v.shape != (k.shape[0], n_classes) \
+                or x.shape != (n_classes, d):
             raise bad(f"tip.keys {tuple(k.shape)}, tip.values {tuple(v.shape)}, tip.text {tuple(x.shape)} for "
-                      f"{n_classes} classes")
+                      f"{n_classes} classes and image features of width {d}")
     else:
         from .coop import token_embedding
 

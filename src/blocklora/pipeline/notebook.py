@@ -46,6 +46,9 @@ def train(output: str | os.PathLike, *, recipe: str = "reference", overrides: Ma
     if unknown:
         raise ConfigError(f"blocklora.train got unknown option(s) {', '.join(unknown)}: use {', '.join(_OPTIONS)}, "
                           "or overrides={'section.key': value}")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must map config keys to values, e.g. {{'adapter.n_blocks': 4}}, got "
+                          f"{type(overrides).__name__}")
     words = recipe_overrides(recipe)
     words += [f"{_OPTIONS[k]}={_word(v)}" for k, v in options.items() if v is not None]
     words += [f"{k}={_word(v)}" for k, v in (overrides or {}).items()]
@@ -84,12 +87,22 @@ class Classifier:
                 topk: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
         """One dict per image, in order: "class" and "prob" of the best class and "top", the `topk` best
         ({"class", "index", "prob"}). Images are file paths (read as `blocklora predict` reads them: EXIF
-        orientation applied) or PIL images. Raises DataError for a file that cannot be read."""
+        orientation applied) or PIL images; topk above the class count gives every class. Raises DataError for a
+        file that cannot be read, ConfigError for anything else in `images` or a topk / batch_size below 1."""
         from ..data.types import open_image_file
         from .trained import _top
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
+        images = list(images)
+        bad = [i for i in images if not isinstance(i, (str, os.PathLike, Image.Image))]
+        if bad:
+            raise ConfigError(f"predict takes image file paths or PIL images, got {type(bad[0]).__name__}: open or "
+                              "convert it first (e.g. torchvision.transforms.functional.to_pil_image)")
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ConfigError(f"topk must be an integer >= 1, got {topk!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         out: list[dict[str, Any]] = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):

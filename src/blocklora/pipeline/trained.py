@@ -244,7 +244,8 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
     `dataset` None: the data the adapter was trained on (trained_data: its dataset, root, class subset and held-out
     fraction; `root`, `classes`, `test_fraction` given override them); `classes` None: all (or, on the run's own
     data, the run's subset)."""
-    if dataset is None:
+    own_data = dataset is None
+    if own_data:
         own = trained_data(adapter_dir)
         dataset, root = own["dataset"], own["root"] if root is None else root
         classes = own["classes"] if classes is None else classes
@@ -255,18 +256,30 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, dataset: str | None = None,
     logits = Logits(run["logit_scale"], run["logit_bias"], run["loss"])
     return evaluate_loaded(backbone, rt, adapter_dir, template or run["template"], dataset, root or "", split,
                            batch_size, workers, classes or "all", limit, skip_bad_images, test_fraction, output,
-                           logits)
+                           logits, own_classnames=list(run["classnames"]) if own_data else None)
 
 
 def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathLike, template: str, dataset: str,
                     root: str, split: str, batch_size: int, workers: int, classes: str, limit: int | None,
                     skip_bad_images: bool, test_fraction: float | None = None,
-                    output: str | os.PathLike | None = None, logits: Logits | None = None) -> dict[str, Any]:
+                    output: str | os.PathLike | None = None, logits: Logits | None = None,
+                    own_classnames: list[str] | None = None) -> dict[str, Any]:
     """Top-1 of a backbone that already holds its adapter (a blocklora or a PEFT one) on a dataset; with `output`,
-    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax)."""
+    its predictions.csv and confusion.png there (`logits`: the probabilities', default scale 100, softmax).
+    `own_classnames`: the run's classes, when this is the run's own data: a dataset whose classes changed since
+    (another folder at the recorded root, an edited classnames.txt) is a DataError, not a score on other classes."""
     template = checks.template("template", template)
+    if output is not None:
+        _check_output(Path(output))
     data, items, skipped = _test_set(dataset, root, classes, split, limit, template, skip_bad_images, "evaluation",
                                      test_fraction)
+    if own_classnames is not None and list(data.classnames) != own_classnames:
+        now, then = list(data.classnames), own_classnames
+        diff = next((f"{a!r} where the run had {b!r}" for a, b in zip(now, then) if a != b),
+                    f"{len(now)} classes where the run had {len(then)}")
+        raise DataError(f"the {dataset} dataset at {root} is not the one {adapter_dir} was trained on: its classes "
+                        f"differ ({diff}): pass --root the run's data, or --dataset {dataset} --root DIR to "
+                        "evaluate on these classes")
     result = ev.accuracy(backbone, items, data.image_reader, data.classnames, [template], rt, batch_size, workers,
                          keep=output is not None)
     kept = result.pop("predictions", None)
@@ -274,16 +287,36 @@ def evaluate_loaded(backbone: Backbone, rt: Runtime, adapter_dir: str | os.PathL
            **_finish(items, result, skipped, skip_bad_images)}
     if output is not None and kept is not None and kept[1] is not None:
         from ..engine import predictions as pr
+        from ..ownership import OwnedFiles
 
         folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
         rows = pr.predictions_rows(kept[0], kept[1], data.classnames,
                                    ev.score_logits(backbone, logits or Logits(100.0)))
-        pr.write_predictions(folder / pr.PREDICTIONS, rows)
-        pr.plot_confusion(folder / pr.CONFUSION, rows, data.classnames,
-                          f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        files = {pr.PREDICTIONS: pr.predictions_csv(rows)}
+        png = pr.confusion_png(rows, data.classnames,
+                               f"{data.name} {split}: top-1 {out['top1']:.2f}% on {len(rows)} images")
+        if png is not None:
+            files[pr.CONFUSION] = png
+        # --output may be any folder: replace only the files an earlier eval wrote there (ownership.OwnedFiles)
+        with OwnedFiles(folder, "predictions", "eval") as owned:
+            owned.check(files)
+            owned.write(files)
         out["predictions_file"] = str(folder / pr.PREDICTIONS)
     return out
+
+
+def _check_output(folder: Path) -> None:
+    """Refuse, before evaluating, an --output that is not a folder or holds a predictions.csv / confusion.png that
+    blocklora did not write (a user's own file, or one edited since): it is never replaced."""
+    from ..engine import predictions as pr
+    from ..ownership import OwnedFiles
+
+    if folder.exists() and not folder.is_dir():
+        raise BlockLoRAError(f"--output {folder} is a file: give a folder (predictions.csv and confusion.png go in it)")
+    if folder.is_dir():
+        owned = OwnedFiles(folder, "predictions", "eval")
+        owned.record = owned._read_record()
+        owned.check([pr.PREDICTIONS, pr.CONFUSION])
 
 
 def evaluate_zero_shot(model: str, pretrained: str | None, dataset: str, root: str, split: str = "test",

@@ -274,6 +274,10 @@ def test_errors_name_the_problem_and_leave_the_model_untouched():
     untouched()
     with pytest.raises(ConfigError, match="row blocks k,v are not supported"):
         AdapterConfig(target_modules=["qkv"], fused={"qkv": "kv"})
+    # a baseline method would otherwise get LoRA layers (its n_blocks is 1)
+    with pytest.raises(ConfigError, match="method 'probe' injects no adapter: .*inject.. takes block_lora or lora"):
+        blocklora.inject(model, AdapterConfig(method="probe", target_modules=["qkv"]))
+    untouched()
     # CLIP-LoRA's named layer ranges count the blocks the names select (here 2): "top" is block 1. As in PEFT, a
     # top-level "blocks.{i}" needs layers_pattern (PEFT's default rule wants a name before the layers' name)
     cfg = AdapterConfig(target_modules=["qkv"], layers="top", layers_pattern="blocks")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .config import AdapterConfig, resolve_layers
+from .config import ADAPTER_METHODS, AdapterConfig, resolve_layers
 from .fused import QKV, BlockLoRAFusedQKV, BlockLoRAMultiheadAttention
 from .layers import AdapterLayer, BlockLoRAConv1D, BlockLoRAConv1x1, BlockLoRALinear, SharedFold
 from .targeting import FUSED_MHA, LAYERS, Site, Target, Targeting, find_targeting, match
@@ -37,6 +37,10 @@ def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = Non
     `placement` is not used; otherwise `placement` (a family's Targeting) defaults to the registered family's
     (targeting.find_targeting). Raises ConfigError naming the tower, module or value that does not fit.
     """
+    if cfg.method not in ADAPTER_METHODS:  # a baseline would otherwise get LoRA layers (n_blocks 1), silently
+        raise ConfigError(f"method {cfg.method!r} injects no adapter: it trains a head or prompt context on the frozen "
+                          f"model (blocklora train --method {cfg.method}); inject() takes "
+                          f"{' or '.join(ADAPTER_METHODS)}")
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ConfigError("this model already carries blocklora adapters: load a fresh model, or use load_adapter on "
                           "it")

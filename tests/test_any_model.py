@@ -274,6 +274,10 @@ def test_errors_name_the_problem_and_leave_the_model_untouched():
     untouched()
     with pytest.raises(ConfigError, match="row blocks k,v are not supported"):
         AdapterConfig(target_modules=["qkv"], fused={"qkv": "kv"})
+    # a baseline method would otherwise get LoRA layers (its n_blocks is 1)
+    with pytest.raises(ConfigError, match="method 'probe' injects no adapter: .*inject.. takes block_lora or lora"):
+        blocklora.inject(model, AdapterConfig(method="probe", target_modules=["qkv"]))
+    untouched()
     # CLIP-LoRA's named layer ranges count the blocks the names select (here 2): "top" is block 1. As in PEFT, a
     # top-level "blocks.{i}" needs layers_pattern (PEFT's default rule wants a name before the layers' name)
     cfg = AdapterConfig(target_modules=["qkv"], layers="top", layers_pattern="blocks")
@@ -434,3 +438,18 @@ def test_torch_transformer_encoder_layers_keep_calling_their_adapted_attention(b
         assert (adapted - stock).abs().max() > 0.1  # the adapters are used in eval too
         blocklora.merge(model)
         torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "data_parallel"])
+def test_an_adapter_of_a_compiled_or_wrapped_model_is_the_plain_models(wrap, tmp_path):
+    # the wrapper prefixes every name (_orig_mod., module.): saved as such, the adapter would not load into the plain
+    # model (it was refused as "other frozen weights"); the adapter belongs to the model inside
+    model, x = _build("sequential").eval(), _input("sequential")
+    wrapped = wrap(model)
+    assert blocklora.inject(wrapped, _cfg("sequential")) == ["0", "2"] and blocklora.adapter_config(wrapped)
+    randomize_adapters(model)
+    blocklora.save_adapter(wrapped, tmp_path / "a")
+    assert set(blocklora.merged_state_dict(wrapped)) == set(_build("sequential").state_dict())
+    for target in (_build("sequential").eval(), wrap(_build("sequential").eval())):
+        blocklora.load_adapter(target, tmp_path / "a")
+        torch.testing.assert_close(blocklora.adapters.inject.unwrap(target)(x), model(x))

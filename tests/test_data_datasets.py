@@ -396,6 +396,9 @@ def test_flat_folder_needs_a_test_fraction_and_splits_reproducibly(tmp_path):
     make_class_tree(tmp_path / "one", {"a": 3, "b": 1})
     assert "has 1 image: holding out a test set needs at least 2" in error(load_dataset, "folder", tmp_path / "one",
                                                                           0.3)
+    # a flat folder whose classes include "train" (vehicles): train/ holds images, not class folders
+    make_class_tree(tmp_path / "vehicles", {"bus": 3, "car": 3, "train": 3})
+    assert load_dataset("folder", tmp_path / "vehicles", 0.4).classnames == ["bus", "car", "train"]
 
 
 @pytest.mark.parametrize("text, names", [

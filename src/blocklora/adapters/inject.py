@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .config import AdapterConfig, resolve_layers
+from .config import ADAPTER_METHODS, AdapterConfig, resolve_layers
 from .fused import QKV, BlockLoRAFusedQKV, BlockLoRAMultiheadAttention
 from .layers import AdapterLayer, BlockLoRAConv1D, BlockLoRAConv1x1, BlockLoRALinear, SharedFold
 from .targeting import FUSED_MHA, LAYERS, Site, Target, Targeting, find_targeting, match
@@ -30,6 +30,19 @@ LAYER_CLASSES: dict[str, type[AdapterLayer]] = {
 }
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's OptimizedModule (`_orig_mod`) and nn.DataParallel / DistributedDataParallel
+    (`module`): adapters, their names and their files belong to it, so an adapter saved from a compiled or wrapped
+    model loads into the plain one and back (the wrapper would otherwise prefix every name)."""
+    while True:
+        inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else \
+            model._modules.get("module") if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
+            else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = None) -> list[Target]:
     """Every module inject(model, cfg) would adapt, after checking that all of them fit. Changes nothing.
 
@@ -37,6 +50,11 @@ def plan(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = Non
     `placement` is not used; otherwise `placement` (a family's Targeting) defaults to the registered family's
     (targeting.find_targeting). Raises ConfigError naming the tower, module or value that does not fit.
     """
+    model = unwrap(model)
+    if cfg.method not in ADAPTER_METHODS:  # a baseline would otherwise get LoRA layers (n_blocks 1), silently
+        raise ConfigError(f"method {cfg.method!r} injects no adapter: it trains a head or prompt context on the frozen "
+                          f"model (blocklora train --method {cfg.method}); inject() takes "
+                          f"{' or '.join(ADAPTER_METHODS)}")
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ConfigError("this model already carries blocklora adapters: load a fresh model, or use load_adapter on "
                           "it")
@@ -141,6 +159,7 @@ def inject(model: nn.Module, cfg: AdapterConfig | None = None, placement: Target
     probe, adapters placed by name are checked at their parent module's first forward instead (_FirstCallCheck: a
     ConfigError there names the parent that reads the weights without calling its child).
     """
+    model = unwrap(model)
     cfg = cfg or AdapterConfig()
     targets = plan(model, cfg, placement)
     flags = [p.requires_grad for p in model.parameters()]
@@ -257,6 +276,7 @@ def _not_called(model: nn.Module, probe: Callable[[], object]) -> list[str]:
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
     """The AdapterConfig `model` was injected with, or None."""
+    model = unwrap(model)
     return getattr(model, CONFIG_ATTR, None)
 
 
@@ -274,6 +294,7 @@ def is_adapter_param(name: str) -> bool:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, keyed by their real names in the model."""
+    model = unwrap(model)
     return {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
 
 
@@ -316,6 +337,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A stock state dict (no adapter keys) whose adapted weights include the update. `model` is not changed."""
+    model = unwrap(model)
     state = {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
     for prefix, layer in adapter_layers(model):
         for name, tensor in layer.merged_tensors().items():
@@ -326,6 +348,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def expected_shapes(model: nn.Module, cfg: AdapterConfig, placement: Targeting | None = None
                     ) -> dict[str, tuple[int, ...]]:
     """The adapter tensor names and shapes inject(model, cfg) would create, computed without changing `model`."""
+    model = unwrap(model)
     shapes: dict[str, tuple[int, ...]] = {}
     for t in plan(model, cfg, placement):
         cls = LAYER_CLASSES[t.kind]

@@ -29,7 +29,7 @@ from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import MARKER, atomic_folder, check_deletable, marker_kind, protected, reported_write
 from ..reading import loads, read_bytes, read_text, reason
 from .config import BY_NAME, AdapterConfig
-from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged
+from .inject import adapter_config, adapter_state_dict, expected_shapes, inject, is_merged, unwrap
 from .targeting import Targeting, describe_by_name
 
 CONFIG_FILE = "blocklora_adapter.json"
@@ -51,6 +51,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, backbone: Mappi
     directory and it holds nothing else. Raises BlockLoRAError (no adapter, non-finite tensors, a directory that may
     not be replaced), ConfigError (extra) and OSError when the disk refuses.
     """
+    model = unwrap(model)
     cfg = adapter_config(model)
     if cfg is None:
         raise BlockLoRAError("this model carries no blocklora adapter: inject() or load_adapter() first")
@@ -161,6 +162,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, placement: Targ
     class. `placement` as for inject(). Whether the frozen weights are the ones it was trained on is
     the backbones side's check (backbones.fingerprint.load_adapter, which blocklora exports).
     """
+    model = unwrap(model)
     directory = Path(directory)
     if is_merged(model):  # copying into merged weights would leave the old update in them for good
         raise AdapterMismatchError("the model's adapters are merged into its weights: unmerge(model) before loading "

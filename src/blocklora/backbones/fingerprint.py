@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adapters import io
 from ..adapters.config import AdapterConfig
-from ..adapters.inject import is_adapter_param, is_merged
+from ..adapters.inject import is_adapter_param, is_merged, unwrap
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from .activation import mlp_activation
 
@@ -51,6 +51,7 @@ def identity(model: nn.Module, weights_fingerprint: str | None = None) -> dict[s
     Backbone.cast_frozen); activation: the MLP activation the modules compute, which the fingerprint cannot see
     (the same tensors under QuickGELU or GELU compute other features).
     """
+    model = unwrap(model)
     return {"fingerprint": weights_fingerprint or fingerprint(model), "activation": mlp_activation(model)}
 
 

@@ -128,7 +128,9 @@ def _read_folder(key: str, root: Path, test_fraction: float | None = None) -> Da
             raise DataError(f"folder dataset: {root} has train/ and test/: its test/ is the test set; drop "
                             "--test-fraction (it splits a flat folder {root}/<class>/<images>)")
     elif has_train or (not has_test and subfolders(root)):  # train/ alone, or torchvision's flat ImageFolder
-        return _read_held_out(key, root, root / "train" if has_train else root, test_fraction)
+        # a flat folder may have a class named "train" (trains, in a vehicles dataset): images, no class folders
+        flat = not has_train or (not subfolders(root / "train") and _holds_images(root / "train"))
+        return _read_held_out(key, root, root if flat else root / "train", test_fraction)
     for part in ("train", "test"):
         if not (root / part).is_dir():
             raise DataError(f"folder dataset: {root / part} is missing: expected {layout}")

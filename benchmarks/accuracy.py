@@ -158,19 +158,22 @@ def stamp(recipe: str, code: str, numbers: str | None = None) -> dict[str, str]:
 def matches(cell: dict[str, Any] | None, recipe: str, code: str, numbers: str | None = None) -> bool:
     """Whether a recorded cell is what this run would measure: the same recipe, code and numerics (a cell that
     records no numerics, measured before they were recorded, cannot be shown to match: not reused)."""
-    return bool(cell) and cell.get("recipe") == recipe and cell.get("code") == code and \
+    return bool(cell) and cell.get("recipe") == recipe and (code == ANY_CODE or cell.get("code") == code) and \
         cell.get("numerics") == (numbers or numerics())
+
+
+ANY_CODE = "any"  # --report-only --any-code: cells of earlier code versions are reported (each cell keeps its own)
 
 
 class Grid:
     """Each cell from a run directory or the committed file when recipe and code match, else measured; counted."""
 
     def __init__(self, work: Path, committed: dict[str, Any], iters: dict[int, int], test_images: int,
-                 fresh: bool, run_missing: bool) -> None:
+                 fresh: bool, run_missing: bool, any_code: bool = False) -> None:
         self.work, self.iters, self.test_images = work, iters, test_images
         self.committed = {} if fresh else committed
         self.fresh, self.run_missing = fresh, run_missing
-        self.code = code_version()
+        self.code = ANY_CODE if any_code else code_version()
         self.numerics = numerics()  # after --threads took effect
         self.reused: dict[str, list[str]] = {"work": [], "committed": []}  # source -> measurement dates
         self.unsaved = 0  # cells from run directories that the committed file does not hold as they are
@@ -439,10 +442,15 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(OUT), help="folder of the result files (default benchmarks/results)")
     p.add_argument("--iters", type=int, default=None, help="steps at every K (default: 60 / 240 / 200 at K=1/4/16)")
     p.add_argument("--test-images", type=int, default=TEST_IMAGES, help="size of the fixed test subset")
+    p.add_argument("--any-code", action="store_true",
+                   help="with --report-only: report the cells of --work measured on earlier code versions too (same "
+                        "recipe and numerics; each cell records its code version)")
     p.add_argument("--paired-with", default=None, metavar="NAME",
                    help="take the LoRA / Block-LoRA n=8 cells the paired differences need from RESULTS/NAME.json "
                         "where this run has none (the same draws: same seeds, K and test subset)")
     args = p.parse_args(argv)
+    if args.any_code and not args.report_only:
+        p.error("--any-code reports cells already measured: use it with --report-only")
     for spec in args.variant:
         name, sep, rest = spec.partition("=")
         base, *keys = rest.split(",")
@@ -467,7 +475,7 @@ def main(argv=None) -> int:
     ablations = not args.no_ablations
 
     # What will be reused and what measured, said before anything runs (a grid takes hours).
-    plan = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=False)
+    plan = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=False, any_code=args.any_code)
     planned = len(collect(plan, seeds, shots, ablations, methods)) + len(plan.probes(seeds, shots, committed_probe))
     planned += plan.missing
     print(f"plan: {plan.summary(planned, planning=True)}", flush=True)
@@ -477,7 +485,8 @@ def main(argv=None) -> int:
               f"another recipe, code version or numerics (this run: {plan.numerics}; or record none) and are not "
               "reused", flush=True)
 
-    grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only)
+    grid = Grid(work, committed, iters, args.test_images, args.fresh, run_missing=not args.report_only,
+                any_code=args.any_code)
     probe = grid.probes(seeds, shots, committed_probe)
     cells = collect(grid, seeds, shots, ablations, methods)
     # other cells are paired against only on the same draw (split_sha256) and the same test images (n_test)

@@ -176,3 +176,12 @@ def test_ablations_and_diagnostics_run_only_at_a_k_asked_for(bench, tmp_path, sh
     assert plan.missing == len(bench.METHODS) + len(extra)
     assert extra == set(bench.ABLATIONS if 4 in shots else bench.DIAGNOSTICS if 16 in shots else ())
     assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_any_code_reports_cells_of_earlier_code_but_never_other_recipes_or_numerics(bench):
+    cell = {"recipe": "r1", "code": "old", "numerics": bench.numerics()}
+    assert not bench.matches(cell, "r1", "new") and bench.matches(cell, "r1", bench.ANY_CODE)
+    assert not bench.matches(cell, "r2", bench.ANY_CODE)
+    assert not bench.matches({**cell, "numerics": "torch 0, ATen CPU X, 9 thread(s)"}, "r1", bench.ANY_CODE)
+    with pytest.raises(SystemExit):  # it only reports: measuring under "any code" would stamp no version
+        bench.main(["--any-code"])

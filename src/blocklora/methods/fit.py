@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..engine import evaluate as ev
+from ..engine.fit import FitState
 from ..engine.runtime import seed_everything
 from . import features
 from .base import FitData, Head
@@ -28,19 +29,9 @@ log = logging.getLogger("blocklora")
 
 
 @dataclass
-class HeadState:
-    """What results.json records of training (the fields of engine/fit.FitState that run.py reads)."""
-
-    step: int = 0
-    skipped: int = 0
-    last_loss: float = float("nan")
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
 class HeadFit:
     head: Head
-    state: HeadState
+    state: FitState  # what results.json records of training, as for the adapters
 
 
 def fit_data(p: Any, workers: int) -> FitData:
@@ -85,7 +76,7 @@ def fit_head(p: Any, workers: int, on_record=None) -> tuple[HeadFit, float]:
     history = head.fit(data)
     head.eval()
     # results.json's "iters": optimizer steps (tip_adapter_f, coop), the probe's fits, 0 for the training-free cache
-    state = HeadState(step=max((r.get("step", 0) for r in history), default=0), history=history)
+    state = FitState(step=max((r.get("step", 0) for r in history), default=0), history=history)
     losses = [r["loss"] for r in history if r.get("loss") is not None]
     if losses:
         state.last_loss = float(losses[-1])

@@ -79,6 +79,22 @@ def test_flags_and_overrides_apply_in_order_the_last_word_wins():
     assert cfg.train.lr == 0.2
 
 
+def test_recipe_default_applies_to_new_runs_never_over_a_recorded_request(monkeypatch):
+    """--recipe not given is None: a new run gets the default recipe, a resumed run's recorded request (the base
+    with --resume) keeps the recipe it was started with; an explicit --recipe and the options still apply on top."""
+    from blocklora.config import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "reference", {"train.lr": 1e-5})  # a default recipe with values
+    assert _parse("train", "--output", "o").recipe is None
+    assert _parse("sweep", "--datasets", "dtd", "--root", "r", "--output", "o").recipe is None
+    assert run_config(_parse("train", "--output", "o")).train.lr == 1e-5
+    recorded = run_config(_parse("train", "--output", "o", "--recipe", "quick", "--seed", "3"))
+    resumed = run_config(_parse("train", "--output", "o", "--resume"), recorded)
+    assert resumed == recorded and resumed.train.lr == 4e-3 and resumed.data.seed == 3
+    assert run_config(_parse("train", "--output", "o", "--resume", "--recipe", "reference"), recorded).train.lr == 1e-5
+    assert run_config(_parse("train", "--output", "o", "--resume", "--lr", "0.1"), recorded).train.lr == 0.1
+
+
 @pytest.mark.parametrize("argv", [["adapter.method=lora"], ["--method", "lora"]])
 def test_method_lora_takes_its_own_n_blocks(argv):
     cfg = run_config(_parse("train", "--output", "o", *argv))

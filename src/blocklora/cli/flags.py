@@ -170,14 +170,20 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig the parsed options ask for: --config FILE (else the defaults), then --recipe's values, then the
-    flags, then key=value overrides (the last word wins). Raises ConfigError naming the first bad key or value."""
+def run_config(args: argparse.Namespace, recorded: RunConfig | None = None) -> RunConfig:
+    """The RunConfig the parsed options ask for: the base (`recorded`, a resumed run's request as its config.json
+    records it; else --config FILE; else the defaults), then --recipe's values, then the flags, then key=value
+    overrides (the last word wins). Without --recipe the default recipe (recipes.DEFAULT_RECIPE) applies, except on
+    a recorded request: it holds the values of the recipe its run was started with, which a default must not
+    replace. Raises ConfigError naming the first bad key or value."""
+    from ..config.recipes import DEFAULT_RECIPE
     from ..config.run_config import recipe_overrides
 
     path = getattr(args, "config", None)
-    base = RunConfig.from_file(path) if path else RunConfig()
+    base = recorded if recorded is not None else RunConfig.from_file(path) if path else RunConfig()
     recipe = getattr(args, "recipe", None)  # a named recipe (config.RECIPES) first: every option after it wins
+    if recipe is None and recorded is None:
+        recipe = DEFAULT_RECIPE
     return base.with_overrides((recipe_overrides(recipe) if recipe else []) + overrides_from(args)
                                + list(getattr(args, "overrides", None) or []))
 
@@ -204,15 +210,18 @@ def field_help(key: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
-def add_recipe(parser: Any, default: str | None = "reference") -> None:
-    """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option."""
-    from ..config.recipes import RECIPES
+def add_recipe(parser: Any) -> None:
+    """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option. Its
+    default is None (not given): run_config then applies recipes.DEFAULT_RECIPE, unless a resumed run's recorded
+    request is the base (the recipe it was started with stays)."""
+    from ..config.recipes import DEFAULT_RECIPE, RECIPES
 
     quick = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in RECIPES["quick"].items())
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default=default,
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="reference: CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: the "
                              f"demo's CPU budget, {quick} (minutes on a CPU). Options and key=value overrides change "
-                             "single values of either")
+                             f"single values of either (default: {DEFAULT_RECIPE}; a resumed run keeps the recipe it "
+                             "was started with)")
 
 
 def int_arg(name: str, lo: int, hi: int | None = None) -> Any:

@@ -99,9 +99,12 @@ def _baseline_params(args: argparse.Namespace, run: Any, weights: Any) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..engine.distributed import process_group
     from ..engine.runtime import deterministic
-    from ..pipeline.run import run
+    from ..pipeline.run import recorded_request, run
 
-    cfg = run_config(args)
+    # --resume continues the run as it was started: its recorded request is the base, given options apply on top
+    # (and are checked against the record); --config FILE instead is the base as it names it
+    recorded = recorded_request(args.output) if args.resume and not args.config else None
+    cfg = run_config(args, recorded)
     if not cfg.data.dataset and not cfg.data.split_file:
         raise BlockLoRAError("train needs --dataset (or --split-file, whose dataset it then uses)")
     # Deterministic mode first: the NCCL process group reads it when it is made (runtime.set_deterministic).
@@ -317,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
     add_recipe(g)
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint, with the options it was started with "
+                        "(recorded in its config.json: --output alone is enough; options given must agree)")
     add_overrides(p)
     p.set_defaults(func=cmd_train)
 

@@ -335,7 +335,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
     slurm.add_options(p)
-    add_recipe(g, default=None)  # passed to every cell
+    add_recipe(g)  # passed to every cell (none given: each cell's train applies the default)
     add_config_file(p)
     add_config_flags(p, exclude=OWN, title="train: ")
     add_overrides(p)

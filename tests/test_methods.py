@@ -65,6 +65,52 @@ def test_tip_adapter_cache_keys_are_the_normalised_mean_of_the_raw_views_and_sea
     assert (head.logits(data.val).argmax(-1) == labels).tolist() == [True, False]
 
 
+# -- which config keys each method reads (methods.registry.reads) -----------------------------------------------------
+def test_reads_says_which_keys_each_method_reads():
+    from blocklora.methods.registry import METHODS, reads
+
+    for key in ("model", "data.shots", "eval.split", "train.template", "adapter.method"):  # every run's
+        assert all(reads(m, key) for m in METHODS), key
+    for m in ("block_lora", "lora"):
+        assert reads(m, "adapter.n_blocks") and reads(m, "train.lr") and not reads(m, "baseline.n_ctx")
+    assert not any(reads("tip_adapter", k) for k in ("adapter.n_blocks", "adapter.r", "train.lr", "train.iters",
+                                                      "baseline.method_lr", "baseline.epochs", "baseline.n_ctx"))
+    assert reads("tip_adapter", "baseline.search") and reads("tip_adapter", "baseline.views")
+    assert reads("tip_adapter_f", "baseline.method_lr") and reads("tip_adapter_f", "baseline.epochs")
+    assert reads("probe", "baseline.search") and not reads("probe", "train.lr") and not reads("probe", "baseline.views")
+    assert reads("coop", "baseline.n_ctx") and reads("coop", "baseline.ctx_init") and reads("coop", "baseline.views")
+    assert not reads("coop", "adapter.n_blocks") and not reads("coop", "baseline.search")
+    assert [m for m, r in METHODS.items() if r.searches] == ["probe", "tip_adapter", "tip_adapter_f"]
+    assert reads("a_later_method", "train.lr")  # a results.json of another version: nothing hidden
+
+
+def test_a_heads_fit_ignores_the_baseline_keys_its_method_does_not_read():
+    """The record's keys are what fit() reads: changing every other baseline.* key gives the same head, exactly."""
+    from blocklora.methods.registry import reads
+
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    views = torch.randn(2, 6, 8, generator=g)
+    train, labels = F.normalize(views.mean(0), dim=-1), torch.arange(6) % 3
+    other = {"baseline.n_ctx": 4, "baseline.ctx_init": "a photo", "baseline.method_lr": 0.5, "baseline.epochs": 3,
+             "baseline.views": 7, "baseline.search": False}
+    for method, build in (("probe", lambda d: probe.ProbeHead(d.text, d.scale, d.classnames)),
+                          ("tip_adapter", tip_adapter.TipAdapterHead.build),
+                          ("tip_adapter_f", tip_adapter.TipAdapterFHead.build)):
+        changed = {k.partition(".")[2]: v for k, v in other.items() if not reads(method, k)}
+        assert changed, method
+        heads = []
+        for cfg in ({}, changed):
+            torch.manual_seed(0)
+            data = FitData(train, labels, views, train, labels, text, 100.0, ["a", "b", "c"], "a photo of a {}.",
+                           BaselineConfig(**{"epochs": 2, **cfg}), 2, 1)
+            head = build(data)
+            head.fit(data)
+            heads.append(head.tensors())
+        for name in heads[0]:
+            torch.testing.assert_close(heads[0][name], heads[1][name], rtol=0, atol=0, msg=f"{method} {name}")
+
+
 # -- probe: zero-shot init, lpclip's objective ------------------------------------------------------------------------
 def test_probe_starts_as_the_zero_shot_classifier_and_a_strong_pull_keeps_it():
     g = torch.Generator().manual_seed(0)

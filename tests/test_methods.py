@@ -300,6 +300,22 @@ def test_a_damaged_head_is_one_error_line(zhou, tmp_path, capsys):
     assert "image features of width 64" in err
 
 
+def test_a_baselines_model_card_describes_the_baseline(zhou, tmp_path, capsys):
+    """The export's README.md of a tip_adapter run: what it trains and its parameters, that it does not merge; no
+    adapter shape (r, projections, towers) it never had, even with an ignored --n-blocks."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(out), *TINY,
+                 "--method", "tip_adapter", "baseline.views=1", "--n-blocks", "4"]) == 0
+    assert main(["export", "--adapter", str(out), "--output", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert card.startswith("# tiny-clip with a tip_adapter baseline from blocklora (frozen encoders)")
+    assert "- method: tip_adapter, a baseline on the frozen encoders (Tip-Adapter, Zhang et al. 2022" in card
+    assert "trains nothing (a cache of the K-shot features" in card and "- trainable parameters: 0" in card
+    assert "does not merge into them" in card and "nothing of it merges into the encoder weights" in card
+    for wrong in ("r = ", "n_blocks", "projections", "tower(s)", "adapter merged", "Block-LoRA"):
+        assert wrong not in card, wrong
+
+
 def test_probe_and_tip_adapter_refuse_other_classes(zhou, tmp_path, capsys):
     assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(tmp_path / "r"),
                  *TINY, "--method", "probe", "data.classes=base"]) == 2

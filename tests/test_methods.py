@@ -330,6 +330,12 @@ def test_params_reports_each_baselines_size_and_step_cost(capsys):
         report = json.loads(capsys.readouterr().out)
         assert (report["method"], report["trainable_params"], report["merges"]) == (method, params, False)
         assert report["step_macs"] >= 0 and report["dims"]["feature_dim"] == 64
+    # an adapter option the baseline never reads: the same count, and one warning line naming it
+    assert main(["params", "--model", "tiny-clip", "--method", "probe", "--num-classes", "10", "--shots", "4",
+                 "--r", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trainable_params"] == 10 * 64 + 10
+    assert captured.err.startswith("warning: method probe does not read --r (") and len(captured.err.splitlines()) == 1
 
 
 def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path, capsys):

@@ -47,6 +47,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     run = run_config(args)
     cfg = run.adapter
+    ignored = unread_warning(cfg.method, given_options(args))
+    if ignored:  # params --method tip_adapter --r 8: the count does not depend on r
+        print(ignored, file=sys.stderr)
     weights = run.pretrained
     if weights == AUTO:  # checked as train checks it; open_clip weights are not needed for counts: random ones
         weights = default_pretrained(run.model)

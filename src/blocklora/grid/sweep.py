@@ -13,9 +13,11 @@ Axes: `--methods block_lora,lora` and any `key=v1,v2,...` override (`adapter.n_b
 `model=ViT-B-16,ViT-B-32`) run every combination of their values (the product, first axis outermost); a key whose
 single value may hold a comma (a list such as adapter.towers, the template) separates its values with `|`
 (`adapter.towers=vision|vision,text`), as may any key. Every combination's configuration goes through the config's
-own checks before anything runs, and two combinations that give one configuration are refused. A cell's folder name
-holds its axis values as the configuration has them (`train.lr=1e-3` -> `lr=0.001`), so a rerun finds it whatever
-the spelling.
+own checks before anything runs, and two combinations that give one configuration are refused. A method runs once
+for an axis it does not read (methods.registry.reads: train.lr for tip_adapter) or whose every value it refuses
+(n_blocks for lora), and an axis that applies to no method of the sweep is refused; the plan line printed first
+counts the cells that result. A cell's folder name holds its axis values as the configuration has them
+(`train.lr=1e-3` -> `lr=0.001`), so a rerun finds it whatever the spelling.
 
 A slot is a device (CUDA_VISIBLE_DEVICES=<id> for its process) or a CPU worker; each slot runs one cell at a time
 and the slots run in parallel. Before a cell starts, its lock is taken without waiting: a cell locked by another

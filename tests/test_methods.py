@@ -73,6 +73,19 @@ def test_reads_says_which_keys_each_method_reads():
         assert all(reads(m, key) for m in METHODS), key
     for m in ("block_lora", "lora"):
         assert reads(m, "adapter.n_blocks") and reads(m, "train.lr") and not reads(m, "baseline.n_ctx")
+    # LoRA is n_blocks = 1: the fold of one chunk and A's fan-in do not depend on fold or a_init
+    from blocklora.adapters.core import fold_factor, init_factors
+
+    assert reads("block_lora", "adapter.fold") and not reads("lora", "adapter.fold") and not reads("lora",
+                                                                                                   "adapter.a_init")
+    assert fold_factor(1, "sum") == fold_factor(1, "mean")
+    inits = []
+    for a_init in ("kaiming", "kaiming_full"):
+        torch.manual_seed(0)
+        a, b = torch.empty(2, 16), torch.empty(8, 2)
+        init_factors(a, b, 1, a_init)
+        inits.append(a)
+    torch.testing.assert_close(inits[0], inits[1], rtol=0, atol=0)
     assert not any(reads("tip_adapter", k) for k in ("adapter.n_blocks", "adapter.r", "train.lr", "train.iters",
                                                       "baseline.method_lr", "baseline.epochs", "baseline.n_ctx"))
     assert reads("tip_adapter", "baseline.search") and reads("tip_adapter", "baseline.views")

@@ -133,6 +133,10 @@ def test_a_method_runs_once_for_an_axis_it_does_not_read(tmp_path, capsys):
         g.describe().endswith("; method=tip_adapter) x 1 dataset x 2 shot counts x 1 seed")
     tip = next(c for c in g.cells if c.folder == "method=tip_adapter")
     assert cell_argv(tip, g.root, g.out, g.options, g.fixed, "start")[-1] == "adapter.method=tip_adapter"
+    # LoRA (n_blocks 1) folds one chunk: sum and mean are one computation, so one LoRA configuration
+    fold = _plan(tmp_path, "--methods", "lora,block_lora", "adapter.fold=sum,mean")
+    assert list(dict.fromkeys(c.folder for c in fold.cells)) == ["method=lora", "method=block_lora,fold=sum",
+                                                                 "method=block_lora,fold=mean"]
 
 
 @pytest.mark.parametrize(("words", "message"), [

@@ -47,6 +47,7 @@ class MethodRecord:
     # are the ones its head's fit() reads (methods/*.py); baseline.views: it trains on augmented views of the shots
     # (features.py); baseline.search: it chooses hyper-parameters on the validation shots
     keys: tuple[str, ...] = ADAPTER_READS
+    ignores: tuple[str, ...] = ()  # keys inside `keys`' sections that it does not read after all
     other_classes: bool = False  # can score classes it was not trained on (cross-dataset, base-to-new)
     # the tensors its adapter folder holds (methods/io.py for the baselines; adapters/io.py's factors otherwise)
     saves: tuple[str, ...] = ()
@@ -70,7 +71,8 @@ class MethodRecord:
     def reads(self, key: str) -> bool:
         """Whether a run of this method reads the config key `key` ("train.lr", "adapter.n_blocks", "model")."""
         section = key.rpartition(".")[0]
-        return any(p == key or (p.endswith(".*") and p[:-2] == section) for p in (*EVERY_METHOD, *self.keys))
+        return key not in self.ignores and \
+            any(p == key or (p.endswith(".*") and p[:-2] == section) for p in (*EVERY_METHOD, *self.keys))
 
     def head_class(self):
         """The Head subclass of a baseline (methods/base.py)."""
@@ -87,8 +89,11 @@ TRAINS_KEYS = ("baseline.method_lr", "baseline.epochs")  # tip_adapter_f's and c
 METHODS: dict[str, MethodRecord] = {r.name: r for r in (
     MethodRecord("block_lora", "Block-LoRA factors in the attention projections (A shared by n blocks)", True, None,
                  "docs/method.md", other_classes=True),
+    # n_blocks = 1: the fold of a single chunk (sum or mean) and A's fan-in (its own width or d_in) are one thing
+    # (adapters/core.py: fold_factor, init_factors)
     MethodRecord("lora", "LoRA factors in the attention projections", True, None,
-                 "Hu et al. 2022; CLIP-LoRA, Zanella & Ben Ayed 2024", other_classes=True),
+                 "Hu et al. 2022; CLIP-LoRA, Zanella & Ben Ayed 2024", other_classes=True,
+                 ignores=("adapter.fold", "adapter.a_init")),
     MethodRecord("probe", "a linear head (C x D weights + C biases) on the frozen image features, initialised from "
                  "the zero-shot classifier", False, "probe",
                  "CoOp's lpclip (Zhou et al. 2022, search of the L2 weight on val); zero-shot init as LP++ (Huang et "

@@ -152,6 +152,12 @@ def test_options_a_method_never_reads_are_one_warning_and_change_nothing(tmp_pat
                       load_file(tmp_path / name / "adapter" / "blocklora_adapter.safetensors"))
     assert runs["plain"][0] == runs["ignored"][0]
     assert all((runs["plain"][1][k] == runs["ignored"][1][k]).all() for k in runs["plain"][1])
+    # interrupted before results.json: --resume with another value of a key it never reads is the same computation
+    (tmp_path / "ignored" / "results.json").unlink()
+    assert main([*common, "--method", "tip_adapter", "--output", str(tmp_path / "ignored"), "--resume", "--lr",
+                 "5e-3"]) == 0
+    assert json.loads((tmp_path / "ignored" / "results.json").read_text())["top1"] == runs["plain"][0]
+    capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="blocklora"):
         caplog.clear()
         assert main([*common, "--method", "coop", "--output", str(tmp_path / "coop"), "baseline.epochs=1",

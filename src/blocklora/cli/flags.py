@@ -188,6 +188,38 @@ def run_config(args: argparse.Namespace, recorded: RunConfig | None = None) -> R
                                + list(getattr(args, "overrides", None) or []))
 
 
+def given_options(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """{config key: how the command line gave it ("--lr", "train.lr")} of the config options given as flags or
+    key=value overrides (not --config FILE or --recipe: their tables set keys the user did not pick one by one), in
+    the order given, keys in `exclude` left out. Call after run_config has checked them (an unknown key is skipped)."""
+    from ..errors import ConfigError
+    from ..grid.sweep import canonical_key
+
+    out = {f.key: f.flag for f in config_flags() if getattr(args, f.key, None) is not None}
+    for item in getattr(args, "overrides", None) or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            continue
+        try:
+            out.setdefault(canonical_key(key), key.strip())
+        except ConfigError:
+            continue
+    return {k: v for k, v in out.items() if k not in exclude}
+
+
+def unread_warning(method: str, given: dict[str, str]) -> str | None:
+    """The warning line for options (given_options) that `method` never reads, or None when it reads them all."""
+    from ..methods.registry import is_baseline, unread
+
+    ignored = unread(method, given)
+    if not ignored:
+        return None
+    own = " (a baseline's recipe is its paper's, set by baseline.* keys: docs/recipe.md)" \
+        if is_baseline(method) and any(k.startswith(("adapter.", "train.")) for k in ignored) else ""
+    return (f"warning: method {method} does not read {', '.join(given[k] for k in ignored)}{own}: "
+            f"{'it is' if len(ignored) == 1 else 'they are'} ignored")
+
+
 def flag_words(args: argparse.Namespace, exclude: Sequence[str] = ()) -> list[str]:
     """The given config flags (and --config, as an absolute path) as `blocklora train` words, for sweep's cells."""
     words = ["--config", str(Path(args.config).absolute())] if getattr(args, "config", None) else []

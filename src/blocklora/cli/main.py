@@ -28,10 +28,12 @@ from .flags import (
     data_options,
     eval_options,
     field_help,
+    given_options,
     int_arg,
     run_config,
     section_keys,
     trained_options,
+    unread_warning,
 )
 
 log = logging.getLogger("blocklora")
@@ -45,6 +47,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     run = run_config(args)
     cfg = run.adapter
+    ignored = unread_warning(cfg.method, given_options(args))
+    if ignored:  # params --method tip_adapter --r 8: the count does not depend on r
+        print(ignored, file=sys.stderr)
     weights = run.pretrained
     if weights == AUTO:  # checked as train checks it; open_clip weights are not needed for counts: random ones
         weights = default_pretrained(run.model)
@@ -107,6 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = run_config(args, recorded)
     if not cfg.data.dataset and not cfg.data.split_file:
         raise BlockLoRAError("train needs --dataset (or --split-file, whose dataset it then uses)")
+    ignored = unread_warning(cfg.adapter.method, given_options(args))
+    if ignored and os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the main process
+        print(ignored, file=sys.stderr)
     # Deterministic mode first: the NCCL process group reads it when it is made (runtime.set_deterministic).
     with deterministic(cfg.train.deterministic), process_group(cfg.device) as launch:
         # under torchrun: data parallel, rank 0 writes and prints

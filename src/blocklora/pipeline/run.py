@@ -342,7 +342,10 @@ def _check_same_run(rd: RunDir, cfg: RunConfig) -> dict[str, Any]:
 
 
 def _check_same(rd: RunDir, now: RunConfig, then: RunConfig, has: str, fix: str) -> None:
-    diff = now.differences(then)
+    from ..methods.registry import reads
+
+    # a key the method never reads (a baseline's train.lr) does not change the computation (methods.registry)
+    diff = [d for d in now.differences(then) if reads(now.adapter.method, d[0])]
     if diff:
         key, a, b = diff[0]
         more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:4])})" if len(diff) > 1 else ""

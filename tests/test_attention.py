@@ -76,6 +76,79 @@ def test_adapted_replacement_equals_stock_with_updated_weights(batch_first, proj
     torch.testing.assert_close(ours(x, x, x, need_weights=False, attn_mask=mask)[0], plain, rtol=1e-5, atol=1e-5)
 
 
+def _merged_pair(batch_first: bool, dropout: float = 0.0):
+    """An adapted replacement (B != 0) and the stock module whose in_proj weight is W + the adapters' update."""
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(E, H, dropout=dropout, batch_first=batch_first)
+    with torch.no_grad():
+        stock.in_proj_bias.normal_()
+    ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(n_blocks=4, dropout=0.0), "qkv")
+    randomize_adapters(ours, std=0.2)
+    with torch.no_grad():
+        for i, p in enumerate("qkv"):
+            stock.in_proj_weight[i * E:(i + 1) * E] += ours.delta_weight(p)
+    return stock.train(), ours.train()
+
+
+@pytest.mark.parametrize("weights", ["none", "averaged", "per_head"])
+@pytest.mark.parametrize(("batch_first", "unbatched"), [(True, False), (False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "padding", "per_head", "is_causal"])
+def test_attention_weights_equal_stock(weights, batch_first, unbatched, mask):
+    """Every forward option of the stock module: outputs and attention weights ((N, L, S) averaged over heads,
+    (N, H, L, S) per head, no N for unbatched (L, E) input) equal the stock module with the merged weight."""
+    stock, ours = _merged_pair(batch_first)
+    n, l = (1, 6) if unbatched else (3, 6)
+    kw = _masks(l, n)[mask]
+    if unbatched:
+        x = torch.randn(l, E)
+        kw = {k: v[0] if k == "key_padding_mask" else v for k, v in kw.items()}  # (S,); per_head is (H, L, S)
+    else:
+        x = torch.randn((n, l, E) if batch_first else (l, n, E))
+    opts = {"need_weights": weights != "none", "average_attn_weights": weights == "averaged", **kw}
+    expected, expected_w = stock(x, x, x, **opts)
+    got, got_w = ours(x, x, x, **opts)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if weights == "none":
+        assert got_w is None and expected_w is None
+    else:
+        assert got_w.shape == expected_w.shape
+        torch.testing.assert_close(got_w, expected_w, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_weights_carry_dropout_in_training():
+    """In training the returned weights are the dropped-out ones the values are averaged with, as the stock
+    module's (same random stream, same masks); in eval no dropout."""
+    stock, ours = _merged_pair(True, dropout=0.3)
+    x = torch.randn(2, 5, E)
+    for mode in (True, False):
+        stock.train(mode), ours.train(mode)
+        torch.manual_seed(5)
+        expected, expected_w = stock(x, x, x, average_attn_weights=False)
+        torch.manual_seed(5)
+        got, got_w = ours(x, x, x, average_attn_weights=False)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_w, expected_w, rtol=1e-5, atol=1e-6)
+        assert bool((got_w == 0).any()) is mode
+
+
+def test_is_causal_alone_is_the_causal_mask():
+    """is_causal without an attn_mask (the stock module refuses it) applies the causal mask, with or without
+    weights and a key padding mask."""
+    _, ours = _merged_pair(True)
+    ours.eval()
+    x = torch.randn(2, 6, E)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1, -1] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    for kw in ({}, {"key_padding_mask": kpm}):
+        for need in (True, False):
+            got, got_w = ours(x, x, x, need_weights=need, is_causal=True, **kw)
+            expected, expected_w = ours(x, x, x, need_weights=need, attn_mask=causal, **kw)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            if need:
+                torch.testing.assert_close(got_w, expected_w)
+
+
 def test_cross_attention_inputs():
     stock = _stock(True)
     ours = BlockLoRAMultiheadAttention(copy.deepcopy(stock), AdapterConfig(dropout=0.0))

@@ -79,6 +79,22 @@ def test_flags_and_overrides_apply_in_order_the_last_word_wins():
     assert cfg.train.lr == 0.2
 
 
+def test_recipe_default_applies_to_new_runs_never_over_a_recorded_request(monkeypatch):
+    """--recipe not given is None: a new run gets the default recipe, a resumed run's recorded request (the base
+    with --resume) keeps the recipe it was started with; an explicit --recipe and the options still apply on top."""
+    from blocklora.config import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "reference", {"train.lr": 1e-5})  # a default recipe with values
+    assert _parse("train", "--output", "o").recipe is None
+    assert _parse("sweep", "--datasets", "dtd", "--root", "r", "--output", "o").recipe is None
+    assert run_config(_parse("train", "--output", "o")).train.lr == 1e-5
+    recorded = run_config(_parse("train", "--output", "o", "--recipe", "quick", "--seed", "3"))
+    resumed = run_config(_parse("train", "--output", "o", "--resume"), recorded)
+    assert resumed == recorded and resumed.train.lr == 4e-3 and resumed.data.seed == 3
+    assert run_config(_parse("train", "--output", "o", "--resume", "--recipe", "reference"), recorded).train.lr == 1e-5
+    assert run_config(_parse("train", "--output", "o", "--resume", "--lr", "0.1"), recorded).train.lr == 0.1
+
+
 @pytest.mark.parametrize("argv", [["adapter.method=lora"], ["--method", "lora"]])
 def test_method_lora_takes_its_own_n_blocks(argv):
     cfg = run_config(_parse("train", "--output", "o", *argv))
@@ -122,3 +138,44 @@ def test_a_runs_config_json_reproduces_it(tmp_path, capsys):
     assert again.resolved().hash() == saved["config_hash"]
     assert main(["train", "--config", str(out / "config.json"), "--output", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "config.json").read_text())["config_hash"] == saved["config_hash"]
+
+
+def test_options_a_method_never_reads_are_one_warning_and_change_nothing(tmp_path, capsys, caplog):
+    """tip_adapter reads no adapter or optimiser key: given, they are named in one warning line and the run is the
+    run without them (the same accuracy and cache). With no validation shots (a folder without val/ under the coop
+    sampler) the no-search warning is for the methods that search on val (tip_adapter), not coop."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    root = make_folder_dataset(tmp_path / "data", n_classes=3, train_per_class=2, test_per_class=2)
+    common = ["train", "--model", "tiny-clip", "--pretrained", "none", "--dataset", "folder", "--root", str(root),
+              "--shots", "1", "--workers", "0", "--device", "cpu", "--no-zero-shot", "--sampler", "coop",
+              "baseline.views=1"]
+    runs = {}
+    for name, extra in (("plain", []), ("ignored", ["--n-blocks", "4", "--lr", "1e-3", "--iters", "3",
+                                                    "train.flip=false", "baseline.n_ctx=4"])):
+        capsys.readouterr()
+        with caplog.at_level(logging.WARNING, logger="blocklora"):
+            caplog.clear()
+            assert main([*common, "--method", "tip_adapter", "--output", str(tmp_path / name), *extra]) == 0
+        warned = [line for line in capsys.readouterr().err.splitlines() if "does not read" in line]
+        assert warned == ([] if name == "plain" else [
+            "warning: method tip_adapter does not read --n-blocks, --lr, --iters, train.flip, baseline.n_ctx (a "
+            "baseline's recipe is its paper's, set by baseline.* keys: docs/recipe.md): they are ignored"])
+        assert "no validation shots" in caplog.text  # tip_adapter searches alpha and beta on val
+        runs[name] = (json.loads((tmp_path / name / "results.json").read_text())["top1"],
+                      load_file(tmp_path / name / "adapter" / "blocklora_adapter.safetensors"))
+    assert runs["plain"][0] == runs["ignored"][0]
+    assert all((runs["plain"][1][k] == runs["ignored"][1][k]).all() for k in runs["plain"][1])
+    # interrupted before results.json: --resume with another value of a key it never reads is the same computation
+    (tmp_path / "ignored" / "results.json").unlink()
+    assert main([*common, "--method", "tip_adapter", "--output", str(tmp_path / "ignored"), "--resume", "--lr",
+                 "5e-3"]) == 0
+    assert json.loads((tmp_path / "ignored" / "results.json").read_text())["top1"] == runs["plain"][0]
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="blocklora"):
+        caplog.clear()
+        assert main([*common, "--method", "coop", "--output", str(tmp_path / "coop"), "baseline.epochs=1",
+                     "baseline.n_ctx=2"]) == 0
+    assert "no validation shots" not in caplog.text and "does not read" not in capsys.readouterr().err

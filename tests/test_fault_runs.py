@@ -95,6 +95,30 @@ def test_resume_allows_workers_and_names_a_changed_option(capsys, stopped, tmp_p
     assert json.loads((out / "results.json").read_text())["iters"] == 12
 
 
+def test_resume_with_only_the_output_continues_the_run_as_started(capsys, monkeypatch, data, tmp_path):
+    """`train --output DIR --resume` alone continues the run with the options it was started with (config.json's
+    request, its recipe's values included), its relative paths read from the folder it was started in, from any
+    folder; it ends where the uninterrupted run ends. Options given are still checked against the record."""
+    from safetensors.torch import load_file
+
+    start = tmp_path / "start"
+    shutil.copytree(data, start / "d")
+    monkeypatch.chdir(start)  # the run is started with relative paths
+    options = ("--recipe", "quick", "--seed", "3")
+    whole = tmp_path / "whole"
+    assert cli(capsys, *train_args(Path("d"), whole, "--iters", "12", "--checkpoint-every", "4", *options))[0] == 0
+    interrupted(Path("d"), Path("run"), *options)
+    monkeypatch.chdir(tmp_path)  # elsewhere: no ./d here
+    refused(capsys, ["train", "--output", "start/run", "--resume", "--seed", "4"], "data.seed=3", "data.seed=4")
+    assert cli(capsys, "train", "--output", "start/run", "--resume")[0] == 0
+    got, expected = (json.loads((r / "results.json").read_text()) for r in (start / "run", whole))
+    assert (got["iters"], got["config_hash"], got["top1"]) == (12, expected["config_hash"], expected["top1"])
+    assert got["config"]["train"]["lr"] == 4e-3 and got["config"]["data"]["root"] == str(start / "d")
+    adapters = [load_file(r / "adapter" / "blocklora_adapter.safetensors") for r in (start / "run", whole)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def test_resume_refuses_other_frozen_weights(capsys, data, tmp_path):
     import open_clip
     from safetensors.torch import save_file

@@ -65,6 +65,65 @@ def test_tip_adapter_cache_keys_are_the_normalised_mean_of_the_raw_views_and_sea
     assert (head.logits(data.val).argmax(-1) == labels).tolist() == [True, False]
 
 
+# -- which config keys each method reads (methods.registry.reads) -----------------------------------------------------
+def test_reads_says_which_keys_each_method_reads():
+    from blocklora.methods.registry import METHODS, reads
+
+    for key in ("model", "data.shots", "eval.split", "train.template", "adapter.method"):  # every run's
+        assert all(reads(m, key) for m in METHODS), key
+    for m in ("block_lora", "lora"):
+        assert reads(m, "adapter.n_blocks") and reads(m, "train.lr") and not reads(m, "baseline.n_ctx")
+    # LoRA is n_blocks = 1: the fold of one chunk and A's fan-in do not depend on fold or a_init
+    from blocklora.adapters.core import fold_factor, init_factors
+
+    assert reads("block_lora", "adapter.fold") and not reads("lora", "adapter.fold") and not reads("lora",
+                                                                                                   "adapter.a_init")
+    assert fold_factor(1, "sum") == fold_factor(1, "mean")
+    inits = []
+    for a_init in ("kaiming", "kaiming_full"):
+        torch.manual_seed(0)
+        a, b = torch.empty(2, 16), torch.empty(8, 2)
+        init_factors(a, b, 1, a_init)
+        inits.append(a)
+    torch.testing.assert_close(inits[0], inits[1], rtol=0, atol=0)
+    assert not any(reads("tip_adapter", k) for k in ("adapter.n_blocks", "adapter.r", "train.lr", "train.iters",
+                                                      "baseline.method_lr", "baseline.epochs", "baseline.n_ctx"))
+    assert reads("tip_adapter", "baseline.search") and reads("tip_adapter", "baseline.views")
+    assert reads("tip_adapter_f", "baseline.method_lr") and reads("tip_adapter_f", "baseline.epochs")
+    assert reads("probe", "baseline.search") and not reads("probe", "train.lr") and not reads("probe", "baseline.views")
+    assert reads("coop", "baseline.n_ctx") and reads("coop", "baseline.ctx_init") and reads("coop", "baseline.views")
+    assert not reads("coop", "adapter.n_blocks") and not reads("coop", "baseline.search")
+    assert [m for m, r in METHODS.items() if r.searches] == ["probe", "tip_adapter", "tip_adapter_f"]
+    assert reads("a_later_method", "train.lr")  # a results.json of another version: nothing hidden
+
+
+def test_a_heads_fit_ignores_the_baseline_keys_its_method_does_not_read():
+    """The record's keys are what fit() reads: changing every other baseline.* key gives the same head, exactly."""
+    from blocklora.methods.registry import reads
+
+    g = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    views = torch.randn(2, 6, 8, generator=g)
+    train, labels = F.normalize(views.mean(0), dim=-1), torch.arange(6) % 3
+    other = {"baseline.n_ctx": 4, "baseline.ctx_init": "a photo", "baseline.method_lr": 0.5, "baseline.epochs": 3,
+             "baseline.views": 7, "baseline.search": False}
+    for method, build in (("probe", lambda d: probe.ProbeHead(d.text, d.scale, d.classnames)),
+                          ("tip_adapter", tip_adapter.TipAdapterHead.build),
+                          ("tip_adapter_f", tip_adapter.TipAdapterFHead.build)):
+        changed = {k.partition(".")[2]: v for k, v in other.items() if not reads(method, k)}
+        assert changed, method
+        heads = []
+        for cfg in ({}, changed):
+            torch.manual_seed(0)
+            data = FitData(train, labels, views, train, labels, text, 100.0, ["a", "b", "c"], "a photo of a {}.",
+                           BaselineConfig(**{"epochs": 2, **cfg}), 2, 1)
+            head = build(data)
+            head.fit(data)
+            heads.append(head.tensors())
+        for name in heads[0]:
+            torch.testing.assert_close(heads[0][name], heads[1][name], rtol=0, atol=0, msg=f"{method} {name}")
+
+
 # -- probe: zero-shot init, lpclip's objective ------------------------------------------------------------------------
 def test_probe_starts_as_the_zero_shot_classifier_and_a_strong_pull_keeps_it():
     g = torch.Generator().manual_seed(0)
@@ -254,6 +313,22 @@ def test_a_damaged_head_is_one_error_line(zhou, tmp_path, capsys):
     assert "image features of width 64" in err
 
 
+def test_a_baselines_model_card_describes_the_baseline(zhou, tmp_path, capsys):
+    """The export's README.md of a tip_adapter run: what it trains and its parameters, that it does not merge; no
+    adapter shape (r, projections, towers) it never had, even with an ignored --n-blocks."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(out), *TINY,
+                 "--method", "tip_adapter", "baseline.views=1", "--n-blocks", "4"]) == 0
+    assert main(["export", "--adapter", str(out), "--output", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert card.startswith("# tiny-clip with a tip_adapter baseline from blocklora (frozen encoders)")
+    assert "- method: tip_adapter, a baseline on the frozen encoders (Tip-Adapter, Zhang et al. 2022" in card
+    assert "trains nothing (a cache of the K-shot features" in card and "- trainable parameters: 0" in card
+    assert "does not merge into them" in card and "nothing of it merges into the encoder weights" in card
+    for wrong in ("r = ", "n_blocks", "projections", "tower(s)", "adapter merged", "Block-LoRA"):
+        assert wrong not in card, wrong
+
+
 def test_probe_and_tip_adapter_refuse_other_classes(zhou, tmp_path, capsys):
     assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(tmp_path / "r"),
                  *TINY, "--method", "probe", "data.classes=base"]) == 2
@@ -268,6 +343,12 @@ def test_params_reports_each_baselines_size_and_step_cost(capsys):
         report = json.loads(capsys.readouterr().out)
         assert (report["method"], report["trainable_params"], report["merges"]) == (method, params, False)
         assert report["step_macs"] >= 0 and report["dims"]["feature_dim"] == 64
+    # an adapter option the baseline never reads: the same count, and one warning line naming it
+    assert main(["params", "--model", "tiny-clip", "--method", "probe", "--num-classes", "10", "--shots", "4",
+                 "--r", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["trainable_params"] == 10 * 64 + 10
+    assert captured.err.startswith("warning: method probe does not read --r (") and len(captured.err.splitlines()) == 1
 
 
 def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path, capsys):

@@ -305,3 +305,56 @@ def test_without_matplotlib_the_tables_are_still_written(tmp_path, monkeypatch):
     out = summarize(tmp_path)
     assert "plot" not in out["files"] and any("matplotlib" in w for w in out["warnings"])
     assert (tmp_path / "summary.md").exists() and (tmp_path / "summary.csv").exists()
+
+
+def test_keys_a_method_does_not_read_neither_split_nor_pool_its_runs(tmp_path, capsys):
+    """A sweep of block_lora and tip_adapter over lr and n_blocks (as `sweep` gives every method its fixed options):
+    tip_adapter reads neither, so its runs at another lr or n_blocks are one configuration, shown with '–' for them;
+    the two Block-LoRA lrs stay apart."""
+    for lr, n in ((2e-4, 2), (1e-3, 4)):
+        for seed in (1, 2):
+            write_run(tmp_path / f"bl{lr}", "dtd", 1, seed, 50.0 + seed + 1000 * lr, lr=lr, method="block_lora",
+                      n_blocks=n, trainable_params=100, zero_shot_top1=40.0)
+    write_run(tmp_path / "tip_a", "dtd", 1, 1, 45.0, lr=2e-4, method="tip_adapter", trainable_params=0,
+              zero_shot_top1=40.0)
+    write_run(tmp_path / "tip_b", "dtd", 1, 2, 47.0, lr=1e-3, method="tip_adapter", n_blocks=4, trainable_params=0,
+              zero_shot_top1=40.0)
+    out = summarize(tmp_path, with_plot=False)
+    assert out["warnings"] == [] and out["runs"] == 6 and out["configurations"] == 3
+    md = out["markdown"]
+    configs = table(md, "## Configurations")
+    assert list(configs) == ["tip_adapter", "block_lora n_blocks=2 lr=0.0002", "block_lora n_blocks=4 lr=0.001"]
+    assert (configs["tip_adapter"]["lr"], configs["tip_adapter"]["n_blocks"], configs["tip_adapter"]["runs"]) == \
+        ("–", "–", "2")
+    assert configs["block_lora n_blocks=4 lr=0.001"]["lr"] == "0.001"
+    assert table(md, "## 1 shot")["tip_adapter"]["dtd"] == pm([45.0, 47.0])  # both seeds, one row
+    assert "Shared by every run that reads the setting: model ViT-B-16" in md and " r 2" in md
+    with open(tmp_path / "summary_runs.csv") as fh:
+        runs = {(r["configuration"], r["seed"]): r for r in csv.DictReader(fh)}
+    assert len(runs) == 6 and runs[("tip_adapter", "2")]["lr"] == "" and runs[("tip_adapter", "2")]["n_blocks"] == ""
+    # the same runs with a second tip_adapter at the same seed: the same computation, a duplicate named, not pooled
+    write_run(tmp_path / "tip_c", "dtd", 1, 1, 45.0, lr=5e-3, method="tip_adapter", trainable_params=0)
+    again = summarize(tmp_path, with_plot=False)
+    assert again["runs"] == 6 and len(again["warnings"]) == 1 and "duplicate" in again["warnings"][0]
+
+
+def test_the_parameter_plot_shows_methods_that_train_nothing(tmp_path):
+    """top-1 vs trainable parameters on a symlog axis: the zero-shot rows and a 0-parameter method at x = 0."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blocklora.grid.summarize import _params_panel
+    from blocklora.grid.tables import collect, group
+
+    write_run(tmp_path / "bl", "dtd", 1, 1, 50.0, trainable_params=1728, zero_shot_top1=40.0)
+    write_run(tmp_path / "tip", "dtd", 1, 1, 45.0, method="tip_adapter", trainable_params=0, zero_shot_top1=40.0)
+    s = group(collect(tmp_path)[0])
+    fig, ax = plt.subplots()
+    _params_panel(ax, s, {g.variant: "C0" for g in s.groups}, {1: "o"})
+    points = sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.lines
+                    if len(line.get_xdata()))
+    plt.close(fig)
+    assert points == [(0.0, 40.0), (0.0, 45.0), (1728.0, 50.0)] and ax.get_xscale() == "symlog"

@@ -115,6 +115,30 @@ def test_axes_run_every_combination_in_readable_unique_folders(tmp_path, capsys)
     assert [c.folder for c in template.cells] == ["", ""] and template.fixed == ["train.template=a {}, in a photo."]
 
 
+def test_a_method_runs_once_for_an_axis_it_does_not_read(tmp_path, capsys):
+    """tip_adapter reads neither n_blocks nor lr (methods.registry.reads): one cell per dataset, shots and seed, not
+    one per combination; the plan line counts 3 configurations; a fixed option it ignores is one warning line."""
+    g = _plan(tmp_path, "--methods", "block_lora,tip_adapter", "adapter.n_blocks=2,4", "train.lr=1e-3,2e-4",
+              "--alpha", "2")
+    err = capsys.readouterr().err
+    assert "note: method tip_adapter does not read adapter.n_blocks: its cells run once, without that axis" in err
+    assert "note: method tip_adapter does not read train.lr" in err
+    assert "warning: method tip_adapter does not read --alpha, --iters, --batch-size: ignored by those cells" \
+        in err.splitlines()  # TINY gives --iters and --batch-size
+    folders = list(dict.fromkeys(c.folder for c in g.cells))
+    assert folders == [f"method=block_lora,n_blocks={n},lr={lr}" for n in (2, 4) for lr in ("0.001", "0.0002")] + \
+        ["method=tip_adapter"]
+    assert len(g.cells) == 2 * 5  # 5 configurations x 2 shot counts
+    assert g.describe().startswith("10 cells: 5 configurations (method=block_lora,n_blocks=2,lr=0.001; ") and \
+        g.describe().endswith("; method=tip_adapter) x 1 dataset x 2 shot counts x 1 seed")
+    tip = next(c for c in g.cells if c.folder == "method=tip_adapter")
+    assert cell_argv(tip, g.root, g.out, g.options, g.fixed, "start")[-1] == "adapter.method=tip_adapter"
+    # LoRA (n_blocks 1) folds one chunk: sum and mean are one computation, so one LoRA configuration
+    fold = _plan(tmp_path, "--methods", "lora,block_lora", "adapter.fold=sum,mean")
+    assert list(dict.fromkeys(c.folder for c in fold.cells)) == ["method=lora", "method=block_lora,fold=sum",
+                                                                 "method=block_lora,fold=mean"]
+
+
 @pytest.mark.parametrize(("words", "message"), [
     (["train.lr=1e-3,0.001"], "train.lr=1e-3 and train.lr=0.001 give the same configuration"),
     (["--methods", "lora,block_lora", "adapter.n_blocks=1,4"],
@@ -127,6 +151,12 @@ def test_axes_run_every_combination_in_readable_unique_folders(tmp_path, capsys)
     (["lr=1,2", "train.lr=3,4"], "train.lr is given as an axis twice"),
     (["train.lr=1e-3,fast"], "the cells with train.lr=fast: bad value 'fast' for train.lr"),
     (["nope.key=1,2"], "unknown config key 'nope.key'"),
+    (["--method", "tip_adapter", "adapter.n_blocks=2,4"],
+     "adapter.n_blocks=2,4: no method of the sweep (tip_adapter) reads adapter.n_blocks: drop the axis"),
+    (["--methods", "probe,tip_adapter", "train.lr=1e-3,2e-4"],
+     "train.lr=1e-3,2e-4: no method of the sweep (probe, tip_adapter) reads train.lr"),
+    (["--methods", "block_lora,lora", "baseline.n_ctx=4,8"],
+     "no method of the sweep (block_lora, lora) reads baseline.n_ctx"),
 ])
 def test_bad_axes_fail_before_anything_is_written(tmp_path, capsys, words, message):
     root = tmp_path / "data"

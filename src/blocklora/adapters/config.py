@@ -238,9 +238,6 @@ class AdapterConfig:
             n = DEFAULT_N_BLOCKS if self.method == "block_lora" else 1
         if self.method == "lora" and n != 1:
             raise ConfigError(f"method 'lora' means n_blocks=1, got n_blocks={n}: use method 'block_lora'")
-        if self.method not in ADAPTER_METHODS and n != 1:
-            raise ConfigError(f"method {self.method!r} injects no adapter (it trains a head or prompt context on "
-                              f"the frozen model, methods/), so n_blocks does not apply, got n_blocks={n}: drop it")
         set_(self, "n_blocks", n)
         set_(self, "alpha", float(self.alpha))
         set_(self, "dropout", float(self.dropout))

@@ -10,6 +10,7 @@ whole nn.MultiheadAttention (whose out_proj is never called as a module, so `o` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -156,11 +157,12 @@ class BlockLoRAMultiheadAttention(QKVAdapters):
     """Drop-in for nn.MultiheadAttention (self-attention as in OpenAI CLIP / open_clip) with adapters on q, k, v, o.
 
     Keyed on the parameter layout (in_proj_weight (3E, E), in_proj_bias, out_proj), not on the class, so it also
-    replaces modules with the same layout (open_clip's own Attention). Computes what the stock module computes with
-    need_weights=False: batch_first either way ((N, L, E) or (L, N, E) in and out), additive or boolean attn_mask
-    (the text tower's causal mask), key_padding_mask, is_causal. Attention weights are never returned (the second
-    output is None). Adds `lora_A.{p}` (r, E / n) and `lora_B.{p}` (E, r) per projection p. Raises ConfigError for
-    layouts it cannot reproduce exactly (fused_attention_problem) or an n_blocks that does not divide E.
+    replaces modules with the same layout (open_clip's own Attention). Computes what the stock module computes in
+    every forward option: batch_first either way ((N, L, E) or (L, N, E) in and out) or unbatched (L, E),
+    additive or boolean attn_mask (the text tower's causal mask), key_padding_mask, is_causal, and with
+    need_weights the attention weights (averaged over heads or per head). Adds `lora_A.{p}` (r, E / n) and
+    `lora_B.{p}` (E, r) per projection p. Raises ConfigError for layouts it cannot reproduce exactly
+    (fused_attention_problem) or an n_blocks that does not divide E.
     """
 
     @classmethod
@@ -217,7 +219,11 @@ class BlockLoRAMultiheadAttention(QKVAdapters):
         return self._with_adapter(out, x, projection)
 
     def _attn_bias(self, attn_mask, key_padding_mask, n, l, s, dtype):
-        """Canonical additive mask (broadcastable to (N, H, L, S)) from MHA's mask conventions, or None."""
+        """Canonical additive mask (broadcastable to (N, H, L, S)) from MHA's mask conventions, or None.
+
+        attn_mask (L, S) or (N*H, L, S) ((H, L, S) for unbatched input), key_padding_mask (N, S); boolean masks
+        mark with True what may NOT be attended (-inf), float masks are added.
+        """
         bias = None
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # MHA: True = may NOT attend
@@ -243,11 +249,29 @@ class BlockLoRAMultiheadAttention(QKVAdapters):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None] | torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor:
+        """nn.MultiheadAttention.forward's arguments and results (open_clip's Attention: x, attn_mask -> tensor).
+
+        Shapes: query (N, L, E) if batch_first else (L, N, E), or unbatched (L, E); key/value likewise with S.
+        Returns (output, weights): output shaped as query; weights None unless need_weights, then (N, L, S)
+        averaged over heads (average_attn_weights) or (N, H, L, S), without N for unbatched input. Weights are
+        softmax(q k^T / sqrt(E/H) + masks) with attention dropout applied in training, as the stock module
+        returns them (torch.nn.functional.multi_head_attention_forward); without them the fused
+        scaled_dot_product_attention kernel computes the same output. is_causal with an attn_mask trusts the
+        mask (the stock module's hint); without one it applies the causal mask itself (the stock module
+        raises). Raises ValueError for a query that is neither 2-D nor 3-D.
+        """
         key = query if key is None else key
         value = key if value is None else value
         self_attn = query is key and key is value
-        if not self.batch_first:  # (L, N, E) -> (N, L, E); views, no copies
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be (L, E) or 3-D batched, got shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        if not batched:  # (L, E): one sequence, as a batch of one (the stock module does the same)
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, N, E) -> (N, L, E); views, no copies
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, l, e = query.shape
         s, h = key.shape[1], self.num_heads
@@ -258,16 +282,36 @@ class BlockLoRAMultiheadAttention(QKVAdapters):
             q = self._project(query, "q").view(n, l, h, e // h).transpose(1, 2)
             k = self._project(key, "k").view(n, s, h, e // h).transpose(1, 2)
             v = self._project(value, "v").view(n, s, h, e // h).transpose(1, 2)
+        weighted = need_weights and self.returns_tuple  # open_clip's Attention has no way to return them
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if is_causal and attn_mask is None and (weighted or key_padding_mask is not None):
+            # the kernel's is_causal cannot be combined with another mask: spell out its (top-left) causal mask
+            attn_mask = torch.ones(l, s, dtype=torch.bool, device=q.device).triu(1)
         bias = self._attn_bias(attn_mask, key_padding_mask, n, l, s, q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=bool(is_causal and bias is None))
+        weights = None
+        if weighted:  # explicit softmax, in the stock module's order (q scaled first, mask added, softmax)
+            scores = torch.matmul(q * math.sqrt(1.0 / (e // h)), k.transpose(-2, -1))  # (N, H, L, S)
+            if bias is not None:
+                scores = scores + bias
+            weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.matmul(weights, v)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)  # (N, L, S)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+                                                 is_causal=bool(is_causal and bias is None))
         attn = out.transpose(1, 2).reshape(n, l, e)  # (N, L, E)
         out = F.linear(attn, self.out_proj.weight, self.out_proj.bias)
         out = self._with_adapter(out, attn, "o")
-        if not self.batch_first:
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
-        return (out, None) if self.returns_tuple else out
+        return (out, weights) if self.returns_tuple else out
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "

@@ -170,16 +170,54 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig the parsed options ask for: --config FILE (else the defaults), then --recipe's values, then the
-    flags, then key=value overrides (the last word wins). Raises ConfigError naming the first bad key or value."""
+def run_config(args: argparse.Namespace, recorded: RunConfig | None = None) -> RunConfig:
+    """The RunConfig the parsed options ask for: the base (`recorded`, a resumed run's request as its config.json
+    records it; else --config FILE; else the defaults), then --recipe's values, then the flags, then key=value
+    overrides (the last word wins). Without --recipe the default recipe (recipes.DEFAULT_RECIPE) applies, except on
+    a recorded request: it holds the values of the recipe its run was started with, which a default must not
+    replace. Raises ConfigError naming the first bad key or value."""
+    from ..config.recipes import DEFAULT_RECIPE
     from ..config.run_config import recipe_overrides
 
     path = getattr(args, "config", None)
-    base = RunConfig.from_file(path) if path else RunConfig()
+    base = recorded if recorded is not None else RunConfig.from_file(path) if path else RunConfig()
     recipe = getattr(args, "recipe", None)  # a named recipe (config.RECIPES) first: every option after it wins
+    if recipe is None and recorded is None:
+        recipe = DEFAULT_RECIPE
     return base.with_overrides((recipe_overrides(recipe) if recipe else []) + overrides_from(args)
                                + list(getattr(args, "overrides", None) or []))
+
+
+def given_options(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """{config key: how the command line gave it ("--lr", "train.lr")} of the config options given as flags or
+    key=value overrides (not --config FILE or --recipe: their tables set keys the user did not pick one by one), in
+    the order given, keys in `exclude` left out. Call after run_config has checked them (an unknown key is skipped)."""
+    from ..errors import ConfigError
+    from ..grid.sweep import canonical_key
+
+    out = {f.key: f.flag for f in config_flags() if getattr(args, f.key, None) is not None}
+    for item in getattr(args, "overrides", None) or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            continue
+        try:
+            out.setdefault(canonical_key(key), key.strip())
+        except ConfigError:
+            continue
+    return {k: v for k, v in out.items() if k not in exclude}
+
+
+def unread_warning(method: str, given: dict[str, str]) -> str | None:
+    """The warning line for options (given_options) that `method` never reads, or None when it reads them all."""
+    from ..methods.registry import is_baseline, unread
+
+    ignored = unread(method, given)
+    if not ignored:
+        return None
+    own = " (a baseline's recipe is its paper's, set by baseline.* keys: docs/recipe.md)" \
+        if is_baseline(method) and any(k.startswith(("adapter.", "train.")) for k in ignored) else ""
+    return (f"warning: method {method} does not read {', '.join(given[k] for k in ignored)}{own}: "
+            f"{'it is' if len(ignored) == 1 else 'they are'} ignored")
 
 
 def flag_words(args: argparse.Namespace, exclude: Sequence[str] = ()) -> list[str]:
@@ -204,15 +242,18 @@ def field_help(key: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
-def add_recipe(parser: Any, default: str | None = "reference") -> None:
-    """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option."""
-    from ..config.recipes import RECIPES
+def add_recipe(parser: Any) -> None:
+    """--recipe NAME: a named table of recipe values (recipes.RECIPES) applied before every other option. Its
+    default is None (not given): run_config then applies recipes.DEFAULT_RECIPE, unless a resumed run's recorded
+    request is the base (the recipe it was started with stays)."""
+    from ..config.recipes import DEFAULT_RECIPE, RECIPES
 
     quick = ", ".join(f"{k.split('.')[1]} {v:g}" for k, v in RECIPES["quick"].items())
-    parser.add_argument("--recipe", choices=tuple(RECIPES), default=default,
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="reference: CLIP-LoRA's GPU recipe, 500 x shots steps of batch 32, lr 2e-4; quick: the "
                              f"demo's CPU budget, {quick} (minutes on a CPU). Options and key=value overrides change "
-                             "single values of either")
+                             f"single values of either (default: {DEFAULT_RECIPE}; a resumed run keeps the recipe it "
+                             "was started with)")
 
 
 def int_arg(name: str, lo: int, hi: int | None = None) -> Any:

@@ -28,10 +28,12 @@ from .flags import (
     data_options,
     eval_options,
     field_help,
+    given_options,
     int_arg,
     run_config,
     section_keys,
     trained_options,
+    unread_warning,
 )
 
 log = logging.getLogger("blocklora")
@@ -45,6 +47,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     run = run_config(args)
     cfg = run.adapter
+    ignored = unread_warning(cfg.method, given_options(args))
+    if ignored:  # params --method tip_adapter --r 8: the count does not depend on r
+        print(ignored, file=sys.stderr)
     weights = run.pretrained
     if weights == AUTO:  # checked as train checks it; open_clip weights are not needed for counts: random ones
         weights = default_pretrained(run.model)
@@ -99,11 +104,17 @@ def _baseline_params(args: argparse.Namespace, run: Any, weights: Any) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..engine.distributed import process_group
     from ..engine.runtime import deterministic
-    from ..pipeline.run import run
+    from ..pipeline.run import recorded_request, run
 
-    cfg = run_config(args)
+    # --resume continues the run as it was started: its recorded request is the base, given options apply on top
+    # (and are checked against the record); --config FILE instead is the base as it names it
+    recorded = recorded_request(args.output) if args.resume and not args.config else None
+    cfg = run_config(args, recorded)
     if not cfg.data.dataset and not cfg.data.split_file:
         raise BlockLoRAError("train needs --dataset (or --split-file, whose dataset it then uses)")
+    ignored = unread_warning(cfg.adapter.method, given_options(args))
+    if ignored and os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the main process
+        print(ignored, file=sys.stderr)
     # Deterministic mode first: the NCCL process group reads it when it is made (runtime.set_deterministic).
     with deterministic(cfg.train.deterministic), process_group(cfg.device) as launch:
         # under torchrun: data parallel, rank 0 writes and prints
@@ -317,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="run directory (must not exist unless --overwrite/--resume)")
     add_recipe(g)
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint, with the options it was started with "
+                        "(recorded in its config.json: --output alone is enough; options given must agree)")
     add_overrides(p)
     p.set_defaults(func=cmd_train)
 

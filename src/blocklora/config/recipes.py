@@ -22,6 +22,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# The recipe of a run that names none (`blocklora train` without --recipe). A resumed run takes none: the request it
+# recorded already holds the values of the recipe it was started with.
+DEFAULT_RECIPE = "reference"
+
+
 def recipe_overrides(name: str) -> list[str]:
     """The key=value overrides of a named recipe (RECIPES). Raises ConfigError for an unknown name."""
     if name not in RECIPES:

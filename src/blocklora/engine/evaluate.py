@@ -128,18 +128,6 @@ def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, 
     return Features(torch.cat(feats), torch.cat(labels), bad)
 
 
-def class_counts(img: torch.Tensor, labels: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct per class, total per class) of the nearest class embedding."""
-    n_classes = txt.shape[0]
-    correct = torch.zeros(n_classes, dtype=torch.long)
-    total = torch.zeros(n_classes, dtype=torch.long)
-    if img.numel():
-        pred = (img @ txt.cpu().T).argmax(dim=-1)
-        total.index_add_(0, labels, torch.ones_like(labels))
-        correct.index_add_(0, labels, (pred == labels).long())
-    return correct, total
-
-
 def predicted_counts(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct per class, total per class) of predicted class indices."""
     correct = torch.zeros(n_classes, dtype=torch.long)
@@ -183,30 +171,31 @@ def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classn
     cosines, or the head's logits when a head scores), for engine/predictions.py; the caller pops it before writing
     the result anywhere."""
     head = None if frozen else getattr(backbone, "head", None)
-    if head is None:
+    if head is not None:
+        head = head.for_classes(list(classnames))  # a head that cannot score these classes fails before any work
+    else:
         with torch.no_grad(), eval_mode(backbone.model):
-            txt = encode_classes(backbone, classnames, templates, runtime)
+            txt = encode_classes(backbone, classnames, templates, runtime).cpu()
     if features is None:
         features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
-    if head is not None:
-        head = head.for_classes(list(classnames))
+    # (N, C) scores, computed once: the counts, and the predictions with keep, are read from them
+    feats = features.feats
+    if not len(feats):
+        scores = torch.empty(0, len(classnames))
+    elif head is not None:
         with torch.no_grad():
-            scores = torch.cat([head.logits(features.feats[i:i + 4096].to(runtime.device)).float().cpu()
-                                for i in range(0, len(features.feats), 4096)]) if len(features.feats) else \
-                torch.empty(0, len(classnames))
-        counts = predicted_counts(scores.argmax(-1), features.labels, len(classnames))
+            scores = torch.cat([head.logits(feats[i:i + 4096].to(runtime.device)).float().cpu()
+                                for i in range(0, len(feats), 4096)])
     else:
-        counts = class_counts(features.feats, features.labels, txt)
+        scores = feats @ txt.T  # image-class cosines (both L2-normalised)
+    counts = predicted_counts(scores.argmax(-1), features.labels, len(classnames))
     correct, total = reduce_counts(*counts, runtime)
     out = {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
     if keep and runtime.world_size == 1:
         bad = {p for p, _ in features.bad}
         kept = [i for i in items if i.path not in bad]
-        if len(kept) == features.feats.shape[0]:  # features given by the caller for the same items
-            if head is not None:
-                out["predictions"] = (kept, scores if kept else None)
-            else:
-                out["predictions"] = (kept, features.feats @ txt.detach().float().cpu().T if kept else None)
+        if len(kept) == len(feats):  # features given by the caller for the same items
+            out["predictions"] = (kept, scores if kept else None)
     return out
 
 

@@ -39,7 +39,19 @@ from typing import Any
 
 from ..errors import BlockLoRAError
 from .reference import BENCHMARK, DG_TARGETS, REFERENCE_TITLES, REFERENCES, reference
-from .tables import Group, Run, Stat, Summary, benchmark_order, collect, group, harmonic_mean, over_datasets, show
+from .tables import (
+    Group,
+    Run,
+    Stat,
+    Summary,
+    benchmark_order,
+    collect,
+    group,
+    harmonic_mean,
+    over_datasets,
+    reads_key,
+    show,
+)
 
 
 # -- text ------------------------------------------------------------------------------------------------------------
@@ -109,7 +121,8 @@ def markdown(s: Summary, warnings: Sequence[str], source: Path) -> str:
              f"accuracy (%) on the {split} split, mean ± sample std over seeds ({usual} seed"
              f"{'s' if usual != 1 else ''} unless noted).", ""]
     if s.common:
-        lines += ["Shared by every run: " + _shared(s.common) + ".", ""]
+        partial = any(not reads_key(g.config, k) for g in s.groups for k in s.common)
+        lines += [f"Shared by every run{' that reads the setting' if partial else ''}: {_shared(s.common)}.", ""]
     if len(s.groups) > 1:
         lines += [f"The configurations differ in: {', '.join(s.differing)}.", ""]
     for w in warnings:
@@ -119,7 +132,7 @@ def markdown(s: Summary, warnings: Sequence[str], source: Path) -> str:
     if len(s.groups) > 1:
         keys = [k for k in s.differing if k != "adapter.method"]
         header = ["configuration", "method", *(s.names[k] for k in keys), "trainable params", "runs"]
-        rows = [[g.label, g.method, *(show(g.config.get(k)) for k in keys), _params(g), str(len(g.runs))]
+        rows = [[g.label, g.method, *(g.shown(k) for k in keys), _params(g), str(len(g.runs))]
                 for g in s.groups]
         lines += ["## Configurations", ""] + _table(header, rows) + [""]
     ref_label = s.ref.label if s.ref else ""
@@ -324,7 +337,7 @@ def table_csv(s: Summary) -> str:
             rows.append(row + [""] * (len(header) - len(row)))
     for g in s.groups:
         t = g.tables
-        ident = [g.label, *(show(g.config.get(k)) for k in keys)]
+        ident = [g.label, *(g.shown(k, "") for k in keys)]
         for d in datasets:
             if d not in t.datasets and d not in t.b2n_datasets and not any(src == d for src, _ in t.cross):
                 continue
@@ -377,7 +390,8 @@ def runs_csv(s: Summary) -> str:
               "trainable_params", "seconds", "path"]
     order = benchmark_order([r.dataset for r in runs])
     rank = {g.variant: i for i, g in enumerate(s.groups)}
-    rows = [[label[r.variant], *(show(r.config.get(k)) for k in keys), r.dataset, r.subset, r.shots, r.seed,
+    rows = [[label[r.variant], *(show(r.config.get(k)) if reads_key(r.config, k) else "" for k in keys),
+             r.dataset, r.subset, r.shots, r.seed,
              _num(r.top1), _num(r.zero_shot), _num(r.base), _num(r.new), _num(r.hm),
              *(_num(r.cross.get(x)) for x in targets), r.params if r.params is not None else "", _num(r.seconds),
              str(r.path)]
@@ -462,6 +476,8 @@ def plot(s: Summary) -> bytes:
 
 
 def _params_panel(ax: Any, s: Summary, colour: dict[str, str], markers: dict[int, str]) -> None:
+    """A point per configuration and shot count at its trainable parameters; methods that train nothing (the frozen
+    model's zero-shot rows, hollow, and Tip-Adapter's cache) at 0, which a symlog axis shows (linear below 1)."""
     drawn = False
     for g in s.groups:
         p = g.params
@@ -471,11 +487,19 @@ def _params_panel(ax: Any, s: Summary, colour: dict[str, str], markers: dict[int
         for k in g.tables.shots:
             ax.plot([x], [g.tables.average[k][0]], markers.get(k, "o"), color=colour[g.variant], linestyle="none")
             drawn = True
+    for i, z in enumerate(s.zero_shot):  # the frozen model: 0 trainable parameters
+        for k in s.shots:
+            ys = [st.mean for (_, kk), st in z.main.items() if kk == k]
+            if ys:
+                ax.plot([0], [statistics.fmean(ys)], markers.get(k, "o"), color="grey", markerfacecolor="none",
+                        linestyle="none", label=z.label if i < 3 and k == s.shots[0] else None)
+                drawn = True
     for k, m in markers.items():  # the shot counts' markers, in grey, for the legend
         ax.plot([], [], m, color="grey", linestyle="none", label=f"K = {k}")
     ax.set_title("top-1 vs trainable parameters", fontsize=10)
     if drawn:
-        ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=1)  # log above 1, and 0 on the axis (a log axis drops it)
+        ax.set_xlim(left=-0.5)
         ax.legend(fontsize=6)
     else:
         ax.text(0.5, 0.5, "no trainable_params recorded", ha="center", va="center", transform=ax.transAxes)

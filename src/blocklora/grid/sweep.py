@@ -13,9 +13,11 @@ Axes: `--methods block_lora,lora` and any `key=v1,v2,...` override (`adapter.n_b
 `model=ViT-B-16,ViT-B-32`) run every combination of their values (the product, first axis outermost); a key whose
 single value may hold a comma (a list such as adapter.towers, the template) separates its values with `|`
 (`adapter.towers=vision|vision,text`), as may any key. Every combination's configuration goes through the config's
-own checks before anything runs, and two combinations that give one configuration are refused. A cell's folder name
-holds its axis values as the configuration has them (`train.lr=1e-3` -> `lr=0.001`), so a rerun finds it whatever
-the spelling.
+own checks before anything runs, and two combinations that give one configuration are refused. A method runs once
+for an axis it does not read (methods.registry.reads: train.lr for tip_adapter) or whose every value it refuses
+(n_blocks for lora), and an axis that applies to no method of the sweep is refused; the plan line printed first
+counts the cells that result. A cell's folder name holds its axis values as the configuration has them
+(`train.lr=1e-3` -> `lr=0.001`), so a rerun finds it whatever the spelling.
 
 A slot is a device (CUDA_VISIBLE_DEVICES=<id> for its process) or a CPU worker; each slot runs one cell at a time
 and the slots run in parallel. Before a cell starts, its lock is taken without waiting: a cell locked by another
@@ -48,7 +50,7 @@ import time
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -215,11 +217,14 @@ def variants(args: argparse.Namespace, fixed: Sequence[str], axes: Sequence[Axis
     """Every combination of the axes' values, each checked by building its configuration as its cells' train
     processes will (run_config: the fixed options, then its key=value pairs); and notes for the user.
 
-    With a method axis, a hyper-parameter axis none of whose values a method accepts (n_blocks for lora: "method
-    'lora' means n_blocks=1") does not apply to that method: its cells run without it, and a note says so. So
-    `--methods lora,block_lora adapter.n_blocks=2,4,8` runs LoRA once and Block-LoRA three times. Raises ConfigError
-    naming the combination for any other configuration the config refuses, and for two combinations that give one
-    configuration."""
+    An axis applies to a method that reads its key (methods.registry.reads) and accepts one of its values: a method
+    that does not read it (adapter.n_blocks or train.lr for tip_adapter) or refuses every value (n_blocks for lora:
+    "method 'lora' means n_blocks=1") runs once without it, and a note says so. So `--methods lora,block_lora
+    adapter.n_blocks=2,4,8` runs LoRA once and Block-LoRA three times. Raises ConfigError for an axis that applies to
+    no method of the sweep, naming the combination for any other configuration the config refuses, and for two
+    combinations that give one configuration."""
+    from ..methods.registry import reads
+
     if not axes:
         return [], []
     names = short_names([a.key for a in axes])
@@ -227,10 +232,18 @@ def variants(args: argparse.Namespace, fixed: Sequence[str], axes: Sequence[Axis
     others = [a for a in axes if a is not method_axis]
     notes: list[str] = []
     plans: list[tuple[list[tuple[str, str]], list[Axis]]] = []  # (method pair or none, the axes that apply)
+    base = _config(args, fixed, [])
+    sole = None if method_axis or isinstance(base, ConfigError) else base.adapter.method  # without a method axis
+    applied: dict[str, list[str]] = {a.key: [] for a in others}
     for method in (method_axis.values if method_axis else (None,)):
         head = [("adapter.method", method)] if method is not None else []
+        name = method or sole
         applying = []
         for a in others:
+            if name is not None and not reads(name, a.key):
+                if method is not None:
+                    notes.append(f"method {method} does not read {a.key}: its cells run once, without that axis")
+                continue
             refused = [_config(args, fixed, [*head, (a.key, v)]) for v in a.values]
             if method is not None and all(isinstance(r, ConfigError) for r in refused) and \
                     not isinstance(_config(args, fixed, head), ConfigError):
@@ -238,7 +251,14 @@ def variants(args: argparse.Namespace, fixed: Sequence[str], axes: Sequence[Axis
                              "that axis")
                 continue
             applying.append(a)
+            applied[a.key].append(name or "")
         plans.append((head, applying))
+    methods = list(method_axis.values) if method_axis else [sole or "?"]
+    for a in others:
+        if not applied[a.key]:
+            what = "accepts these values of" if any(reads(m, a.key) for m in methods) else "reads"
+            raise ConfigError(f"{' '.join(a.words)}: no method of the sweep ({', '.join(methods)}) {what} "
+                              f"{a.key}: drop the axis, or add a method that reads it")
     out: list[Variant] = []
     seen: dict[str, str] = {}
     for head, applying in plans:
@@ -335,7 +355,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
                         "else cpu")
     g.add_argument("--dry-run", action="store_true", help="print what each cell would run, run nothing")
     slurm.add_options(p)
-    add_recipe(g, default=None)  # passed to every cell
+    add_recipe(g)  # passed to every cell (none given: each cell's train applies the default)
     add_config_file(p)
     add_config_flags(p, exclude=OWN, title="train: ")
     add_overrides(p)
@@ -373,10 +393,21 @@ class Plan:
     axes: list[Axis]
     root: str
     out: Path
+    variants: list[Variant] = field(default_factory=list)
+    grid: tuple[int, int, int] = (1, 1, 1)  # datasets, shot counts, seeds
 
     @property
     def axis_words(self) -> list[str]:
         return [w for a in self.axes for w in a.words]
+
+    def describe(self) -> str:
+        """"6 cells: 3 configurations (method=lora; ...) x 1 dataset x 2 shot counts x 1 seed": what will run."""
+        n = len(self.variants) or 1
+        d, k, s = self.grid
+        configs = f" ({'; '.join(v.folder for v in self.variants)})" if self.variants else ""
+        plural = lambda count, word: f"{count} {word}{'s' if count != 1 else ''}"  # noqa: E731
+        return (f"{plural(len(self.cells), 'cell')}: {plural(n, 'configuration')}{configs} x "
+                f"{plural(d, 'dataset')} x {plural(k, 'shot count')} x {plural(s, 'seed')}")
 
 
 def plan(args: argparse.Namespace, slots: Sequence[Slot]) -> Plan:
@@ -409,7 +440,25 @@ def plan(args: argparse.Namespace, slots: Sequence[Slot]) -> Plan:
     _check_data(configs.values())
     if out.exists() and not out.is_dir():
         raise BlockLoRAError(f"--output {out} is a file: choose a directory")
-    return Plan(cells, options, fixed, axes, root, out)
+    warning = _unread_warning(args, axes, base.values())
+    if warning:
+        print(warning, file=sys.stderr)
+    return Plan(cells, options, fixed, axes, root, out, found, (len(datasets), len(shots), len(seeds)))
+
+
+def _unread_warning(args: argparse.Namespace, axes: Sequence[Axis], configs: Any) -> str | None:
+    """One warning line naming the fixed options (flags, key=value) that a method of the sweep never reads
+    (methods.registry.reads): its cells are given them and ignore them. None when every method reads them all."""
+    from ..cli.flags import given_options
+    from ..methods.registry import unread
+
+    given = given_options(args, exclude=(*OWN, *(a.key for a in axes)))
+    parts = []
+    for method in dict.fromkeys(c.adapter.method for c in configs):
+        ignored = unread(method, given)
+        if ignored:
+            parts.append(f"method {method} does not read {', '.join(given[k] for k in ignored)}")
+    return f"warning: {'; '.join(parts)}: ignored by those cells" if parts else None
 
 
 # -- the command -----------------------------------------------------------------------------------------------------
@@ -431,6 +480,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if args.cell is not None:  # one array task: exactly this cell, on the first slot
         cells, slots = slurm.select(cells, args.cell), slots[:1]
+    else:
+        print(f"plan of sweep {out}: {g.describe()}", flush=True)  # what will run, before anything does
     if args.dry_run:
         for cell in cells:
             action = cell_action(cell.run_dir(out))

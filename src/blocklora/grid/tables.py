@@ -5,10 +5,12 @@ that fails (damaged JSON, a field of the wrong type or out of range: top1 250, s
 warnings, never averaged in, never a traceback.
 
 Grouping: runs are grouped by their configuration, the resolved config recorded in results.json minus the keys that
-say where or how a run was done (PLACE_KEYS) and the keys of the cell itself (dataset, shots, seed, classes subset).
-Runs of different configurations are never pooled and never dropped; the keys whose values differ between the
-groups (method, n_blocks, lr, model, ...) name them. The same configuration, dataset, classes subset, shots and seed
-twice is a duplicate: the first by path is used and both paths are named in the warnings.
+say where or how a run was done (PLACE_KEYS), the keys of the cell itself (dataset, shots, seed, classes subset) and
+the keys the run's method does not read (methods.registry.reads: train.lr or adapter.n_blocks of a tip_adapter run,
+which a sweep's fixed options give every method alike). Runs of different configurations are never pooled and
+never dropped; the keys whose values differ between the groups that read them (method, n_blocks, lr, model, ...)
+name them, and a group whose method does not read a key shows '–' for it. The same configuration, dataset, classes
+subset, shots and seed twice is a duplicate: the first by path is used and both paths are named in the warnings.
 
 Statistics: mean ± sample std over seeds (std 0 for one seed). The paired difference of a configuration to the
 reference configuration (Block-LoRA by default) is taken seed by seed on the seeds both ran (same draws, same test
@@ -110,8 +112,12 @@ def collect(directory: str | Path) -> tuple[list[Run], list[str]]:
 
 
 def _read(path: Path) -> Run:
+    from ..methods.registry import reads
+
     r = RunDir(path.parent).read_results()
-    config = {k: v for k, v in flat(r.config).items() if k not in PLACE_KEYS and k not in CELL_KEYS}
+    tree = flat(r.config)
+    method = str(tree.get("adapter.method", "?"))
+    config = {k: v for k, v in tree.items() if k not in PLACE_KEYS and k not in CELL_KEYS and reads(method, k)}
     variant = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
     opt = lambda v: float(v) if v is not None else None  # noqa: E731
     return Run(path.parent, str(r.dataset["name"]), r.shots, r.seed, str(r.dataset.get("classes_subset", "all")),
@@ -223,6 +229,10 @@ class Group:
         """seed -> top-1 of the all-classes runs of (dataset, shots)."""
         return {r.seed: r.top1 for r in self.runs if r.subset == "all" and r.dataset == dataset and r.shots == shots}
 
+    def shown(self, key: str, unread: str = "–") -> str:
+        """The configuration's value of `key` as the tables show it; `unread` where its method does not read it."""
+        return show(self.config.get(key)) if reads_key(self.config, key) else unread
+
     @property
     def params(self) -> tuple[int, int] | None:
         """(min, max) trainable parameters over its runs (they differ by dataset for a class-sized head)."""
@@ -286,20 +296,22 @@ def group(runs: Sequence[Run], published: str | None = None, compare_to: str | N
         by_variant[r.variant].append(r)
     configs = {v: rs[0].config for v, rs in by_variant.items()}
     keys = sorted({k for c in configs.values() for k in c})
-    differing = [k for k in keys if len({_canon(c.get(k)) for c in configs.values()}) > 1]
+    differing = [k for k in keys if _varies(configs.values(), k)]
     names = _short_names(differing)
     groups = [Group(v, configs[v], rs, build(rs, published)) for v, rs in by_variant.items()]
     # label: the method, and the differing keys that vary among the groups of that same method
     for g in groups:
         same = [h.config for h in groups if h.method == g.method]
-        own = [k for k in differing if k != "adapter.method" and len({_canon(c.get(k)) for c in same}) > 1]
+        own = [k for k in differing if k != "adapter.method" and _varies(same, k)]
         g.label = " ".join([g.method, *(f"{names[k]}={show(g.config.get(k))}" for k in own)])
     groups.sort(key=lambda g: (g.method == REFERENCE_METHOD, _method_rank(g.method), g.method,
                                [_sort_value(g.config.get(k)) for k in differing]))
     all_runs = [r for g in groups for r in g.runs]
     datasets = benchmark_order({r.dataset for r in all_runs if r.subset == "all"})
     shots = sorted({r.shots for r in all_runs if r.subset == "all"})
-    common = {k: configs[groups[0].variant].get(k) for k in NAMED_KEYS if k in keys and k not in differing}
+    # a key every group that reads it has at one value (a baseline group does not read train.lr)
+    common = {k: next(c.get(k) for c in configs.values() if reads_key(c, k)) for k in NAMED_KEYS
+              if k in keys and k not in differing}
     if common.get("train.iters") is not None:
         common.pop("train.iters_per_shot", None)  # a fixed step count: iters_per_shot is not used
     elif "train.iters" in common:
@@ -347,6 +359,19 @@ def _zero_shot(groups: Sequence[Group]) -> list[ZeroShot]:
     names = _short_names(varying)
     return [ZeroShot(" ".join(["zero-shot", *(f"{names[k]}={show(zs.get(k))}" for k in varying)]), zs,
                      {k: stat(list(v.values())) for k, v in values.items()}) for zs, values in found]
+
+
+def reads_key(config: Mapping[str, Any], key: str) -> bool:
+    """Whether the runs of a configuration (flattened, as Run.config) read `key` (methods.registry.reads)."""
+    from ..methods.registry import reads
+
+    return key in config or reads(str(config.get("adapter.method", "?")), key)
+
+
+def _varies(configs: Iterable[Mapping[str, Any]], key: str) -> bool:
+    """Whether `key` has two values among the configurations that read it (a key one method reads and another does
+    not is no difference by itself: the method tells them apart)."""
+    return len({_canon(c.get(key)) for c in configs if reads_key(c, key)}) > 1
 
 
 def show(value: Any) -> str:

@@ -44,7 +44,7 @@ def fit_data(p: Any, workers: int) -> FitData:
     val_items = list(p.fewshot.val)
     val = features.plain(backbone, val_items, data.image_reader, rt, batch, workers).to(rt.device)
     val_labels = torch.tensor([i.label for i in val_items], dtype=torch.long, device=rt.device)
-    if not len(val_items):
+    if not len(val_items) and rec.searches and cfg.baseline.search:  # coop searches nothing: it needs no val shots
         log.warning("warning: no validation shots (the dataset has no val split and sampler %s draws none): %s "
                     "keeps its published default hyper-parameters instead of searching them (docs/recipe.md)",
                     cfg.data.sampler, cfg.adapter.method)

@@ -81,19 +81,43 @@ def _results(adapter_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _baseline(method: str) -> Any:
+    """The registry record of a baseline method (methods/), None for an adapter method or an unknown name."""
+    from ..methods.registry import METHODS
+
+    rec = METHODS.get(method)
+    return rec if rec is not None and not rec.is_adapter else None
+
+
+def _method_line(method: str, cfg: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The card's method line: an adapter's shape and placement; a baseline's trained part, its hyper-parameters
+    (the head record) and that nothing merges, never the adapter keys it does not read (methods.registry.reads)."""
+    rec = _baseline(method)
+    if rec is None:
+        shape = f"r = {cfg.get('r')}" + (f", n_blocks = {cfg.get('n_blocks')}" if method == "block_lora" else "")
+        return (f"- method: {method} ({shape}, alpha = {cfg.get('alpha')}, scaling {cfg.get('scaling')}; projections "
+                f"{', '.join(cfg.get('projections') or [])} of the {', '.join(cfg.get('towers') or [])} tower(s))")
+    head = meta.get("head") or {}
+    chosen = ", ".join(f"{k} = {v}" for k, v in head.items() if k not in ("method", "merges") and v not in (None, ""))
+    return (f"- method: {method}, a baseline on the frozen encoders ({rec.paper}); trains {rec.trains}"
+            + (f"; {chosen}" if chosen else "") + f"; scores an image as {rec.scores}; nothing of it merges into "
+            "the encoder weights")
+
+
 def model_card(adapter_dir: str | os.PathLike, meta: dict[str, Any], what: str, snippet: str | None) -> str:
-    """README.md of an export: base model, method, data, K, seed, accuracy and how to load it."""
+    """README.md of an export: base model, method (a baseline's own description: what it trains, that it does not
+    merge), data, K, seed, accuracy and how to load it."""
     run, cfg = meta.get("run", {}), meta.get("config", {})
     results = _results(Path(adapter_dir))
     data = run.get("data") or {}
     method = cfg.get("method", "?")
-    shape = f"r = {cfg.get('r')}" + (f", n_blocks = {cfg.get('n_blocks')}" if method == "block_lora" else "")
+    baseline = _baseline(method)
     lines = [
-        f"# {run.get('model', '?')} adapted with blocklora ({method})", "",
+        f"# {run.get('model', '?')} " + (f"with a {method} baseline from blocklora (frozen encoders)" if baseline
+                                         else f"adapted with blocklora ({method})"), "",
         f"{what}, exported by blocklora from the adapter {_absolute(adapter_dir)}.", "",
         f"- base model: `{run.get('model', '?')}`, weights `{run.get('pretrained')}`",
-        f"- method: {method} ({shape}, alpha = {cfg.get('alpha')}, scaling {cfg.get('scaling')}; projections "
-        f"{', '.join(cfg.get('projections') or [])} of the {', '.join(cfg.get('towers') or [])} tower(s))",
+        _method_line(method, cfg, meta),
         f"- prompt template: `{run.get('template')}`; {len(run.get('classnames') or [])} classes",
         f"- data: {run.get('dataset') or data.get('dataset') or 'not recorded'}"
         + (f" at `{data['root']}`" if data.get("root") else "")
@@ -105,11 +129,17 @@ def model_card(adapter_dir: str | os.PathLike, meta: dict[str, Any], what: str, 
                   f"- accuracy: top-1 {results['top1']:.2f}% on {results.get('n_test')} test images"
                   + (f" (zero-shot {zs:.2f}%)" if zs is not None else ""),
                   f"- trainable parameters: {results.get('trainable_params')}"]
+    elif baseline and meta.get("trainable_params") is not None:
+        lines += [f"- trainable parameters: {meta['trainable_params']}",
+                  "- K, seed, accuracy: not recorded (the adapter is not inside its run folder)"]
     else:
         lines.append("- K, seed, accuracy: not recorded (the adapter is not inside its run folder)")
     lines += ["", "## How to load it", ""]
     if snippet:
         lines += ["```python", snippet, "```"]
+    if baseline:
+        lines += ["", f"That is the frozen model alone: the {method} head scores with it through blocklora (`blocklora "
+                  f"eval --adapter {_absolute(adapter_dir)}`, or `predict` with it)."]
     else:
         lines += ["See the blocklora README, section \"Exports: what each family writes, and how to load it without "
                   "blocklora\"."]

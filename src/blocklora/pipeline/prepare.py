@@ -92,18 +92,23 @@ def run_inputs(cfg: RunConfig) -> list[Protected]:
                      ("the initial adapter (--init-adapter)", cfg.train.init_adapter))
 
 
-def absolute_paths(cfg: RunConfig) -> RunConfig:
+def absolute_paths(cfg: RunConfig, cwd: str | Path | None = None) -> RunConfig:
     """`cfg` with the paths it reads made absolute (the dataset root, split file, initial adapter, and the weights,
     tokenizer and hf: model folder when they are paths that exist): config.json's "config" then starts the same run
-    from any folder; its "request" keeps what was typed."""
+    from any folder; its "request" keeps what was typed, and "cwd" the folder it was typed in. `cwd`: the folder
+    relative paths are read from (default: the current one; a resumed run's recorded "cwd", so it resumes from
+    any folder)."""
     def absolute(value: str | None, must_exist: bool = False) -> str | None:
-        if not value or (must_exist and not Path(value).expanduser().exists()):
+        if not value:
             return value
-        return str(Path(value).expanduser().absolute())
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (Path.cwd() if cwd is None else Path(cwd)) / path
+        return value if must_exist and not path.exists() else str(path)
 
     model = cfg.model
-    if model.startswith("hf:") and Path(model[3:]).expanduser().exists():
-        model = "hf:" + absolute(model[3:])
+    if model.startswith("hf:"):
+        model = "hf:" + absolute(model[3:], must_exist=True)
     return dataclasses.replace(
         cfg, model=model, pretrained=absolute(cfg.pretrained, must_exist=True),
         tokenizer=absolute(cfg.tokenizer, must_exist=True),

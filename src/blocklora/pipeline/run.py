@@ -28,7 +28,7 @@ from .._version import __version__
 from ..adapters.inject import count_trainable
 from ..backbones.activation import mlp_activation
 from ..backbones.fingerprint import save_adapter
-from ..checks import boolean, maybe
+from ..checks import boolean, maybe, text
 from ..config.run_config import RESUMABLE, RunConfig
 from ..data import write_split_file
 from ..data.fewshot import split_file_bytes
@@ -44,7 +44,7 @@ from ..errors import BlockLoRAError
 from ..methods import is_baseline
 from ..reading import fields
 from .evaluation import Evaluation, ZeroShot, evaluate, zero_shot
-from .prepare import Prepared, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
+from .prepare import Prepared, absolute_paths, prepare, resolve, run_inputs  # noqa: F401 - resolve re-exported
 from .trained import (  # noqa: F401 - re-exported
     evaluate_adapter,
     evaluate_zero_shot,
@@ -292,17 +292,32 @@ def _logging_to(path: Path | None, append: bool) -> Iterator[None]:
         handler.close()
 
 
-def _check_same_run(rd: RunDir, cfg: RunConfig) -> dict[str, Any]:
-    """--resume continues the same computation: every option but those in RESUMABLE must be as asked when the run
-    started (the request; runs written before requests were recorded: the config). Returns config.json."""
+def recorded_request(output: str | Path) -> RunConfig | None:
+    """What `train --output DIR --resume` continues when no other option is given: the request recorded in
+    DIR/config.json (runs written before requests were recorded: their config), its relative paths read from the
+    folder the run was started in (the recorded "cwd"; records without one keep them as typed), so the run resumes
+    as started from any folder. None when DIR is not a blocklora run directory with a config.json (RunDir.open_for
+    then decides). Raises BlockLoRAError for a config.json that is not a readable run configuration."""
+    rd = RunDir(output)
+    if not rd.made_by_blocklora or not rd.config.is_file():
+        return None
+    saved = _read_record(rd)
+    return absolute_paths(saved["request"], saved["cwd"]) if saved["cwd"] else saved["request"]
+
+
+def _read_record(rd: RunDir) -> dict[str, Any]:
+    """config.json with its "config" and "request" as RunConfigs (no request: the config), "quick_gelu" (the
+    activation the run started with, None: a family without the choice) and "cwd" (the folder the run was started
+    in; None in records written before it was recorded). Raises BlockLoRAError naming the file when it is not a
+    readable run configuration."""
     try:
         saved = rd.read_config()
         saved["config"] = RunConfig.from_dict(saved["config"])
         saved["request"] = RunConfig.from_dict(saved["request"]) if "request" in saved else saved["config"]
-        # the activation the run started with (None: a family without the choice): a bool, and the config's
-        # own explicit --quick-gelu agrees; the checkpoint is checked against the model it builds (checkpoint.py)
-        saved["quick_gelu"] = fields(saved, {"quick_gelu": maybe(boolean)}, "config.json",
-                                     defaults={"quick_gelu": None})["quick_gelu"]
+        # the activation the run started with: a bool, and the config's own explicit --quick-gelu agrees; the
+        # checkpoint is checked against the model it builds (checkpoint.py)
+        saved.update(fields(saved, {"quick_gelu": maybe(boolean), "cwd": maybe(text(empty=False))}, "config.json",
+                            defaults={"quick_gelu": None, "cwd": None}))
         asked = saved["config"].quick_gelu
         if saved["quick_gelu"] is not None and asked in ("yes", "no") and saved["quick_gelu"] != (asked == "yes"):
             raise BlockLoRAError(f"config.json records quick_gelu={saved['quick_gelu']} but its config asked "
@@ -310,13 +325,27 @@ def _check_same_run(rd: RunDir, cfg: RunConfig) -> dict[str, Any]:
     except (KeyError, TypeError, BlockLoRAError) as e:
         raise BlockLoRAError(f"{rd.config} is not a readable run configuration ({e}): start the run again with "
                              "--overwrite") from None
-    _check_same(rd, cfg, saved["request"], "has",
-                f"resume with the same options (only {', '.join(RESUMABLE)} may change)")
+    return saved
+
+
+def _check_same_run(rd: RunDir, cfg: RunConfig) -> dict[str, Any]:
+    """--resume continues the same computation: every option but those in RESUMABLE must be as asked when the run
+    started (the request; runs written before requests were recorded: the config). Paths are compared as what they
+    name (made absolute, the record's from its "cwd"): the same run resumed from another folder is the same run;
+    records without "cwd" compare them as typed. Returns config.json (_read_record)."""
+    saved = _read_record(rd)
+    now, then = cfg, saved["request"]
+    if saved["cwd"]:
+        now, then = absolute_paths(cfg), absolute_paths(then, saved["cwd"])
+    _check_same(rd, now, then, "has", f"resume with the same options (only {', '.join(RESUMABLE)} may change)")
     return saved
 
 
 def _check_same(rd: RunDir, now: RunConfig, then: RunConfig, has: str, fix: str) -> None:
-    diff = now.differences(then)
+    from ..methods.registry import reads
+
+    # a key the method never reads (a baseline's train.lr) does not change the computation (methods.registry)
+    diff = [d for d in now.differences(then) if reads(now.adapter.method, d[0])]
     if diff:
         key, a, b = diff[0]
         more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:4])})" if len(diff) > 1 else ""
@@ -331,12 +360,21 @@ def _start_files(p: Prepared, rd: RunDir) -> str:
     act = p.backbone.activation
     write_json(rd.config, {"config": cfg.to_dict(), "config_hash": cfg.hash(),
                            "request": p.request.to_dict(), "request_hash": p.request.hash(),
+                           "cwd": _cwd(),  # the folder the request's relative paths are read from
                            "quick_gelu": act.quick_gelu if act else None, "blocklora_version": __version__})
     if p.split_sha256 is None:  # the drawn split, byte-identical for the same seed: its hash names it
         return write_split_file(rd.split, p.data, p.fewshot)
     if Path(cfg.data.split_file).resolve() != rd.split.resolve():  # the user's split file, kept verbatim
         shutil.copyfile(cfg.data.split_file, rd.split)
     return p.split_sha256
+
+
+def _cwd() -> str | None:
+    """The current folder, or None when it no longer exists (then every path the run reads is absolute)."""
+    try:
+        return str(Path.cwd())
+    except FileNotFoundError:
+        return None
 
 
 def _barrier(world_size: int) -> None:

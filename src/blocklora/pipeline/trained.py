@@ -481,8 +481,10 @@ def export(adapter_dir: str | os.PathLike, output: str | os.PathLike, pretrained
             snippet = load_snippet(run, output if output.suffix else tmp, export_form(run["model"]).family)
             if snippet is not None:
                 snippet = snippet.replace(str(tmp.absolute()), str(output.absolute()))
-            (tmp / "README.md").write_text(model_card(adapter_dir, meta, f"{run['model']} with the adapter merged "
-                                                      "into its weights", snippet), encoding="utf-8")
+            what = f"{run['model']} with the adapter merged into its weights" if not is_baseline(method) else \
+                f"{run['model']} with its weights unchanged (a {method} head does not merge into them), the head's " \
+                f"tensors beside them in {HEAD_FILE}"
+            (tmp / "README.md").write_text(model_card(adapter_dir, meta, what, snippet), encoding="utf-8")
             mark(tmp, EXPORT)
         fix_modes(tmp)
         # replace only what the checks above allowed: with --overwrite an export (checked again now), never a

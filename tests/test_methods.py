@@ -88,15 +88,15 @@ def tiny_clip():
     return load_backbone("tiny-clip", None, text=True)
 
 
-def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_after_truncation(tiny_clip):
+def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_at_the_full_context(tiny_clip):
     m = tiny_clip.model
     torch.manual_seed(0)
-    names = ["cat", "very " * 90 + "long dog"]  # the second is cut to the 77-token context
+    names = ["cat", "very " * 56 + "long dog"]  # 16 + 59 tokens: the second fills the 77-token context
     head = coop.CoOpHead(tiny_clip, names, 100.0, n_ctx=16)
     assert head.start == 1 and tuple(head.ctx.shape) == (16, 64)
     assert abs(float(head.ctx.detach().std()) - coop.INIT_STD) < 0.006  # N(0, 0.02^2)
     ids = tiny_clip.tokenize(coop.prompt_texts(names, " ".join(["X"] * 16)))
-    assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # truncated: EOT is the last of 77 tokens
+    assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # EOT is the last of 77 tokens
     emb = head.prompt_embeddings(names)
     with torch.no_grad():
         plain = m.token_embedding(ids)
@@ -123,15 +123,23 @@ def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
 
 
 def test_coop_refuses_a_context_that_leaves_no_room_for_the_class_names(tiny_clip):
-    # tiny-clip's context is 77 tokens, 75 besides SOT and EOT: CoOp's clip.tokenize would raise on such prompts;
-    # truncated, 75 "X" would cut every class name away and give every class one text feature
-    with pytest.raises(ConfigError, match=r"baseline.n_ctx=100 context tokens do not fit in tiny-clip's text "
-                                          r"context \(at most 75 tokens"):
-        coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=100)
-    head = coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=75)
-    with pytest.raises(ConfigError, match="prompts for the classes 'cat' and 'dog' are the same once"):
+    # tiny-clip's context is 77 tokens, 75 besides SOT and EOT: CoOp's clip.tokenize raises on a longer prompt; cut,
+    # the class name (and with CLIP's argmax pooling, where the feature is read) would go
+    for n_ctx in (75, 100):
+        with pytest.raises(ConfigError, match=rf"baseline.n_ctx={n_ctx} context tokens do not fit in tiny-clip's "
+                                              r"text context \(at most 75 tokens"):
+            coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=n_ctx)
+    head = coop.CoOpHead(tiny_clip, ["cat", "sea lion"], 100.0, n_ctx=73)  # "cat." fits in 2 tokens, "sea lion." not
+    with pytest.raises(ConfigError, match="prompt for the class 'sea lion' does not fit in tiny-clip's text context: "
+                                          "the name takes 3 tokens and 2 are left beside the 73 context tokens"):
         head.text_features()
-    assert coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=74).text_features().shape == (2, 64)
+    assert coop.CoOpHead(tiny_clip, ["cat", "sea lion"], 100.0, n_ctx=72).text_features().shape == (2, 64)
+    with pytest.raises(ConfigError, match="does not fit"):  # another class list, as eval on another dataset asks
+        head.for_classes(["cat", "very " * 80 + "long dog"])
+    # a ctx_init of no words, or of characters the tokenizer drops, would be a context of 0 vectors
+    for init, why in (("_", "has no words"), ("  ", "has no words"), ("\x07\x00", "gives no tokens")):
+        with pytest.raises(ConfigError, match=f"baseline.ctx_init .* {why}"):
+            coop.CoOpHead(tiny_clip, ["cat"], 100.0, n_ctx=16, ctx_init=init)
     ctx = torch.zeros(4, 64)  # a saved context that disagrees with its record: the file is damaged
     with pytest.raises(ConfigError, match="coop.ctx has 4 context vectors, but the head record says n_ctx 16"):
         coop.CoOpHead.from_saved({"coop.ctx": ctx}, {"n_ctx": 16}, tiny_clip, ["cat"], "{}", 100.0)
@@ -156,7 +164,7 @@ def test_coop_context_equal_to_the_placeholders_embeddings_gives_the_stock_text_
             backbone = effnet_backbone()
         except BlockLoRAError as e:
             pytest.skip(str(e))
-    names = ["cat", "very " * 90 + "long dog"]  # cut to the tower's context
+    names = ["cat", "very " * (coop.text_room(backbone) - 4 - 3) + "long dog"]  # fills the tower's context
     head = coop.CoOpHead(backbone, names, 100.0, n_ctx=4)
     tokens = head.tokens(names)
     ids = coop.ids_of(tokens)

@@ -70,6 +70,67 @@ def context_start(backbone) -> int:
     return next(i for i, (a, b) in enumerate(zip(one, two)) if a != b) - 1
 
 
+def count_tokens(backbone, text: str) -> int:
+    """Tokens of `text` alone, as the family's tokenizer gives them (its special tokens and padding left out, its
+    truncation applied)."""
+    start = context_start(backbone)
+    ids = ids_of(backbone.tokenize([text]))[0].tolist()
+    bare = ids_of(backbone.tokenize([""]))[0].tolist()
+    return sum(1 for i in ids if i not in set(bare[:start]) | set(bare[start:]))
+
+
+def text_room(backbone) -> int:
+    """How many tokens the text tower reads besides its special ones (CLIP: 77 - SOT - EOT = 75): the count of a
+    text longer than any context, cut by the tokenizer's own truncation."""
+    return count_tokens(backbone, " ".join(["X"] * 1024))
+
+
+def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
+    """(the prompt prefix, the context length) of a CoOp head: ctx_init's words and their token count (CoOp: n_ctx =
+    len(tokenize(ctx_init))), else n_ctx placeholders "X". Raises ConfigError for a ctx_init of no tokens, a context
+    that fills the text tower's room, and a tokenizer that does not make one token of each "X"."""
+    words = ctx_init.strip().replace("_", " ")
+    if ctx_init and not words.strip():
+        raise ConfigError(f"baseline.ctx_init {ctx_init!r} has no words: give the words to start the context from "
+                          "(e.g. 'a photo of a'), or leave it empty for a random context of baseline.n_ctx vectors")
+    room = text_room(backbone)
+    if words:
+        n_ctx = count_tokens(backbone, words)
+        if n_ctx == 0:
+            raise ConfigError(f"baseline.ctx_init {ctx_init!r} gives no tokens with {backbone.name}'s tokenizer (it "
+                              "drops such characters): give words, e.g. 'a photo of a', or leave it empty for a "
+                              "random context")
+        if n_ctx >= room:
+            raise ConfigError(f"baseline.ctx_init fills {backbone.name}'s text context ({room} tokens besides its "
+                              "special ones) and leaves no room for the class names: shorten baseline.ctx_init")
+        return words, n_ctx
+    prefix = " ".join(["X"] * n_ctx)
+    count = count_tokens(backbone, prefix)
+    if n_ctx >= room:
+        raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text context (at "
+                          f"most {room} tokens besides its special ones, and the class names need some): lower "
+                          "baseline.n_ctx")
+    if count != n_ctx:
+        raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot place its "
+                          "context; use another method for this model")
+    return prefix, n_ctx
+
+
+def check_room(backbone, classnames: list[str], n_ctx: int) -> None:
+    """Refuse class names whose prompt "CONTEXT {name}." would not fit in the text tower's context: the tokenizer
+    would cut the prompt (the class name, ".", and with CLIP's argmax pooling the feature is read at the cut), and
+    CoOp's own clip.tokenize raises on such prompts. A name's tokens are counted alone ("{name}."): words are
+    tokenized apart from each other, so the prompt is the context's tokens followed by these."""
+    room = text_room(backbone) - n_ctx
+    longest, need = max(((c, count_tokens(backbone, f"{prompt_name(c)}.")) for c in classnames),
+                        key=lambda x: x[1], default=("", 0))
+    if need > room:
+        raise ConfigError(f"coop's prompt for the class {longest!r} does not fit in {backbone.name}'s text context: "
+                          f"the name takes {need} tokens and {max(room, 0)} are left beside the {n_ctx} context tokens "
+                          f"({room + n_ctx} in all); lower baseline.n_ctx (or shorten baseline.ctx_init) or shorten "
+                          "the class name")
+
+
 class CoOpHead(Head):
     method = "coop"
 
@@ -81,19 +142,7 @@ class CoOpHead(Head):
         self.start = context_start(backbone)
         self.ctx_init = ctx_init.strip().replace("_", " ")
         width = self.embedding.weight.shape[1]
-        if self.ctx_init:
-            n_ctx = self._count(self.ctx_init)
-            self.prefix = self.ctx_init
-        else:
-            self.prefix = " ".join(["X"] * n_ctx)
-            count = self._count(self.prefix)
-            if count != n_ctx and count == self._count(self.prefix + " X"):  # the tokenizer cut the prefix
-                raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text "
-                                  f"context (at most {count} tokens besides its special ones, and the class names "
-                                  "need some): lower baseline.n_ctx")
-            if count != n_ctx:
-                raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot "
-                                  "place its context; use another method for this model")
+        self.prefix, n_ctx = context(backbone, n_ctx, ctx_init)
         self.n_ctx = n_ctx
         if ctx is None:
             if self.ctx_init:  # CoOp: embedding[0, 1:1 + n_ctx] of the tokenized ctx_init
@@ -105,34 +154,17 @@ class CoOpHead(Head):
         self.ctx = nn.Parameter(ctx.detach().float().clone().to(self.embedding.weight.device))
         self._frozen_text: torch.Tensor | None = None
 
-    def _count(self, text: str) -> int:
-        """Tokens of `text` alone (its special tokens and padding left out)."""
-        ids = ids_of(self.backbone.tokenize([text]))[0].tolist()
-        bare = ids_of(self.backbone.tokenize([""]))[0].tolist()
-        return sum(1 for i in ids if i not in set(bare[:self.start]) | set(bare[self.start:]))
-
     def tokens(self, classnames: list[str]) -> Any:
-        """The tokenized prompts (the family's truncation rule applied), on the backbone's device."""
+        """The tokenized prompts, on the backbone's device. Raises ConfigError for a class name that does not fit
+        beside the context (check_room)."""
         key = tuple(classnames)
         cache = self.__dict__.setdefault("_tokens", {})
         if key not in cache:  # every training step encodes the same prompts
+            check_room(self.backbone, classnames, self.n_ctx)
             tokens = self.backbone.tokenize(prompt_texts(classnames, self.prefix))
-            self._check_room(classnames, ids_of(tokens))
             cache.clear()
             cache[key] = move(tokens, self.backbone.device)
         return cache[key]
-
-    def _check_room(self, classnames: list[str], ids: torch.Tensor) -> None:
-        """Refuse prompts that the tokenizer's truncation made identical for different classes: the context took the
-        room of the class names, and those classes would get one text feature (CoOp's clip.tokenize raises on a
-        prompt longer than the context; the families here truncate, as their zero-shot prompts do)."""
-        seen: dict[tuple[int, ...], str] = {}
-        for name, row in zip(classnames, ids.tolist()):
-            other = seen.setdefault(tuple(row), name)
-            if other != name and prompt_name(other) != prompt_name(name):
-                raise ConfigError(f"coop's prompts for the classes {other!r} and {name!r} are the same once "
-                                  f"{self.backbone.name}'s tokenizer truncates them: the {self.n_ctx} context tokens "
-                                  "leave too little room for the class names; lower baseline.n_ctx")
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -169,7 +201,9 @@ class CoOpHead(Head):
     def for_classes(self, classnames: list[str]) -> CoOpHead:
         if list(classnames) == self.classnames:
             return self
-        return CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
+        head = CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
+        head.tokens(classnames)  # a class name that does not fit is refused now, before any image is read
+        return head
 
     def fit(self, data: FitData) -> list[dict[str, Any]]:
         with _frozen(self.backbone.model):  # gradients reach the context only, never the tower's weights

@@ -22,7 +22,7 @@ from ..data.decode import reads_files
 from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
-from ..errors import ConfigError, DataError
+from ..errors import BlockLoRAError, ConfigError, DataError
 from .logits import Logits
 from .progress import progress
 from .runtime import Runtime, eval_mode
@@ -134,10 +134,21 @@ def class_counts(img: torch.Tensor, labels: torch.Tensor, txt: torch.Tensor) -> 
     correct = torch.zeros(n_classes, dtype=torch.long)
     total = torch.zeros(n_classes, dtype=torch.long)
     if img.numel():
-        pred = (img @ txt.cpu().T).argmax(dim=-1)
+        pred = finite_scores(img @ txt.cpu().T).argmax(dim=-1)
         total.index_add_(0, labels, torch.ones_like(labels))
         correct.index_add_(0, labels, (pred == labels).long())
     return correct, total
+
+
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` (N, C), refused when any is NaN or infinite: an argmax over them is no prediction (torch takes a NaN
+    as the largest), so an accuracy or a top-k of them would be a number that means nothing. Raises BlockLoRAError."""
+    bad = ~torch.isfinite(scores).all(dim=-1)
+    if bool(bad.any()):
+        raise BlockLoRAError(f"the model produced non-finite scores (NaN or infinite) for {int(bad.sum())} of "
+                             f"{len(scores)} images: the adapter or the weights are damaged, or its training diverged; "
+                             "retrain it (a lower learning rate) or use an intact one")
+    return scores
 
 
 def predicted_counts(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,15 +197,16 @@ def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classn
     if head is None:
         with torch.no_grad(), eval_mode(backbone.model):
             txt = encode_classes(backbone, classnames, templates, runtime)
+    if head is not None:  # before any image is read: a head that cannot score these classes is refused now
+        head = head.for_classes(list(classnames))
     if features is None:
         features = image_features(backbone, items, reader, runtime, batch_size, workers, desc)
     if head is not None:
-        head = head.for_classes(list(classnames))
         with torch.no_grad():
             scores = torch.cat([head.logits(features.feats[i:i + 4096].to(runtime.device)).float().cpu()
                                 for i in range(0, len(features.feats), 4096)]) if len(features.feats) else \
                 torch.empty(0, len(classnames))
-        counts = predicted_counts(scores.argmax(-1), features.labels, len(classnames))
+        counts = predicted_counts(finite_scores(scores).argmax(-1), features.labels, len(classnames))
     else:
         counts = class_counts(features.feats, features.labels, txt)
     correct, total = reduce_counts(*counts, runtime)

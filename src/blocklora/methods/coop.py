@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..backbones.base import move
 from ..data.layout import prompt_name
 from ..errors import ConfigError
@@ -133,6 +134,10 @@ def check_room(backbone, classnames: list[str], n_ctx: int) -> None:
 
 class CoOpHead(Head):
     method = "coop"
+    record_shapes = {"coop.ctx": ("n_ctx", "token_width")}
+    record_fields = {"n_ctx": checks.num(1, 256, integer=True), "ctx_init": checks.text(),
+                     "class_token_position": checks.one_of("end")}
+    record_defaults = {"ctx_init": "", "class_token_position": "end"}
 
     def __init__(self, backbone, classnames: list[str], scale: float, n_ctx: int, ctx_init: str = "",
                  ctx: torch.Tensor | None = None) -> None:
@@ -238,10 +243,7 @@ class CoOpHead(Head):
     @classmethod
     def from_saved(cls, tensors, meta, backbone, classnames, template, scale) -> CoOpHead:
         ctx = tensors["coop.ctx"]
-        if meta.get("n_ctx") is not None and int(meta["n_ctx"]) != ctx.shape[0]:
-            raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but the head record says n_ctx "
-                              f"{meta['n_ctx']}")
-        head = cls(backbone, classnames, scale, int(ctx.shape[0]), str(meta.get("ctx_init") or ""), ctx=ctx)
+        head = cls(backbone, classnames, scale, meta["n_ctx"], meta["ctx_init"], ctx=ctx)
         if head.n_ctx != ctx.shape[0]:
             raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but ctx_init {head.ctx_init!r} is "
                               f"{head.n_ctx} tokens for this tokenizer")

@@ -2,18 +2,20 @@
 github.com/KaiyangZhou/CoOp, trainers/coop.py), unified context, class token at the end.
 
     prompt text    "X X ... X {class}."            n_ctx placeholders ("X"), then the class name and a period
-    tokens         the family's own tokenizer, with its own truncation: t = tokenize(prompt text)
+    tokens         the family's own tokenizer: t = tokenize(prompt text); a prompt it would cut (the context and the
+                   class name longer than the text context) is refused (check_room), as CoOp's clip.tokenize does
     embedding      E = token_embedding(t); E[:, start:start + n_ctx] = ctx      (C, L, width)
                    start = the number of tokens the tokenizer puts before the text (CLIP's SOT, BERT's [CLS]: 1;
                    SigLIP: 0); the rest of E (class name, ".", EOT, padding) is the frozen embedding of t
-    text feature   the family's text tower on E, pooled where it pools t (CLIP: the EOT position t.argmax(-1) of
-                   the truncated tokens; BERT: the mean over the attention mask), projected
+    text feature   the family's text tower on E, pooled where it pools t (CLIP: the EOT position t.argmax(-1);
+                   BERT: the mean over the attention mask), projected
     logits         s f normalize(text)^T
 
 The context replaces the embedding module's output through a forward hook, so every family's own encode_texts
 (open_clip, transformers, effnet-minilm's MiniLM) runs unchanged: positions, masks, truncation and pooling are the
 family's. ctx: (n_ctx, width) ~ N(0, 0.02^2) (CoOp: nn.init.normal_(ctx_vectors, std=0.02)), or, with ctx_init, the
-token embeddings of those words (CoOp: "a photo of a", n_ctx = its number of tokens).
+token embeddings of those words (CoOp: "a photo of a", n_ctx = its number of tokens; words of no tokens are refused,
+context()).
 
 Recipe (configs/trainers/CoOp/*.yaml, Dassl's defaults, scripts/coop/main.sh): SGD lr 0.002, momentum 0.9, weight
 decay 5e-4, batch 32, cosine over epochs (CosineAnnealingLR(T_max = epochs), stepped per epoch) after 1 warm-up

@@ -5,9 +5,11 @@
                                    trainable_params, run (what eval / predict need), head (method, hyper-parameters)
     blocklora_adapter.safetensors  the head's tensors (probe.weight / bias, tip.keys / values / text, coop.ctx)
 
-Written atomically with blocklora's ownership marker; read back through the same validating reader (a damaged or
-hand-edited file is one error line). Reloading checks the frozen weights' identity (fingerprint, activation) as an
-adapter's reload does.
+Written atomically with blocklora's ownership marker; read back through the same validating reader, then checked
+against the head's own declaration (check_record: the tensors it saves and no others, floating point, of the shapes
+Head.record_shapes names, finite; the "head" fields by Head.record_fields), so a damaged or hand-edited file is one
+error line naming the file and the tensor or field. Reloading checks the frozen weights' identity (fingerprint,
+activation) as an adapter's reload does.
 """
 
 from __future__ import annotations

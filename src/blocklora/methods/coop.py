@@ -73,19 +73,19 @@ def context_start(backbone) -> int:
     return next(i for i, (a, b) in enumerate(zip(one, two)) if a != b) - 1
 
 
-def count_tokens(backbone, text: str) -> int:
-    """Tokens of `text` alone, as the family's tokenizer gives them (its special tokens and padding left out, its
-    truncation applied)."""
+def count_tokens(backbone, texts: list[str]) -> list[int]:
+    """Tokens of each text alone, as the family's tokenizer gives them (its special tokens and padding left out, its
+    truncation applied); one tokenizer call for all."""
     start = context_start(backbone)
-    ids = ids_of(backbone.tokenize([text]))[0].tolist()
-    bare = ids_of(backbone.tokenize([""]))[0].tolist()
-    return sum(1 for i in ids if i not in set(bare[:start]) | set(bare[start:]))
+    bare = ids_of(backbone.tokenize(["", "X"]))[0].tolist()  # "" padded to "X": the padding id is among them
+    special = set(bare[:start]) | set(bare[start:])
+    return [sum(1 for i in row if i not in special) for row in ids_of(backbone.tokenize(list(texts))).tolist()]
 
 
 def text_room(backbone) -> int:
     """How many tokens the text tower reads besides its special ones (CLIP: 77 - SOT - EOT = 75): the count of a
     text longer than any context, cut by the tokenizer's own truncation."""
-    return count_tokens(backbone, " ".join(["X"] * 1024))
+    return count_tokens(backbone, [" ".join(["X"] * 1024)])[0]
 
 
 def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
@@ -98,7 +98,7 @@ def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
                           "(e.g. 'a photo of a'), or leave it empty for a random context of baseline.n_ctx vectors")
     room = text_room(backbone)
     if words:
-        n_ctx = count_tokens(backbone, words)
+        n_ctx = count_tokens(backbone, [words])[0]
         if n_ctx == 0:
             raise ConfigError(f"baseline.ctx_init {ctx_init!r} gives no tokens with {backbone.name}'s tokenizer (it "
                               "drops such characters): give words, e.g. 'a photo of a', or leave it empty for a "
@@ -108,7 +108,7 @@ def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
                               "special ones) and leaves no room for the class names: shorten baseline.ctx_init")
         return words, n_ctx
     prefix = " ".join(["X"] * n_ctx)
-    count = count_tokens(backbone, prefix)
+    count = count_tokens(backbone, [prefix])[0]
     if n_ctx >= room:
         raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text context (at "
                           f"most {room} tokens besides its special ones, and the class names need some): lower "
@@ -125,8 +125,8 @@ def check_room(backbone, classnames: list[str], n_ctx: int) -> None:
     CoOp's own clip.tokenize raises on such prompts. A name's tokens are counted alone ("{name}."): words are
     tokenized apart from each other, so the prompt is the context's tokens followed by these."""
     room = text_room(backbone) - n_ctx
-    longest, need = max(((c, count_tokens(backbone, f"{prompt_name(c)}.")) for c in classnames),
-                        key=lambda x: x[1], default=("", 0))
+    needs = count_tokens(backbone, [f"{prompt_name(c)}." for c in classnames]) if classnames else []
+    longest, need = max(zip(classnames, needs), key=lambda x: x[1], default=("", 0))
     if need > room:
         raise ConfigError(f"coop's prompt for the class {longest!r} does not fit in {backbone.name}'s text context: "
                           f"the name takes {need} tokens and {max(room, 0)} are left beside the {n_ctx} context tokens "

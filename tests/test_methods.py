@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -147,15 +149,15 @@ def tiny_clip():
     return load_backbone("tiny-clip", None, text=True)
 
 
-def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_after_truncation(tiny_clip):
+def test_coop_prompt_layout_and_text_features_match_coops_text_encoder_at_the_full_context(tiny_clip):
     m = tiny_clip.model
     torch.manual_seed(0)
-    names = ["cat", "very " * 90 + "long dog"]  # the second is cut to the 77-token context
+    names = ["cat", "very " * 56 + "long dog"]  # 16 + 59 tokens: the second fills the 77-token context
     head = coop.CoOpHead(tiny_clip, names, 100.0, n_ctx=16)
     assert head.start == 1 and tuple(head.ctx.shape) == (16, 64)
     assert abs(float(head.ctx.detach().std()) - coop.INIT_STD) < 0.006  # N(0, 0.02^2)
     ids = tiny_clip.tokenize(coop.prompt_texts(names, " ".join(["X"] * 16)))
-    assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # truncated: EOT is the last of 77 tokens
+    assert ids.shape[1] == 77 and int(ids[1].argmax()) == 76  # EOT is the last of 77 tokens
     emb = head.prompt_embeddings(names)
     with torch.no_grad():
         plain = m.token_embedding(ids)
@@ -182,18 +184,23 @@ def test_coop_ctx_init_takes_the_words_token_embeddings(tiny_clip):
 
 
 def test_coop_refuses_a_context_that_leaves_no_room_for_the_class_names(tiny_clip):
-    # tiny-clip's context is 77 tokens, 75 besides SOT and EOT: CoOp's clip.tokenize would raise on such prompts;
-    # truncated, 75 "X" would cut every class name away and give every class one text feature
-    with pytest.raises(ConfigError, match=r"baseline.n_ctx=100 context tokens do not fit in tiny-clip's text "
-                                          r"context \(at most 75 tokens"):
-        coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=100)
-    head = coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=75)
-    with pytest.raises(ConfigError, match="prompts for the classes 'cat' and 'dog' are the same once"):
+    # tiny-clip's context is 77 tokens, 75 besides SOT and EOT: CoOp's clip.tokenize raises on a longer prompt; cut,
+    # the class name (and with CLIP's argmax pooling, where the feature is read) would go
+    for n_ctx in (75, 100):
+        with pytest.raises(ConfigError, match=rf"baseline.n_ctx={n_ctx} context tokens do not fit in tiny-clip's "
+                                              r"text context \(at most 75 tokens"):
+            coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=n_ctx)
+    head = coop.CoOpHead(tiny_clip, ["cat", "sea lion"], 100.0, n_ctx=73)  # "cat." fits in 2 tokens, "sea lion." not
+    with pytest.raises(ConfigError, match="prompt for the class 'sea lion' does not fit in tiny-clip's text context: "
+                                          "the name takes 3 tokens and 2 are left beside the 73 context tokens"):
         head.text_features()
-    assert coop.CoOpHead(tiny_clip, ["cat", "dog"], 100.0, n_ctx=74).text_features().shape == (2, 64)
-    ctx = torch.zeros(4, 64)  # a saved context that disagrees with its record: the file is damaged
-    with pytest.raises(ConfigError, match="coop.ctx has 4 context vectors, but the head record says n_ctx 16"):
-        coop.CoOpHead.from_saved({"coop.ctx": ctx}, {"n_ctx": 16}, tiny_clip, ["cat"], "{}", 100.0)
+    assert coop.CoOpHead(tiny_clip, ["cat", "sea lion"], 100.0, n_ctx=72).text_features().shape == (2, 64)
+    with pytest.raises(ConfigError, match="does not fit"):  # another class list, as eval on another dataset asks
+        head.for_classes(["cat", "very " * 80 + "long dog"])
+    # a ctx_init of no words, or of characters the tokenizer drops, would be a context of 0 vectors
+    for init, why in (("_", "has no words"), ("  ", "has no words"), ("\x07\x00", "gives no tokens")):
+        with pytest.raises(ConfigError, match=f"baseline.ctx_init .* {why}"):
+            coop.CoOpHead(tiny_clip, ["cat"], 100.0, n_ctx=16, ctx_init=init)
 
 
 @pytest.mark.parametrize("family", ["open_clip", "transformers", "effnet-minilm"])
@@ -215,7 +222,7 @@ def test_coop_context_equal_to_the_placeholders_embeddings_gives_the_stock_text_
             backbone = effnet_backbone()
         except BlockLoRAError as e:
             pytest.skip(str(e))
-    names = ["cat", "very " * 90 + "long dog"]  # cut to the tower's context
+    names = ["cat", "very " * (coop.text_room(backbone) - 4 - 3) + "long dog"]  # fills the tower's context
     head = coop.CoOpHead(backbone, names, 100.0, n_ctx=4)
     tokens = head.tokens(names)
     ids = coop.ids_of(tokens)
@@ -366,3 +373,123 @@ def test_sweep_over_two_baselines_then_summarize_keeps_them_apart(zhou, tmp_path
     rows = [line.split(" | ")[0].strip("| ") for line in md.split("## 1 shot")[1].split("###")[0].splitlines()
             if line.startswith("| ") and "---" not in line]
     assert rows == ["method", "zero-shot", "probe", "tip_adapter"]  # one row per method, never pooled
+
+
+# -- faults: damaged records, other classes, non-finite scores, divergence, contexts that cannot be -------------------
+def _one_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
+    assert all(n in lines[0] for n in needles), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(zhou, tmp_path_factory):
+    """One small run of each kind of head record (probe, Tip-Adapter, CoOp)."""
+    root = tmp_path_factory.mktemp("heads")
+    for method in ("probe", "tip_adapter", "coop"):
+        assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output",
+                     str(root / method), *TINY, "--method", method, "baseline.views=1", "baseline.epochs=1"]) == 0
+    return root
+
+
+def test_every_heads_record_declaration_names_the_tensors_the_registry_says_it_saves():
+    from blocklora.methods import METHODS
+
+    for name, rec in METHODS.items():
+        if not rec.is_adapter:
+            assert tuple(sorted(rec.head_class().record_shapes)) == rec.saves, name
+
+
+@pytest.mark.parametrize(("method", "tensors", "head", "needles"), [
+    ("coop", lambda t: {"coop.ctx": t["coop.ctx"][:, :32]}, None,
+     ("blocklora_adapter.safetensors: coop.ctx has shape (16, 32)", "(n_ctx, token_width)", "text tower of width 64")),
+    ("coop", lambda t: {"coop.ctx": t["coop.ctx"][:4]}, None, ("coop.ctx has shape (4, 64)", "head.n_ctx 16")),
+    ("coop", lambda t: {"coop.ctx": t["coop.ctx"].half()}, {"n_ctx": 0}, ("blocklora_adapter.json: head.n_ctx must",)),
+    ("coop", None, {"ctx_init": 7}, ("blocklora_adapter.json: head.ctx_init must be a string",)),
+    ("coop", None, {"class_token_position": "middle"}, ("unknown class_token_position 'middle' for head",)),
+    ("coop", lambda t: {"coop.ctx": torch.full_like(t["coop.ctx"], math.inf)}, None, ("coop.ctx holds NaN",)),
+    ("probe", lambda t: {"probe.weight": t["probe.weight"].T.contiguous()}, None,
+     ("probe.weight has shape (64, 3)", "(classes, feature_dim) for 3 classes, image features of width 64")),
+    ("probe", lambda t: {"probe.weight": t["probe.weight"].long()}, None,
+     ("blocklora_adapter.safetensors: probe.weight holds int64 values", "floating-point")),
+    ("probe", None, {"C": -1.0}, ("blocklora_adapter.json: head.C must be a finite number > 0, got -1.0",)),
+    ("tip_adapter", lambda t: {"tip.values": t["tip.values"][:-1].contiguous()}, None,
+     ("tip.values has shape (2, 3), which does not fit (shots, classes) for shots 3 as in tip.keys, 3 classes",)),
+    ("tip_adapter", lambda t: {"tip.keys": t["tip.keys"].to(torch.int32)}, None, ("tip.keys holds int32 values",)),
+    ("tip_adapter", None, {"alpha": -0.5}, ("blocklora_adapter.json: head.alpha must be a finite number >= 0",)),
+    ("tip_adapter", None, {"beta": "1"}, ("head.beta must be a finite number", "got '1'")),
+    # finite but overflowing: the head's logits are infinite, so no accuracy can be reported
+    ("probe", lambda t: {"probe.bias": torch.full_like(t["probe.bias"], 3.4e38),
+                         "probe.weight": torch.cat([t["probe.weight"][:1] * 0 + 3e38, t["probe.weight"][1:2] * 0 - 3e38,
+                                                    t["probe.weight"][2:]])}, None,
+     ("non-finite scores (NaN or infinite) for",)),
+])
+def test_a_damaged_or_hand_edited_head_record_is_one_error_line_naming_file_and_field(zhou, trained, tmp_path, capsys,
+                                                                                       method, tensors, head, needles):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / method, run)
+    adapter = run / "adapter"
+    if tensors:
+        saved = load_file(adapter / "blocklora_adapter.safetensors")
+        save_file({k: v.contiguous() for k, v in {**saved, **tensors(saved)}.items()},
+                  adapter / "blocklora_adapter.safetensors")
+    if head:
+        meta = json.loads((adapter / "blocklora_adapter.json").read_text())
+        meta["head"].update(head)
+        (adapter / "blocklora_adapter.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run), "--device", "cpu", "--workers", "0", "--output",
+                 str(tmp_path / "out")]) == 2
+    _one_error(capsys, *needles)
+    assert not (tmp_path / "out").exists()
+    if "non-finite" in needles[0]:  # predict refuses them too, rather than ranking classes by NaN
+        assert main(["predict", "--adapter", str(run), "--device", "cpu", str(next(zhou.rglob("*.jpg")))]) == 2
+        _one_error(capsys, "non-finite scores")
+
+
+def test_a_head_of_other_classes_is_refused_before_any_image_is_read(trained, tmp_path, capsys):
+    # two of the three classes, and every test image unreadable: the class check must come first
+    other = make_zhou(tmp_path, "dtd", classes=["golden_retriever", "abbey"])
+    for image in other["image_dir"].rglob("test_*.jpg"):
+        image.write_bytes(b"not an image")
+    for method in ("probe", "tip_adapter"):
+        assert main(["eval", "--adapter", str(trained / method), "--dataset", "dtd", "--root", str(tmp_path),
+                     "--device", "cpu", "--workers", "0"]) == 2
+        _one_error(capsys, f"a {method} head has one row per trained class (3)", "(2 given)")
+
+
+def test_coop_contexts_that_cannot_be_are_refused_before_any_image_is_read(zhou, tmp_path, capsys):
+    for override, needles in (("baseline.ctx_init=_", ("baseline.ctx_init '_' has no words",)),
+                              ("baseline.ctx_init=\x07", ("gives no tokens with tiny-clip's tokenizer",)),
+                              # "Sea or Lake." is 4 tokens: 72 context tokens leave 3 of the 75
+                              ("baseline.n_ctx=72", ("prompt for the class 'Sea or Lake' does not fit",
+                                                     "the name takes 4 tokens and 3 are left beside the 72 context "
+                                                     "tokens (75 in all)"))):
+        out = tmp_path / "run"
+        assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "1", "--output", str(out), *TINY,
+                     "--method", "coop", "baseline.views=1", override]) == 2
+        _one_error(capsys, *needles)
+        assert not out.exists()
+
+
+def test_params_of_coop_counts_the_ctx_init_tokens(capsys):
+    assert main(["params", "--model", "tiny-clip", "--method", "coop", "--num-classes", "10", "--shots", "4",
+                 "baseline.ctx_init=a_photo_of_a", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trainable_params"] == 4 * 64 and report["dims"]["n_ctx"] == 4  # CoOp: n_ctx = the init's tokens
+    assert main(["params", "--model", "tiny-clip", "--method", "coop", "baseline.ctx_init=_"]) == 2
+    _one_error(capsys, "baseline.ctx_init '_' has no words")
+
+
+def test_a_diverging_baseline_is_named_with_its_step_and_leaves_nothing(zhou, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "dtd", "--root", str(zhou), "--shots", "2", "--output", str(out), *TINY,
+                 "--method", "tip_adapter_f", "baseline.views=1", "baseline.epochs=30",
+                 "baseline.method_lr=10"]) == 2
+    line = _one_error(capsys, "tip_adapter_f diverged: the ", "lower baseline.method_lr (now 10)")
+    assert re.search(r"(the loss became nan|the trained tensors became non-finite) at step \d+:", line), line
+    assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 import signal
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import blocklora
 from blocklora import AdapterConfig, inject
@@ -301,6 +302,16 @@ def test_damaged_config_fields_are_one_error_naming_the_field(damage, peft_dir, 
     with pytest.raises(AdapterMismatchError, match=needle) as e:
         read_peft_adapter(damaged, make_hf())
     assert "\n" not in str(e.value) and str(damaged) in str(e.value)
+
+
+def test_integer_factors_are_a_dtype_error_naming_the_tensor(peft_dir, tmp_path):
+    shutil.copytree(peft_dir, tmp_path / "p")
+    tensors = load_file(peft_dir / WEIGHTS_FILE)
+    key = sorted(tensors)[0]
+    save_file({**tensors, key: (100 * tensors[key]).long()}, tmp_path / "p" / WEIGHTS_FILE)
+    with pytest.raises(AdapterMismatchError, match=rf"{WEIGHTS_FILE}: {re.escape(key)} holds int64 values, where a "
+                                                   "LoRA factor is floating point"):
+        read_peft_adapter(tmp_path / "p", make_hf())
 
 
 @pytest.mark.parametrize("targets", [

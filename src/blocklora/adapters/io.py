@@ -113,7 +113,14 @@ def _check_replaceable(directory: Path) -> None:
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str, hint: str) -> None:
-    bad = [k for k, v in tensors.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    """Refuse a tensor that is not floating point (a hand-made file of int64 weights), then non-finite values."""
+    ints = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if ints:
+        dtype = str(tensors[ints[0]].dtype).removeprefix("torch.")
+        raise AdapterMismatchError(f"{what}: {ints[0]} holds {dtype} values, where blocklora stores floating-point "
+                                   f"weights ({len(ints)} of {len(tensors)} tensors): the file is damaged or not "
+                                   "blocklora's; save float tensors")
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise AdapterMismatchError(f"{what}: {bad[0]} holds NaN or infinite values ({len(bad)} of {len(tensors)} "
                                    f"tensors): {hint}")

@@ -88,7 +88,7 @@ def _baseline_params(args: argparse.Namespace, run: Any, weights: Any) -> int:
     method = run.adapter.method
     n_classes, shots = args.num_classes, args.shots
     backbone = load_backbone(run.model, weights, run.quick_gelu, tokenizer=run.tokenizer, text=method == "coop")
-    cost = baseline_cost(backbone, method, n_classes, shots, run.baseline.n_ctx)
+    cost = baseline_cost(backbone, method, n_classes, shots, run.baseline.n_ctx, run.baseline.ctx_init)
     rec = record(method)
     report = {"model": run.model, "method": method, "trains": rec.trains, "merges": rec.merges,
               "scores": rec.scores, "saves": list(rec.saves), "paper": rec.paper, **cost}

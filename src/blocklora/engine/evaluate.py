@@ -22,7 +22,7 @@ from ..data.decode import reads_files
 from ..data.images import ImageDataset, collate_reported
 from ..data.layout import prompt_name
 from ..data.types import DatasetSplits, Item
-from ..errors import ConfigError, DataError
+from ..errors import BlockLoRAError, ConfigError, DataError
 from .logits import Logits
 from .progress import progress
 from .runtime import Runtime, eval_mode
@@ -128,6 +128,17 @@ def image_features(backbone: Backbone, items: Sequence[Item], reader: Callable, 
     return Features(torch.cat(feats), torch.cat(labels), bad)
 
 
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` (N, C), refused when any is NaN or infinite: an argmax over them is no prediction (torch takes a NaN
+    as the largest), so an accuracy or a top-k of them would be a number that means nothing. Raises BlockLoRAError."""
+    bad = ~torch.isfinite(scores).all(dim=-1)
+    if bool(bad.any()):
+        raise BlockLoRAError(f"the model produced non-finite scores (NaN or infinite) for {int(bad.sum())} of "
+                             f"{len(scores)} images: the adapter or the weights are damaged, or its training diverged; "
+                             "retrain it (a lower learning rate) or use an intact one")
+    return scores
+
+
 def predicted_counts(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct per class, total per class) of predicted class indices."""
     correct = torch.zeros(n_classes, dtype=torch.long)
@@ -188,7 +199,7 @@ def accuracy(backbone: Backbone, items: Sequence[Item], reader: Callable, classn
                                 for i in range(0, len(feats), 4096)])
     else:
         scores = feats @ txt.T  # image-class cosines (both L2-normalised)
-    counts = predicted_counts(scores.argmax(-1), features.labels, len(classnames))
+    counts = predicted_counts(finite_scores(scores).argmax(-1), features.labels, len(classnames))
     correct, total = reduce_counts(*counts, runtime)
     out = {**summarize(correct, total, classnames), "unreadable": list(features.bad)}
     if keep and runtime.world_size == 1:

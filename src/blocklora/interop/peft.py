@@ -348,6 +348,9 @@ def read_peft_adapter(directory: str | os.PathLike, model: nn.Module, cfg: Adapt
         if leaf not in ("A.weight", "B.weight") or not module:
             raise AdapterMismatchError(f"{weights}: {key} is not a LoRA factor (lora_A.weight / "
                                        "lora_B.weight): blocklora reads plain LoRA adapters only")
+        if not value.is_floating_point():  # int factors would be cast to weights silently
+            raise AdapterMismatchError(f"{weights}: {key} holds {str(value.dtype).removeprefix('torch.')} values, "
+                                       "where a LoRA factor is floating point: the file is damaged")
         if not bool(torch.isfinite(value).all()):
             raise AdapterMismatchError(f"adapter {directory}: {key} holds NaN or infinite values")
         factors.setdefault(module, {})[leaf[0]] = value

@@ -2,7 +2,8 @@
 
     FitData   the shots' frozen features (plain, and augmented views), the validation shots' features, the zero-shot
               text classifier, the logit scale, the backbone (CoOp's text tower) and the run's options
-    Head      logits(feats) -> (N, C); fit(data) -> per-epoch history; tensors() / meta() to save; from_saved()
+    Head      logits(feats) -> (N, C); fit(data) -> per-epoch history; tensors() / meta() to save; from_saved();
+              record_shapes / record_fields: what a saved record must hold (checked by methods/io.py on load)
 
 The image encoder never changes, so a run computes each feature once (features.py) and every epoch of every method
 reads them: a step costs the head's own work (CoOp: one text-tower pass over the C prompts).
@@ -11,11 +12,12 @@ reads them: a step costs the head's own work (CoOp: one text-tower pass over the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .. import checks
 from ..config.run_config import BaselineConfig
 
 
@@ -42,6 +44,13 @@ class Head(nn.Module):
     """A baseline's trained part. Subclasses set `method`, implement logits / fit / tensors / meta / from_saved."""
 
     method: str = ""
+    # The saved record, as methods/io.py checks it before from_saved: each tensor's shape in named dimensions
+    # (classes: the run record's class count; feature_dim: the image features' width; token_width: the text tower's
+    # token embedding width; a head field such as n_ctx; any other name: the same size wherever it appears), and
+    # the "head" JSON fields (rules of checks.py; absent ones take record_defaults, and without one are an error).
+    record_shapes: ClassVar[dict[str, tuple[str, ...]]] = {}
+    record_fields: ClassVar[dict[str, checks.Rule]] = {}
+    record_defaults: ClassVar[dict[str, Any]] = {}
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, D) L2-normalised image features -> (N, C) logits (softmax over the classes gives probabilities)."""
@@ -62,6 +71,8 @@ class Head(nn.Module):
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], backbone: Any,
                    classnames: list[str], template: str, scale: float) -> Head:
+        """The head of a saved record: `tensors` and `meta` (the "head" fields) already checked against
+        record_shapes and record_fields (methods/io.py)."""
         raise NotImplementedError
 
     def for_classes(self, classnames: list[str]) -> Head:
@@ -106,8 +117,12 @@ def train_epoch(feats: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, 
                 logits_fn: Any, opt: torch.optim.Optimizer, step: int, set_lr: Any = None) -> tuple[float, float, int]:
     """One epoch of cross-entropy steps over the mini-batches `order[i * batch:(i + 1) * batch]`, i < `batches`, of
     the (N, D) features: logits_fn(feats[idx]) -> (B, C) logits; `set_lr(step)` before each step when given (a
-    per-step schedule). Returns (the mean loss, top-1 % over the images seen, the step count after the epoch)."""
+    per-step schedule). Returns (the mean loss, top-1 % over the images seen, the step count after the epoch).
+    Raises TrainingDiverged at the first step whose loss, or whose update of the trained tensors, is not finite
+    (methods/fit.py names the method)."""
     import torch.nn.functional as F
+
+    from ..engine.fit import TrainingDiverged
 
     losses, correct, seen = [], 0, 0
     for i in range(batches):
@@ -116,10 +131,14 @@ def train_epoch(feats: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, 
             set_lr(step)
         logits = logits_fn(feats[idx])
         loss = F.cross_entropy(logits, labels[idx])
+        if not bool(torch.isfinite(loss.detach())):
+            raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1}")
         opt.zero_grad()
         loss.backward()
         opt.step()
         step += 1
+        if not all(bool(torch.isfinite(p.detach()).all()) for g in opt.param_groups for p in g["params"]):
+            raise TrainingDiverged(f"the trained tensors became non-finite at step {step}")
         losses.append(loss.item())
         correct += int((logits.argmax(-1) == labels[idx]).sum())
         seen += len(idx)

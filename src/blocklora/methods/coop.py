@@ -2,18 +2,20 @@
 github.com/KaiyangZhou/CoOp, trainers/coop.py), unified context, class token at the end.
 
     prompt text    "X X ... X {class}."            n_ctx placeholders ("X"), then the class name and a period
-    tokens         the family's own tokenizer, with its own truncation: t = tokenize(prompt text)
+    tokens         the family's own tokenizer: t = tokenize(prompt text); a prompt it would cut (the context and the
+                   class name longer than the text context) is refused (check_room), as CoOp's clip.tokenize does
     embedding      E = token_embedding(t); E[:, start:start + n_ctx] = ctx      (C, L, width)
                    start = the number of tokens the tokenizer puts before the text (CLIP's SOT, BERT's [CLS]: 1;
                    SigLIP: 0); the rest of E (class name, ".", EOT, padding) is the frozen embedding of t
-    text feature   the family's text tower on E, pooled where it pools t (CLIP: the EOT position t.argmax(-1) of
-                   the truncated tokens; BERT: the mean over the attention mask), projected
+    text feature   the family's text tower on E, pooled where it pools t (CLIP: the EOT position t.argmax(-1);
+                   BERT: the mean over the attention mask), projected
     logits         s f normalize(text)^T
 
 The context replaces the embedding module's output through a forward hook, so every family's own encode_texts
 (open_clip, transformers, effnet-minilm's MiniLM) runs unchanged: positions, masks, truncation and pooling are the
 family's. ctx: (n_ctx, width) ~ N(0, 0.02^2) (CoOp: nn.init.normal_(ctx_vectors, std=0.02)), or, with ctx_init, the
-token embeddings of those words (CoOp: "a photo of a", n_ctx = its number of tokens).
+token embeddings of those words (CoOp: "a photo of a", n_ctx = its number of tokens; words of no tokens are refused,
+context()).
 
 Recipe (configs/trainers/CoOp/*.yaml, Dassl's defaults, scripts/coop/main.sh): SGD lr 0.002, momentum 0.9, weight
 decay 5e-4, batch 32, cosine over epochs (CosineAnnealingLR(T_max = epochs), stepped per epoch) after 1 warm-up
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..backbones.base import move
 from ..data.layout import prompt_name
 from ..errors import ConfigError
@@ -70,8 +73,73 @@ def context_start(backbone) -> int:
     return next(i for i, (a, b) in enumerate(zip(one, two)) if a != b) - 1
 
 
+def count_tokens(backbone, texts: list[str]) -> list[int]:
+    """Tokens of each text alone, as the family's tokenizer gives them (its special tokens and padding left out, its
+    truncation applied); one tokenizer call for all."""
+    start = context_start(backbone)
+    bare = ids_of(backbone.tokenize(["", "X"]))[0].tolist()  # "" padded to "X": the padding id is among them
+    special = set(bare[:start]) | set(bare[start:])
+    return [sum(1 for i in row if i not in special) for row in ids_of(backbone.tokenize(list(texts))).tolist()]
+
+
+def text_room(backbone) -> int:
+    """How many tokens the text tower reads besides its special ones (CLIP: 77 - SOT - EOT = 75): the count of a
+    text longer than any context, cut by the tokenizer's own truncation."""
+    return count_tokens(backbone, [" ".join(["X"] * 1024)])[0]
+
+
+def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
+    """(the prompt prefix, the context length) of a CoOp head: ctx_init's words and their token count (CoOp: n_ctx =
+    len(tokenize(ctx_init))), else n_ctx placeholders "X". Raises ConfigError for a ctx_init of no tokens, a context
+    that fills the text tower's room, and a tokenizer that does not make one token of each "X"."""
+    words = ctx_init.strip().replace("_", " ")
+    if ctx_init and not words.strip():
+        raise ConfigError(f"baseline.ctx_init {ctx_init!r} has no words: give the words to start the context from "
+                          "(e.g. 'a photo of a'), or leave it empty for a random context of baseline.n_ctx vectors")
+    room = text_room(backbone)
+    if words:
+        n_ctx = count_tokens(backbone, [words])[0]
+        if n_ctx == 0:
+            raise ConfigError(f"baseline.ctx_init {ctx_init!r} gives no tokens with {backbone.name}'s tokenizer (it "
+                              "drops such characters): give words, e.g. 'a photo of a', or leave it empty for a "
+                              "random context")
+        if n_ctx >= room:
+            raise ConfigError(f"baseline.ctx_init fills {backbone.name}'s text context ({room} tokens besides its "
+                              "special ones) and leaves no room for the class names: shorten baseline.ctx_init")
+        return words, n_ctx
+    prefix = " ".join(["X"] * n_ctx)
+    count = count_tokens(backbone, [prefix])[0]
+    if n_ctx >= room:
+        raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text context (at "
+                          f"most {room} tokens besides its special ones, and the class names need some): lower "
+                          "baseline.n_ctx")
+    if count != n_ctx:
+        raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot place its "
+                          "context; use another method for this model")
+    return prefix, n_ctx
+
+
+def check_room(backbone, classnames: list[str], n_ctx: int) -> None:
+    """Refuse class names whose prompt "CONTEXT {name}." would not fit in the text tower's context: the tokenizer
+    would cut the prompt (the class name, ".", and with CLIP's argmax pooling the feature is read at the cut), and
+    CoOp's own clip.tokenize raises on such prompts. A name's tokens are counted alone ("{name}."): words are
+    tokenized apart from each other, so the prompt is the context's tokens followed by these."""
+    room = text_room(backbone) - n_ctx
+    needs = count_tokens(backbone, [f"{prompt_name(c)}." for c in classnames]) if classnames else []
+    longest, need = max(zip(classnames, needs), key=lambda x: x[1], default=("", 0))
+    if need > room:
+        raise ConfigError(f"coop's prompt for the class {longest!r} does not fit in {backbone.name}'s text context: "
+                          f"the name takes {need} tokens and {max(room, 0)} are left beside the {n_ctx} context tokens "
+                          f"({room + n_ctx} in all); lower baseline.n_ctx (or shorten baseline.ctx_init) or shorten "
+                          "the class name")
+
+
 class CoOpHead(Head):
     method = "coop"
+    record_shapes = {"coop.ctx": ("n_ctx", "token_width")}
+    record_fields = {"n_ctx": checks.num(1, 256, integer=True), "ctx_init": checks.text(),
+                     "class_token_position": checks.one_of("end")}
+    record_defaults = {"ctx_init": "", "class_token_position": "end"}
 
     def __init__(self, backbone, classnames: list[str], scale: float, n_ctx: int, ctx_init: str = "",
                  ctx: torch.Tensor | None = None) -> None:
@@ -81,19 +149,7 @@ class CoOpHead(Head):
         self.start = context_start(backbone)
         self.ctx_init = ctx_init.strip().replace("_", " ")
         width = self.embedding.weight.shape[1]
-        if self.ctx_init:
-            n_ctx = self._count(self.ctx_init)
-            self.prefix = self.ctx_init
-        else:
-            self.prefix = " ".join(["X"] * n_ctx)
-            count = self._count(self.prefix)
-            if count != n_ctx and count == self._count(self.prefix + " X"):  # the tokenizer cut the prefix
-                raise ConfigError(f"baseline.n_ctx={n_ctx} context tokens do not fit in {backbone.name}'s text "
-                                  f"context (at most {count} tokens besides its special ones, and the class names "
-                                  "need some): lower baseline.n_ctx")
-            if count != n_ctx:
-                raise ConfigError(f"{backbone.name}'s tokenizer does not make one token of each 'X': coop cannot "
-                                  "place its context; use another method for this model")
+        self.prefix, n_ctx = context(backbone, n_ctx, ctx_init)
         self.n_ctx = n_ctx
         if ctx is None:
             if self.ctx_init:  # CoOp: embedding[0, 1:1 + n_ctx] of the tokenized ctx_init
@@ -105,34 +161,17 @@ class CoOpHead(Head):
         self.ctx = nn.Parameter(ctx.detach().float().clone().to(self.embedding.weight.device))
         self._frozen_text: torch.Tensor | None = None
 
-    def _count(self, text: str) -> int:
-        """Tokens of `text` alone (its special tokens and padding left out)."""
-        ids = ids_of(self.backbone.tokenize([text]))[0].tolist()
-        bare = ids_of(self.backbone.tokenize([""]))[0].tolist()
-        return sum(1 for i in ids if i not in set(bare[:self.start]) | set(bare[self.start:]))
-
     def tokens(self, classnames: list[str]) -> Any:
-        """The tokenized prompts (the family's truncation rule applied), on the backbone's device."""
+        """The tokenized prompts, on the backbone's device. Raises ConfigError for a class name that does not fit
+        beside the context (check_room)."""
         key = tuple(classnames)
         cache = self.__dict__.setdefault("_tokens", {})
         if key not in cache:  # every training step encodes the same prompts
+            check_room(self.backbone, classnames, self.n_ctx)
             tokens = self.backbone.tokenize(prompt_texts(classnames, self.prefix))
-            self._check_room(classnames, ids_of(tokens))
             cache.clear()
             cache[key] = move(tokens, self.backbone.device)
         return cache[key]
-
-    def _check_room(self, classnames: list[str], ids: torch.Tensor) -> None:
-        """Refuse prompts that the tokenizer's truncation made identical for different classes: the context took the
-        room of the class names, and those classes would get one text feature (CoOp's clip.tokenize raises on a
-        prompt longer than the context; the families here truncate, as their zero-shot prompts do)."""
-        seen: dict[tuple[int, ...], str] = {}
-        for name, row in zip(classnames, ids.tolist()):
-            other = seen.setdefault(tuple(row), name)
-            if other != name and prompt_name(other) != prompt_name(name):
-                raise ConfigError(f"coop's prompts for the classes {other!r} and {name!r} are the same once "
-                                  f"{self.backbone.name}'s tokenizer truncates them: the {self.n_ctx} context tokens "
-                                  "leave too little room for the class names; lower baseline.n_ctx")
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
@@ -169,7 +208,9 @@ class CoOpHead(Head):
     def for_classes(self, classnames: list[str]) -> CoOpHead:
         if list(classnames) == self.classnames:
             return self
-        return CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
+        head = CoOpHead(self.backbone, classnames, self.scale, self.n_ctx, self.ctx_init, ctx=self.ctx.detach())
+        head.tokens(classnames)  # a class name that does not fit is refused now, before any image is read
+        return head
 
     def fit(self, data: FitData) -> list[dict[str, Any]]:
         with _frozen(self.backbone.model):  # gradients reach the context only, never the tower's weights
@@ -204,10 +245,7 @@ class CoOpHead(Head):
     @classmethod
     def from_saved(cls, tensors, meta, backbone, classnames, template, scale) -> CoOpHead:
         ctx = tensors["coop.ctx"]
-        if meta.get("n_ctx") is not None and int(meta["n_ctx"]) != ctx.shape[0]:
-            raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but the head record says n_ctx "
-                              f"{meta['n_ctx']}")
-        head = cls(backbone, classnames, scale, int(ctx.shape[0]), str(meta.get("ctx_init") or ""), ctx=ctx)
+        head = cls(backbone, classnames, scale, meta["n_ctx"], meta["ctx_init"], ctx=ctx)
         if head.n_ctx != ctx.shape[0]:
             raise ConfigError(f"coop.ctx has {ctx.shape[0]} context vectors, but ctx_init {head.ctx_init!r} is "
                               f"{head.n_ctx} tokens for this tokenizer")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .coop import context_start, token_embedding
+from .coop import context, context_start, token_embedding
 from .tip_adapter import BATCH as TIP_BATCH
 
 
@@ -42,8 +42,11 @@ def text_linear_weights(backbone: Any) -> int:
     return total
 
 
-def baseline_cost(backbone: Any, method: str, n_classes: int, shots: int, n_ctx: int = 16) -> dict[str, Any]:
-    """{"trainable_params", "step_macs", "step", "dims"}: see the module docstring."""
+def baseline_cost(backbone: Any, method: str, n_classes: int, shots: int, n_ctx: int = 16,
+                  ctx_init: str = "") -> dict[str, Any]:
+    """{"trainable_params", "step_macs", "step", "dims"}: see the module docstring. CoOp's n_ctx is ctx_init's token
+    count when it is given, as training takes it (coop.context, which raises ConfigError for a context that cannot
+    be)."""
     c, k = n_classes, shots
     n = c * k
     d = feature_dim(backbone)
@@ -59,6 +62,7 @@ def baseline_cost(backbone: Any, method: str, n_classes: int, shots: int, n_ctx:
         dims["batch"] = b
     elif method == "coop":
         width = token_embedding(backbone).weight.shape[1]
+        _, n_ctx = context(backbone, n_ctx, ctx_init)
         tokens = context_start(backbone) + n_ctx + 4  # before the text, the context, ~2 name tokens, ".", EOT
         m = text_linear_weights(backbone)
         params, macs = n_ctx * width, 3 * c * tokens * m

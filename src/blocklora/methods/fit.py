@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..engine import evaluate as ev
-from ..engine.fit import FitState
+from ..engine.fit import FitState, TrainingDiverged
 from ..engine.runtime import seed_everything
 from . import features
 from .base import FitData, Head
@@ -72,8 +72,19 @@ def fit_head(p: Any, workers: int, on_record=None) -> tuple[HeadFit, float]:
     t0 = time.perf_counter()
     seed_everything(p.cfg.data.seed)
     data = fit_data(p, workers)
-    head = build(p.cfg.adapter.method, data).to(p.runtime.device)
-    history = head.fit(data)
+    method = p.cfg.adapter.method
+    head = build(method, data).to(p.runtime.device)
+    given = p.cfg.baseline.method_lr
+    lr = ("lower baseline.method_lr " + (f"(now {given:g})" if given else "below the paper's")
+          if method in ("tip_adapter_f", "coop") else "check the data and the frozen weights")
+    try:
+        history = head.fit(data)
+    except TrainingDiverged as e:  # the step, from the epoch loop (base.train_epoch)
+        raise TrainingDiverged(f"{method} diverged: {e}: {lr}") from None
+    bad = [k for k, v in head.tensors().items() if not bool(torch.isfinite(v).all())]
+    if bad:  # the probe's fits, a cache of non-finite features: no step to name
+        raise TrainingDiverged(f"{method} diverged: its {bad[0]} became non-finite after {len(history)} fits / "
+                               f"searches: {lr}")
     head.eval()
     # results.json's "iters": optimizer steps (tip_adapter_f, coop), the probe's fits, 0 for the training-free cache
     state = FitState(step=max((r.get("step", 0) for r in history), default=0), history=history)

@@ -5,9 +5,11 @@
                                    trainable_params, run (what eval / predict need), head (method, hyper-parameters)
     blocklora_adapter.safetensors  the head's tensors (probe.weight / bias, tip.keys / values / text, coop.ctx)
 
-Written atomically with blocklora's ownership marker; read back through the same validating reader (a damaged or
-hand-edited file is one error line). Reloading checks the frozen weights' identity (fingerprint, activation) as an
-adapter's reload does.
+Written atomically with blocklora's ownership marker; read back through the same validating reader, then checked
+against the head's own declaration (check_record: the tensors it saves and no others, floating point, of the shapes
+Head.record_shapes names, finite; the "head" fields by Head.record_fields), so a damaged or hand-edited file is one
+error line naming the file and the tensor or field. Reloading checks the frozen weights' identity (fingerprint,
+activation) as an adapter's reload does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..adapters import io as aio
 from ..adapters.config import AdapterConfig
 from ..errors import AdapterMismatchError, BlockLoRAError, ConfigError
 from ..ownership import atomic_folder, reported_write
-from ..reading import read_bytes
+from ..reading import damaged, fields, read_bytes
 from .base import Head
 from .registry import METHODS, record
 
@@ -72,52 +74,65 @@ def load_head(directory: str | os.PathLike, meta: dict[str, Any], backbone: Any,
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise AdapterMismatchError(f"cannot read {directory / aio.WEIGHTS_FILE}: {why}; the adapter directory is "
                                    "damaged") from None
-    aio._check_finite(tensors, f"adapter {directory}", "the folder is damaged")
-    if tuple(sorted(tensors)) != TENSORS[method]:
-        raise AdapterMismatchError(f"adapter {directory} ({method}) holds the tensors {', '.join(sorted(tensors))}, "
-                                   f"not {', '.join(TENSORS[method])}: the folder is damaged")
     head_meta = meta.get("head")
     if not isinstance(head_meta, dict) or head_meta.get("method") != method:
         raise AdapterMismatchError(f"{directory / aio.CONFIG_FILE}: 'head' is missing or not a {method} record; the "
                                    "file is damaged")
     run = meta["run"]
     classnames = list(run["classnames"])
-    _check_shapes(method, tensors, len(classnames), backbone, directory)
+    head_cls = record(method).head_class()
+    head_meta = check_record(head_cls, tensors, head_meta, len(classnames), backbone, directory)
     device = backbone.device
     tensors = {k: v.to(device) for k, v in tensors.items()}
     try:
-        head = record(method).head_class().from_saved(tensors, head_meta, backbone, classnames, run["template"],
-                                                      float(run["logit_scale"]))
+        head = head_cls.from_saved(tensors, head_meta, backbone, classnames, run["template"],
+                                   float(run["logit_scale"]))
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise AdapterMismatchError(f"{directory / aio.CONFIG_FILE}: bad head record ({e}); the file is "
                                    "damaged") from None
     return head.to(device).eval()
 
 
-def _check_shapes(method: str, t: dict[str, torch.Tensor], n_classes: int, backbone: Any, where: Path) -> None:
-    def bad(what: str) -> AdapterMismatchError:
-        return AdapterMismatchError(f"adapter {where} does not fit: {what}; was it trained on another model or "
-                                    "class list?")
+def check_record(head_cls: type[Head], tensors: dict[str, torch.Tensor], head_meta: dict[str, Any],
+                 n_classes: int, backbone: Any, directory: Path) -> dict[str, Any]:
+    """Check a saved head record against its class's declaration (Head.record_shapes, record_fields) and return its
+    checked "head" fields: every tensor present and no other, floating point, of the declared shape, finite; every
+    field of the right type and range. Raises AdapterMismatchError naming the file and the tensor or field."""
+    method = head_cls.method
+    weights, config = directory / aio.WEIGHTS_FILE, directory / aio.CONFIG_FILE
+    if tuple(sorted(tensors)) != TENSORS[method]:
+        raise AdapterMismatchError(f"adapter {directory} ({method}) holds the tensors {', '.join(sorted(tensors))}, "
+                                   f"not {', '.join(TENSORS[method])}: the folder is damaged")
+    aio._check_finite(tensors, str(weights), "the file is damaged")  # dtype first, then values
+    with damaged(config, AdapterMismatchError):
+        checked = fields(head_meta, head_cls.record_fields, "head", head_cls.record_defaults)
+    known: dict[str, tuple[int, str]] = {"classes": (n_classes, f"{n_classes} classes")}
 
-    if method == "probe" or method.startswith("tip_adapter"):
-        from .cost import feature_dim
+    def size(dim: str) -> int | None:
+        """The size a dimension must have (None: not known yet, the first tensor naming it sets it)."""
+        if dim not in known:  # computed only when a record names it (feature_dim runs the image tower once)
+            if dim == "feature_dim":
+                from .cost import feature_dim
 
-        d = feature_dim(backbone)  # the heads read (N, D) image features: another width fails only at eval
-    if method == "probe":
-        w, b = t["probe.weight"], t["probe.bias"]
-        if w.dim() != 2 or tuple(w.shape) != (n_classes, d) or tuple(b.shape) != (n_classes,):
-            raise bad(f"probe.weight {tuple(w.shape)} / probe.bias {tuple(b.shape)} for {n_classes} classes and "
-                      f"image features of width {d}")
-    elif method.startswith("tip_adapter"):
-        k, v, x = t["tip.keys"], t["tip.values"], t["tip.text"]
-        if k.dim() != 2 or v.dim() != 2 or x.dim() != 2 or k.shape[1] != d or v.shape != (k.shape[0], n_classes) \
-                or x.shape != (n_classes, d):
-            raise bad(f"tip.keys {tuple(k.shape)}, tip.values {tuple(v.shape)}, tip.text {tuple(x.shape)} for "
-                      f"{n_classes} classes and image features of width {d}")
-    else:
-        from .coop import token_embedding
+                d = feature_dim(backbone)
+                known[dim] = (d, f"image features of width {d}")
+            elif dim == "token_width":
+                from .coop import token_embedding
 
-        width = token_embedding(backbone).weight.shape[1]
-        ctx = t["coop.ctx"]
-        if ctx.dim() != 2 or ctx.shape[1] != width or not 1 <= ctx.shape[0] <= 256:
-            raise bad(f"coop.ctx {tuple(ctx.shape)} for a text tower of width {width}")
+                w = token_embedding(backbone).weight.shape[1]
+                known[dim] = (w, f"a text tower of width {w}")
+            elif dim in checked:
+                known[dim] = (checked[dim], f"head.{dim} {checked[dim]}")
+        return known[dim][0] if dim in known else None
+
+    for name, dims in head_cls.record_shapes.items():
+        shape = tuple(tensors[name].shape)
+        want = [size(d) for d in dims]
+        if len(shape) != len(dims) or any(w is not None and w != n for w, n in zip(want, shape)):
+            why = ", ".join(dict.fromkeys(known[d][1] for d in dims if d in known))
+            raise AdapterMismatchError(f"{weights}: {name} has shape {shape}, which does not fit ({', '.join(dims)})"
+                                       f"{' for ' + why if why else ''}: was it trained on another model or class "
+                                       "list? Else the file is damaged")
+        for d, n in zip(dims, shape):
+            known.setdefault(d, (n, f"{d} {n} as in {name}"))
+    return {**head_meta, **checked}

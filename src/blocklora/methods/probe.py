@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from .base import FitData, Head
 
 GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)  # lpclip/linear_probe.py: search_list
@@ -61,6 +62,9 @@ def fit_weights(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, c_reg: float
 
 class ProbeHead(Head):
     method = "probe"
+    record_shapes = {"probe.weight": ("classes", "feature_dim"), "probe.bias": ("classes",)}
+    record_fields = {"C": checks.num(0, lo_open=True, optional=True)}  # the chosen penalty (informative)
+    record_defaults = {"C": None}
 
     def __init__(self, text: torch.Tensor, scale: float, classnames: list[str]) -> None:
         super().__init__()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from .base import FitData, Head, cosine_lr, set_lr, train_epoch
 
 INIT_ALPHA, INIT_BETA = 1.17, 1.0  # configs/imagenet.yaml
@@ -47,6 +48,10 @@ def search_grid() -> tuple[list[float], list[float]]:
 class TipAdapterHead(Head):
     method = "tip_adapter"
     trainable_keys = False
+    record_shapes = {"tip.keys": ("shots", "feature_dim"), "tip.values": ("shots", "classes"),
+                     "tip.text": ("classes", "feature_dim")}
+    # the search grid's range (search_grid) with room to spare; a negative or huge weight is a damaged record
+    record_fields = {"alpha": checks.num(0, 1e4), "beta": checks.num(0, 1e4)}
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, scale: float,
                  classnames: list[str], alpha: float = INIT_ALPHA, beta: float = INIT_BETA) -> None:
@@ -103,11 +108,8 @@ class TipAdapterHead(Head):
 
     @classmethod
     def from_saved(cls, tensors, meta, backbone, classnames, template, scale) -> TipAdapterHead:
-        from .. import checks
-
-        alpha = checks.number("alpha", meta.get("alpha"), checks.Range(0, 1e4))
-        beta = checks.number("beta", meta.get("beta"), checks.Range(0, 1e4))
-        return cls(tensors["tip.keys"], tensors["tip.values"], tensors["tip.text"], scale, classnames, alpha, beta)
+        return cls(tensors["tip.keys"], tensors["tip.values"], tensors["tip.text"], scale, classnames,
+                   meta["alpha"], meta["beta"])
 
 
 class TipAdapterFHead(TipAdapterHead):

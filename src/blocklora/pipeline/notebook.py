@@ -109,8 +109,8 @@ class Classifier:
                 chunk = images[start:start + batch_size]
                 pixels = [self._transform(i.convert("RGB") if isinstance(i, Image.Image) else
                                           open_image_file(str(Path(i)))) for i in chunk]
-                for row in _top(self.backbone, self.runtime, pixels, self._text, self.logits, self.classnames,
-                                topk):
+                for row in _top(self.backbone, getattr(self.backbone, "head", None), self.runtime, pixels,
+                                self._text, self.logits, self.classnames, topk):
                     best = row["top"][0]
                     out.append({"class": best["class"], "prob": best["prob"], "top": row["top"]})
         return out

@@ -195,7 +195,7 @@ def prepare(cfg: RunConfig, rank: int = 0, world_size: int = 1, recorded_quick_g
         if world_size > 1:
             raise ConfigError(f"method {cfg.adapter.method} trains on one process (its frozen features fit on one "
                               "device): run it without torchrun")
-        modules = _baseline_checks(cfg, backbone)
+        modules = _baseline_checks(cfg, backbone, plan)
     else:
         modules = _inject(cfg, backbone)
     for warning in ev.prompt_collisions(data.classnames, cfg.train.template):
@@ -242,8 +242,9 @@ def _inject(cfg: RunConfig, backbone: Backbone) -> list[str]:
     return modules
 
 
-def _baseline_checks(cfg: RunConfig, backbone: Backbone) -> list[str]:
-    """A baseline trains no encoder weight: freeze them all, and refuse what it cannot do. Returns [] (no module is
+def _baseline_checks(cfg: RunConfig, backbone: Backbone, plan: EvaluationPlan) -> list[str]:
+    """A baseline trains no encoder weight: freeze them all, and refuse what it cannot do (CoOp: a context or class
+    prompt that does not fit the text tower, for every class list the run scores). Returns [] (no module is
     adapted)."""
     method = cfg.adapter.method
     if cfg.train.init_adapter:
@@ -258,8 +259,11 @@ def _baseline_checks(cfg: RunConfig, backbone: Backbone) -> list[str]:
                           "other classes, does not apply: use coop, lora or block_lora for it")
     for param in backbone.model.parameters():
         param.requires_grad_(False)
-    if method == "coop":
-        from ..methods.coop import token_embedding
+    if method == "coop":  # before any image is read: the same checks the head makes when it is built and scores
+        from ..methods import coop
 
-        token_embedding(backbone)  # a text tower without a token embedding table: refused before any work
+        coop.token_embedding(backbone)  # a text tower without a token embedding table
+        _, n_ctx = coop.context(backbone, cfg.baseline.n_ctx, cfg.baseline.ctx_init)
+        for target in plan.targets():
+            coop.check_room(backbone, list(target.data.classnames), n_ctx)
     return []

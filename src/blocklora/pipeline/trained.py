@@ -392,6 +392,8 @@ def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str]
     for warning in ev.prompt_collisions(classnames, checks.template("template", template)):
         log.warning("warning: %s", warning)  # e.g. an adapter whose class names repeat: rows that cannot differ
     head = getattr(backbone, "head", None)
+    if head is not None:  # before any image is read: a head that cannot score these classes is refused now
+        head = head.for_classes(list(classnames))
     txt = ev.encode_classes(backbone, classnames, [template], runtime) if head is None else None
     transform = backbone.eval_transform()
     backbone.model.eval()
@@ -403,20 +405,19 @@ def iter_predictions(backbone: Backbone, runtime: Runtime, images: Sequence[str]
                 chunk.append(path)
             except DataError as e:
                 errors[path] = str(e)
-        rows = dict(zip(chunk, _top(backbone, runtime, pixels, txt, logits, classnames, topk))) if chunk else {}
+        rows = dict(zip(chunk, _top(backbone, head, runtime, pixels, txt, logits, classnames, topk))) if chunk else {}
         for path in images[start:start + batch_size]:
             yield {"image": path, "error": errors[path]} if path in errors else {"image": path, **rows[path]}
 
 
-def _top(backbone: Backbone, runtime: Runtime, pixels: list[torch.Tensor], txt: torch.Tensor, logits: Logits,
-         classnames: Sequence[str], topk: int) -> list[dict[str, Any]]:
+def _top(backbone: Backbone, head: Any, runtime: Runtime, pixels: list[torch.Tensor], txt: torch.Tensor,
+         logits: Logits, classnames: Sequence[str], topk: int) -> list[dict[str, Any]]:
     with runtime.autocast():
         img = F.normalize(backbone.encode_images(torch.stack(pixels).to(runtime.device)).float(), dim=-1)
-    head = getattr(backbone, "head", None)
     if head is not None:  # a baseline's head (methods/): softmax over its logits
-        probs = head.for_classes(list(classnames)).logits(img).softmax(-1).cpu()
+        probs = ev.finite_scores(head.logits(img).float()).softmax(-1).cpu()
     else:
-        probs = logits.probabilities(logits(img @ txt.T)).cpu()
+        probs = logits.probabilities(logits(ev.finite_scores(img @ txt.T))).cpu()
     if not bool(torch.isfinite(probs).all()):
         raise BlockLoRAError("the model produced non-finite scores: its weights or the adapter are damaged")
     top = probs.topk(min(topk, probs.shape[1]), dim=-1)

@@ -229,6 +229,9 @@ ADAPTER_DAMAGE = {
     "no classes": lambda m: m["run"].update(classnames=[]),
     "template fields": lambda m: m["run"].update(template="{} {x}"),
     "logit scale text": lambda m: m["run"].update(logit_scale="abc"),
+    # the model in the adapter's identity and the one the CLI rebuilds: one hand-edited, neither is chosen
+    "backbone name edited": lambda m: m["backbone"].update(name="effnet-minilm"),
+    "run model edited": lambda m: m["run"].update(model="ViT-B-32"),
 }
 
 
@@ -250,3 +253,15 @@ def test_damaged_adapters_are_one_line(capsys, data, run, tmp_path, damage):
     refused(capsys, ["predict", "--adapter", adapter, data / "test" / "red_apple" / "000.png"], str(adapter))
     refused(capsys, ["eval", "--adapter", adapter, "--dataset", "folder", "--root", data, "--workers", "0"],
             str(adapter))
+
+
+def test_an_hf_adapter_loaded_from_another_folder_than_its_model_name_records_one_model(tmp_path):
+    """--model hf:A --pretrained B loads B: the adapter's backbone.name is hf:B, its run.model hf:A (and
+    run.pretrained B), one model; any other backbone.name is refused."""
+    from blocklora.errors import AdapterMismatchError
+    from blocklora.pipeline.trained import run_meta
+
+    run = {"model": "hf:/models/base", "pretrained": "/models/tuned", "classnames": ["a", "b"], "template": "a {}."}
+    assert run_meta({"backbone": {"name": "hf:/models/tuned"}, "run": run}, tmp_path)["model"] == "hf:/models/base"
+    with pytest.raises(AdapterMismatchError, match="backbone.name 'hf:/models/other' and run.model 'hf:/models/base'"):
+        run_meta({"backbone": {"name": "hf:/models/other"}, "run": run}, tmp_path)

@@ -203,6 +203,36 @@ def test_a_checkpoint_of_another_size_is_refused_naming_both_and_the_name_that_f
         load_backbone("tiny-clip", str(tmp_path / "narrow.safetensors"))
 
 
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("image_size", 64, "model_cfg.vision_cfg.image_size is 64, but the weights beside it (open_clip_model.safetensors) "
+                       "have image size 32 px (4x4 patches of 8 px): visual.positional_embedding has shape (17, 64)"),
+    ("image_size", None, "image_size is not set (open_clip's default 224), but"),
+    ("patch_size", 16, "patch_size is 16, but the weights beside it (open_clip_model.safetensors) have patch size "
+                       "8 px"),
+    ("image_size", "big", "model_cfg.vision_cfg.image_size must be an integer >= 1, got 'big'")])
+def test_an_open_clip_folder_whose_model_cfg_does_not_describe_its_weights_is_refused(field, value, needle, tmp_path):
+    """open_clip builds a model folder's model from its open_clip_config.json model_cfg (and would interpolate the
+    weights' position tables to another image_size); blocklora builds --model NAME, whose shapes the weights have, and
+    would run a folder that says another model. Refused, naming the file, the field and the weights' shape."""
+    from safetensors.torch import save_file
+
+    state, cfg = _tiny_clip_state()
+    folder = tmp_path / "tiny-clip-folder"
+    folder.mkdir()
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    assert load_backbone("tiny-clip", str(folder)).image_size == 32  # as written, it describes its weights
+    if value is None:
+        del cfg["vision_cfg"][field]
+    else:
+        cfg["vision_cfg"][field] = value
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    with pytest.raises(BackboneError) as err:
+        load_backbone("tiny-clip", str(folder))
+    assert str(err.value).startswith(f"{folder / 'open_clip_config.json'}: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_transformers_weights_and_processor_that_disagree_with_config_are_refused(tmp_path):
     from conftest import make_hf_dir
 

@@ -229,6 +229,9 @@ ADAPTER_DAMAGE = {
     "no classes": lambda m: m["run"].update(classnames=[]),
     "template fields": lambda m: m["run"].update(template="{} {x}"),
     "logit scale text": lambda m: m["run"].update(logit_scale="abc"),
+    # the model in the adapter's identity and the one the CLI rebuilds: one hand-edited, neither is chosen
+    "backbone name edited": lambda m: m["backbone"].update(name="effnet-minilm"),
+    "run model edited": lambda m: m["run"].update(model="ViT-B-32"),
 }
 
 
@@ -250,3 +253,39 @@ def test_damaged_adapters_are_one_line(capsys, data, run, tmp_path, damage):
     refused(capsys, ["predict", "--adapter", adapter, data / "test" / "red_apple" / "000.png"], str(adapter))
     refused(capsys, ["eval", "--adapter", adapter, "--dataset", "folder", "--root", data, "--workers", "0"],
             str(adapter))
+
+
+def test_an_hf_adapter_loaded_from_another_folder_than_its_model_name_records_one_model(tmp_path):
+    """--model hf:A --pretrained B loads B: the adapter's backbone.name is hf:B, its run.model hf:A (and
+    run.pretrained B), one model; any other backbone.name is refused."""
+    from blocklora.errors import AdapterMismatchError
+    from blocklora.pipeline.trained import run_meta
+
+    run = {"model": "hf:/models/base", "pretrained": "/models/tuned", "classnames": ["a", "b"], "template": "a {}."}
+    assert run_meta({"backbone": {"name": "hf:/models/tuned"}, "run": run}, tmp_path)["model"] == "hf:/models/base"
+    with pytest.raises(AdapterMismatchError, match="backbone.name 'hf:/models/other' and run.model 'hf:/models/base'"):
+        run_meta({"backbone": {"name": "hf:/models/other"}, "run": run}, tmp_path)
+
+
+@pytest.mark.parametrize("edited", ["split.json reordered", "run.classnames renamed"])
+def test_a_run_folder_whose_split_and_adapter_disagree_on_the_classes_is_refused_naming_both(capsys, data, run,
+                                                                                             tmp_path, edited):
+    """split.json and the adapter's run.classnames are written with one class list (its order is the labels'): a
+    run folder where they differ was edited, and eval, predict and export use neither."""
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    split, meta_path = mine / "split.json", mine / "adapter" / "blocklora_adapter.json"
+    if edited == "split.json reordered":
+        record = json.loads(split.read_text())
+        record["classnames"] = record["classnames"][::-1]
+        split.write_text(json.dumps(record))
+    else:
+        meta = json.loads(meta_path.read_text())
+        meta["run"]["classnames"][0] = "zebra"
+        meta_path.write_text(json.dumps(meta))
+    before = snapshot(mine)
+    for argv in (["predict", "--adapter", mine, data / "test" / "red_apple" / "000.png"],
+                 ["eval", "--adapter", mine, "--workers", "0"],
+                 ["export", "--adapter", mine / "adapter", "--output", tmp_path / "merged"]):
+        refused(capsys, argv, f"{split} and {meta_path} disagree on the run's classes (class 0 is ")
+    assert snapshot(mine) == before and not (tmp_path / "merged").exists()

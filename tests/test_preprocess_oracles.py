@@ -90,6 +90,22 @@ REFUSED = {
     "shortest_edge 100000": (_form(size={"shortest_edge": 100_000}, crop_size=CROP32), "beyond 4096 px"),
     "crop 100000": (_form(size={"shortest_edge": 32}, crop_size={"height": 100_000, "width": 100_000}),
                     "beyond 4096 px"),
+    # values of the wrong type, which transformers would apply as they are (a 1 px side, a truthy string) or fail on
+    # deep in a resize with no field named: one check of every field blocklora reads (PROCESSOR_FIELDS)
+    "size true": (_form(size=True, crop_size=CROP32), "size true in"),
+    "size a string": (_form(size="32", crop_size=CROP32), 'size "32" in'),
+    "size a list": (_form(size=[32, 32], crop_size=CROP32), "size [32, 32] in"),
+    "size a boolean side": (_form(size={"shortest_edge": True}, crop_size=CROP32), "must be a positive integer"),
+    "crop_size negative": (_form(size={"shortest_edge": 32}, crop_size={"height": -32, "width": -32}),
+                           'crop_size {"height": -32, "width": -32} in'),
+    "image_mean of 2": (_form(size={"shortest_edge": 32}, crop_size=CROP32, image_mean=[0.5, 0.5]),
+                        "image_mean [0.5, 0.5] in"),
+    "image_std of 4": (_form(size={"shortest_edge": 32}, crop_size=CROP32, image_std=[0.5] * 4), "image_std [0.5,"),
+    "do_normalize a string": (_form(size={"shortest_edge": 32}, crop_size=CROP32, do_normalize="false"),
+                              'do_normalize "false" in'),
+    "resample a name": (_form(size={"shortest_edge": 32}, crop_size=CROP32, resample="bicubic"),
+                        "PIL's resampling codes"),
+    "rescale_factor a string": (_form(rescale_factor="0.5"), 'rescale_factor "0.5" in'),
 }
 
 
@@ -148,6 +164,7 @@ def test_hf_forms_that_cannot_feed_a_square_model_are_refused_in_one_line(form, 
     with pytest.raises(BackboneError) as err:
         hf.preprocess_of(str(_write(tmp_path, config)), "clip", 32)
     assert needle in str(err.value) and "\n" not in str(err.value)
+    assert str(tmp_path / "preprocessor_config.json") in str(err.value)
 
 
 def test_hf_processor_saved_by_transformers_5_is_found_where_transformers_finds_it(tmp_path):

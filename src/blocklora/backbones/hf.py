@@ -30,7 +30,7 @@ from ..reading import loads, read_text, reason
 from .activation import Activation
 from .base import Backbone, check_padding, check_token_ids, write_classifier
 from .network import hub_reachable
-from .preprocess import Preprocess, ProcessorError, from_image_processor
+from .preprocess import Preprocess, ProcessorError, check_processor_config, from_image_processor
 
 CLIP_ATTENTION = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj"))
 # A BERT / RoBERTa layer's `attention`: self.query / key / value, then output.dense (also effnet-minilm's MiniLM).
@@ -259,9 +259,12 @@ def preprocess_of(source: str, model_type: str, image_size: int, local: bool = T
         from transformers import AutoImageProcessor
 
         try:
-            loads(read_text(found))  # reading.py first: a regular file, nesting bounded (transformers would hang on
-        except (OSError, ValueError) as e:  # a FIFO and overflow the stack on deep nesting)
+            record = loads(read_text(found))  # reading.py first: a regular file, nesting bounded (transformers would
+        except (OSError, ValueError) as e:  # hang on a FIFO and overflow the stack on deep nesting)
             raise BackboneError(f"cannot read {found} ({reason(e)}): the model folder is damaged") from None
+        nested = Path(found).name == PROCESSOR_FILE  # the processor's file holds the image processor's config inside
+        check_processor_config(record.get("image_processor") if nested and isinstance(record, dict) else record,
+                               found + (' ("image_processor")' if nested else ""), f"fix {Path(found).name}")
         try:
             processor = AutoImageProcessor.from_pretrained(source, local_files_only=local or not hub_reachable())
         except Exception as e:  # noqa: BLE001 - a user file: ValueError, KeyError, TypeError, OSError, ...

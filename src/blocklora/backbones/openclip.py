@@ -275,7 +275,8 @@ def load(name: str, pretrained: str | None, quick_gelu: str = "auto", recorded_q
             # overrides it both ways, so a -quickgelu name with --quick-gelu no builds GELU as asked.
             model = _create(name, act.quick_gelu, declared)
     if weights is not None:
-        read_checkpoint_into(model, weights, name)
+        folder_config = Path(pretrained) / "open_clip_config.json" if os.path.isdir(pretrained) else None
+        read_checkpoint_into(model, weights, name, folder_config)
     source = None if none else (str(Path(pretrained).resolve()) if weights == pretrained or os.path.isdir(pretrained)
                                 else pretrained)
     label = None if none else (f"{pretrained}/open_clip_config.json" if os.path.isdir(pretrained) else

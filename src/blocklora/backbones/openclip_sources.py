@@ -25,13 +25,14 @@ from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
+def read_checkpoint_into(model: torch.nn.Module, path: str, name: str, config: Path | None = None) -> None:
     """Load a user's checkpoint file: safetensors, a torch file (weights_only=True), or an OpenAI TorchScript.
 
     The checkpoint must have the shapes of the model `name` builds (check_shapes): open_clip's load_checkpoint would
     otherwise interpolate position embeddings of another image size or context length and run at the name's size,
-    silently. Raises BackboneError (one line) for a file that is not weights, or weights of another shape or
-    architecture."""
+    silently. `config`: the open_clip_config.json of the model folder the file is from, whose model_cfg must
+    describe it (check_folder_config). Raises BackboneError (one line) for a file that is not weights, weights of
+    another shape or architecture, or a folder config that does not describe them."""
     from open_clip.factory import load_checkpoint, load_state_dict
 
     try:
@@ -39,11 +40,13 @@ def read_checkpoint_into(model: torch.nn.Module, path: str, name: str) -> None:
             state = torch.jit.load(path, map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
+            check_folder_config(config, model, state, path)
             check_shapes(model, state, path, name)
             missing, unexpected = model.load_state_dict(state, strict=False)
         else:
-            state = load_state_dict(path)  # fails fast with a clear reason on files that are not weights
-            check_shapes(model, _as_open_clip(model, state), path, name)
+            state = _as_open_clip(model, load_state_dict(path))  # fails fast on files that are not weights
+            check_folder_config(config, model, state, path)
+            check_shapes(model, state, path, name)
             incompatible = load_checkpoint(model, path, strict=False, weights_only=True)
             missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
     except BackboneError:
@@ -101,6 +104,60 @@ def check_shapes(model: torch.nn.Module, state: dict, path: str, name: str) -> N
     raise BackboneError(f"checkpoint {path} was made for another model than {name}: {'; '.join(differ)}. open_clip "
                         "would interpolate position embeddings and run the weights at another size than they were "
                         f"trained at, silently; {hint}")
+
+
+# A model folder's model_cfg fields, by the shape fact of _facts each states, with the weights that hold the fact
+FOLDER_FIELDS = {"image_px": ("vision_cfg", "image_size", VISION_POS),
+                 "patch": ("vision_cfg", "patch_size", PATCH_WEIGHT),
+                 "vision_width": ("vision_cfg", "width", PATCH_WEIGHT),
+                 "context": ("text_cfg", "context_length", TEXT_POS),
+                 "vocab": ("text_cfg", "vocab_size", TOKEN_EMBEDDING),
+                 "text_width": ("text_cfg", "width", TOKEN_EMBEDDING)}
+
+
+def _image_size(name: str, value: Any) -> Any:
+    """Rule: open_clip's image_size, one side or a (height, width) pair, in pixels."""
+    from .. import checks
+
+    if isinstance(value, list) and len(value) == 2:
+        return [checks.number(f"{name}[{i}]", v, checks.Range(1, integer=True)) for i, v in enumerate(value)]
+    return checks.number(name, value, checks.Range(1, integer=True))
+
+
+def check_folder_config(config: Path | None, model: torch.nn.Module, state: dict, weights: str) -> None:
+    """Refuse a model folder whose open_clip_config.json model_cfg does not describe the weights beside it (an image
+    size, patch, width, context length or vocabulary of other shapes): open_clip, which builds the folder's model
+    from model_cfg, would interpolate the position tables to the config's size, silently, and blocklora (which
+    builds --model NAME and checks the weights against it) would run a folder that says another model. The fields
+    it reads are checked for their types first. Raises BackboneError naming the field, both values and the tensor."""
+    from .. import checks
+    from ..reading import damaged, fields
+    from .activation import local_dir_config
+
+    if config is None or (folder := local_dir_config(config.parent)) is None:
+        return  # no folder, or none open_clip reads (folder_preprocess has refused a damaged file)
+    fix = "restore the open_clip_config.json the weights were saved with, or export the model folder again"
+    side, text = checks.maybe(checks.num(1, integer=True)), checks.text(optional=True)
+    rules = {"vision_cfg": {"image_size": checks.maybe(_image_size), "patch_size": side, "width": side,
+                            "timm_model_name": text},
+             "text_cfg": {"context_length": side, "vocab_size": side, "width": side, "hf_model_name": text}}
+    model_cfg = folder["model_cfg"]
+    with damaged(config, BackboneError, fix):
+        for tower, tower_rules in rules.items():
+            fields(model_cfg.get(tower, {}), tower_rules, f"model_cfg.{tower}", dict.fromkeys(tower_rules))
+    declared, found = _config_facts(model_cfg), _facts(state, _prefix_tokens(model, model.state_dict()))
+    for key, (tower, field, tensors) in FOLDER_FIELDS.items():
+        if key in declared and key in found and declared[key] != found[key] and \
+                (key != "vision_width" or found.get("vision") == "vit"):
+            value = (model_cfg.get(tower) or {}).get(field)
+            said = json.dumps(value) if value is not None else f"not set (open_clip's default {declared[key]})"
+            tensor = next(k for k in tensors if k in state)
+            shown = f"{found[key]} px" if key == "patch" else _show(key, found)
+            raise BackboneError(
+                f"{config}: model_cfg.{tower}.{field} is {said}, but the weights beside it ({Path(weights).name}) have "
+                f"{_LABELS.get(key, 'patch size')} {shown}: {tensor} has shape {tuple(state[tensor].shape)}. The "
+                f"config does not describe the weights (open_clip builds the folder's model from it and would "
+                f"interpolate its position tables or fail to load); {fix}")
 
 
 _LABELS = {"image_px": "image size", "context": "context length", "vision_width": "vision width",

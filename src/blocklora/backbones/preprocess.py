@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -215,32 +216,72 @@ class ProcessorError(BackboneError):
 MAX_PROCESSOR_SIDE = 4096
 
 
-def _check_values(settings: dict[str, Any], source: str) -> None:
-    """Refuse processor settings that would make every image the same (rescale_factor 0), infinite or NaN (a std
-    of 0), or that allocate gigabytes per image (a side beyond MAX_PROCESSOR_SIDE), before any image is processed:
-    transformers applies them as they are. Raises BackboneError naming the field, its value and the file."""
-    def bad(field: str, value: Any, rule: str) -> BackboneError:
-        return BackboneError(f"{field} {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: {rule}; "
-                             "fix its preprocessor_config.json")
+# The fields of an image processor's config (a preprocessor_config.json, processor_config.json's "image_processor",
+# or the processor's own resolved settings) that blocklora reads or that decide the tensor, each with its check: a
+# value of the wrong type is applied by transformers as it is (`"size": true` is a 1-pixel side, `"do_normalize":
+# "false"` is true, `"resample": "bicubic"` an unknown filter it silently replaces), or fails deep in a resize or a
+# normalisation with a message that names no field. Each check returns None or what is wrong. null is the
+# processor's default (transformers' own reading). A rescale or normalisation switched off leaves its values unread.
+SIZE_RULE = ("must be a positive integer (pixels) or an object of them ({\"height\", \"width\"}, "
+             "{\"shortest_edge\"}, ...)")
 
-    for key in ("size", "crop_size"):
-        value = settings.get(key)
-        sides = value.values() if isinstance(value, dict) else [value]
-        for side in sides:
-            if _real(side) and side > MAX_PROCESSOR_SIDE:
-                raise bad(key, value, f"sides beyond {MAX_PROCESSOR_SIDE} px (blocklora.backbones.preprocess."
-                                      "MAX_PROCESSOR_SIDE) would make each image gigabytes")
-    if settings.get("do_rescale", True):
-        factor = settings.get("rescale_factor", 1 / 255)
-        if not (_real(factor) and factor > 0):
-            raise bad("rescale_factor", factor, "must be a finite number > 0 (1/255 maps 8-bit pixels to [0, 1]); "
-                                                "0 makes every image the same")
-    if settings.get("do_normalize", True):
-        std = settings.get("image_std")
-        values = std if isinstance(std, (list, tuple)) else [std]
-        if std is not None and not all(_real(v) and v > 0 for v in values):
-            raise bad("image_std", std, "every channel's std must be a finite number > 0 (the normalisation "
-                                        "divides by it)")
+
+def _side(value: Any) -> bool:
+    return _real(value) and float(value).is_integer() and value > 0
+
+
+def _sides(value: Any) -> str | None:
+    sides = list(value.values()) if isinstance(value, dict) else [value]
+    if not (isinstance(value, dict) or _side(value)) or not all(s is None or _side(s) for s in sides):
+        return SIZE_RULE
+    if any(s is not None and s > MAX_PROCESSOR_SIDE for s in sides):
+        return (f"sides beyond {MAX_PROCESSOR_SIDE} px (blocklora.backbones.preprocess.MAX_PROCESSOR_SIDE) would "
+                "make each image gigabytes")
+    return None
+
+
+def _statistic(positive: bool) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        values = value if isinstance(value, list) else [value]
+        if not (isinstance(value, list) and len(value) in (1, 3) or _real(value)) or \
+                not all(_real(v) and (v > 0 or not positive) for v in values):
+            return ("every channel's std must be a finite number > 0 (the normalisation divides by it), one number "
+                    "or a list of 1 or 3 (R, G, B)" if positive else
+                    "must be a finite number or a list of 1 or 3 (R, G, B)")
+        return None
+    return check
+
+
+def _switch(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+PROCESSOR_FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "size": _sides, "crop_size": _sides,
+    **dict.fromkeys(("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"), _switch),
+    "resample": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v in PIL_RESAMPLE else
+    f"must be one of PIL's resampling codes: {', '.join(f'{k} ({n})' for k, n in PIL_RESAMPLE.items())}",
+    "rescale_factor": lambda v: None if _real(v) and v > 0 else ("must be a finite number > 0 (1/255 maps 8-bit "
+                                                                 "pixels to [0, 1]; 0 makes every image the same)"),
+    "image_mean": _statistic(positive=False), "image_std": _statistic(positive=True),
+}
+SWITCHED = {"rescale_factor": "do_rescale", "image_mean": "do_normalize", "image_std": "do_normalize"}
+
+
+def check_processor_config(record: Any, source: str, fix: str = "fix its preprocessor_config.json") -> None:
+    """Check an image processor's config (`record`: the JSON object of its file, or a processor's resolved
+    settings) against PROCESSOR_FIELDS before transformers applies it. Raises BackboneError naming the field, its
+    value, `source` (the file) and `fix`."""
+    if not isinstance(record, dict):
+        raise BackboneError(f"{source}: the image processor's config is not a JSON object; {fix}")
+    for key, check in PROCESSOR_FIELDS.items():
+        value = record.get(key)
+        if value is None or record.get(SWITCHED.get(key, ""), True) is False:
+            continue
+        why = check(value)
+        if why:
+            raise BackboneError(f"{key} {json.dumps(value) if _jsonable(value) else repr(value)} in {source}: {why}; "
+                                f"{fix}")
 
 
 def from_image_processor(processor: Any, source: str) -> ProcessorPreprocess:
@@ -254,7 +295,7 @@ def from_image_processor(processor: Any, source: str) -> ProcessorPreprocess:
     shapes = []
     # the processor's own view of its file, and its class (transformers 5: the PIL backend's ends in "Pil")
     settings = {**json.loads(processor.to_json_string()), "image_processor_class": type(processor).__name__}
-    _check_values(settings, source)
+    check_processor_config(settings, source)
     for w, h in PROBES:
         try:
             out = processor(images=[Image.new("RGB", (w, h), (128, 128, 128))], return_tensors="pt")["pixel_values"]

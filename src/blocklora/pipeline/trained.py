@@ -81,8 +81,11 @@ def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
     """The "run" record a trained adapter carries (what `blocklora train` saved), every field checked (RUN_FIELDS:
     types, ranges, allowed values; absent optional ones take RUN_DEFAULTS) and the logits cross-checked: sigmoid
     (SigLIP's loss) needs its bias, with |bias| < logit_scale (else sigma(scale * cos + bias) is on one side of 1/2
-    for every cosine in [-1, 1]: every class in or every class out, whatever the image), softmax has none. Returns
-    the record with its defaults filled in. Raises BlockLoRAError (no record) or AdapterMismatchError (a bad field)."""
+    for every cosine in [-1, 1]: every class in or every class out, whatever the image), softmax has none; and
+    run.model against the adapter's backbone.name (one model, _same_model: a hand-edited one is not silently
+    preferred to the other); in its run folder, run.classnames against the run's split.json
+    (_check_split_classes). Returns the record with its defaults filled in. Raises BlockLoRAError (no record) or
+    AdapterMismatchError (a bad field)."""
     run = meta.get("run")
     if not isinstance(run, dict) or "model" not in run:
         backbone = meta.get("backbone")
@@ -101,7 +104,45 @@ def run_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
                               f"run.logit_scale ({scale:g}), got {bias!r}")
         if checked["loss"] == "softmax" and bias is not None:
             raise ConfigError(f"run.logit_bias is {bias!r}, but run.loss is softmax, which has no bias")
+        name = backbone.get("name") if isinstance(backbone := meta.get("backbone"), dict) else None
+        if name is not None and not _same_model(name, checked["model"], checked["pretrained"]):
+            raise ConfigError(f"backbone.name {name!r} and run.model {checked['model']!r} name different models "
+                              "(blocklora records the one model in both; which one it was trained on is unknown)")
+    _check_split_classes(Path(where), checked["classnames"])
     return {**run, **checked}
+
+
+def _same_model(name: Any, model: str, pretrained: str | None) -> bool:
+    """Whether an adapter's backbone.name (the model as loaded) and run.model (the --model given) are one model: the
+    same string, or for an hf: model the folder (or hub id) it was loaded from, run.pretrained (--pretrained, by
+    default the --model folder)."""
+    return name == model or (model.startswith("hf:") and pretrained is not None and name == f"hf:{pretrained}")
+
+
+def _check_split_classes(adapter_dir: Path, classnames: list[str]) -> None:
+    """An adapter in its run folder (RUN/adapter) and the run's split.json were written with one class list (the
+    order is the labels' and a baseline head's rows): a folder where they differ was edited, and which file is right
+    is unknown, so neither is used. A split.json that cannot be read as one (or a published split, which names no
+    classes) states nothing to compare. Raises AdapterMismatchError naming both files and the first difference."""
+    from ..adapters.io import CONFIG_FILE
+    from ..data.fewshot import read_split_header
+    from ..engine.rundir import RunDir
+
+    split = adapter_dir.parent / RunDir.SPLIT
+    if adapter_dir.name != RunDir.ADAPTER or not split.is_file():
+        return
+    try:
+        theirs = read_split_header(split)["classnames"]
+    except DataError:
+        return
+    if theirs is None or list(theirs) == list(classnames):
+        return
+    diff = next((f"class {i} is {a!r} there and {b!r} in run.classnames" for i, (a, b) in
+                 enumerate(zip(theirs, classnames)) if a != b), f"{len(theirs)} classes there, {len(classnames)} in "
+                                                                "run.classnames")
+    raise AdapterMismatchError(f"{split} and {adapter_dir / CONFIG_FILE} disagree on the run's classes ({diff}): one "
+                               "of them was edited; restore it (run.split_sha256 is the sha256 of the run's own "
+                               "split.json) or train again")
 
 
 def load_trained(adapter_dir: str | os.PathLike, pretrained: str | None = None, force: bool = False,

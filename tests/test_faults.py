@@ -131,7 +131,7 @@ def test_mismatched_adapter(data, tmp_path):
     assert _cli(*args, "--pretrained", str(tmp_path / "other.safetensors"), "--force").returncode == 0
     # another architecture: the adapter's config asks for more blocks / other widths than the model has
     meta = json.loads((run / "adapter" / "blocklora_adapter.json").read_text())
-    meta["run"]["model"] = "ViT-S-32"
+    meta["run"]["model"] = meta["backbone"]["name"] = "ViT-S-32"  # both records name the one model
     meta["run"]["pretrained"] = None
     (run / "adapter" / "blocklora_adapter.json").write_text(json.dumps(meta))
     _one_line_error(_cli(*args, "--force"), "does not fit this model")

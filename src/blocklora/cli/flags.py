@@ -192,8 +192,8 @@ def given_options(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict
     """{config key: how the command line gave it ("--lr", "train.lr")} of the config options given as flags or
     key=value overrides (not --config FILE or --recipe: their tables set keys the user did not pick one by one), in
     the order given, keys in `exclude` left out. Call after run_config has checked them (an unknown key is skipped)."""
+    from ..config.run_config import canonical_key
     from ..errors import ConfigError
-    from ..grid.sweep import canonical_key
 
     out = {f.key: f.flag for f in config_flags() if getattr(args, f.key, None) is not None}
     for item in getattr(args, "overrides", None) or []:

@@ -412,6 +412,12 @@ def _build(cls: type, value: Any, where: str) -> Any:
     return cls(**value)
 
 
+def canonical_key(key: str) -> str:
+    """"lr" -> "train.lr", "adapter.blocks" -> "adapter.layers"; ConfigError for an unknown or ambiguous key."""
+    section, name = _locate(key.strip())
+    return f"{section}.{name}" if section else name
+
+
 def _locate(key: str) -> tuple[str | None, str]:
     top = {f.name for f in dataclasses.fields(RunConfig)} - set(_SECTION_TYPES)
     section, dot, name = key.rpartition(".")

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..config.run_config import canonical_key
 from ..errors import BlockLoRAError, ConfigError
 from ..reading import loads, read_text
 from . import slurm
@@ -123,14 +124,6 @@ class Variant:
 
     axes: tuple[tuple[str, str], ...]
     folder: str
-
-
-def canonical_key(key: str) -> str:
-    """"lr" -> "train.lr", "adapter.blocks" -> "adapter.layers"; ConfigError for an unknown or ambiguous key."""
-    from ..config.run_config import _locate
-
-    section, name = _locate(key.strip())
-    return f"{section}.{name}" if section else name
 
 
 def _holds_commas(key: str) -> bool:

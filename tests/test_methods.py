@@ -418,6 +418,8 @@ def test_every_heads_record_declaration_names_the_tensors_the_registry_says_it_s
     ("tip_adapter", lambda t: {"tip.values": t["tip.values"][:-1].contiguous()}, None,
      ("tip.values has shape (2, 3), which does not fit (shots, classes) for shots 3 as in tip.keys, 3 classes",)),
     ("tip_adapter", lambda t: {"tip.keys": t["tip.keys"].to(torch.int32)}, None, ("tip.keys holds int32 values",)),
+    ("tip_adapter", lambda t: {"tip.values": t["tip.values"] * 5}, None,
+     ("tip.values row 0 is not a one-hot label",)),
     ("tip_adapter", None, {"alpha": -0.5}, ("blocklora_adapter.json: head.alpha must be a finite number >= 0",)),
     ("tip_adapter", None, {"beta": "1"}, ("head.beta must be a finite number", "got '1'")),
     # finite but overflowing: the head's logits are infinite, so no accuracy can be reported

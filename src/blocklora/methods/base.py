@@ -52,6 +52,12 @@ class Head(nn.Module):
     record_fields: ClassVar[dict[str, checks.Rule]] = {}
     record_defaults: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def record_problem(cls, tensors: dict[str, torch.Tensor]) -> str | None:
+        """What is wrong with a saved record's values that its declared shapes cannot say (e.g. a cache's labels that
+        are not one-hot), or None; methods/io.check_record calls it after the shapes."""
+        return None
+
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, D) L2-normalised image features -> (N, C) logits (softmax over the classes gives probabilities)."""
         raise NotImplementedError

@@ -135,4 +135,7 @@ def check_record(head_cls: type[Head], tensors: dict[str, torch.Tensor], head_me
                                        "list? Else the file is damaged")
         for d, n in zip(dims, shape):
             known.setdefault(d, (n, f"{d} {n} as in {name}"))
+    problem = head_cls.record_problem(tensors)
+    if problem:
+        raise AdapterMismatchError(f"{weights}: {problem}: the file is damaged")
     return {**head_meta, **checked}

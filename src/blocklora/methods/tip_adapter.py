@@ -53,6 +53,17 @@ class TipAdapterHead(Head):
     # the search grid's range (search_grid) with room to spare; a negative or huge weight is a damaged record
     record_fields = {"alpha": checks.num(0, 1e4), "beta": checks.num(0, 1e4)}
 
+    @classmethod
+    def record_problem(cls, tensors: dict[str, torch.Tensor]) -> str | None:
+        """The cache values are the shots' one-hot labels (Tip-Adapter's `cache_values`): any other row scales or moves
+        the cache term alpha A L, so the scores would be silently other ones."""
+        values = tensors["tip.values"]
+        one_hot = ((values == 0) | (values == 1)).all(dim=1) & (values.sum(dim=1) == 1)
+        if not bool(one_hot.all()):
+            row = int((~one_hot).nonzero()[0])
+            return f"tip.values row {row} is not a one-hot label (the cache's values are the shots' one-hot labels)"
+        return None
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, text: torch.Tensor, scale: float,
                  classnames: list[str], alpha: float = INIT_ALPHA, beta: float = INIT_BETA) -> None:
         super().__init__()

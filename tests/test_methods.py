@@ -485,6 +485,10 @@ def test_params_of_coop_counts_the_ctx_init_tokens(capsys):
     assert report["trainable_params"] == 4 * 64 and report["dims"]["n_ctx"] == 4  # CoOp: n_ctx = the init's tokens
     assert main(["params", "--model", "tiny-clip", "--method", "coop", "baseline.ctx_init=_"]) == 2
     _one_error(capsys, "baseline.ctx_init '_' has no words")
+    # an explicit n_ctx that is not the init's token count would be silently replaced by it: refused
+    assert main(["params", "--model", "tiny-clip", "--method", "coop", "baseline.ctx_init=a_photo_of_a",
+                 "baseline.n_ctx=2"]) == 2
+    _one_error(capsys, "baseline.n_ctx=2 and baseline.ctx_init 'a_photo_of_a' (4 tokens", "leave baseline.n_ctx out")
 
 
 def test_a_diverging_baseline_is_named_with_its_step_and_leaves_nothing(zhou, tmp_path, capsys):

@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import checks
 from ..backbones.base import move
+from ..config.run_config import BaselineConfig
 from ..data.layout import prompt_name
 from ..errors import ConfigError
 from .base import FitData, Head, cosine_lr, set_lr, train_epoch
@@ -98,11 +99,17 @@ def context(backbone, n_ctx: int, ctx_init: str = "") -> tuple[str, int]:
                           "(e.g. 'a photo of a'), or leave it empty for a random context of baseline.n_ctx vectors")
     room = text_room(backbone)
     if words:
-        n_ctx = count_tokens(backbone, [words])[0]
-        if n_ctx == 0:
+        tokens = count_tokens(backbone, [words])[0]
+        if tokens == 0:
             raise ConfigError(f"baseline.ctx_init {ctx_init!r} gives no tokens with {backbone.name}'s tokenizer (it "
                               "drops such characters): give words, e.g. 'a photo of a', or leave it empty for a "
                               "random context")
+        if n_ctx != tokens and n_ctx != BaselineConfig().n_ctx:  # the default is CoOp's n_ctx for a random context
+            raise ConfigError(f"baseline.n_ctx={n_ctx} and baseline.ctx_init {ctx_init!r} ({tokens} tokens with "
+                              f"{backbone.name}'s tokenizer) disagree: a context from ctx_init has one vector per "
+                              "token (CoOp); leave baseline.n_ctx out, or drop ctx_init for a random context of "
+                              "n_ctx vectors")
+        n_ctx = tokens
         if n_ctx >= room:
             raise ConfigError(f"baseline.ctx_init fills {backbone.name}'s text context ({room} tokens besides its "
                               "special ones) and leaves no room for the class names: shorten baseline.ctx_init")

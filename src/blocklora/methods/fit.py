@@ -76,7 +76,7 @@ def fit_head(p: Any, workers: int, on_record=None) -> tuple[HeadFit, float]:
     head = build(method, data).to(p.runtime.device)
     given = p.cfg.baseline.method_lr
     lr = ("lower baseline.method_lr " + (f"(now {given:g})" if given else "below the paper's")
-          if method in ("tip_adapter_f", "coop") else "check the data and the frozen weights")
+          if record(method).reads("baseline.method_lr") else "check the data and the frozen weights")
     try:
         history = head.fit(data)
     except TrainingDiverged as e:  # the step, from the epoch loop (base.train_epoch)
